@@ -1,0 +1,567 @@
+//! Commands on a repository opened directly (local directory or object store).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use backer_repo::archiver::{self, BackupOptions, ParentChoice, Progress};
+use backer_repo::check::{self, CheckOptions, CheckProgress};
+use backer_repo::crypto::KdfParams;
+use backer_repo::restorer::{self, RestoreOptions, RestoreProgress};
+use backer_repo::tree::{Node, NodeKind};
+use backer_repo::{Backend, Repository};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use crate::output::{bar, duration, size};
+use crate::{EXIT_INCOMPLETE, Global};
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Files and directories to back up
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Leave out matching paths: a pattern with a `/` matches the whole path
+    /// (`/home/*/.cache`), one without matches any name (`*.tmp`)
+    #[arg(short = 'e', long = "exclude", value_name = "GLOB")]
+    excludes: Vec<String>,
+    /// Tag the snapshot (repeatable)
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Host name to record (default: this machine's)
+    #[arg(long)]
+    host: Option<String>,
+    /// Compare against this snapshot instead of the latest one of the same host and paths
+    #[arg(long, conflicts_with = "force")]
+    parent: Option<String>,
+    /// Read every file, even those unchanged since the parent snapshot
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotsArgs {
+    /// Only snapshots of this host
+    #[arg(long)]
+    host: Option<String>,
+    /// Only snapshots with this tag
+    #[arg(long)]
+    tag: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    /// Snapshot id (or a unique prefix), or `latest`
+    snapshot: String,
+    /// Directory or file inside the snapshot to list (default: everything)
+    path: Option<String>,
+    /// Show type, permissions, owner, size and time
+    #[arg(short, long)]
+    long: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Snapshot id (or a unique prefix), or `latest`
+    snapshot: String,
+    /// Directory to restore into; created if missing. Nothing is written outside it.
+    #[arg(short, long)]
+    target: PathBuf,
+    /// Restore only this path of the snapshot and what is below it (repeatable)
+    #[arg(short, long = "include", value_name = "PATH")]
+    includes: Vec<String>,
+    /// Replace files that already exist in the target
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Also read and verify every byte of every pack
+    #[arg(long)]
+    read_data: bool,
+    /// Read only part N of M of the packs (e.g. 2/7); implies --read-data
+    #[arg(long, value_name = "N/M", value_parser = parse_subset)]
+    read_data_subset: Option<(u32, u32)>,
+}
+
+fn parse_subset(s: &str) -> std::result::Result<(u32, u32), String> {
+    let (n, m) = s.split_once('/').ok_or("expected N/M, for example 1/5")?;
+    let n: u32 = n.parse().map_err(|_| format!("{n:?} is not a number"))?;
+    let m: u32 = m.parse().map_err(|_| format!("{m:?} is not a number"))?;
+    if m == 0 || n == 0 || n > m {
+        return Err(format!("need 1 <= N <= M, got {n}/{m}"));
+    }
+    Ok((n, m))
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Add a password that opens the repository
+    Add {
+        /// File holding the new password (first line)
+        #[arg(long)]
+        new_password_file: PathBuf,
+    },
+    /// List the key files
+    List,
+}
+
+fn location(g: &Global) -> Result<Backend> {
+    let repo = g
+        .repo
+        .as_deref()
+        .ok_or_else(|| anyhow!("no repository given: use --repo or set BACKER_REPO"))?;
+    Ok(Backend::open(repo)?)
+}
+
+fn read_password_file(path: &PathBuf) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).with_context(|| format!("failed to read password file {}", path.display()))?;
+    let line = raw.split(|b| *b == b'\n').next().unwrap_or(&[]);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.is_empty() {
+        bail!("password file {} is empty", path.display());
+    }
+    Ok(line.to_vec())
+}
+
+fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
+    if let Some(p) = &g.password_file {
+        return read_password_file(p);
+    }
+    if let Some(p) = std::env::var_os("BACKER_PASSWORD") {
+        if p.is_empty() {
+            bail!("BACKER_PASSWORD is set but empty");
+        }
+        return Ok(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str()).to_vec());
+    }
+    if std::io::stdin().is_terminal() {
+        let p = rpassword::prompt_password("repository password: ").context("failed to read the password")?;
+        if confirm {
+            let again = rpassword::prompt_password("again: ").context("failed to read the password")?;
+            if again != p {
+                bail!("the passwords differ");
+            }
+        }
+        if p.is_empty() {
+            bail!("the password is empty");
+        }
+        return Ok(p.into_bytes());
+    }
+    bail!("no password: set BACKER_PASSWORD, use --password-file, or run on a terminal to be asked")
+}
+
+async fn open(g: &Global) -> Result<Repository> {
+    let backend = location(g)?;
+    let pw = password(g, false)?;
+    Ok(Repository::open(backend, &pw).await?)
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+pub async fn init(g: &Global) -> Result<u8> {
+    let backend = location(g)?;
+    let pw = password(g, true)?;
+    let repo = Repository::init(backend, &pw, KdfParams::default()).await?;
+    if g.json {
+        print_json(&serde_json::json!({"id": repo.config().id, "location": repo.backend().location()}))?;
+    } else {
+        println!("created repository {} at {}", repo.config().id, repo.backend().location());
+        println!("keep the password safe: without it the data cannot be read");
+    }
+    Ok(0)
+}
+
+/// Updates a progress bar from the pipeline's counters until dropped.
+struct Ticker(tokio::task::JoinHandle<()>);
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
+    let mut repo = open(g).await?;
+    let parent = match (&a.parent, a.force) {
+        (_, true) => ParentChoice::None,
+        (Some(p), _) => ParentChoice::Id(repo.find_snapshot(p).await?.id),
+        (None, false) => ParentChoice::Auto,
+    };
+    let pb = bar(g, "backup");
+    let progress = Arc::new(Progress::default());
+    let ticker = {
+        let (pb, p) = (pb.clone(), Arc::clone(&progress));
+        Ticker(tokio::spawn(async move {
+            loop {
+                pb.set_length(p.bytes_total.load(Ordering::Relaxed).max(p.bytes_done.load(Ordering::Relaxed)));
+                pb.set_position(p.bytes_done.load(Ordering::Relaxed));
+                let scanning = if p.scan_done.load(Ordering::Relaxed) { "" } else { " (counting)" };
+                pb.set_message(format!(
+                    "{}/{} files{}{}",
+                    p.files_done.load(Ordering::Relaxed),
+                    p.files_total.load(Ordering::Relaxed),
+                    scanning,
+                    match p.errors.load(Ordering::Relaxed) {
+                        0 => String::new(),
+                        n => format!(", {n} errors"),
+                    }
+                ));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }))
+    };
+    let opts = BackupOptions {
+        paths: a.paths,
+        excludes: a.excludes,
+        tags: a.tags,
+        parent,
+        hostname: a.host,
+        threads: 0,
+        scan: !pb.is_hidden(),
+    };
+    let outcome = archiver::backup(&mut repo, opts, progress).await;
+    drop(ticker);
+    pb.finish_and_clear();
+    let outcome = outcome?;
+    let s = &outcome.snapshot;
+    let sum = &s.summary;
+    if g.json {
+        print_json(&serde_json::json!({
+            "id": outcome.id.to_hex(),
+            "snapshot": s,
+            "messages": outcome.messages,
+        }))?;
+    } else {
+        for m in &outcome.messages {
+            eprintln!("warning: {m}");
+        }
+        if !g.quiet {
+            println!(
+                "files: {} ({} read, {} unchanged), dirs: {}, other: {}",
+                sum.files,
+                sum.files_read,
+                sum.files.saturating_sub(sum.files_read),
+                sum.dirs,
+                sum.others
+            );
+            println!(
+                "added: {} of new data, {} stored after compression and encryption",
+                size(sum.new_bytes),
+                size(sum.stored_bytes)
+            );
+            println!("processed {} in {}", size(sum.bytes), duration(sum.duration_secs));
+        }
+        if s.partial {
+            println!(
+                "snapshot {} saved, but partial: {} entries could not be read (listed above)",
+                outcome.id.short(),
+                sum.errors
+            );
+        } else {
+            println!("snapshot {} saved", outcome.id.short());
+        }
+    }
+    Ok(if s.partial { EXIT_INCOMPLETE } else { 0 })
+}
+
+pub async fn snapshots(g: &Global, a: SnapshotsArgs) -> Result<u8> {
+    let repo = open(g).await?;
+    let list: Vec<_> = repo
+        .snapshots()
+        .await?
+        .into_iter()
+        .filter(|s| a.host.as_ref().is_none_or(|h| &s.snapshot.hostname == h))
+        .filter(|s| a.tag.as_ref().is_none_or(|t| s.snapshot.tags.contains(t)))
+        .collect();
+    if g.json {
+        print_json(&list)?;
+        return Ok(0);
+    }
+    println!(
+        "{:<10} {:<20} {:<16} {:>9} {:>11}  {:<12} paths",
+        "id", "time", "host", "files", "size", "tags"
+    );
+    for s in &list {
+        let sn = &s.snapshot;
+        println!(
+            "{:<10} {:<20} {:<16} {:>9} {:>11}  {:<12} {}{}",
+            s.id.short(),
+            sn.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S"),
+            sn.hostname,
+            sn.summary.files,
+            size(sn.summary.bytes),
+            sn.tags.join(","),
+            sn.paths.join(" "),
+            if sn.partial { "  (partial)" } else { "" }
+        );
+    }
+    println!("{} snapshots", list.len());
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct LsEntry<'a> {
+    path: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    link_target: Option<String>,
+}
+
+fn kind_name(k: NodeKind) -> &'static str {
+    match k {
+        NodeKind::File => "file",
+        NodeKind::Dir => "dir",
+        NodeKind::Symlink => "symlink",
+        NodeKind::Fifo => "fifo",
+        NodeKind::CharDevice => "chardev",
+        NodeKind::BlockDevice => "blockdev",
+        NodeKind::Socket => "socket",
+    }
+}
+
+fn print_node(g: &Global, long: bool, path: &str, n: &Node) -> Result<()> {
+    let mtime = chrono::DateTime::from_timestamp(n.mtime.secs, n.mtime.nanos)
+        .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default();
+    let target = n.link_target.as_ref().map(|t| String::from_utf8_lossy(t).into_owned());
+    if g.json {
+        return print_json(&LsEntry {
+            path,
+            kind: kind_name(n.kind),
+            mode: n.mode,
+            uid: n.uid,
+            gid: n.gid,
+            size: n.size,
+            mtime,
+            link_target: target,
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    if long {
+        write!(out, "{} {:>5}/{:<5} {:>12} {} ", n.mode_string(), n.uid, n.gid, n.size, mtime)?;
+    }
+    match target {
+        Some(t) if long => writeln!(out, "{path} -> {t}")?,
+        _ => writeln!(out, "{path}")?,
+    }
+    Ok(())
+}
+
+pub async fn ls(g: &Global, a: LsArgs) -> Result<u8> {
+    let repo = open(g).await?;
+    let snap = repo.find_snapshot(&a.snapshot).await?;
+    // Find the starting node by walking the path's components.
+    let mut tree_id = snap.snapshot.tree;
+    let mut prefix = String::new();
+    let wanted: Vec<&str> = a
+        .path
+        .as_deref()
+        .unwrap_or("/")
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    for (i, comp) in wanted.iter().enumerate() {
+        let tree = repo.load_tree(&tree_id).await?;
+        let node = tree
+            .find(comp.as_bytes())
+            .ok_or_else(|| backer_repo::Error::NoSuchPath(a.path.clone().unwrap_or_default()))?;
+        prefix = format!("{prefix}/{}", node.name_lossy());
+        match node.subtree {
+            Some(sub) => tree_id = sub,
+            None if i + 1 == wanted.len() => {
+                print_node(g, a.long, &prefix, node)?;
+                return Ok(0);
+            }
+            None => bail!("{} is not a directory in the snapshot", prefix),
+        }
+    }
+    // Depth-first, in name order, like `find`.
+    let mut stack = vec![(tree_id, prefix)];
+    while let Some((id, dir)) = stack.pop() {
+        let tree = repo.load_tree(&id).await?;
+        let mut subdirs = Vec::new();
+        for n in &tree.nodes {
+            let path = format!("{dir}/{}", n.name_lossy());
+            print_node(g, a.long, &path, n)?;
+            if let Some(sub) = n.subtree {
+                subdirs.push((sub, path));
+            }
+        }
+        stack.extend(subdirs.into_iter().rev());
+    }
+    Ok(0)
+}
+
+pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
+    let repo = open(g).await?;
+    let snap = repo.find_snapshot(&a.snapshot).await?;
+    let pb = bar(g, "restore");
+    let progress = Arc::new(RestoreProgress::default());
+    let ticker = {
+        let (pb, p) = (pb.clone(), Arc::clone(&progress));
+        Ticker(tokio::spawn(async move {
+            loop {
+                pb.set_length(p.bytes_total.load(Ordering::Relaxed).max(p.bytes_done.load(Ordering::Relaxed)));
+                pb.set_position(p.bytes_done.load(Ordering::Relaxed));
+                pb.set_message(format!("{} files", p.files_done.load(Ordering::Relaxed)));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }))
+    };
+    let started = std::time::Instant::now();
+    let opts = RestoreOptions {
+        target: a.target.clone(),
+        includes: a.includes,
+        overwrite: a.overwrite,
+        threads: 0,
+    };
+    let outcome = restorer::restore(&repo, &snap.snapshot, &opts, progress).await;
+    drop(ticker);
+    pb.finish_and_clear();
+    let outcome = outcome?;
+    if g.json {
+        print_json(&serde_json::json!({
+            "snapshot": snap.id.to_hex(),
+            "target": a.target,
+            "files": outcome.files,
+            "dirs": outcome.dirs,
+            "others": outcome.others,
+            "bytes": outcome.bytes,
+            "errors": outcome.errors,
+        }))?;
+    } else {
+        for e in &outcome.errors {
+            eprintln!("error: {e}");
+        }
+        if !g.quiet {
+            println!(
+                "restored snapshot {} into {}: {} files, {} dirs, {} other, {} in {}",
+                snap.id.short(),
+                a.target.display(),
+                outcome.files,
+                outcome.dirs,
+                outcome.others,
+                size(outcome.bytes),
+                duration(started.elapsed().as_secs_f64())
+            );
+        }
+        if !outcome.errors.is_empty() {
+            println!("{} entries were not restored (listed above)", outcome.errors.len());
+        }
+    }
+    Ok(if outcome.errors.is_empty() { 0 } else { EXIT_INCOMPLETE })
+}
+
+pub async fn check(g: &Global, a: CheckArgs) -> Result<u8> {
+    let repo = open(g).await?;
+    let opts = CheckOptions {
+        read_data: a.read_data || a.read_data_subset.is_some(),
+        subset: a.read_data_subset,
+    };
+    let pb = bar(g, "check");
+    let progress = Arc::new(CheckProgress::default());
+    let ticker = {
+        let (pb, p) = (pb.clone(), Arc::clone(&progress));
+        Ticker(tokio::spawn(async move {
+            loop {
+                pb.set_length(p.packs_total.load(Ordering::Relaxed));
+                pb.set_position(p.packs_done.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }))
+    };
+    if opts.read_data && !pb.is_hidden() {
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("check [{elapsed_precise}] {wide_bar} {pos}/{len} packs ETA {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+    }
+    let report = check::check(&repo, &opts, progress).await;
+    drop(ticker);
+    pb.finish_and_clear();
+    let report = report?;
+    if g.json {
+        print_json(&serde_json::json!({
+            "ok": report.ok(),
+            "errors": report.errors,
+            "warnings": report.warnings,
+            "snapshots": report.snapshots,
+            "trees": report.trees,
+            "packs": report.packs,
+            "packs_read": report.packs_read,
+            "blobs_read": report.blobs_read,
+        }))?;
+    } else {
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
+        for e in &report.errors {
+            eprintln!("error: {e}");
+        }
+        println!(
+            "checked {} snapshots, {} trees, {} packs{}",
+            report.snapshots,
+            report.trees,
+            report.packs,
+            if opts.read_data {
+                format!("; read {} packs, {} blobs", report.packs_read, report.blobs_read)
+            } else {
+                String::new()
+            }
+        );
+        if report.ok() {
+            println!("no errors found");
+        } else {
+            println!("{} errors found", report.errors.len());
+        }
+    }
+    Ok(if report.ok() { 0 } else { 1 })
+}
+
+pub async fn stats(g: &Global) -> Result<u8> {
+    let repo = open(g).await?;
+    let s = backer_repo::stats::stats(&repo).await?;
+    if g.json {
+        print_json(&s)?;
+    } else {
+        println!("snapshots:          {}", s.snapshots);
+        println!("packs:              {} ({})", s.packs, size(s.stored_bytes));
+        println!("chunks:             {} ({} unique bytes)", s.data_blobs, size(s.unique_bytes));
+        println!("trees:              {}", s.tree_blobs);
+        println!("all snapshots hold: {}", size(s.snapshot_bytes));
+        println!("dedup ratio:        {:.2}x", s.dedup_ratio);
+        println!("compression ratio:  {:.2}x", s.compression_ratio);
+    }
+    Ok(0)
+}
+
+pub async fn key(g: &Global, k: KeyCommand) -> Result<u8> {
+    let repo = open(g).await?;
+    match k {
+        KeyCommand::Add { new_password_file } => {
+            let pw = read_password_file(&new_password_file)?;
+            let id = repo.add_key(&pw, KdfParams::default()).await?;
+            println!("added key {}", id.short());
+        }
+        KeyCommand::List => {
+            for l in repo.backend().list_all("keys").await? {
+                println!("{}", l.name);
+            }
+        }
+    }
+    Ok(0)
+}

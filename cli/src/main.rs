@@ -1,0 +1,115 @@
+//! `backer`: the command line. Local repositories now; the same binary will
+//! speak to a server and, installed as `kubectl-backer`, to Kubernetes.
+
+mod local;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code for work that finished but skipped or refused some entries.
+pub const EXIT_INCOMPLETE: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "backer",
+    version,
+    about = "Fast, deduplicated, encrypted backups",
+    long_about = "Fast, deduplicated, encrypted backups.\n\n\
+        A repository is a directory, a file:// URL or an s3://BUCKET/PREFIX URL \
+        (options as ?endpoint=URL&region=R&path_style=true; credentials from AWS_* variables).\n\
+        The password comes from BACKER_PASSWORD, --password-file, or a prompt on a terminal.",
+    after_help = "Examples:\n  backer init --repo /srv/backup\n  backer backup --repo /srv/backup /home --exclude '*.cache'\n  backer snapshots --repo /srv/backup\n  backer restore --repo /srv/backup latest --target /tmp/r --include /home/me/notes.txt"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Repository location: a path, file://PATH or s3://BUCKET/PREFIX
+    #[arg(short = 'r', long, env = "BACKER_REPO", global = true)]
+    pub repo: Option<String>,
+    /// Read the password from this file (first line)
+    #[arg(long, env = "BACKER_PASSWORD_FILE", global = true)]
+    pub password_file: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress display and only essential output
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// More log output (repeat for more)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new repository
+    Init,
+    /// Back up files and directories into a new snapshot
+    Backup(local::BackupArgs),
+    /// List snapshots
+    Snapshots(local::SnapshotsArgs),
+    /// List files in a snapshot
+    Ls(local::LsArgs),
+    /// Restore a snapshot, or chosen paths of it, into a directory
+    Restore(local::RestoreArgs),
+    /// Verify the repository's structure, and with --read-data every byte
+    Check(local::CheckArgs),
+    /// Show what the repository holds and what dedup and compression save
+    Stats,
+    /// Manage the passwords that open the repository
+    #[command(subcommand)]
+    Key(local::KeyCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match cli.global.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BACKER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let g = cli.global;
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Init => local::init(&g).await,
+            Command::Backup(a) => local::backup(&g, a).await,
+            Command::Snapshots(a) => local::snapshots(&g, a).await,
+            Command::Ls(a) => local::ls(&g, a).await,
+            Command::Restore(a) => local::restore(&g, a).await,
+            Command::Check(a) => local::check(&g, a).await,
+            Command::Stats => local::stats(&g).await,
+            Command::Key(k) => local::key(&g, k).await,
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

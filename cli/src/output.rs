@@ -1,0 +1,65 @@
+//! Human output: sizes, durations, and progress bars that only draw on a terminal.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::Global;
+
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.2} {}", UNITS[u]) }
+}
+
+pub fn duration(secs: f64) -> String {
+    let s = secs.round() as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+    } else if secs >= 10.0 {
+        format!("{}:{:02}", s / 60, s % 60)
+    } else {
+        format!("{secs:.2}s")
+    }
+}
+
+/// A byte progress bar on stderr, or a hidden one when stderr is not a
+/// terminal, or with --quiet or --json.
+pub fn bar(g: &Global, prefix: &str) -> ProgressBar {
+    if g.quiet || g.json || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(10));
+    // The template is a constant checked by the tests below.
+    #[allow(clippy::expect_used)]
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+        )
+        .expect("valid template"),
+    );
+    pb.set_prefix(prefix.to_string());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(size(512), "512 B");
+        assert_eq!(size(1536), "1.50 KiB");
+        assert_eq!(size(3 * 1024 * 1024 * 1024), "3.00 GiB");
+        assert_eq!(duration(1.234), "1.23s");
+        assert_eq!(duration(75.0), "1:15");
+        assert_eq!(duration(3725.0), "1:02:05");
+    }
+}

@@ -1,0 +1,856 @@
+//! A backup, as a pipeline that keeps every core busy with bounded memory:
+//!
+//! ```text
+//! walker ──files──▶ readers (cut + hash + dedup) ──new chunks──▶ compressors ──▶ packer ──▶ storage
+//!    └──entries in order──▶ assembler (waits for each file's chunk list, builds trees) ──trees──▶ packer
+//! ```
+//!
+//! Every channel is bounded, so memory depends on the number of threads and
+//! the depth of the tree, not on the number of files. Files unchanged since
+//! the parent snapshot (same size, mtime, ctime and inode) are not read again.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::fs::{File, Metadata};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use tokio::runtime::Handle;
+
+use crate::chunk::{self, ChunkError, Compressor};
+use crate::error::{Error, Result};
+use crate::fsmeta;
+use crate::id::{BlobId, SnapshotId};
+use crate::index::IndexFile;
+use crate::pack::BlobType;
+use crate::packer::Packer;
+use crate::repository::{Repository, encode};
+use crate::snapshot::{self, Snapshot, Summary};
+use crate::tree::{Extent, Node, NodeKind, Tree};
+
+/// How many errors a snapshot records by name (all are counted).
+const MAX_RECORDED_ERRORS: usize = 100;
+
+#[derive(Debug, Clone, Default)]
+pub enum ParentChoice {
+    /// The newest snapshot of the same host and paths.
+    #[default]
+    Auto,
+    /// Read every file.
+    None,
+    Id(SnapshotId),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    pub paths: Vec<PathBuf>,
+    pub excludes: Vec<String>,
+    pub tags: Vec<String>,
+    pub parent: ParentChoice,
+    pub hostname: Option<String>,
+    /// Worker threads per stage; 0 means one per core.
+    pub threads: usize,
+    /// Count files first so progress can show a total and an ETA.
+    pub scan: bool,
+}
+
+/// Live counters for a progress display; updated by the pipeline.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files_total: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub scan_done: AtomicBool,
+    pub files_done: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub new_bytes: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// What a finished backup reports.
+#[derive(Debug)]
+pub struct BackupOutcome {
+    pub id: SnapshotId,
+    pub snapshot: Snapshot,
+    /// Every error and warning, for the user (the snapshot keeps the first ones).
+    pub messages: Vec<String>,
+}
+
+/// Decides which paths are left out. A pattern with a `/` matches the whole
+/// absolute path; one without matches any file or directory name.
+#[derive(Debug, Clone)]
+pub struct Excluder {
+    names: GlobSet,
+    paths: GlobSet,
+}
+
+impl Excluder {
+    pub fn new(patterns: &[String]) -> Result<Self> {
+        let mut names = GlobSetBuilder::new();
+        let mut paths = GlobSetBuilder::new();
+        for p in patterns {
+            let trimmed = p.trim_end_matches('/');
+            if trimmed.is_empty() {
+                return Err(Error::Invalid(format!("exclude pattern {p:?} matches nothing")));
+            }
+            let glob = GlobBuilder::new(trimmed)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| Error::BadPattern {
+                    pattern: p.clone(),
+                    source: e,
+                })?;
+            if trimmed.contains('/') {
+                paths.add(glob);
+            } else {
+                names.add(glob);
+            }
+        }
+        let build = |b: GlobSetBuilder| {
+            b.build().map_err(|e| Error::BadPattern {
+                pattern: patterns.join(" "),
+                source: e,
+            })
+        };
+        Ok(Excluder {
+            names: build(names)?,
+            paths: build(paths)?,
+        })
+    }
+
+    pub fn is_excluded(&self, path: &Path, name: &[u8]) -> bool {
+        self.names.is_match(Path::new(std::ffi::OsStr::from_bytes(name))) || self.paths.is_match(path)
+    }
+}
+
+/// Which parts of the file system a backup covers: every given path, and the
+/// directories above them (recorded with their own metadata, nothing else).
+#[derive(Debug)]
+enum Selection {
+    All,
+    Some(BTreeMap<Vec<u8>, Selection>),
+}
+
+fn normalize(path: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(path)
+        .map_err(|e| Error::io("resolve", path, e))?;
+    let mut out = PathBuf::from("/");
+    for c in abs.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn build_selection(paths: &[PathBuf]) -> Selection {
+    let mut root = Selection::Some(BTreeMap::new());
+    for p in paths {
+        let comps: Vec<Vec<u8>> = p
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.as_bytes().to_vec()),
+                _ => None,
+            })
+            .collect();
+        let mut cur = &mut root;
+        for c in comps {
+            cur = match cur {
+                Selection::All => break,
+                Selection::Some(map) => map.entry(c).or_insert_with(|| Selection::Some(BTreeMap::new())),
+            };
+        }
+        *cur = Selection::All;
+    }
+    root
+}
+
+/// What the walker tells the assembler, in tree order.
+enum Item {
+    EnterDir(Node),
+    ExitDir,
+    Leaf(Node),
+    File(Node, Receiver<FileOutcome>),
+}
+
+type FileOutcome = std::result::Result<FileRead, String>;
+
+struct FileRead {
+    content: Vec<Extent>,
+    size: u64,
+    changed: bool,
+}
+
+struct FileJob {
+    path: PathBuf,
+    md: Metadata,
+    reply: Sender<FileOutcome>,
+}
+
+struct NewChunk {
+    id: BlobId,
+    data: Vec<u8>,
+}
+
+struct PackerMsg {
+    kind: BlobType,
+    id: BlobId,
+    payload: Vec<u8>,
+    raw_len: u32,
+}
+
+/// Shared by all pipeline stages.
+struct Shared<'a> {
+    repo: &'a Repository,
+    handle: Handle,
+    excluder: Excluder,
+    /// Blobs queued in this run, so each is stored once.
+    seen: Mutex<HashSet<BlobId>>,
+    progress: Arc<Progress>,
+    abort: AtomicBool,
+    messages: Mutex<Vec<String>>,
+    changed: AtomicU64,
+    files_read: AtomicU64,
+}
+
+impl Shared<'_> {
+    fn is_new(&self, id: &BlobId) -> bool {
+        if self.repo.index().contains(id) {
+            return false;
+        }
+        match self.seen.lock() {
+            Ok(mut s) => s.insert(*id),
+            Err(p) => p.into_inner().insert(*id),
+        }
+    }
+
+    fn report(&self, msg: String) {
+        self.progress.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("{msg}");
+        match self.messages.lock() {
+            Ok(mut m) => m.push(msg),
+            Err(p) => p.into_inner().push(msg),
+        }
+    }
+
+    fn aborted(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs a backup and stores its snapshot. Must be called from a multi-thread
+/// tokio runtime: the pipeline runs on its own threads meanwhile.
+pub async fn backup(repo: &mut Repository, opts: BackupOptions, progress: Arc<Progress>) -> Result<BackupOutcome> {
+    let started = Instant::now();
+    if opts.paths.is_empty() {
+        return Err(Error::Invalid("no path to back up".into()));
+    }
+    let mut paths = Vec::new();
+    for p in &opts.paths {
+        let n = normalize(p)?;
+        std::fs::symlink_metadata(&n).map_err(|e| Error::io("read", &n, e))?;
+        paths.push(n);
+    }
+    paths.sort();
+    paths.dedup();
+    let path_strings: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let hostname = opts.hostname.clone().unwrap_or_else(snapshot::hostname);
+    let excluder = Excluder::new(&opts.excludes)?;
+
+    let parent = match &opts.parent {
+        ParentChoice::None => None,
+        ParentChoice::Id(id) => Some((*id, repo.load_snapshot(id).await?)),
+        ParentChoice::Auto => repo
+            .snapshots()
+            .await?
+            .into_iter()
+            .rev()
+            .find(|s| s.snapshot.hostname == hostname && s.snapshot.paths == path_strings)
+            .map(|s| (s.id, s.snapshot)),
+    };
+    let parent_root = match &parent {
+        Some((_, s)) => Some(repo.load_tree(&s.tree).await?),
+        None => None,
+    };
+
+    let handle = Handle::current();
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    } else {
+        opts.threads
+    };
+    let selection = build_selection(&paths);
+    let shared = Shared {
+        repo,
+        handle: handle.clone(),
+        excluder,
+        seen: Mutex::new(HashSet::new()),
+        progress: Arc::clone(&progress),
+        abort: AtomicBool::new(false),
+        messages: Mutex::new(Vec::new()),
+        changed: AtomicU64::new(0),
+        files_read: AtomicU64::new(0),
+    };
+
+    let (root_id, packs, counts, stored) =
+        tokio::task::block_in_place(|| run_pipeline(&shared, &selection, parent_root, threads, opts.scan))?;
+
+    let Shared {
+        messages,
+        changed,
+        files_read,
+        ..
+    } = shared;
+    let messages = messages.into_inner().unwrap_or_else(|p| p.into_inner());
+    let new_blobs: u64 = packs.iter().map(|p| p.blobs.len() as u64).sum();
+    // Packs first (done), then the index naming them, then the snapshot.
+    if !packs.is_empty() {
+        repo.save_index(IndexFile {
+            supersedes: vec![],
+            packs,
+        })
+        .await?;
+    }
+    let summary = Summary {
+        files: counts.files,
+        dirs: counts.dirs,
+        others: counts.others,
+        bytes: counts.bytes,
+        files_read: files_read.into_inner(),
+        new_bytes: progress.new_bytes.load(Ordering::Relaxed),
+        stored_bytes: stored,
+        new_blobs,
+        errors: counts.errors,
+        changed_while_read: changed.into_inner(),
+        duration_secs: started.elapsed().as_secs_f64(),
+    };
+    let errors: Vec<String> = messages
+        .iter()
+        .filter(|m| !m.contains("changed while"))
+        .take(MAX_RECORDED_ERRORS)
+        .cloned()
+        .collect();
+    let snap = Snapshot {
+        time: chrono::Utc::now(),
+        hostname,
+        username: snapshot::username(),
+        paths: path_strings,
+        tags: opts.tags.clone(),
+        excludes: opts.excludes.clone(),
+        parent: parent.map(|(id, _)| id),
+        tree: root_id,
+        partial: counts.errors > 0,
+        summary,
+        errors,
+        program_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let id = repo.save_snapshot(&snap).await?;
+    Ok(BackupOutcome {
+        id,
+        snapshot: snap,
+        messages,
+    })
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    files: u64,
+    dirs: u64,
+    others: u64,
+    bytes: u64,
+    errors: u64,
+}
+
+type PipelineResult = (BlobId, Vec<crate::index::IndexedPack>, Counts, u64);
+
+fn run_pipeline(
+    shared: &Shared<'_>,
+    selection: &Selection,
+    parent_root: Option<Tree>,
+    threads: usize,
+    scan: bool,
+) -> Result<PipelineResult> {
+    let (item_tx, item_rx) = bounded::<Item>(4096);
+    let (job_tx, job_rx) = bounded::<FileJob>(64);
+    let (chunk_tx, chunk_rx) = bounded::<NewChunk>(threads * 2);
+    let (pack_tx, pack_rx) = bounded::<PackerMsg>(threads * 2);
+    let level = shared.repo.config().zstd_level;
+
+    std::thread::scope(|s| {
+        if scan {
+            s.spawn(|| {
+                scan_totals(shared, selection, Path::new("/"));
+                shared.progress.scan_done.store(true, Ordering::Relaxed);
+            });
+        } else {
+            shared.progress.scan_done.store(true, Ordering::Relaxed);
+        }
+        let walker = std::thread::Builder::new()
+            .name("walker".into())
+            .stack_size(64 << 20) // deep trees recurse
+            .spawn_scoped(s, move || {
+                let mut w = Walker {
+                    shared,
+                    items: item_tx,
+                    jobs: job_tx,
+                };
+                w.walk_selection(Path::new("/"), selection, parent_root.as_ref())
+            });
+        let mut readers = Vec::new();
+        for _ in 0..threads {
+            let job_rx = job_rx.clone();
+            let chunk_tx = chunk_tx.clone();
+            readers.push(s.spawn(move || {
+                for job in job_rx {
+                    if shared.aborted() {
+                        break;
+                    }
+                    let outcome = read_file(shared, &job, &chunk_tx);
+                    if job.reply.send(outcome).is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        drop(job_rx);
+        drop(chunk_tx);
+        let mut compressors = Vec::new();
+        for _ in 0..threads {
+            let chunk_rx = chunk_rx.clone();
+            let pack_tx = pack_tx.clone();
+            compressors.push(s.spawn(move || -> Result<()> {
+                let mut c = Compressor::new(level)?;
+                for ch in chunk_rx {
+                    let payload = c.compress(&ch.data);
+                    let msg = PackerMsg {
+                        kind: BlobType::Data,
+                        id: ch.id,
+                        payload,
+                        raw_len: ch.data.len() as u32,
+                    };
+                    if pack_tx.send(msg).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            }));
+        }
+        drop(chunk_rx);
+        let assembler_pack_tx = pack_tx.clone();
+        drop(pack_tx);
+        let packer = s.spawn(move || -> Result<(Vec<crate::index::IndexedPack>, u64)> {
+            let mut p = Packer::new(
+                Arc::clone(shared.repo.key()),
+                shared.repo.backend().clone(),
+                shared.handle.clone(),
+            );
+            for m in pack_rx {
+                if let Err(e) = p.add(m.kind, m.id, &m.payload, m.raw_len) {
+                    shared.abort.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+            let stored = p.stored_bytes();
+            let packs = p.finish().inspect_err(|_| shared.abort.store(true, Ordering::Relaxed))?;
+            let total = packs.iter().map(|p| p.size).sum::<u64>().max(stored);
+            Ok((packs, total))
+        });
+
+        let assembled = assemble(shared, item_rx, assembler_pack_tx, level);
+        if assembled.is_err() {
+            shared.abort.store(true, Ordering::Relaxed);
+        }
+        let walked = walker
+            .map_err(|e| Error::Interrupted(format!("failed to start the walker: {e}")))
+            .and_then(|h| h.join().map_err(|_| Error::Interrupted("the walker panicked".into())));
+        for r in readers {
+            if r.join().is_err() {
+                return Err(Error::Interrupted("a reader thread panicked".into()));
+            }
+        }
+        for c in compressors {
+            c.join()
+                .map_err(|_| Error::Interrupted("a compressor thread panicked".into()))??;
+        }
+        let (packs, stored) = packer
+            .join()
+            .map_err(|_| Error::Interrupted("the packer thread panicked".into()))??;
+        walked??;
+        let (root, counts) = assembled?;
+        Ok((root, packs, counts, stored))
+    })
+}
+
+struct Walker<'s, 'r> {
+    shared: &'s Shared<'r>,
+    items: Sender<Item>,
+    jobs: Sender<FileJob>,
+}
+
+impl Walker<'_, '_> {
+    fn send(&self, item: Item) -> Result<()> {
+        self.items
+            .send(item)
+            .map_err(|_| Error::Interrupted("the backup stopped".into()))
+    }
+
+    fn load_parent_subtree(&self, parent: Option<&Tree>, name: &[u8]) -> Option<Tree> {
+        let id = parent?.find(name)?.subtree?;
+        match self.shared.handle.block_on(self.shared.repo.load_tree(&id)) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!("failed to load tree {id} of the parent snapshot, reading files again: {e}");
+                None
+            }
+        }
+    }
+
+    /// Walks the directories above the chosen paths, entering only toward them.
+    fn walk_selection(&mut self, dir: &Path, sel: &Selection, parent: Option<&Tree>) -> Result<()> {
+        match sel {
+            Selection::All => self.walk_dir(dir, parent),
+            Selection::Some(children) => {
+                for (name, child_sel) in children {
+                    let path = dir.join(std::ffi::OsStr::from_bytes(name));
+                    let md = match std::fs::symlink_metadata(&path) {
+                        Ok(md) => md,
+                        Err(e) => {
+                            self.shared.report(format!("failed to read {}: {e}", path.display()));
+                            continue;
+                        }
+                    };
+                    match child_sel {
+                        Selection::All => self.entry(&path, name.clone(), md, parent)?,
+                        Selection::Some(_) => {
+                            let node = fsmeta::node_from_metadata(name.clone(), &md);
+                            let sub = self.load_parent_subtree(parent, name);
+                            self.send(Item::EnterDir(node))?;
+                            self.walk_selection(&path, child_sel, sub.as_ref())?;
+                            self.send(Item::ExitDir)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn walk_dir(&mut self, dir: &Path, parent: Option<&Tree>) -> Result<()> {
+        let mut names: Vec<OsString> = match std::fs::read_dir(dir) {
+            Ok(rd) => {
+                let mut v = Vec::new();
+                for e in rd {
+                    match e {
+                        Ok(e) => v.push(e.file_name()),
+                        Err(e) => {
+                            self.shared.report(format!("failed to list {}: {e}", dir.display()));
+                            break;
+                        }
+                    }
+                }
+                v
+            }
+            Err(e) => {
+                self.shared.report(format!("failed to list {}: {e}", dir.display()));
+                return Ok(());
+            }
+        };
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        for name in names {
+            if self.shared.aborted() {
+                return Err(Error::Interrupted("the backup stopped".into()));
+            }
+            let path = dir.join(&name);
+            let name = name.into_vec();
+            if self.shared.excluder.is_excluded(&path, &name) {
+                continue;
+            }
+            match std::fs::symlink_metadata(&path) {
+                Ok(md) => self.entry(&path, name, md, parent)?,
+                Err(e) => self.shared.report(format!("failed to read {}: {e}", path.display())),
+            }
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, path: &Path, name: Vec<u8>, md: Metadata, parent: Option<&Tree>) -> Result<()> {
+        let mut node = fsmeta::node_from_metadata(name, &md);
+        match fsmeta::read_xattrs(path) {
+            Ok(x) => node.xattrs = x,
+            Err(e) => self
+                .shared
+                .report(format!("failed to read extended attributes of {}: {e}", path.display())),
+        }
+        match node.kind {
+            NodeKind::Dir => {
+                let sub = self.load_parent_subtree(parent, &node.name);
+                self.send(Item::EnterDir(node))?;
+                self.walk_dir(path, sub.as_ref())?;
+                self.send(Item::ExitDir)
+            }
+            NodeKind::File => {
+                if let Some(old) = parent.and_then(|p| p.find(&node.name))
+                    && self.unchanged(old, &node)
+                {
+                    node.content = old.content.clone();
+                    self.shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
+                    self.shared.progress.bytes_done.fetch_add(node.size, Ordering::Relaxed);
+                    return self.send(Item::Leaf(node));
+                }
+                let (tx, rx) = bounded(1);
+                self.send(Item::File(node, rx))?;
+                self.jobs
+                    .send(FileJob {
+                        path: path.to_path_buf(),
+                        md,
+                        reply: tx,
+                    })
+                    .map_err(|_| Error::Interrupted("the backup stopped".into()))
+            }
+            NodeKind::Symlink => {
+                match std::fs::read_link(path) {
+                    Ok(t) => {
+                        node.link_target = Some(serde_bytes::ByteBuf::from(t.into_os_string().into_vec()));
+                        self.send(Item::Leaf(node))
+                    }
+                    Err(e) => {
+                        self.shared.report(format!("failed to read link {}: {e}", path.display()));
+                        Ok(())
+                    }
+                }
+            }
+            _ => self.send(Item::Leaf(node)),
+        }
+    }
+
+    fn unchanged(&self, old: &Node, new: &Node) -> bool {
+        old.kind == NodeKind::File
+            && old.size == new.size
+            && old.mtime == new.mtime
+            && old.ctime == new.ctime
+            && old.inode == new.inode
+            && old.content.iter().all(|e| match e {
+                Extent::Data { id, .. } => self.shared.repo.index().contains(id),
+                Extent::Hole { .. } => true,
+            })
+    }
+}
+
+/// Counts files and bytes ahead of the walker, for progress totals only.
+fn scan_totals(shared: &Shared<'_>, sel: &Selection, dir: &Path) {
+    match sel {
+        Selection::Some(children) => {
+            for (name, child) in children {
+                let path = dir.join(std::ffi::OsStr::from_bytes(name));
+                match child {
+                    Selection::All => scan_path(shared, &path),
+                    Selection::Some(_) => scan_totals(shared, child, &path),
+                }
+            }
+        }
+        Selection::All => scan_path(shared, dir),
+    }
+}
+
+fn scan_path(shared: &Shared<'_>, path: &Path) {
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        if shared.aborted() {
+            return;
+        }
+        let Ok(md) = std::fs::symlink_metadata(&p) else { continue };
+        if md.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                for e in rd.flatten() {
+                    let child = e.path();
+                    if !shared.excluder.is_excluded(&child, e.file_name().as_bytes()) {
+                        stack.push(child);
+                    }
+                }
+            }
+        } else if md.is_file() {
+            shared.progress.files_total.fetch_add(1, Ordering::Relaxed);
+            shared.progress.bytes_total.fetch_add(md.size(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Reads one file: cut, hash, queue new chunks. Never follows a symlink and
+/// never blocks on a fifo put where a file was.
+fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>) -> FileOutcome {
+    let path = &job.path;
+    let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {}: {e}", path.display());
+    let fd = rustix::fs::open(
+        path,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC
+            | rustix::fs::OFlags::NONBLOCK
+            | rustix::fs::OFlags::NOCTTY,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| fail("open", &e))?;
+    let mut file = File::from(fd);
+    let md = file.metadata().map_err(|e| fail("stat", &e))?;
+    if !md.is_file() || md.ino() != job.md.ino() || md.dev() != job.md.dev() {
+        return Err(format!(
+            "skipped {}: it was replaced between listing and reading",
+            path.display()
+        ));
+    }
+    let regions = fsmeta::data_regions(&file, &md).map_err(|e| fail("map the holes of", &e))?;
+    let content = std::cell::RefCell::new(Vec::new());
+    let mut sink = |data: &[u8]| -> Result<()> {
+        let id = chunk::blob_id(&shared.repo.key().chunk, data);
+        content.borrow_mut().push(Extent::Data {
+            id,
+            len: data.len() as u32,
+        });
+        shared.progress.bytes_done.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if shared.is_new(&id) {
+            shared.progress.new_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            chunks
+                .send(NewChunk { id, data: data.to_vec() })
+                .map_err(|_| Error::Interrupted("the backup stopped".into()))?;
+        }
+        Ok(())
+    };
+    let map_err = |e: ChunkError| match e {
+        ChunkError::Read(e) => fail("read", &e),
+        ChunkError::Sink(e) => e.to_string(),
+    };
+    let keys = &shared.repo.key().chunk;
+    let size = match regions {
+        None => chunk::for_each_chunk(keys, &mut file, &mut sink).map_err(map_err)?,
+        Some(regions) => {
+            // Holes are recorded, not read: a 1 TB sparse file costs its data only.
+            let mut pos = 0u64;
+            for (start, len) in regions {
+                if start > pos {
+                    content.borrow_mut().push(Extent::Hole { len: start - pos });
+                }
+                file.seek(SeekFrom::Start(start)).map_err(|e| fail("seek in", &e))?;
+                let n = chunk::for_each_chunk(keys, (&mut file).take(len), &mut sink).map_err(map_err)?;
+                pos = start + n;
+            }
+            if md.size() > pos {
+                content.borrow_mut().push(Extent::Hole { len: md.size() - pos });
+                pos = md.size();
+            }
+            pos
+        }
+    };
+    let content = content.into_inner();
+    let after = file.metadata().map_err(|e| fail("stat", &e))?;
+    let changed = after.size() != job.md.size() || after.mtime() != job.md.mtime() || after.mtime_nsec() != job.md.mtime_nsec();
+    if changed {
+        shared.changed.fetch_add(1, Ordering::Relaxed);
+        shared.report(format!("{} changed while it was read; the snapshot holds what was read", path.display()));
+    }
+    shared.files_read.fetch_add(1, Ordering::Relaxed);
+    shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
+    Ok(FileRead {
+        content,
+        size,
+        changed,
+    })
+}
+
+/// Builds trees in walk order: waits for each file's chunk list, stores each
+/// directory's tree when the walker leaves it, and finally the root.
+fn assemble(
+    shared: &Shared<'_>,
+    items: Receiver<Item>,
+    packer: Sender<PackerMsg>,
+    level: i32,
+) -> Result<(BlobId, Counts)> {
+    let mut compressor = Compressor::new(level)?;
+    let mut counts = Counts::default();
+    let mut stack: Vec<(Option<Node>, Vec<Node>)> = vec![(None, Vec::new())];
+    let mut store_tree = |nodes: Vec<Node>| -> Result<BlobId> {
+        let mut tree = Tree { nodes };
+        tree.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let bytes = encode(&tree)?;
+        let id = chunk::blob_id(&shared.repo.key().chunk, &bytes);
+        if shared.is_new(&id) {
+            let payload = compressor.compress(&bytes);
+            packer
+                .send(PackerMsg {
+                    kind: BlobType::Tree,
+                    id,
+                    payload,
+                    raw_len: bytes.len() as u32,
+                })
+                .map_err(|_| Error::Interrupted("the packer stopped".into()))?;
+        }
+        Ok(id)
+    };
+    for item in items {
+        match item {
+            Item::EnterDir(node) => stack.push((Some(node), Vec::new())),
+            Item::ExitDir => {
+                let (node, children) = stack
+                    .pop()
+                    .ok_or_else(|| Error::Interrupted("walker sent an unbalanced tree".into()))?;
+                let mut node = node.ok_or_else(|| Error::Interrupted("walker left the root".into()))?;
+                node.subtree = Some(store_tree(children)?);
+                counts.dirs += 1;
+                top(&mut stack)?.push(node);
+            }
+            Item::Leaf(node) => {
+                match node.kind {
+                    NodeKind::File => {
+                        counts.files += 1;
+                        counts.bytes += node.size;
+                    }
+                    _ => counts.others += 1,
+                }
+                top(&mut stack)?.push(node);
+            }
+            Item::File(mut node, rx) => match rx.recv() {
+                Ok(Ok(read)) => {
+                    node.content = read.content;
+                    node.size = read.size;
+                    let _ = read.changed;
+                    counts.files += 1;
+                    counts.bytes += node.size;
+                    top(&mut stack)?.push(node);
+                }
+                Ok(Err(msg)) => {
+                    counts.errors += 1;
+                    shared.report(msg);
+                }
+                Err(_) => return Err(Error::Interrupted("a reader stopped".into())),
+            },
+        }
+    }
+    if shared.aborted() {
+        return Err(Error::Interrupted("the backup stopped".into()));
+    }
+    if stack.len() != 1 {
+        return Err(Error::Interrupted("the walk ended early".into()));
+    }
+    let (_, root) = stack
+        .pop()
+        .ok_or_else(|| Error::Interrupted("walker sent an unbalanced tree".into()))?;
+    let id = store_tree(root)?;
+    Ok((id, counts))
+}
+
+fn top(stack: &mut [(Option<Node>, Vec<Node>)]) -> Result<&mut Vec<Node>> {
+    stack
+        .last_mut()
+        .map(|(_, v)| v)
+        .ok_or_else(|| Error::Interrupted("walker sent an unbalanced tree".into()))
+}

@@ -1,0 +1,311 @@
+//! Storage behind the repository, through `object_store`: a local directory
+//! (the embedded default and the PVC case), S3 and compatible stores, and
+//! memory for tests. The engine only ever creates objects (never overwrites),
+//! reads them whole or by range, lists them, and deletes them.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::error::{Error, Result};
+
+/// A repository's storage: an object store and the prefix the repository
+/// lives under.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    /// Where this is, for messages; never holds credentials.
+    location: String,
+    /// Local directory backends create their root on `init`.
+    local_dir: Option<std::path::PathBuf>,
+}
+
+/// An object found by [`Backend::list`]: its name relative to the listed
+/// folder, and its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub name: String,
+    pub size: u64,
+}
+
+impl Backend {
+    /// Opens a location: a path, `file:///path`, `s3://bucket/prefix`
+    /// (options as query parameters: `endpoint`, `region`, `path_style`,
+    /// `allow_http`; credentials from the usual `AWS_*` variables), or
+    /// `memory:` (a fresh, empty in-memory store).
+    pub fn open(url: &str) -> Result<Self> {
+        let bad = |reason: &str| Error::BadLocation {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        if url.is_empty() {
+            return Err(bad("it is empty; give a path, file://PATH or s3://BUCKET/PREFIX"));
+        }
+        if url == "memory:" {
+            return Ok(Backend::in_memory());
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            return Self::open_s3(url, rest);
+        }
+        let path = if let Some(rest) = url.strip_prefix("file://") {
+            std::path::PathBuf::from(rest)
+        } else if url.contains("://") {
+            return Err(bad("unknown scheme; use a path, file://PATH or s3://BUCKET/PREFIX"));
+        } else {
+            std::path::PathBuf::from(url)
+        };
+        let abs = if path.is_absolute() {
+            path
+        } else {
+            std::env::current_dir()
+                .map_err(|e| Error::io("read the current directory", ".", e))?
+                .join(path)
+        };
+        Ok(Backend {
+            // The store is built lazily in `local_store` because
+            // LocalFileSystem needs the directory to exist.
+            store: Arc::new(InMemory::new()),
+            root: Path::default(),
+            location: abs.display().to_string(),
+            local_dir: Some(abs),
+        }
+        .with_local_store_if_present())
+    }
+
+    fn with_local_store_if_present(mut self) -> Self {
+        if let Some(dir) = &self.local_dir
+            && dir.is_dir()
+            && let Ok(fs) = LocalFileSystem::new_with_prefix(dir)
+        {
+            self.store = Arc::new(fs.with_automatic_cleanup(true));
+        }
+        self
+    }
+
+    fn open_s3(url: &str, rest: &str) -> Result<Self> {
+        let bad = |reason: String| Error::BadLocation {
+            url: url.to_string(),
+            reason,
+        };
+        let (path_part, query) = match rest.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (rest, None),
+        };
+        let (bucket, prefix) = match path_part.split_once('/') {
+            Some((b, p)) => (b, p.trim_matches('/')),
+            None => (path_part, ""),
+        };
+        if bucket.is_empty() {
+            return Err(bad("no bucket name; use s3://BUCKET/PREFIX".into()));
+        }
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+        {
+            builder = builder.with_region("us-east-1");
+        }
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+            let flag = |v: &str| -> Result<bool> {
+                match v {
+                    "true" | "1" | "yes" => Ok(true),
+                    "false" | "0" | "no" => Ok(false),
+                    _ => Err(bad(format!("option {k} takes true or false, not {v:?}"))),
+                }
+            };
+            builder = match k {
+                "endpoint" => {
+                    if v.starts_with("http://") {
+                        builder = builder.with_allow_http(true);
+                    }
+                    builder.with_endpoint(v)
+                }
+                "region" => builder.with_region(v),
+                "path_style" => builder.with_virtual_hosted_style_request(!flag(v)?),
+                "allow_http" => builder.with_allow_http(flag(v)?),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option {k:?}; known: endpoint, region, path_style, allow_http"
+                    )));
+                }
+            };
+        }
+        let store = builder.build().map_err(|e| bad(e.to_string()))?;
+        Ok(Backend {
+            store: Arc::new(store),
+            root: Path::from(prefix),
+            location: format!("s3://{bucket}/{prefix}"),
+            local_dir: None,
+        })
+    }
+
+    /// A fresh, empty in-memory store.
+    pub fn in_memory() -> Self {
+        Backend {
+            store: Arc::new(InMemory::new()),
+            root: Path::default(),
+            location: "memory:".into(),
+            local_dir: None,
+        }
+    }
+
+    /// Wraps any object store (used by decorators and tests).
+    pub fn from_store(store: Arc<dyn ObjectStore>, prefix: &str, location: &str) -> Self {
+        Backend {
+            store,
+            root: Path::from(prefix),
+            location: location.into(),
+            local_dir: None,
+        }
+    }
+
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Makes sure the location can hold a new repository: a local directory is
+    /// created if missing. Fails if anything is already there.
+    pub async fn prepare_for_init(&mut self) -> Result<()> {
+        if let Some(dir) = self.local_dir.clone() {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+            let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| self.err(e))?;
+            self.store = Arc::new(fs.with_automatic_cleanup(true));
+            let mut entries = std::fs::read_dir(&dir).map_err(|e| Error::io("read", &dir, e))?;
+            if entries.next().is_some() {
+                return Err(Error::NotEmpty(self.location.clone()));
+            }
+        }
+        if !self.list_all("").await?.is_empty() {
+            return Err(Error::NotEmpty(self.location.clone()));
+        }
+        Ok(())
+    }
+
+    /// True when a local repository directory does not exist at all.
+    pub fn missing_local_dir(&self) -> bool {
+        self.local_dir.as_ref().is_some_and(|d| !d.is_dir())
+    }
+
+    fn path(&self, name: &str) -> Path {
+        if self.root.as_ref().is_empty() {
+            Path::from(name)
+        } else {
+            Path::from(format!("{}/{}", self.root, name))
+        }
+    }
+
+    fn err(&self, source: object_store::Error) -> Error {
+        Error::Backend {
+            location: self.location.clone(),
+            source,
+        }
+    }
+
+    /// Creates `name`; fails with [`Error::AlreadyExists`] if it exists.
+    pub async fn put_new(&self, name: &str, bytes: Bytes) -> Result<()> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.path(name), PutPayload::from_bytes(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(Error::AlreadyExists(name.into())),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Bytes> {
+        let res = self.store.get(&self.path(name)).await;
+        match res {
+            Ok(r) => r.bytes().await.map_err(|e| self.err(e)),
+            Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound(name.into())),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    pub async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
+        let want = range.end - range.start;
+        match self.store.get_range(&self.path(name), range).await {
+            Ok(b) if b.len() as u64 == want => Ok(b),
+            Ok(_) => Err(Error::corrupt(format!("{name} is shorter than its index says"))),
+            Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound(name.into())),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Size of `name`, or `None` if it does not exist.
+    pub async fn head(&self, name: &str) -> Result<Option<u64>> {
+        match self.store.head(&self.path(name)).await {
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Every object under `folder` (recursively), with names relative to it.
+    /// A listing that fails part-way is an error, never a short list.
+    pub async fn list_all(&self, folder: &str) -> Result<Vec<Listed>> {
+        let prefix = if folder.is_empty() {
+            if self.root.as_ref().is_empty() {
+                None
+            } else {
+                Some(self.root.clone())
+            }
+        } else {
+            Some(self.path(folder))
+        };
+        let strip = prefix.as_ref().map(|p| p.as_ref().len() + 1).unwrap_or(0);
+        let metas: Vec<_> = self
+            .store
+            .list(prefix.as_ref())
+            .try_collect()
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let full = m.location.as_ref();
+                full.get(strip..).map(|n| Listed {
+                    name: n.to_string(),
+                    size: m.size,
+                })
+            })
+            .collect())
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        match self.store.delete(&self.path(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_locations() {
+        assert!(Backend::open("").is_err());
+        assert!(Backend::open("ftp://x").is_err());
+        assert!(Backend::open("s3://").is_err());
+        assert!(Backend::open("s3://b/p?bogus=1").is_err());
+        let b = Backend::open("s3://bucket/some/prefix?endpoint=http://127.0.0.1:9&path_style=true").unwrap();
+        assert_eq!(b.location(), "s3://bucket/some/prefix");
+        assert_eq!(b.path("config").as_ref(), "some/prefix/config");
+        let l = Backend::open("file:///tmp/does-not-exist-backer").unwrap();
+        assert!(l.missing_local_dir());
+    }
+}

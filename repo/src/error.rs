@@ -1,0 +1,77 @@
+//! One error type for the engine. Messages are lower-case and say what failed;
+//! the source is attached, not repeated.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to access the storage backend at {location}")]
+    Backend {
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("object {0} already exists; objects are written once and never replaced")]
+    AlreadyExists(String),
+    #[error("object {0} not found in the repository")]
+    NotFound(String),
+    #[error("invalid repository location {url:?}: {reason}")]
+    BadLocation { url: String, reason: String },
+    #[error("no repository at {0}: run `backer init` first")]
+    NoRepository(String),
+    #[error("a repository already exists at {0}")]
+    RepositoryExists(String),
+    #[error("{0} is not empty; `backer init` needs an empty or missing location")]
+    NotEmpty(String),
+    #[error("wrong password: no key in the repository opens with it")]
+    WrongPassword,
+    #[error("data failed authentication ({what}): it was altered, truncated or belongs elsewhere")]
+    Corrupt { what: String },
+    #[error("unsupported repository format version {0}; upgrade backer")]
+    UnsupportedVersion(u32),
+    #[error("failed to decode {what}")]
+    Decode {
+        what: String,
+        #[source]
+        source: postcard::Error,
+    },
+    #[error("failed to {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no snapshot matches {0:?}")]
+    NoSuchSnapshot(String),
+    #[error("snapshot prefix {0:?} is ambiguous; give more characters")]
+    AmbiguousSnapshot(String),
+    #[error("path {0:?} is not in the snapshot")]
+    NoSuchPath(String),
+    #[error("invalid exclude pattern {pattern:?}")]
+    BadPattern {
+        pattern: String,
+        #[source]
+        source: globset::Error,
+    },
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("the operation was interrupted: {0}")]
+    Interrupted(String),
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn corrupt(what: impl Into<String>) -> Self {
+        Error::Corrupt { what: what.into() }
+    }
+}

@@ -1,0 +1,33 @@
+//! Backer's storage engine.
+//!
+//! Where things happen, one guess each:
+//! - a chunk is cut, hashed and compressed: [`chunk`]
+//! - a blob is encrypted, a key derived or wrapped: [`crypto`]
+//! - blobs are gathered into packs: [`pack`], and stored by [`packer`]
+//! - which pack holds a blob: [`index`]
+//! - directories and file metadata: [`tree`], read from disk by [`fsmeta`]
+//! - a backup runs: [`archiver`]; a restore: [`restorer`]; a check: [`check`]
+//! - objects reach storage: [`backend`] (object_store)
+//!
+//! The on-disk format and the order of writes are in `docs/FORMAT.md`.
+
+pub mod archiver;
+pub mod backend;
+pub mod check;
+pub mod chunk;
+pub mod crypto;
+pub mod error;
+pub mod fsmeta;
+pub mod id;
+pub mod index;
+pub mod pack;
+pub mod packer;
+pub mod repository;
+pub mod restorer;
+pub mod snapshot;
+pub mod stats;
+pub mod tree;
+
+pub use backend::Backend;
+pub use error::{Error, Result};
+pub use repository::Repository;

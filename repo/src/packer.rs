@@ -1,0 +1,140 @@
+//! The storing side of a backup: seals blobs into packs and uploads finished
+//! packs while the next ones fill. Runs on one thread; uploads run on the
+//! async runtime, at most [`MAX_UPLOADS`] at a time so memory stays bounded.
+
+use std::sync::Arc;
+
+use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::backend::Backend;
+use crate::crypto::DataKey;
+use crate::error::{Error, Result};
+use crate::id::BlobId;
+use crate::index::IndexedPack;
+use crate::pack::{BlobType, PACK_TARGET, PackWriter, pack_name};
+
+pub const MAX_UPLOADS: usize = 3;
+
+pub struct Packer {
+    key: Arc<crate::crypto::MasterKey>,
+    backend: Backend,
+    handle: Handle,
+    data: PackWriter,
+    tree: PackWriter,
+    permits: Arc<Semaphore>,
+    uploads: Vec<JoinHandle<Result<()>>>,
+    packed: Vec<IndexedPack>,
+    stored_bytes: u64,
+}
+
+impl std::fmt::Debug for Packer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Packer").field("packs", &self.packed.len()).finish()
+    }
+}
+
+impl Packer {
+    pub fn new(key: Arc<crate::crypto::MasterKey>, backend: Backend, handle: Handle) -> Self {
+        Packer {
+            key,
+            backend,
+            handle,
+            data: PackWriter::new(),
+            tree: PackWriter::new(),
+            permits: Arc::new(Semaphore::new(MAX_UPLOADS)),
+            uploads: Vec::new(),
+            packed: Vec::new(),
+            stored_bytes: 0,
+        }
+    }
+
+    fn data_key(&self) -> &DataKey {
+        &self.key.data
+    }
+
+    /// Adds one blob. `payload` is the flag byte and the (compressed) chunk.
+    pub fn add(&mut self, kind: BlobType, id: BlobId, payload: &[u8], raw_len: u32) -> Result<()> {
+        let key = Arc::clone(&self.key);
+        let writer = match kind {
+            BlobType::Data => &mut self.data,
+            BlobType::Tree => &mut self.tree,
+        };
+        writer.add(&key.data, kind, id, payload, raw_len);
+        if writer.len() >= PACK_TARGET {
+            self.flush(kind)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of finished packs so far.
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes
+    }
+
+    fn flush(&mut self, kind: BlobType) -> Result<()> {
+        let writer = match kind {
+            BlobType::Data => std::mem::take(&mut self.data),
+            BlobType::Tree => std::mem::take(&mut self.tree),
+        };
+        if writer.is_empty() {
+            return Ok(());
+        }
+        let pack = writer.finish(self.data_key())?;
+        match kind {
+            BlobType::Data => self.data = PackWriter::new(),
+            BlobType::Tree => self.tree = PackWriter::new(),
+        }
+        self.stored_bytes += pack.bytes.len() as u64;
+        self.packed.push(IndexedPack {
+            id: pack.id,
+            size: pack.bytes.len() as u64,
+            blobs: pack.entries,
+        });
+        // Fail fast if an earlier upload already failed.
+        self.reap(false)?;
+        let permit = self
+            .handle
+            .block_on(Arc::clone(&self.permits).acquire_owned())
+            .map_err(|_| Error::Interrupted("upload queue closed".into()))?;
+        let backend = self.backend.clone();
+        let name = pack_name(&pack.id);
+        let bytes = pack.bytes;
+        self.uploads.push(self.handle.spawn(async move {
+            let r = backend.put_new(&name, bytes).await;
+            drop(permit);
+            match r {
+                // Same content, same name: a pack that exists is the pack we wrote.
+                Err(Error::AlreadyExists(_)) => Ok(()),
+                other => other,
+            }
+        }));
+        Ok(())
+    }
+
+    /// Collects finished uploads; with `wait`, all of them.
+    fn reap(&mut self, wait: bool) -> Result<()> {
+        let mut pending = Vec::new();
+        for h in self.uploads.drain(..) {
+            if wait || h.is_finished() {
+                self.handle
+                    .block_on(h)
+                    .map_err(|e| Error::Interrupted(format!("upload task failed: {e}")))??;
+            } else {
+                pending.push(h);
+            }
+        }
+        self.uploads = pending;
+        Ok(())
+    }
+
+    /// Flushes both open packs and waits until every pack is stored. The
+    /// returned packs are what the next index file must list.
+    pub fn finish(mut self) -> Result<Vec<IndexedPack>> {
+        self.flush(BlobType::Data)?;
+        self.flush(BlobType::Tree)?;
+        self.reap(true)?;
+        Ok(self.packed)
+    }
+}

@@ -1,0 +1,521 @@
+//! Restore, safely. Everything is created relative to directory descriptors
+//! opened with `O_NOFOLLOW`, starting from the target: a name in a snapshot
+//! that is empty, `.`, `..`, or holds `/` or NUL is refused; a symlink found in
+//! the target where a directory should be is refused; symlinks the restore
+//! creates are never followed. Nothing is written outside the target.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::bounded;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
+use tokio::runtime::Handle;
+
+use crate::error::{Error, Result};
+use crate::fsmeta;
+use crate::id::BlobId;
+use crate::index::Location;
+use crate::pack::{self, pack_name};
+use crate::repository::Repository;
+use crate::snapshot::Snapshot;
+use crate::tree::{Extent, Node, NodeKind};
+
+/// Adjacent blobs of one pack are fetched in one read up to this size.
+const MAX_READ: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub target: PathBuf,
+    /// Absolute paths inside the snapshot; empty means everything.
+    pub includes: Vec<String>,
+    /// Replace files that exist in the target (never directories).
+    pub overwrite: bool,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct RestoreProgress {
+    pub files_total: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub files_done: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct RestoreOutcome {
+    pub files: u64,
+    pub dirs: u64,
+    pub others: u64,
+    pub bytes: u64,
+    /// Every entry that was refused or failed, with the reason.
+    pub errors: Vec<String>,
+}
+
+struct FileJob {
+    file: File,
+    node: Node,
+    display: String,
+}
+
+struct Ctx<'a> {
+    repo: &'a Repository,
+    handle: Handle,
+    opts: &'a RestoreOptions,
+    includes: Vec<Vec<Vec<u8>>>,
+    matched: Vec<bool>,
+    target: Arc<OwnedFd>,
+    errors: &'a Mutex<Vec<String>>,
+    progress: Arc<RestoreProgress>,
+    /// (dev, inode) of restored files with several links → where the first went.
+    hardlinks: HashMap<(u64, u64), Vec<Vec<u8>>>,
+    /// Directories to finish (mode, times) once their content is written.
+    dirs: Vec<(Vec<Vec<u8>>, Node)>,
+    outcome: RestoreOutcome,
+}
+
+fn display(comps: &[Vec<u8>]) -> String {
+    let mut s = String::new();
+    for c in comps {
+        s.push('/');
+        s.push_str(&String::from_utf8_lossy(c));
+    }
+    if s.is_empty() { "/".into() } else { s }
+}
+
+fn components(path: &str) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for c in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        if c == ".." {
+            return Err(Error::Invalid(format!("include path {path:?} contains `..`")));
+        }
+        out.push(c.as_bytes().to_vec());
+    }
+    Ok(out)
+}
+
+/// Opens `comps` below `root`, one component at a time, never following a symlink.
+fn open_dir_path(root: &OwnedFd, comps: &[Vec<u8>]) -> std::io::Result<OwnedFd> {
+    let mut cur = rustix::fs::openat(root, ".", OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    for c in comps {
+        cur = rustix::fs::openat(
+            &cur,
+            c.as_slice(),
+            OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+    }
+    Ok(cur)
+}
+
+impl Ctx<'_> {
+    fn error(&self, msg: String) {
+        self.progress.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("{msg}");
+        match self.errors.lock() {
+            Ok(mut e) => e.push(msg),
+            Err(p) => p.into_inner().push(msg),
+        }
+    }
+
+    /// (restore this whole subtree, descend into it at all)
+    fn selected(&mut self, comps: &[Vec<u8>]) -> (bool, bool) {
+        if self.includes.is_empty() {
+            return (true, true);
+        }
+        let mut full = false;
+        let mut partial = false;
+        for (i, inc) in self.includes.iter().enumerate() {
+            if comps.len() >= inc.len() && comps[..inc.len()] == inc[..] {
+                full = true;
+                self.matched[i] = true;
+            } else if inc.len() > comps.len() && inc[..comps.len()] == comps[..] {
+                partial = true;
+            }
+        }
+        (full, full || partial)
+    }
+
+    /// Removes an existing non-directory entry when overwriting is allowed.
+    fn make_room(&self, dir: &OwnedFd, name: &[u8], shown: &str) -> bool {
+        match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(Errno::NOENT) => true,
+            Err(e) => {
+                self.error(format!("failed to inspect {shown} in the target: {e}"));
+                false
+            }
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                self.error(format!("refused {shown}: a directory is in the way in the target"));
+                false
+            }
+            Ok(_) if !self.opts.overwrite => {
+                self.error(format!("refused {shown}: it exists in the target; use --overwrite to replace it"));
+                false
+            }
+            Ok(_) => match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+                Ok(()) => true,
+                Err(e) => {
+                    self.error(format!("failed to replace {shown}: {e}"));
+                    false
+                }
+            },
+        }
+    }
+
+    fn restore_dir(
+        &mut self,
+        dir: &OwnedFd,
+        comps: &mut Vec<Vec<u8>>,
+        tree: BlobId,
+        full: bool,
+        jobs: &crossbeam_channel::Sender<FileJob>,
+    ) -> Result<()> {
+        let tree = match self.handle.block_on(self.repo.load_tree(&tree)) {
+            Ok(t) => t,
+            Err(e) => {
+                self.error(format!("failed to read the listing of {}: {e}", display(comps)));
+                return Ok(());
+            }
+        };
+        for node in tree.nodes {
+            comps.push(node.name.clone());
+            let shown = display(comps);
+            let (whole, descend) = if full { (true, true) } else { self.selected(comps) };
+            if !descend {
+                comps.pop();
+                continue;
+            }
+            if !node.has_safe_name() {
+                self.error(format!("refused an entry with an unsafe name {:?} in {}", node.name_lossy(), display(&comps[..comps.len() - 1])));
+                comps.pop();
+                continue;
+            }
+            if node.kind != NodeKind::Dir && !whole {
+                comps.pop();
+                continue;
+            }
+            self.restore_node(dir, comps, node, whole, &shown, jobs)?;
+            comps.pop();
+        }
+        Ok(())
+    }
+
+    fn restore_node(
+        &mut self,
+        dir: &OwnedFd,
+        comps: &mut Vec<Vec<u8>>,
+        node: Node,
+        whole: bool,
+        shown: &str,
+        jobs: &crossbeam_channel::Sender<FileJob>,
+    ) -> Result<()> {
+        let name = node.name.as_slice();
+        match node.kind {
+            NodeKind::Dir => {
+                match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => {
+                        self.error(format!("failed to create directory {shown}: {e}"));
+                        return Ok(());
+                    }
+                }
+                let sub = match rustix::fs::openat(
+                    dir,
+                    name,
+                    OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                ) {
+                    Ok(fd) => fd,
+                    Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
+                        self.error(format!(
+                            "refused {shown}: the target holds a symlink or a file where this directory goes"
+                        ));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        self.error(format!("failed to open directory {shown}: {e}"));
+                        return Ok(());
+                    }
+                };
+                if let Some(t) = node.subtree {
+                    self.restore_dir(&sub, comps, t, whole, jobs)?;
+                }
+                self.outcome.dirs += 1;
+                if whole {
+                    self.dirs.push((comps.clone(), node));
+                }
+            }
+            NodeKind::File => {
+                if node.nlink > 1 {
+                    let key = (node.dev, node.inode);
+                    if let Some(first) = self.hardlinks.get(&key).cloned() {
+                        if !self.make_room(dir, name, shown) {
+                            return Ok(());
+                        }
+                        let (first_name, first_dir) = match first.split_last() {
+                            Some(x) => x,
+                            None => return Ok(()),
+                        };
+                        let linked = open_dir_path(&self.target, first_dir)
+                            .and_then(|fd| rustix::fs::linkat(&fd, first_name.as_slice(), dir, name, AtFlags::empty()).map_err(Into::into));
+                        match linked {
+                            Ok(()) => self.outcome.files += 1,
+                            Err(e) => self.error(format!("failed to link {shown} to {}: {e}", display(&first))),
+                        }
+                        return Ok(());
+                    }
+                    self.hardlinks.insert(key, comps.clone());
+                }
+                if !self.make_room(dir, name, shown) {
+                    return Ok(());
+                }
+                let fd = match rustix::fs::openat(
+                    dir,
+                    name,
+                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                ) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        self.error(format!("failed to create {shown}: {e}"));
+                        return Ok(());
+                    }
+                };
+                self.outcome.files += 1;
+                self.outcome.bytes += node.size;
+                jobs.send(FileJob {
+                    file: File::from(fd),
+                    node,
+                    display: shown.to_string(),
+                })
+                .map_err(|_| Error::Interrupted("restore workers stopped".into()))?;
+            }
+            NodeKind::Symlink => {
+                let Some(target) = node.link_target.as_ref() else {
+                    self.error(format!("refused {shown}: symlink without a target"));
+                    return Ok(());
+                };
+                if !self.make_room(dir, name, shown) {
+                    return Ok(());
+                }
+                if let Err(e) = rustix::fs::symlinkat(target.as_slice(), dir, name) {
+                    self.error(format!("failed to create symlink {shown}: {e}"));
+                    return Ok(());
+                }
+                if let Err(e) = fsmeta::apply_at(dir, &node) {
+                    self.error(format!("failed to set metadata of {shown}: {e}"));
+                }
+                self.outcome.others += 1;
+            }
+            NodeKind::Fifo | NodeKind::CharDevice | NodeKind::BlockDevice => {
+                let ft = match node.kind {
+                    NodeKind::Fifo => FileType::Fifo,
+                    NodeKind::CharDevice => FileType::CharacterDevice,
+                    _ => FileType::BlockDevice,
+                };
+                if !self.make_room(dir, name, shown) {
+                    return Ok(());
+                }
+                match rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(node.mode & 0o777), node.rdev) {
+                    Ok(()) => {
+                        if let Err(e) = fsmeta::apply_at(dir, &node) {
+                            self.error(format!("failed to set metadata of {shown}: {e}"));
+                        }
+                        self.outcome.others += 1;
+                    }
+                    Err(Errno::PERM) => self.error(format!("skipped device node {shown}: creating it needs root")),
+                    Err(e) => self.error(format!("failed to create {shown}: {e}")),
+                }
+            }
+            NodeKind::Socket => {
+                self.error(format!("skipped socket {shown}: sockets belong to running programs and are not restored"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes one file's content and metadata.
+fn write_file(repo: &Repository, handle: &Handle, job: FileJob, progress: &RestoreProgress) -> std::result::Result<(), String> {
+    let FileJob { file, node, display } = job;
+    let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {display}: {e}");
+    let mut pos = 0u64;
+    let mut i = 0;
+    let extents = &node.content;
+    while i < extents.len() {
+        match extents[i] {
+            Extent::Hole { len } => {
+                pos += len;
+                i += 1;
+            }
+            Extent::Data { id, .. } => {
+                let first = repo
+                    .index()
+                    .get(&id)
+                    .ok_or_else(|| format!("failed to restore {display}: chunk {id} is missing from the repository"))?;
+                // Gather the following chunks that sit right after this one in the same pack.
+                let mut run: Vec<Location> = vec![first];
+                let mut j = i + 1;
+                while j < extents.len() {
+                    let Extent::Data { id: next, .. } = extents[j] else { break };
+                    let Some(loc) = repo.index().get(&next) else { break };
+                    let last = run[run.len() - 1].entry;
+                    if loc.pack != first.pack
+                        || loc.entry.offset != last.offset + last.len
+                        || u64::from(loc.entry.offset + loc.entry.len - first.entry.offset) > MAX_READ
+                    {
+                        break;
+                    }
+                    run.push(loc);
+                    j += 1;
+                }
+                let start = u64::from(first.entry.offset);
+                let end = {
+                    let l = run[run.len() - 1].entry;
+                    u64::from(l.offset) + u64::from(l.len)
+                };
+                let bytes = handle
+                    .block_on(repo.backend().get_range(&pack_name(&first.pack), start..end))
+                    .map_err(|e| fail("read the data of", &e))?;
+                for loc in &run {
+                    let off = (u64::from(loc.entry.offset) - start) as usize;
+                    let sealed = &bytes[off..off + loc.entry.len as usize];
+                    let data = pack::open_blob(&repo.key().data, &loc.entry, sealed).map_err(|e| fail("decrypt", &e))?;
+                    file.write_all_at(&data, pos).map_err(|e| fail("write", &e))?;
+                    pos += data.len() as u64;
+                    progress.bytes_done.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                i = j;
+            }
+        }
+    }
+    if pos != node.size || node.content.iter().any(|e| matches!(e, Extent::Hole { .. })) {
+        file.set_len(node.size).map_err(|e| fail("size", &e))?;
+    }
+    let mut xattr_errors = Vec::new();
+    fsmeta::apply_to_fd(file.as_fd(), &node, &mut xattr_errors).map_err(|e| fail("set metadata of", &e))?;
+    progress.files_done.fetch_add(1, Ordering::Relaxed);
+    if let Some(e) = xattr_errors.first() {
+        return Err(format!("restored {display}, but failed to set {e}"));
+    }
+    Ok(())
+}
+
+/// Restores `snapshot` (or the parts of it named in `opts.includes`) under
+/// `opts.target`. Must run on a multi-thread tokio runtime.
+pub async fn restore(
+    repo: &Repository,
+    snapshot: &Snapshot,
+    opts: &RestoreOptions,
+    progress: Arc<RestoreProgress>,
+) -> Result<RestoreOutcome> {
+    let includes = opts
+        .includes
+        .iter()
+        .map(|p| components(p))
+        .collect::<Result<Vec<_>>>()?;
+    if includes.is_empty() {
+        progress.files_total.store(snapshot.summary.files, Ordering::Relaxed);
+        progress.bytes_total.store(snapshot.summary.bytes, Ordering::Relaxed);
+    }
+    let target = &opts.target;
+    std::fs::create_dir_all(target).map_err(|e| Error::io("create", target, e))?;
+    let target_fd = rustix::fs::open(target.as_path(), OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io("open", target, e.into()))?;
+    raise_fd_limit();
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    } else {
+        opts.threads
+    };
+    let handle = Handle::current();
+    let errors = Mutex::new(Vec::new());
+    let mut ctx = Ctx {
+        repo,
+        handle: handle.clone(),
+        opts,
+        matched: vec![false; includes.len()],
+        includes,
+        target: Arc::new(target_fd),
+        errors: &errors,
+        progress: Arc::clone(&progress),
+        hardlinks: HashMap::new(),
+        dirs: Vec::new(),
+        outcome: RestoreOutcome::default(),
+    };
+    let root = snapshot.tree;
+    tokio::task::block_in_place(|| -> Result<()> {
+        let (tx, rx) = bounded::<FileJob>(64);
+        std::thread::scope(|s| -> Result<()> {
+            let mut workers = Vec::new();
+            for _ in 0..threads.max(2) {
+                let rx = rx.clone();
+                let handle = handle.clone();
+                let progress = Arc::clone(&progress);
+                let ctx_errors = &errors;
+                workers.push(s.spawn(move || {
+                    for job in rx {
+                        if let Err(msg) = write_file(repo, &handle, job, &progress) {
+                            progress.errors.fetch_add(1, Ordering::Relaxed);
+                            match ctx_errors.lock() {
+                                Ok(mut e) => e.push(msg),
+                                Err(p) => p.into_inner().push(msg),
+                            }
+                        }
+                    }
+                }));
+            }
+            drop(rx);
+            let target = Arc::clone(&ctx.target);
+            let walked = ctx.restore_dir(&target, &mut Vec::new(), root, false, &tx);
+            drop(tx);
+            for w in workers {
+                w.join().map_err(|_| Error::Interrupted("a restore worker panicked".into()))?;
+            }
+            walked
+        })
+    })?;
+    // Directories last, deepest first, so their times and modes stick.
+    let dirs = std::mem::take(&mut ctx.dirs);
+    for (comps, node) in dirs.iter().rev() {
+        let mut xattr_errors = Vec::new();
+        let r = open_dir_path(&ctx.target, comps).and_then(|fd| fsmeta::apply_to_fd(&fd, node, &mut xattr_errors));
+        if let Err(e) = r {
+            ctx.error(format!("failed to set metadata of directory {}: {e}", display(comps)));
+        }
+        for e in xattr_errors {
+            ctx.error(format!("directory {}: failed to set {e}", display(comps)));
+        }
+    }
+    for (inc, matched) in opts.includes.iter().zip(&ctx.matched) {
+        if !matched {
+            ctx.error(format!("{inc:?} is not in the snapshot"));
+        }
+    }
+    let mut outcome = std::mem::take(&mut ctx.outcome);
+    drop(ctx);
+    outcome.errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok(outcome)
+}
+
+/// Restores hold a descriptor per directory level and per queued file; lift
+/// the soft limit to the hard one so deep trees do not run out.
+fn raise_fd_limit() {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if lim.current < lim.maximum {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        );
+    }
+}
