@@ -412,11 +412,12 @@ fn run_pipeline(
             let job_rx = job_rx.clone();
             let chunk_tx = chunk_tx.clone();
             readers.push(s.spawn(move || {
+                let mut buf = chunk::chunk_buffer();
                 for job in job_rx {
                     if shared.aborted() {
                         break;
                     }
-                    let outcome = read_file(shared, &job, &chunk_tx);
+                    let outcome = read_file(shared, &job, &chunk_tx, &mut buf);
                     if job.reply.send(outcome).is_err() {
                         break;
                     }
@@ -688,7 +689,7 @@ fn scan_path(shared: &Shared<'_>, path: &Path) {
 
 /// Reads one file: cut, hash, queue new chunks. Never follows a symlink and
 /// never blocks on a fifo put where a file was.
-fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>) -> FileOutcome {
+fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf: &mut [u8]) -> FileOutcome {
     let path = &job.path;
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {}: {e}", path.display());
     let fd = rustix::fs::open(
@@ -732,7 +733,7 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>) -> F
     };
     let keys = &shared.repo.key().chunk;
     let size = match regions {
-        None => chunk::for_each_chunk(keys, &mut file, &mut sink).map_err(map_err)?,
+        None => chunk::for_each_chunk(keys, &mut file, buf, &mut sink).map_err(map_err)?,
         Some(regions) => {
             // Holes are recorded, not read: a 1 TB sparse file costs its data only.
             let mut pos = 0u64;
@@ -741,7 +742,7 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>) -> F
                     content.borrow_mut().push(Extent::Hole { len: start - pos });
                 }
                 file.seek(SeekFrom::Start(start)).map_err(|e| fail("seek in", &e))?;
-                let n = chunk::for_each_chunk(keys, (&mut file).take(len), &mut sink).map_err(map_err)?;
+                let n = chunk::for_each_chunk(keys, (&mut file).take(len), buf, &mut sink).map_err(map_err)?;
                 pos = start + n;
             }
             if md.size() > pos {
