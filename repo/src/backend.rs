@@ -5,6 +5,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -12,7 +13,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 
 use crate::error::{Error, Result};
 
@@ -39,7 +40,7 @@ pub struct Listed {
 impl Backend {
     /// Opens a location: a path, `file:///path`, `s3://bucket/prefix`
     /// (options as query parameters: `endpoint`, `region`, `path_style`,
-    /// `allow_http`; credentials from the usual `AWS_*` variables), or
+    /// `allow_http`, `retries`; credentials from the usual `AWS_*` variables), or
     /// `memory:` (a fresh, empty in-memory store).
     pub fn open(url: &str) -> Result<Self> {
         let bad = |reason: &str| Error::BadLocation {
@@ -106,7 +107,16 @@ impl Backend {
         if bucket.is_empty() {
             return Err(bad("no bucket name; use s3://BUCKET/PREFIX".into()));
         }
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        // Transient failures are retried with backoff; an endpoint that stays
+        // down fails within about a minute instead of hanging.
+        let mut retry = RetryConfig {
+            max_retries: 6,
+            retry_timeout: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_client_options(ClientOptions::new().with_connect_timeout(Duration::from_secs(10)));
         if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
         {
             builder = builder.with_region("us-east-1");
@@ -130,14 +140,20 @@ impl Backend {
                 "region" => builder.with_region(v),
                 "path_style" => builder.with_virtual_hosted_style_request(!flag(v)?),
                 "allow_http" => builder.with_allow_http(flag(v)?),
+                "retries" => {
+                    retry.max_retries = v
+                        .parse()
+                        .map_err(|_| bad(format!("option retries takes a number, not {v:?}")))?;
+                    builder
+                }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {k:?}; known: endpoint, region, path_style, allow_http"
+                        "unknown option {k:?}; known: endpoint, region, path_style, allow_http, retries"
                     )));
                 }
             };
         }
-        let store = builder.build().map_err(|e| bad(e.to_string()))?;
+        let store = builder.with_retry(retry).build().map_err(|e| bad(e.to_string()))?;
         Ok(Backend {
             store: Arc::new(store),
             root: Path::from(prefix),

@@ -138,3 +138,37 @@ impl Packer {
         Ok(self.packed)
     }
 }
+
+/// Stores whole blobs (plaintext) outside a backup pipeline: compresses,
+/// packs, uploads, then writes the index naming them. Returns their ids in
+/// order. For small amounts (trees written by tools and tests); backups use
+/// the pipeline.
+pub async fn store_blobs(
+    repo: &mut crate::repository::Repository,
+    blobs: Vec<(BlobType, Vec<u8>)>,
+) -> Result<Vec<BlobId>> {
+    let key = Arc::clone(repo.key());
+    let backend = repo.backend().clone();
+    let handle = Handle::current();
+    let (ids, packs) = tokio::task::block_in_place(|| -> Result<_> {
+        let mut compressor = crate::chunk::Compressor::new(repo.config().zstd_level)?;
+        let mut packer = Packer::new(Arc::clone(&key), backend, handle);
+        let mut ids = Vec::new();
+        for (kind, data) in &blobs {
+            let id = crate::chunk::blob_id(&key.chunk, data);
+            ids.push(id);
+            if !repo.index().contains(&id) {
+                packer.add(*kind, id, &compressor.compress(data), data.len() as u32)?;
+            }
+        }
+        Ok((ids, packer.finish()?))
+    })?;
+    if !packs.is_empty() {
+        repo.save_index(crate::index::IndexFile {
+            supersedes: vec![],
+            packs,
+        })
+        .await?;
+    }
+    Ok(ids)
+}

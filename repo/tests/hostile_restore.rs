@@ -1,0 +1,164 @@
+//! Restore never writes outside its target, whatever a snapshot holds and
+//! whatever is planted in the target.
+
+use std::path::Path;
+
+use backer_repo::Repository;
+use backer_repo::crypto::KdfParams;
+use backer_repo::pack::BlobType;
+use backer_repo::packer::store_blobs;
+use backer_repo::restorer::{RestoreOptions, RestoreProgress, restore};
+use backer_repo::snapshot::{Snapshot, Summary};
+use backer_repo::tree::{Node, NodeKind, Time, Tree};
+use backer_repo::{Backend, id::BlobId};
+
+fn node(name: &[u8], kind: NodeKind) -> Node {
+    Node {
+        name: name.to_vec(),
+        kind,
+        mode: if kind == NodeKind::Dir { 0o755 } else { 0o644 },
+        uid: 0,
+        gid: 0,
+        size: 0,
+        mtime: Time { secs: 1_600_000_000, nanos: 0 },
+        atime: Time::default(),
+        ctime: Time::default(),
+        inode: 0,
+        dev: 0,
+        nlink: 1,
+        rdev: 0,
+        link_target: None,
+        xattrs: vec![],
+        content: vec![],
+        subtree: None,
+    }
+}
+
+fn cheap() -> KdfParams {
+    KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 }
+}
+
+fn encode(t: &Tree) -> Vec<u8> {
+    postcard::to_stdvec(t).unwrap()
+}
+
+async fn snapshot_of(repo: &mut Repository, root_nodes: Vec<Node>) -> Snapshot {
+    let ids = store_blobs(repo, vec![(BlobType::Tree, encode(&Tree { nodes: root_nodes }))]).await.unwrap();
+    Snapshot {
+        time: chrono::Utc::now(),
+        hostname: "h".into(),
+        username: "u".into(),
+        paths: vec!["/".into()],
+        tags: vec![],
+        excludes: vec![],
+        parent: None,
+        tree: ids[0],
+        summary: Summary::default(),
+        partial: false,
+        errors: vec![],
+        program_version: "test".into(),
+    }
+}
+
+async fn subtree(repo: &mut Repository, nodes: Vec<Node>) -> BlobId {
+    store_blobs(repo, vec![(BlobType::Tree, encode(&Tree { nodes }))]).await.unwrap()[0]
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_names_and_symlinks_never_escape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let target = tmp.path().join("target");
+    let mut repo = Repository::init(Backend::in_memory(), b"pw", cheap()).await.unwrap();
+
+    // A directory whose tree tries `..`, absolute and slashed names.
+    let evil_child = {
+        let mut f = node(b"pwned", NodeKind::File);
+        f.size = 0;
+        f
+    };
+    let evil_sub = subtree(&mut repo, vec![evil_child]).await;
+    let mut dotdot = node(b"..", NodeKind::Dir);
+    dotdot.subtree = Some(evil_sub);
+    let mut slashed = node(b"a/../../b", NodeKind::File);
+    slashed.size = 0;
+    let mut absolute = node(b"/etc/passwd-copy", NodeKind::File);
+    absolute.size = 0;
+    let mut empty = node(b"", NodeKind::File);
+    empty.size = 0;
+    let mut nul = node(b"x\0y", NodeKind::File);
+    nul.size = 0;
+    // A symlink pointing outside, then a directory of the same name whose
+    // content would land outside if the restore followed the link.
+    let mut link = node(b"escape", NodeKind::Symlink);
+    link.link_target = Some(serde_bytes::ByteBuf::from(outside.as_os_str().as_encoded_bytes().to_vec()));
+    let mut through = node(b"escape", NodeKind::Dir);
+    through.subtree = Some(evil_sub);
+    let fine = node(b"fine", NodeKind::File);
+    let snap = snapshot_of(&mut repo, vec![dotdot, slashed, absolute, empty, nul, link, through, fine]).await;
+
+    let opts = RestoreOptions { target: target.clone(), ..Default::default() };
+    let out = restore(&repo, &snap, &opts, Default::default()).await.unwrap();
+
+    assert_eq!(entries(&outside), Vec::<String>::new(), "something was written outside the target");
+    assert!(!tmp.path().join("pwned").exists());
+    assert!(!tmp.path().join("b").exists());
+    assert_eq!(entries(&target), vec!["escape", "fine"]);
+    assert!(std::fs::symlink_metadata(target.join("escape")).unwrap().is_symlink());
+    let joined = out.errors.join("\n");
+    for expected in ["unsafe name \"..\"", "unsafe name \"a/../../b\"", "unsafe name \"/etc/passwd-copy\"", "unsafe name \"\"", "refused /escape"] {
+        assert!(joined.contains(expected), "missing refusal {expected:?} in:\n{joined}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn planted_symlink_in_target_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let target = tmp.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    // Someone planted `target/data -> outside` before the restore.
+    std::os::unix::fs::symlink(&outside, target.join("data")).unwrap();
+    let mut repo = Repository::init(Backend::in_memory(), b"pw", cheap()).await.unwrap();
+    let sub = subtree(&mut repo, vec![node(b"secret.txt", NodeKind::File)]).await;
+    let mut data = node(b"data", NodeKind::Dir);
+    data.subtree = Some(sub);
+    let snap = snapshot_of(&mut repo, vec![data]).await;
+
+    let out = restore(&repo, &snap, &RestoreOptions { target: target.clone(), overwrite: true, ..Default::default() }, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(entries(&outside), Vec::<String>::new());
+    assert!(out.errors.iter().any(|e| e.contains("refused /data")), "{:?}", out.errors);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_nodes_need_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("target");
+    let mut repo = Repository::init(Backend::in_memory(), b"pw", cheap()).await.unwrap();
+    let mut dev = node(b"null", NodeKind::CharDevice);
+    dev.rdev = rustix::fs::makedev(1, 3);
+    let snap = snapshot_of(&mut repo, vec![dev]).await;
+    let _ = RestoreProgress::default();
+    let out = restore(&repo, &snap, &RestoreOptions { target: target.clone(), ..Default::default() }, Default::default())
+        .await
+        .unwrap();
+    if backer_testkit::is_root() {
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert!(std::os::unix::fs::FileTypeExt::is_char_device(&std::fs::symlink_metadata(target.join("null")).unwrap().file_type()));
+    } else {
+        assert!(out.errors.iter().any(|e| e.contains("needs root")), "{:?}", out.errors);
+    }
+}

@@ -1,0 +1,298 @@
+//! Fixtures for Backer's tests: a real S3-compatible server (moto), a file tree
+//! holding every kind of entry a backup must keep, and a comparer that checks
+//! content and metadata entry by entry.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `moto_server` on 127.0.0.1 and a free port, killed on drop.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    /// Starts the server. Fails loudly, never skips, when it is not installed.
+    pub fn start() -> Moto {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("failed to start moto_server ({e}); install it with `pip install 'moto[server]'` or run .ci/run")
+            });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not listen on port {port} within 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto { child, port }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a bucket (moto accepts an unsigned request).
+    pub fn create_bucket(&self, name: &str) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200"), "bucket creation failed: {resp}");
+    }
+
+    /// An `s3://` repository URL for `bucket/prefix` on this server.
+    pub fn url(&self, bucket: &str, prefix: &str) -> String {
+        format!("s3://{bucket}/{prefix}?endpoint={}&path_style=true", self.endpoint())
+    }
+
+    /// Environment a client needs: dummy credentials and a region.
+    pub fn env() -> [(&'static str, &'static str); 3] {
+        [
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn set_mtime(path: &Path, secs: i64, nanos: i64) {
+    let ts = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec { tv_sec: secs - 100, tv_nsec: nanos },
+        last_modification: rustix::fs::Timespec { tv_sec: secs, tv_nsec: nanos },
+    };
+    rustix::fs::utimensat(rustix::fs::CWD, path, &ts, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).unwrap();
+}
+
+/// Builds a tree with every kind of entry a backup must keep: small, empty,
+/// multi-chunk and sparse files, compressible and random data, symlinks
+/// (relative, absolute, dangling, non-UTF-8 target), hard links, a fifo,
+/// non-UTF-8 names, xattrs, odd modes, fixed times, and as root, other owners,
+/// setuid bits and device nodes.
+pub fn build_rich_tree(root: &Path) {
+    let d = |p: &str| {
+        let path = root.join(p);
+        std::fs::create_dir_all(&path).unwrap();
+        path
+    };
+    d("docs/nested/deeper");
+    d("bin");
+    d("empty-dir");
+    std::fs::write(root.join("docs/readme.txt"), b"hello backer\n".repeat(1000)).unwrap();
+    std::fs::write(root.join("docs/empty"), b"").unwrap();
+    std::fs::write(root.join("docs/nested/deeper/note.md"), b"# deep\n").unwrap();
+    std::fs::write(root.join("bin/random.bin"), pseudo_random(9 * 1024 * 1024 + 17, 42)).unwrap();
+    let mut text = Vec::new();
+    for i in 0..200_000 {
+        text.extend_from_slice(format!("line {i} of a compressible log\n").as_bytes());
+    }
+    std::fs::write(root.join("docs/log.txt"), &text).unwrap();
+    // Sparse: 64 MiB apparent, two small data islands.
+    let sparse = std::fs::File::create(root.join("sparse.img")).unwrap();
+    sparse.set_len(64 * 1024 * 1024).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"island one", 10 * 1024 * 1024).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, &pseudo_random(300_000, 7), 40 * 1024 * 1024).unwrap();
+    drop(sparse);
+    symlink("readme.txt", root.join("docs/link-rel")).unwrap();
+    symlink("/etc/hostname", root.join("docs/link-abs")).unwrap();
+    symlink("does/not/exist", root.join("docs/link-dangling")).unwrap();
+    symlink(OsStr::from_bytes(b"target-\xff\xfe"), root.join("docs/link-binary")).unwrap();
+    std::fs::hard_link(root.join("docs/readme.txt"), root.join("bin/hardlink-to-readme")).unwrap();
+    std::fs::hard_link(root.join("docs/readme.txt"), root.join("docs/nested/second-link")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        root.join("docs/fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o640),
+        0,
+    )
+    .unwrap();
+    let odd = root.join(OsStr::from_bytes(b"name-\xe9\xff-not-utf8"));
+    std::fs::write(&odd, b"latin-1 name").unwrap();
+    std::fs::write(root.join("spaces and 'quotes' \"here\""), b"x").unwrap();
+    xattr::set(root.join("docs/readme.txt"), "user.backer.test", b"value 1").unwrap();
+    xattr::set(root.join("docs"), "user.backer.dir", b"dir value").unwrap();
+    let exec = root.join("bin/tool.sh");
+    std::fs::write(&exec, b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(&exec, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(root.join("docs/nested/deeper/note.md"), std::fs::Permissions::from_mode(0o400)).unwrap();
+    if is_root() {
+        let owned = root.join("docs/owned-by-1234");
+        std::fs::write(&owned, b"owner test").unwrap();
+        rustix::fs::chown(&owned, Some(rustix::fs::Uid::from_raw(1234)), Some(rustix::fs::Gid::from_raw(5678))).unwrap();
+        std::fs::set_permissions(&exec, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("docs/null-device"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            rustix::fs::makedev(1, 3),
+        )
+        .unwrap();
+    }
+    // Fixed times last, children before parents, so nothing disturbs them.
+    let mut all: Vec<PathBuf> = walk(root).into_keys().map(|rel| root.join(OsStr::from_bytes(&rel))).collect();
+    all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for (i, p) in all.iter().enumerate() {
+        set_mtime(p, 1_600_000_000 + i as i64 * 37, (i as i64 * 1_000_003) % 1_000_000_000);
+    }
+    set_mtime(root, 1_650_000_000, 5);
+    // A read-only directory, set last so the tree can be built.
+    std::fs::set_permissions(root.join("docs/nested/deeper"), std::fs::Permissions::from_mode(0o555)).unwrap();
+}
+
+/// Relative path (as bytes) → metadata, for every entry under `root`.
+pub fn walk(root: &Path) -> BTreeMap<Vec<u8>, std::fs::Metadata> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                stack.push(p.clone());
+            }
+            out.insert(p.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec(), md);
+        }
+    }
+    out
+}
+
+/// Compares two trees entry by entry: type, mode, owner (as root), size,
+/// mtime to the nanosecond, content, symlink targets, xattrs, device numbers,
+/// hard-link groups, and that holes stayed holes. Returns every difference.
+pub fn compare_trees(src: &Path, dst: &Path) -> Vec<String> {
+    let a = walk(src);
+    let b = walk(dst);
+    let mut diffs = Vec::new();
+    let show = |k: &[u8]| String::from_utf8_lossy(k).into_owned();
+    for k in a.keys() {
+        if !b.contains_key(k) {
+            diffs.push(format!("missing in restore: {}", show(k)));
+        }
+    }
+    for k in b.keys() {
+        if !a.contains_key(k) {
+            diffs.push(format!("extra in restore: {}", show(k)));
+        }
+    }
+    let mut links_a: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+    let mut links_b: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+    for (k, ma) in &a {
+        let Some(mb) = b.get(k) else { continue };
+        let name = show(k);
+        let pa = src.join(OsStr::from_bytes(k));
+        let pb = dst.join(OsStr::from_bytes(k));
+        if ma.file_type() != mb.file_type() {
+            diffs.push(format!("{name}: type differs"));
+            continue;
+        }
+        if ma.mode() != mb.mode() {
+            diffs.push(format!("{name}: mode {:o} != {:o}", ma.mode(), mb.mode()));
+        }
+        if is_root() && (ma.uid(), ma.gid()) != (mb.uid(), mb.gid()) {
+            diffs.push(format!("{name}: owner {}:{} != {}:{}", ma.uid(), ma.gid(), mb.uid(), mb.gid()));
+        }
+        if (ma.mtime(), ma.mtime_nsec()) != (mb.mtime(), mb.mtime_nsec()) {
+            diffs.push(format!("{name}: mtime {}.{} != {}.{}", ma.mtime(), ma.mtime_nsec(), mb.mtime(), mb.mtime_nsec()));
+        }
+        let ft = ma.file_type();
+        if ft.is_file() {
+            if ma.len() != mb.len() {
+                diffs.push(format!("{name}: size {} != {}", ma.len(), mb.len()));
+            } else if std::fs::read(&pa).unwrap() != std::fs::read(&pb).unwrap() {
+                diffs.push(format!("{name}: content differs"));
+            }
+            if mb.blocks() > ma.blocks() + 64 {
+                diffs.push(format!("{name}: holes were filled ({} blocks, source {})", mb.blocks(), ma.blocks()));
+            }
+            if ma.nlink() > 1 {
+                links_a.entry(ma.ino()).or_default().push(k.clone());
+                links_b.entry(mb.ino()).or_default().push(k.clone());
+            }
+        }
+        if ft.is_symlink() && std::fs::read_link(&pa).unwrap() != std::fs::read_link(&pb).unwrap() {
+            diffs.push(format!("{name}: symlink target differs"));
+        }
+        if ma.rdev() != mb.rdev() {
+            diffs.push(format!("{name}: device number differs"));
+        }
+        if !ft.is_symlink() {
+            let xa: BTreeMap<_, _> = xattr::list(&pa).unwrap().map(|n| (n.clone(), xattr::get(&pa, &n).unwrap())).collect();
+            let xb: BTreeMap<_, _> = xattr::list(&pb).unwrap().map(|n| (n.clone(), xattr::get(&pb, &n).unwrap())).collect();
+            if xa != xb {
+                diffs.push(format!("{name}: xattrs differ: {xa:?} != {xb:?}"));
+            }
+        }
+    }
+    let groups = |m: BTreeMap<u64, Vec<Vec<u8>>>| {
+        let mut g: Vec<Vec<Vec<u8>>> = m.into_values().map(|mut v| { v.sort(); v }).collect();
+        g.sort();
+        g
+    };
+    if groups(links_a) != groups(links_b) {
+        diffs.push("hard-link groups differ".into());
+    }
+    diffs
+}
+
+/// Runs `diff -r --no-dereference` and returns its complaints, leaving out
+/// the lines it prints for special files it cannot compare (fifos, devices).
+pub fn gnu_diff(src: &Path, dst: &Path) -> Vec<String> {
+    let out = Command::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(src)
+        .arg(dst)
+        .output()
+        .expect("failed to run diff");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !(l.starts_with("File ") && (l.contains(" is a fifo while ") || l.contains(" is a character special file while "))))
+        .map(String::from)
+        .collect()
+}
