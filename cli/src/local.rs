@@ -119,7 +119,8 @@ fn location(g: &Global) -> Result<Backend> {
 }
 
 fn read_password_file(path: &PathBuf) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).with_context(|| format!("failed to read password file {}", path.display()))?;
+    let raw =
+        std::fs::read(path).with_context(|| format!("failed to read password file {}", path.display()))?;
     let line = raw.split(|b| *b == b'\n').next().unwrap_or(&[]);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.is_empty() {
@@ -174,7 +175,11 @@ pub async fn init(g: &Global) -> Result<u8> {
     if g.json {
         print_json(&serde_json::json!({"id": repo.config().id, "location": repo.backend().location()}))?;
     } else {
-        println!("created repository {} at {}", repo.config().id, repo.backend().location());
+        println!(
+            "created repository {} at {}",
+            repo.config().id,
+            repo.backend().location()
+        );
         println!("keep the password safe: without it the data cannot be read");
     }
     Ok(0)
@@ -201,9 +206,17 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
         let (pb, p) = (pb.clone(), Arc::clone(&progress));
         Ticker(tokio::spawn(async move {
             loop {
-                pb.set_length(p.bytes_total.load(Ordering::Relaxed).max(p.bytes_done.load(Ordering::Relaxed)));
+                pb.set_length(
+                    p.bytes_total
+                        .load(Ordering::Relaxed)
+                        .max(p.bytes_done.load(Ordering::Relaxed)),
+                );
                 pb.set_position(p.bytes_done.load(Ordering::Relaxed));
-                let scanning = if p.scan_done.load(Ordering::Relaxed) { "" } else { " (counting)" };
+                let scanning = if p.scan_done.load(Ordering::Relaxed) {
+                    ""
+                } else {
+                    " (counting)"
+                };
                 pb.set_message(format!(
                     "{}/{} files{}{}",
                     p.files_done.load(Ordering::Relaxed),
@@ -335,9 +348,16 @@ fn kind_name(k: NodeKind) -> &'static str {
 
 fn print_node(g: &Global, long: bool, path: &str, n: &Node) -> Result<()> {
     let mtime = chrono::DateTime::from_timestamp(n.mtime.secs, n.mtime.nanos)
-        .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string())
+        .map(|t| {
+            t.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
         .unwrap_or_default();
-    let target = n.link_target.as_ref().map(|t| String::from_utf8_lossy(t).into_owned());
+    let target = n
+        .link_target
+        .as_ref()
+        .map(|t| String::from_utf8_lossy(t).into_owned());
     if g.json {
         return print_json(&LsEntry {
             path,
@@ -352,7 +372,15 @@ fn print_node(g: &Global, long: bool, path: &str, n: &Node) -> Result<()> {
     }
     let mut out = std::io::stdout().lock();
     if long {
-        write!(out, "{} {:>5}/{:<5} {:>12} {} ", n.mode_string(), n.uid, n.gid, n.size, mtime)?;
+        write!(
+            out,
+            "{} {:>5}/{:<5} {:>12} {} ",
+            n.mode_string(),
+            n.uid,
+            n.gid,
+            n.size,
+            mtime
+        )?;
     }
     match target {
         Some(t) if long => writeln!(out, "{path} -> {t}")?,
@@ -415,7 +443,11 @@ pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
         let (pb, p) = (pb.clone(), Arc::clone(&progress));
         Ticker(tokio::spawn(async move {
             loop {
-                pb.set_length(p.bytes_total.load(Ordering::Relaxed).max(p.bytes_done.load(Ordering::Relaxed)));
+                pb.set_length(
+                    p.bytes_total
+                        .load(Ordering::Relaxed)
+                        .max(p.bytes_done.load(Ordering::Relaxed)),
+                );
                 pb.set_position(p.bytes_done.load(Ordering::Relaxed));
                 pb.set_message(format!("{} files", p.files_done.load(Ordering::Relaxed)));
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -460,10 +492,17 @@ pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
             );
         }
         if !outcome.errors.is_empty() {
-            println!("{} entries were not restored (listed above)", outcome.errors.len());
+            println!(
+                "{} entries were not restored (listed above)",
+                outcome.errors.len()
+            );
         }
     }
-    Ok(if outcome.errors.is_empty() { 0 } else { EXIT_INCOMPLETE })
+    Ok(if outcome.errors.is_empty() {
+        0
+    } else {
+        EXIT_INCOMPLETE
+    })
 }
 
 pub async fn check(g: &Global, a: CheckArgs) -> Result<u8> {
@@ -486,8 +525,10 @@ pub async fn check(g: &Global, a: CheckArgs) -> Result<u8> {
     };
     if opts.read_data && !pb.is_hidden() {
         pb.set_style(
-            indicatif::ProgressStyle::with_template("check [{elapsed_precise}] {wide_bar} {pos}/{len} packs ETA {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "check [{elapsed_precise}] {wide_bar} {pos}/{len} packs ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
     }
     let report = check::check(&repo, &opts, progress).await;
@@ -540,7 +581,11 @@ pub async fn stats(g: &Global) -> Result<u8> {
     } else {
         println!("snapshots:          {}", s.snapshots);
         println!("packs:              {} ({})", s.packs, size(s.stored_bytes));
-        println!("chunks:             {} ({} unique bytes)", s.data_blobs, size(s.unique_bytes));
+        println!(
+            "chunks:             {} ({} unique bytes)",
+            s.data_blobs,
+            size(s.unique_bytes)
+        );
         println!("trees:              {}", s.tree_blobs);
         println!("all snapshots hold: {}", size(s.snapshot_bytes));
         println!("dedup ratio:        {:.2}x", s.dedup_ratio);

@@ -1,6 +1,8 @@
 //! The `backer` binary in local mode, as a user runs it: real processes, real
 //! directories, and a real S3-compatible server.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -16,20 +18,28 @@ struct Env {
 
 impl Env {
     fn dir(path: &Path) -> Env {
-        Env { repo: path.to_str().unwrap().to_string(), extra: vec![] }
+        Env {
+            repo: path.to_str().unwrap().to_string(),
+            extra: vec![],
+        }
     }
 
     fn s3(moto: &Moto, bucket: &str) -> Env {
         moto.create_bucket(bucket);
         Env {
             repo: moto.url(bucket, "repo"),
-            extra: Moto::env().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            extra: Moto::env()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
     fn cmd(&self, args: &[&dyn AsRef<OsStr>]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_backer"));
-        c.env("BACKER_REPO", &self.repo).env("BACKER_PASSWORD", "correct horse").env_remove("BACKER_PASSWORD_FILE");
+        c.env("BACKER_REPO", &self.repo)
+            .env("BACKER_PASSWORD", "correct horse")
+            .env_remove("BACKER_PASSWORD_FILE");
         for (k, v) in &self.extra {
             c.env(k, v);
         }
@@ -49,7 +59,9 @@ impl Env {
         assert!(
             out.status.success(),
             "backer {:?} failed ({}):\nstdout: {}\nstderr: {}",
-            args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>(),
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned())
+                .collect::<Vec<_>>(),
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
@@ -100,9 +112,18 @@ fn round_trip(env: &Env, tmp: &Path) {
     assert_eq!(third["snapshot"]["summary"]["files_read"], 1, "{third}");
 
     let out2 = tmp.join("out2");
-    env.ok(&[&"restore", &&third["id"].as_str().unwrap()[..8], &"--target", &out2]);
+    env.ok(&[
+        &"restore",
+        &&third["id"].as_str().unwrap()[..8],
+        &"--target",
+        &out2,
+    ]);
     let diffs = compare_trees(&src, &out2.join(src.strip_prefix("/").unwrap()));
-    assert!(diffs.is_empty(), "restore of the third snapshot differs:\n{}", diffs.join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "restore of the third snapshot differs:\n{}",
+        diffs.join("\n")
+    );
 
     let snaps = env.json(&[&"snapshots"]);
     assert_eq!(snaps.as_array().unwrap().len(), 3);
@@ -148,7 +169,9 @@ fn damaged_pack_is_named_and_other_files_still_restore() {
     std::fs::write(one.join("safe.txt"), b"unaffected content\n".repeat(5000)).unwrap();
     let first = env.json(&[&"backup", &one]);
     let before = packs(&repo);
-    let noise: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let noise: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(two.join("victim.bin"), &noise).unwrap();
     let second = env.json(&[&"backup", &two]);
     assert_eq!(env.json(&[&"check", &"--read-data"])["ok"], true);
@@ -171,10 +194,19 @@ fn damaged_pack_is_named_and_other_files_still_restore() {
     assert!(quick.status.success(), "{}", stderr(&quick));
     let full = env.run(&[&"check", &"--read-data"]);
     assert_eq!(full.status.code(), Some(1));
-    assert!(stderr(&full).contains(&format!("pack {pack_id}")), "{}", stderr(&full));
+    assert!(
+        stderr(&full).contains(&format!("pack {pack_id}")),
+        "{}",
+        stderr(&full)
+    );
 
     // The file in the damaged pack fails clearly; the other snapshot restores.
-    let bad = env.run(&[&"restore", &second["id"].as_str().unwrap(), &"--target", &tmp.path().join("r2")]);
+    let bad = env.run(&[
+        &"restore",
+        &second["id"].as_str().unwrap(),
+        &"--target",
+        &tmp.path().join("r2"),
+    ]);
     assert_eq!(bad.status.code(), Some(3), "{}", stderr(&bad));
     assert!(stderr(&bad).contains("victim.bin"), "{}", stderr(&bad));
     let r1 = tmp.path().join("r1");
@@ -196,45 +228,88 @@ fn bad_input_gets_clear_errors_and_leaves_the_repo_valid() {
 
     let missing = env.run(&[&"snapshots"]);
     assert_eq!(missing.status.code(), Some(1));
-    assert!(stderr(&missing).contains("run `backer init` first"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("run `backer init` first"),
+        "{}",
+        stderr(&missing)
+    );
 
     let occupied = tmp.path().join("occupied");
     std::fs::create_dir(&occupied).unwrap();
     std::fs::write(occupied.join("x"), b"x").unwrap();
     let o = Env::dir(&occupied).run(&[&"init"]);
-    assert!(!o.status.success() && stderr(&o).contains("is not empty"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("is not empty"),
+        "{}",
+        stderr(&o)
+    );
 
     env.ok(&[&"init"]);
     let again = env.run(&[&"init"]);
-    assert!(!again.status.success() && stderr(&again).contains("already exists"), "{}", stderr(&again));
+    assert!(
+        !again.status.success() && stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
 
-    let wrong = env.cmd(&[&"snapshots"]).env("BACKER_PASSWORD", "wrong").output().unwrap();
+    let wrong = env
+        .cmd(&[&"snapshots"])
+        .env("BACKER_PASSWORD", "wrong")
+        .output()
+        .unwrap();
     assert_eq!(wrong.status.code(), Some(1));
     assert!(stderr(&wrong).contains("wrong password"), "{}", stderr(&wrong));
 
-    let nopw = env.cmd(&[&"snapshots"]).env_remove("BACKER_PASSWORD").stdin(std::process::Stdio::null()).output().unwrap();
+    let nopw = env
+        .cmd(&[&"snapshots"])
+        .env_remove("BACKER_PASSWORD")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
     assert!(stderr(&nopw).contains("no password"), "{}", stderr(&nopw));
 
     let nopath = env.run(&[&"backup", &"/definitely/not/here"]);
     assert_eq!(nopath.status.code(), Some(1));
-    assert!(stderr(&nopath).contains("/definitely/not/here"), "{}", stderr(&nopath));
+    assert!(
+        stderr(&nopath).contains("/definitely/not/here"),
+        "{}",
+        stderr(&nopath)
+    );
 
     let badglob = env.run(&[&"backup", &tmp.path(), &"--exclude", &"a[b"]);
-    assert!(stderr(&badglob).contains("invalid exclude pattern"), "{}", stderr(&badglob));
+    assert!(
+        stderr(&badglob).contains("invalid exclude pattern"),
+        "{}",
+        stderr(&badglob)
+    );
 
     let nosnap = env.run(&[&"restore", &"deadbeef", &"--target", &tmp.path().join("x")]);
-    assert!(stderr(&nosnap).contains("no snapshot matches"), "{}", stderr(&nosnap));
+    assert!(
+        stderr(&nosnap).contains("no snapshot matches"),
+        "{}",
+        stderr(&nosnap)
+    );
 
     let badsubset = env.run(&[&"check", &"--read-data-subset", &"3/2"]);
     assert!(!badsubset.status.success() && stderr(&badsubset).contains("1 <= N <= M"));
 
     let s3down = Env {
-        repo: format!("s3://b/p?endpoint=http://127.0.0.1:{}&retries=0", backer_testkit::free_port()),
-        extra: Moto::env().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        repo: format!(
+            "s3://b/p?endpoint=http://127.0.0.1:{}&retries=0",
+            backer_testkit::free_port()
+        ),
+        extra: Moto::env()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     };
     let down = s3down.run(&[&"snapshots"]);
     assert_eq!(down.status.code(), Some(1));
-    assert!(stderr(&down).contains("failed to access the storage backend at s3://b/p"), "{}", stderr(&down));
+    assert!(
+        stderr(&down).contains("failed to access the storage backend at s3://b/p"),
+        "{}",
+        stderr(&down)
+    );
 
     // None of that left anything behind.
     assert_eq!(env.json(&[&"snapshots"]).as_array().unwrap().len(), 0);
@@ -264,7 +339,9 @@ fn unreadable_files_make_a_partial_snapshot() {
         if is_root() {
             let prog = c.get_program().to_owned();
             let mut wrapped = Command::new("setpriv");
-            wrapped.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(prog);
+            wrapped
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(prog);
             wrapped.args(c.get_args());
             for (k, v) in c.get_envs() {
                 match v {
@@ -317,7 +394,10 @@ fn file_changing_while_read_is_reported() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
     assert_eq!(v["snapshot"]["summary"]["changed_while_read"], 1, "{v}");
-    assert!(v["messages"].to_string().contains("changed while it was read"), "{v}");
+    assert!(
+        v["messages"].to_string().contains("changed while it was read"),
+        "{v}"
+    );
     assert_eq!(v["snapshot"]["partial"], false);
 }
 
@@ -334,7 +414,18 @@ fn excludes_includes_overwrite_and_listing() {
     std::fs::write(src.join("keep/cache/c"), b"c").unwrap();
     std::fs::write(src.join("skipdir/d"), b"d").unwrap();
     let skip = format!("{}/skipdir", src.display());
-    env.ok(&[&"backup", &src, &"--exclude", &"*.tmp", &"--exclude", &"cache", &"--exclude", &skip, &"--tag", &"nightly"]);
+    env.ok(&[
+        &"backup",
+        &src,
+        &"--exclude",
+        &"*.tmp",
+        &"--exclude",
+        &"cache",
+        &"--exclude",
+        &skip,
+        &"--tag",
+        &"nightly",
+    ]);
 
     let listing = env.ok(&[&"ls", &"latest", &src]);
     assert!(listing.contains("keep/a.txt"), "{listing}");
@@ -346,12 +437,22 @@ fn excludes_includes_overwrite_and_listing() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert!(lines.iter().any(|l| l["type"] == "file" && l["path"].as_str().unwrap().ends_with("keep/a.txt")));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["type"] == "file" && l["path"].as_str().unwrap().ends_with("keep/a.txt"))
+    );
     let long = env.ok(&[&"ls", &"latest", &"-l", &format!("{}/keep/a.txt", src.display())]);
     assert!(long.starts_with("-rw"), "{long}");
     let tagged = env.json(&[&"snapshots", &"--tag", &"nightly"]);
     assert_eq!(tagged.as_array().unwrap().len(), 1);
-    assert_eq!(env.json(&[&"snapshots", &"--tag", &"other"]).as_array().unwrap().len(), 0);
+    assert_eq!(
+        env.json(&[&"snapshots", &"--tag", &"other"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
 
     // Include one file only.
     let out = tmp.path().join("out");
@@ -362,24 +463,50 @@ fn excludes_includes_overwrite_and_listing() {
     assert!(!restored.join("keep/cache").exists());
 
     // An include that is not in the snapshot is an error.
-    let none = env.run(&[&"restore", &"latest", &"--target", &out, &"--include", &"/no/such/path"]);
+    let none = env.run(&[
+        &"restore",
+        &"latest",
+        &"--target",
+        &out,
+        &"--include",
+        &"/no/such/path",
+    ]);
     assert_eq!(none.status.code(), Some(3));
-    assert!(stderr(&none).contains("is not in the snapshot"), "{}", stderr(&none));
+    assert!(
+        stderr(&none).contains("is not in the snapshot"),
+        "{}",
+        stderr(&none)
+    );
 
     // Existing files are not replaced unless asked.
     std::fs::write(restored.join("keep/a.txt"), b"local edit").unwrap();
     let refused = env.run(&[&"restore", &"latest", &"--target", &out, &"--include", &inc]);
     assert_eq!(refused.status.code(), Some(3));
-    assert!(stderr(&refused).contains("use --overwrite"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("use --overwrite"),
+        "{}",
+        stderr(&refused)
+    );
     assert_eq!(std::fs::read(restored.join("keep/a.txt")).unwrap(), b"local edit");
-    env.ok(&[&"restore", &"latest", &"--target", &out, &"--include", &inc, &"--overwrite"]);
+    env.ok(&[
+        &"restore",
+        &"latest",
+        &"--target",
+        &out,
+        &"--include",
+        &inc,
+        &"--overwrite",
+    ]);
     assert_eq!(std::fs::read(restored.join("keep/a.txt")).unwrap(), b"a");
 
     // A second password opens the same repository.
     let pwfile = tmp.path().join("pw2");
     std::fs::write(&pwfile, "second password\n").unwrap();
     env.ok(&[&"key", &"add", &"--new-password-file", &pwfile]);
-    let with_second = env.cmd(&[&"snapshots", &"--password-file", &pwfile]).output().unwrap();
+    let with_second = env
+        .cmd(&[&"snapshots", &"--password-file", &pwfile])
+        .output()
+        .unwrap();
     assert!(with_second.status.success(), "{}", stderr(&with_second));
 
     let stats = env.json(&[&"stats"]);
@@ -389,12 +516,21 @@ fn excludes_includes_overwrite_and_listing() {
 
 #[test]
 fn help_explains_commands() {
-    let out = Command::new(env!("CARGO_BIN_EXE_backer")).arg("--help").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_backer"))
+        .arg("--help")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     for cmd in ["init", "backup", "snapshots", "ls", "restore", "check", "stats"] {
         assert!(text.contains(cmd), "{cmd} missing from --help:\n{text}");
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_backer")).args(["restore", "--help"]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    let out = Command::new(env!("CARGO_BIN_EXE_backer"))
+        .args(["restore", "--help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     assert!(text.contains("Nothing is written outside it"), "{text}");
 }

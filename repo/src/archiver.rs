@@ -139,8 +139,7 @@ enum Selection {
 }
 
 fn normalize(path: &Path) -> Result<PathBuf> {
-    let abs = std::path::absolute(path)
-        .map_err(|e| Error::io("resolve", path, e))?;
+    let abs = std::path::absolute(path).map_err(|e| Error::io("resolve", path, e))?;
     let mut out = PathBuf::from("/");
     for c in abs.components() {
         match c {
@@ -251,7 +250,11 @@ impl Shared<'_> {
 
 /// Runs a backup and stores its snapshot. Must be called from a multi-thread
 /// tokio runtime: the pipeline runs on its own threads meanwhile.
-pub async fn backup(repo: &mut Repository, opts: BackupOptions, progress: Arc<Progress>) -> Result<BackupOutcome> {
+pub async fn backup(
+    repo: &mut Repository,
+    opts: BackupOptions,
+    progress: Arc<Progress>,
+) -> Result<BackupOutcome> {
     let started = Instant::now();
     if opts.paths.is_empty() {
         return Err(Error::Invalid("no path to back up".into()));
@@ -463,7 +466,9 @@ fn run_pipeline(
                 }
             }
             let stored = p.stored_bytes();
-            let packs = p.finish().inspect_err(|_| shared.abort.store(true, Ordering::Relaxed))?;
+            let packs = p
+                .finish()
+                .inspect_err(|_| shared.abort.store(true, Ordering::Relaxed))?;
             let total = packs.iter().map(|p| p.size).sum::<u64>().max(stored);
             Ok((packs, total))
         });
@@ -474,7 +479,10 @@ fn run_pipeline(
         }
         let walked = walker
             .map_err(|e| Error::Interrupted(format!("failed to start the walker: {e}")))
-            .and_then(|h| h.join().map_err(|_| Error::Interrupted("the walker panicked".into())));
+            .and_then(|h| {
+                h.join()
+                    .map_err(|_| Error::Interrupted("the walker panicked".into()))
+            });
         for r in readers {
             if r.join().is_err() {
                 return Err(Error::Interrupted("a reader thread panicked".into()));
@@ -527,7 +535,8 @@ impl Walker<'_, '_> {
                     let md = match std::fs::symlink_metadata(&path) {
                         Ok(md) => md,
                         Err(e) => {
-                            self.shared.report(format!("failed to read {}: {e}", path.display()));
+                            self.shared
+                                .report(format!("failed to read {}: {e}", path.display()));
                             continue;
                         }
                     };
@@ -555,7 +564,8 @@ impl Walker<'_, '_> {
                     match e {
                         Ok(e) => v.push(e.file_name()),
                         Err(e) => {
-                            self.shared.report(format!("failed to list {}: {e}", dir.display()));
+                            self.shared
+                                .report(format!("failed to list {}: {e}", dir.display()));
                             break;
                         }
                     }
@@ -563,7 +573,8 @@ impl Walker<'_, '_> {
                 v
             }
             Err(e) => {
-                self.shared.report(format!("failed to list {}: {e}", dir.display()));
+                self.shared
+                    .report(format!("failed to list {}: {e}", dir.display()));
                 return Ok(());
             }
         };
@@ -579,7 +590,9 @@ impl Walker<'_, '_> {
             }
             match std::fs::symlink_metadata(&path) {
                 Ok(md) => self.entry(&path, name, md, parent)?,
-                Err(e) => self.shared.report(format!("failed to read {}: {e}", path.display())),
+                Err(e) => self
+                    .shared
+                    .report(format!("failed to read {}: {e}", path.display())),
             }
         }
         Ok(())
@@ -589,9 +602,10 @@ impl Walker<'_, '_> {
         let mut node = fsmeta::node_from_metadata(name, &md);
         match fsmeta::read_xattrs(path) {
             Ok(x) => node.xattrs = x,
-            Err(e) => self
-                .shared
-                .report(format!("failed to read extended attributes of {}: {e}", path.display())),
+            Err(e) => self.shared.report(format!(
+                "failed to read extended attributes of {}: {e}",
+                path.display()
+            )),
         }
         match node.kind {
             NodeKind::Dir => {
@@ -606,7 +620,10 @@ impl Walker<'_, '_> {
                 {
                     node.content = old.content.clone();
                     self.shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
-                    self.shared.progress.bytes_done.fetch_add(node.size, Ordering::Relaxed);
+                    self.shared
+                        .progress
+                        .bytes_done
+                        .fetch_add(node.size, Ordering::Relaxed);
                     return self.send(Item::Leaf(node));
                 }
                 let (tx, rx) = bounded(1);
@@ -619,18 +636,17 @@ impl Walker<'_, '_> {
                     })
                     .map_err(|_| Error::Interrupted("the backup stopped".into()))
             }
-            NodeKind::Symlink => {
-                match std::fs::read_link(path) {
-                    Ok(t) => {
-                        node.link_target = Some(serde_bytes::ByteBuf::from(t.into_os_string().into_vec()));
-                        self.send(Item::Leaf(node))
-                    }
-                    Err(e) => {
-                        self.shared.report(format!("failed to read link {}: {e}", path.display()));
-                        Ok(())
-                    }
+            NodeKind::Symlink => match std::fs::read_link(path) {
+                Ok(t) => {
+                    node.link_target = Some(serde_bytes::ByteBuf::from(t.into_os_string().into_vec()));
+                    self.send(Item::Leaf(node))
                 }
-            }
+                Err(e) => {
+                    self.shared
+                        .report(format!("failed to read link {}: {e}", path.display()));
+                    Ok(())
+                }
+            },
             _ => self.send(Item::Leaf(node)),
         }
     }
@@ -670,7 +686,9 @@ fn scan_path(shared: &Shared<'_>, path: &Path) {
         if shared.aborted() {
             return;
         }
-        let Ok(md) = std::fs::symlink_metadata(&p) else { continue };
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
         if md.is_dir() {
             if let Ok(rd) = std::fs::read_dir(&p) {
                 for e in rd.flatten() {
@@ -682,7 +700,10 @@ fn scan_path(shared: &Shared<'_>, path: &Path) {
             }
         } else if md.is_file() {
             shared.progress.files_total.fetch_add(1, Ordering::Relaxed);
-            shared.progress.bytes_total.fetch_add(md.size(), Ordering::Relaxed);
+            shared
+                .progress
+                .bytes_total
+                .fetch_add(md.size(), Ordering::Relaxed);
         }
     }
 }
@@ -718,11 +739,20 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf:
             id,
             len: data.len() as u32,
         });
-        shared.progress.bytes_done.fetch_add(data.len() as u64, Ordering::Relaxed);
+        shared
+            .progress
+            .bytes_done
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         if shared.is_new(&id) {
-            shared.progress.new_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            shared
+                .progress
+                .new_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
             chunks
-                .send(NewChunk { id, data: data.to_vec() })
+                .send(NewChunk {
+                    id,
+                    data: data.to_vec(),
+                })
                 .map_err(|_| Error::Interrupted("the backup stopped".into()))?;
         }
         Ok(())
@@ -741,8 +771,10 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf:
                 if start > pos {
                     content.borrow_mut().push(Extent::Hole { len: start - pos });
                 }
-                file.seek(SeekFrom::Start(start)).map_err(|e| fail("seek in", &e))?;
-                let n = chunk::for_each_chunk(keys, (&mut file).take(len), buf, &mut sink).map_err(map_err)?;
+                file.seek(SeekFrom::Start(start))
+                    .map_err(|e| fail("seek in", &e))?;
+                let n =
+                    chunk::for_each_chunk(keys, (&mut file).take(len), buf, &mut sink).map_err(map_err)?;
                 pos = start + n;
             }
             if md.size() > pos {
@@ -754,10 +786,15 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf:
     };
     let content = content.into_inner();
     let after = file.metadata().map_err(|e| fail("stat", &e))?;
-    let changed = after.size() != job.md.size() || after.mtime() != job.md.mtime() || after.mtime_nsec() != job.md.mtime_nsec();
+    let changed = after.size() != job.md.size()
+        || after.mtime() != job.md.mtime()
+        || after.mtime_nsec() != job.md.mtime_nsec();
     if changed {
         shared.changed.fetch_add(1, Ordering::Relaxed);
-        shared.report(format!("{} changed while it was read; the snapshot holds what was read", path.display()));
+        shared.report(format!(
+            "{} changed while it was read; the snapshot holds what was read",
+            path.display()
+        ));
     }
     shared.files_read.fetch_add(1, Ordering::Relaxed);
     shared.progress.files_done.fetch_add(1, Ordering::Relaxed);

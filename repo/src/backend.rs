@@ -13,7 +13,9 @@ use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+use object_store::{
+    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
 
 use crate::error::{Error, Result};
 
@@ -59,7 +61,9 @@ impl Backend {
         let path = if let Some(rest) = url.strip_prefix("file://") {
             std::path::PathBuf::from(rest)
         } else if url.contains("://") {
-            return Err(bad("unknown scheme; use a path, file://PATH or s3://BUCKET/PREFIX"));
+            return Err(bad(
+                "unknown scheme; use a path, file://PATH or s3://BUCKET/PREFIX",
+            ));
         } else {
             std::path::PathBuf::from(url)
         };
@@ -117,8 +121,7 @@ impl Backend {
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_client_options(ClientOptions::new().with_connect_timeout(Duration::from_secs(10)));
-        if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-        {
+        if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
             builder = builder.with_region("us-east-1");
         }
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -153,7 +156,10 @@ impl Backend {
                 }
             };
         }
-        let store = builder.with_retry(retry).build().map_err(|e| bad(e.to_string()))?;
+        let store = builder
+            .with_retry(retry)
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
         Ok(Backend {
             store: Arc::new(store),
             root: Path::from(prefix),

@@ -49,7 +49,11 @@ impl CheckReport {
     }
 }
 
-pub async fn check(repo: &Repository, opts: &CheckOptions, progress: Arc<CheckProgress>) -> Result<CheckReport> {
+pub async fn check(
+    repo: &Repository,
+    opts: &CheckOptions,
+    progress: Arc<CheckProgress>,
+) -> Result<CheckReport> {
     let mut report = CheckReport::default();
 
     // Index files: each must load and match its name.
@@ -78,7 +82,9 @@ pub async fn check(repo: &Repository, opts: &CheckOptions, progress: Arc<CheckPr
         let name = pack_name(&id);
         let recorded = index_entries.get(&id).map(|e| e.0);
         match (stored.get(&name), recorded) {
-            (None, _) => report.errors.push(format!("pack {id} is named by the index but missing from storage")),
+            (None, _) => report.errors.push(format!(
+                "pack {id} is named by the index but missing from storage"
+            )),
             (Some(size), Some(rec)) if *size != rec => report.errors.push(format!(
                 "pack {id} has {size} bytes in storage, the index recorded {rec}"
             )),
@@ -214,7 +220,9 @@ fn verify_pack(
     let mut errors = Vec::new();
     let len = bytes.len() as u64;
     if storage_hash(bytes) != id.0 {
-        errors.push(format!("pack {id}: content does not match its name (the stored bytes are damaged)"));
+        errors.push(format!(
+            "pack {id}: content does not match its name (the stored bytes are damaged)"
+        ));
     }
     let header = match pack::read_header(&key.data, bytes, &id.to_hex()) {
         Ok(h) => h,
@@ -236,8 +244,15 @@ fn verify_pack(
     header_sorted.sort_by_key(|e| e.offset);
     expected.sort_by_key(|e| e.offset);
     for e in &expected {
-        if header_sorted.binary_search_by_key(&e.offset, |h| h.offset).map(|i| header_sorted[i] != *e).unwrap_or(true) {
-            errors.push(format!("pack {id}: the index places blob {} where the pack header does not", e.id));
+        if header_sorted
+            .binary_search_by_key(&e.offset, |h| h.offset)
+            .map(|i| header_sorted[i] != *e)
+            .unwrap_or(true)
+        {
+            errors.push(format!(
+                "pack {id}: the index places blob {} where the pack header does not",
+                e.id
+            ));
         }
     }
     (errors, ok, len)

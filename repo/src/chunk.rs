@@ -211,7 +211,11 @@ mod tests {
         };
         let (a, b) = (ids(&data), ids(&edited));
         let shared = a.intersection(&b).count();
-        assert!(shared + 2 >= a.len(), "only {shared} of {} chunks shared", a.len());
+        assert!(
+            shared + 2 >= a.len(),
+            "only {shared} of {} chunks shared",
+            a.len()
+        );
     }
 
     #[test]

@@ -53,11 +53,7 @@ impl DataKey {
         // at most a pack's size.
         #[allow(clippy::expect_used)]
         self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                &mut body,
-            )
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut body)
             .expect("AES-GCM seal of a message under 64 GiB cannot fail");
         out.extend_from_slice(&body);
         out
@@ -74,11 +70,7 @@ impl DataKey {
         let mut buf = body.to_vec();
         let len = self
             .key
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce_arr),
-                Aad::from(aad),
-                &mut buf,
-            )
+            .open_in_place(Nonce::assume_unique_for_key(nonce_arr), Aad::from(aad), &mut buf)
             .map_err(|_| Error::corrupt(what()))?
             .len();
         buf.truncate(len);

@@ -140,11 +140,10 @@ pub fn apply_to_fd(fd: impl AsFd, node: &Node, xattr_errors: &mut Vec<String>) -
     }
     rustix::fs::fchmod(fd, Mode::from_raw_mode(node.mode))?;
     for x in &node.xattrs {
-        if let Err(e) = rustix::fs::fsetxattr(fd, x.name.as_slice(), &x.value, rustix::fs::XattrFlags::empty()) {
-            xattr_errors.push(format!(
-                "xattr {}: {e}",
-                String::from_utf8_lossy(&x.name)
-            ));
+        if let Err(e) =
+            rustix::fs::fsetxattr(fd, x.name.as_slice(), &x.value, rustix::fs::XattrFlags::empty())
+        {
+            xattr_errors.push(format!("xattr {}: {e}", String::from_utf8_lossy(&x.name)));
         }
     }
     rustix::fs::futimens(fd, &timestamps(node))?;

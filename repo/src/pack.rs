@@ -162,7 +162,13 @@ mod tests {
         let mut w = PackWriter::new();
         let blobs: Vec<Vec<u8>> = vec![b"one".repeat(1000), b"two".to_vec(), vec![]];
         for b in &blobs {
-            w.add(&mk.data, BlobType::Data, blob_id(&mk.chunk, b), &c.compress(b), b.len() as u32);
+            w.add(
+                &mk.data,
+                BlobType::Data,
+                blob_id(&mk.chunk, b),
+                &c.compress(b),
+                b.len() as u32,
+            );
         }
         let p = w.finish(&mk.data).unwrap();
         assert_eq!(p.id, PackId(storage_hash(&p.bytes)));

@@ -31,7 +31,9 @@ pub struct Packer {
 
 impl std::fmt::Debug for Packer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Packer").field("packs", &self.packed.len()).finish()
+        f.debug_struct("Packer")
+            .field("packs", &self.packed.len())
+            .finish()
     }
 }
 

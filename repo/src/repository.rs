@@ -205,7 +205,10 @@ impl Repository {
         let sealed = self.key.data.seal(kind.aad(), &plain);
         let id = storage_hash(&sealed);
         self.backend
-            .put_new(&format!("{}/{}", kind.dir(), hex::encode(id)), Bytes::from(sealed))
+            .put_new(
+                &format!("{}/{}", kind.dir(), hex::encode(id)),
+                Bytes::from(sealed),
+            )
             .await?;
         Ok(id)
     }
@@ -257,7 +260,10 @@ impl Repository {
     pub async fn find_snapshot(&self, spec: &str) -> Result<SnapshotEntry> {
         let all = self.snapshots().await?;
         if spec == "latest" {
-            return all.into_iter().last().ok_or_else(|| Error::NoSuchSnapshot(spec.into()));
+            return all
+                .into_iter()
+                .last()
+                .ok_or_else(|| Error::NoSuchSnapshot(spec.into()));
         }
         if spec.is_empty() || !spec.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(Error::NoSuchSnapshot(spec.into()));
@@ -291,7 +297,9 @@ impl Repository {
     pub async fn load_tree(&self, id: &BlobId) -> Result<Tree> {
         let raw = self.load_blob(id).await?;
         if chunk::blob_id(&self.key.chunk, &raw) != *id {
-            return Err(Error::corrupt(format!("tree {id}: content does not match its id")));
+            return Err(Error::corrupt(format!(
+                "tree {id}: content does not match its id"
+            )));
         }
         decode(&raw, &format!("tree {id}"))
     }

@@ -103,7 +103,12 @@ fn components(path: &str) -> Result<Vec<Vec<u8>>> {
 
 /// Opens `comps` below `root`, one component at a time, never following a symlink.
 fn open_dir_path(root: &OwnedFd, comps: &[Vec<u8>]) -> std::io::Result<OwnedFd> {
-    let mut cur = rustix::fs::openat(root, ".", OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    let mut cur = rustix::fs::openat(
+        root,
+        ".",
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
     for c in comps {
         cur = rustix::fs::openat(
             &cur,
@@ -152,11 +157,15 @@ impl Ctx<'_> {
                 false
             }
             Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-                self.error(format!("refused {shown}: a directory is in the way in the target"));
+                self.error(format!(
+                    "refused {shown}: a directory is in the way in the target"
+                ));
                 false
             }
             Ok(_) if !self.opts.overwrite => {
-                self.error(format!("refused {shown}: it exists in the target; use --overwrite to replace it"));
+                self.error(format!(
+                    "refused {shown}: it exists in the target; use --overwrite to replace it"
+                ));
                 false
             }
             Ok(_) => match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
@@ -193,7 +202,11 @@ impl Ctx<'_> {
                 continue;
             }
             if !node.has_safe_name() {
-                self.error(format!("refused an entry with an unsafe name {:?} in {}", node.name_lossy(), display(&comps[..comps.len() - 1])));
+                self.error(format!(
+                    "refused an entry with an unsafe name {:?} in {}",
+                    node.name_lossy(),
+                    display(&comps[..comps.len() - 1])
+                ));
                 comps.pop();
                 continue;
             }
@@ -263,11 +276,15 @@ impl Ctx<'_> {
                             Some(x) => x,
                             None => return Ok(()),
                         };
-                        let linked = open_dir_path(&self.target, first_dir)
-                            .and_then(|fd| rustix::fs::linkat(&fd, first_name.as_slice(), dir, name, AtFlags::empty()).map_err(Into::into));
+                        let linked = open_dir_path(&self.target, first_dir).and_then(|fd| {
+                            rustix::fs::linkat(&fd, first_name.as_slice(), dir, name, AtFlags::empty())
+                                .map_err(Into::into)
+                        });
                         match linked {
                             Ok(()) => self.outcome.files += 1,
-                            Err(e) => self.error(format!("failed to link {shown} to {}: {e}", display(&first))),
+                            Err(e) => {
+                                self.error(format!("failed to link {shown} to {}: {e}", display(&first)))
+                            }
                         }
                         return Ok(());
                     }
@@ -330,12 +347,16 @@ impl Ctx<'_> {
                         }
                         self.outcome.others += 1;
                     }
-                    Err(Errno::PERM) => self.error(format!("skipped device node {shown}: creating it needs root")),
+                    Err(Errno::PERM) => {
+                        self.error(format!("skipped device node {shown}: creating it needs root"))
+                    }
                     Err(e) => self.error(format!("failed to create {shown}: {e}")),
                 }
             }
             NodeKind::Socket => {
-                self.error(format!("skipped socket {shown}: sockets belong to running programs and are not restored"));
+                self.error(format!(
+                    "skipped socket {shown}: sockets belong to running programs and are not restored"
+                ));
             }
         }
         Ok(())
@@ -343,7 +364,12 @@ impl Ctx<'_> {
 }
 
 /// Writes one file's content and metadata.
-fn write_file(repo: &Repository, handle: &Handle, job: FileJob, progress: &RestoreProgress) -> std::result::Result<(), String> {
+fn write_file(
+    repo: &Repository,
+    handle: &Handle,
+    job: FileJob,
+    progress: &RestoreProgress,
+) -> std::result::Result<(), String> {
     let FileJob { file, node, display } = job;
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {display}: {e}");
     let mut pos = 0u64;
@@ -356,15 +382,16 @@ fn write_file(repo: &Repository, handle: &Handle, job: FileJob, progress: &Resto
                 i += 1;
             }
             Extent::Data { id, .. } => {
-                let first = repo
-                    .index()
-                    .get(&id)
-                    .ok_or_else(|| format!("failed to restore {display}: chunk {id} is missing from the repository"))?;
+                let first = repo.index().get(&id).ok_or_else(|| {
+                    format!("failed to restore {display}: chunk {id} is missing from the repository")
+                })?;
                 // Gather the following chunks that sit right after this one in the same pack.
                 let mut run: Vec<Location> = vec![first];
                 let mut j = i + 1;
                 while j < extents.len() {
-                    let Extent::Data { id: next, .. } = extents[j] else { break };
+                    let Extent::Data { id: next, .. } = extents[j] else {
+                        break;
+                    };
                     let Some(loc) = repo.index().get(&next) else { break };
                     let last = run[run.len() - 1].entry;
                     if loc.pack != first.pack
@@ -387,10 +414,13 @@ fn write_file(repo: &Repository, handle: &Handle, job: FileJob, progress: &Resto
                 for loc in &run {
                     let off = (u64::from(loc.entry.offset) - start) as usize;
                     let sealed = &bytes[off..off + loc.entry.len as usize];
-                    let data = pack::open_blob(&repo.key().data, &loc.entry, sealed).map_err(|e| fail("decrypt", &e))?;
+                    let data = pack::open_blob(&repo.key().data, &loc.entry, sealed)
+                        .map_err(|e| fail("decrypt", &e))?;
                     file.write_all_at(&data, pos).map_err(|e| fail("write", &e))?;
                     pos += data.len() as u64;
-                    progress.bytes_done.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    progress
+                        .bytes_done
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 i = j;
             }
@@ -422,13 +452,21 @@ pub async fn restore(
         .map(|p| components(p))
         .collect::<Result<Vec<_>>>()?;
     if includes.is_empty() {
-        progress.files_total.store(snapshot.summary.files, Ordering::Relaxed);
-        progress.bytes_total.store(snapshot.summary.bytes, Ordering::Relaxed);
+        progress
+            .files_total
+            .store(snapshot.summary.files, Ordering::Relaxed);
+        progress
+            .bytes_total
+            .store(snapshot.summary.bytes, Ordering::Relaxed);
     }
     let target = &opts.target;
     std::fs::create_dir_all(target).map_err(|e| Error::io("create", target, e))?;
-    let target_fd = rustix::fs::open(target.as_path(), OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| Error::io("open", target, e.into()))?;
+    let target_fd = rustix::fs::open(
+        target.as_path(),
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("open", target, e.into()))?;
     raise_fd_limit();
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
@@ -477,7 +515,8 @@ pub async fn restore(
             let walked = ctx.restore_dir(&target, &mut Vec::new(), root, false, &tx);
             drop(tx);
             for w in workers {
-                w.join().map_err(|_| Error::Interrupted("a restore worker panicked".into()))?;
+                w.join()
+                    .map_err(|_| Error::Interrupted("a restore worker panicked".into()))?;
             }
             walked
         })
@@ -486,9 +525,13 @@ pub async fn restore(
     let dirs = std::mem::take(&mut ctx.dirs);
     for (comps, node) in dirs.iter().rev() {
         let mut xattr_errors = Vec::new();
-        let r = open_dir_path(&ctx.target, comps).and_then(|fd| fsmeta::apply_to_fd(&fd, node, &mut xattr_errors));
+        let r = open_dir_path(&ctx.target, comps)
+            .and_then(|fd| fsmeta::apply_to_fd(&fd, node, &mut xattr_errors));
         if let Err(e) = r {
-            ctx.error(format!("failed to set metadata of directory {}: {e}", display(comps)));
+            ctx.error(format!(
+                "failed to set metadata of directory {}: {e}",
+                display(comps)
+            ));
         }
         for e in xattr_errors {
             ctx.error(format!("directory {}: failed to set {e}", display(comps)));

@@ -53,10 +53,7 @@ pub struct SnapshotEntry {
 }
 
 pub fn hostname() -> String {
-    rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned()
+    rustix::system::uname().nodename().to_string_lossy().into_owned()
 }
 
 pub fn username() -> String {

@@ -1,6 +1,8 @@
 //! One conformance suite that every storage backend passes: a local
 //! directory, memory, and a real S3-compatible server (moto).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use backer_repo::Backend;
 use backer_repo::error::Error;
 use backer_testkit::Moto;
@@ -8,10 +10,15 @@ use bytes::Bytes;
 
 async fn conformance(b: &Backend) {
     // Create once, never replace.
-    b.put_new("data/ab/one", Bytes::from_static(b"hello world")).await.unwrap();
+    b.put_new("data/ab/one", Bytes::from_static(b"hello world"))
+        .await
+        .unwrap();
     let again = b.put_new("data/ab/one", Bytes::from_static(b"other")).await;
     assert!(matches!(again, Err(Error::AlreadyExists(_))), "{again:?}");
-    assert_eq!(b.get("data/ab/one").await.unwrap(), Bytes::from_static(b"hello world"));
+    assert_eq!(
+        b.get("data/ab/one").await.unwrap(),
+        Bytes::from_static(b"hello world")
+    );
 
     // Missing objects are NotFound, not empty.
     assert!(matches!(b.get("data/ab/nope").await, Err(Error::NotFound(_))));
@@ -19,7 +26,10 @@ async fn conformance(b: &Backend) {
     assert_eq!(b.head("data/ab/one").await.unwrap(), Some(11));
 
     // Ranges, and a range past the end is an error, not a short read.
-    assert_eq!(b.get_range("data/ab/one", 6..11).await.unwrap(), Bytes::from_static(b"world"));
+    assert_eq!(
+        b.get_range("data/ab/one", 6..11).await.unwrap(),
+        Bytes::from_static(b"world")
+    );
     assert!(b.get_range("data/ab/one", 6..40).await.is_err());
 
     // A large object survives whole.
@@ -30,15 +40,26 @@ async fn conformance(b: &Backend) {
     // Listing is recursive, relative to the folder, and complete past one page
     // (S3 pages at 1,000 keys).
     for i in 0..1100 {
-        b.put_new(&format!("index/{i:05}"), Bytes::from(vec![1u8; i % 7])).await.unwrap();
+        b.put_new(&format!("index/{i:05}"), Bytes::from(vec![1u8; i % 7]))
+            .await
+            .unwrap();
     }
     let mut listed = b.list_all("index").await.unwrap();
     listed.sort_by(|x, y| x.name.cmp(&y.name));
     assert_eq!(listed.len(), 1100);
     assert_eq!(listed[3].name, "00003");
     assert_eq!(listed[3].size, 3);
-    let data: Vec<String> = b.list_all("data").await.unwrap().into_iter().map(|l| l.name).collect();
-    assert!(data.contains(&"ab/one".to_string()) && data.contains(&"cd/big".to_string()), "{data:?}");
+    let data: Vec<String> = b
+        .list_all("data")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    assert!(
+        data.contains(&"ab/one".to_string()) && data.contains(&"cd/big".to_string()),
+        "{data:?}"
+    );
     assert!(b.list_all("snapshots").await.unwrap().is_empty());
 
     // Delete, and deleting what is gone is fine.
@@ -84,7 +105,10 @@ async fn s3_endpoint_down_is_a_clear_error() {
     let b = Backend::open(&url).unwrap();
     let err = b.get("config").await.unwrap_err();
     let msg = format!("{err}");
-    assert!(msg.contains("failed to access the storage backend at s3://b/p"), "{msg}");
+    assert!(
+        msg.contains("failed to access the storage backend at s3://b/p"),
+        "{msg}"
+    );
 }
 
 #[allow(unsafe_code)]

@@ -1,6 +1,8 @@
 //! Restore never writes outside its target, whatever a snapshot holds and
 //! whatever is planted in the target.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 
 use backer_repo::Repository;
@@ -20,7 +22,10 @@ fn node(name: &[u8], kind: NodeKind) -> Node {
         uid: 0,
         gid: 0,
         size: 0,
-        mtime: Time { secs: 1_600_000_000, nanos: 0 },
+        mtime: Time {
+            secs: 1_600_000_000,
+            nanos: 0,
+        },
         atime: Time::default(),
         ctime: Time::default(),
         inode: 0,
@@ -35,7 +40,11 @@ fn node(name: &[u8], kind: NodeKind) -> Node {
 }
 
 fn cheap() -> KdfParams {
-    KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 }
+    KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    }
 }
 
 fn encode(t: &Tree) -> Vec<u8> {
@@ -43,7 +52,9 @@ fn encode(t: &Tree) -> Vec<u8> {
 }
 
 async fn snapshot_of(repo: &mut Repository, root_nodes: Vec<Node>) -> Snapshot {
-    let ids = store_blobs(repo, vec![(BlobType::Tree, encode(&Tree { nodes: root_nodes }))]).await.unwrap();
+    let ids = store_blobs(repo, vec![(BlobType::Tree, encode(&Tree { nodes: root_nodes }))])
+        .await
+        .unwrap();
     Snapshot {
         time: chrono::Utc::now(),
         hostname: "h".into(),
@@ -61,7 +72,9 @@ async fn snapshot_of(repo: &mut Repository, root_nodes: Vec<Node>) -> Snapshot {
 }
 
 async fn subtree(repo: &mut Repository, nodes: Vec<Node>) -> BlobId {
-    store_blobs(repo, vec![(BlobType::Tree, encode(&Tree { nodes }))]).await.unwrap()[0]
+    store_blobs(repo, vec![(BlobType::Tree, encode(&Tree { nodes }))])
+        .await
+        .unwrap()[0]
 }
 
 fn entries(dir: &Path) -> Vec<String> {
@@ -79,7 +92,9 @@ async fn hostile_names_and_symlinks_never_escape() {
     let outside = tmp.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
     let target = tmp.path().join("target");
-    let mut repo = Repository::init(Backend::in_memory(), b"pw", cheap()).await.unwrap();
+    let mut repo = Repository::init(Backend::in_memory(), b"pw", cheap())
+        .await
+        .unwrap();
 
     // A directory whose tree tries `..`, absolute and slashed names.
     let evil_child = {
@@ -101,23 +116,49 @@ async fn hostile_names_and_symlinks_never_escape() {
     // A symlink pointing outside, then a directory of the same name whose
     // content would land outside if the restore followed the link.
     let mut link = node(b"escape", NodeKind::Symlink);
-    link.link_target = Some(serde_bytes::ByteBuf::from(outside.as_os_str().as_encoded_bytes().to_vec()));
+    link.link_target = Some(serde_bytes::ByteBuf::from(
+        outside.as_os_str().as_encoded_bytes().to_vec(),
+    ));
     let mut through = node(b"escape", NodeKind::Dir);
     through.subtree = Some(evil_sub);
     let fine = node(b"fine", NodeKind::File);
-    let snap = snapshot_of(&mut repo, vec![dotdot, slashed, absolute, empty, nul, link, through, fine]).await;
+    let snap = snapshot_of(
+        &mut repo,
+        vec![dotdot, slashed, absolute, empty, nul, link, through, fine],
+    )
+    .await;
 
-    let opts = RestoreOptions { target: target.clone(), ..Default::default() };
+    let opts = RestoreOptions {
+        target: target.clone(),
+        ..Default::default()
+    };
     let out = restore(&repo, &snap, &opts, Default::default()).await.unwrap();
 
-    assert_eq!(entries(&outside), Vec::<String>::new(), "something was written outside the target");
+    assert_eq!(
+        entries(&outside),
+        Vec::<String>::new(),
+        "something was written outside the target"
+    );
     assert!(!tmp.path().join("pwned").exists());
     assert!(!tmp.path().join("b").exists());
     assert_eq!(entries(&target), vec!["escape", "fine"]);
-    assert!(std::fs::symlink_metadata(target.join("escape")).unwrap().is_symlink());
+    assert!(
+        std::fs::symlink_metadata(target.join("escape"))
+            .unwrap()
+            .is_symlink()
+    );
     let joined = out.errors.join("\n");
-    for expected in ["unsafe name \"..\"", "unsafe name \"a/../../b\"", "unsafe name \"/etc/passwd-copy\"", "unsafe name \"\"", "refused /escape"] {
-        assert!(joined.contains(expected), "missing refusal {expected:?} in:\n{joined}");
+    for expected in [
+        "unsafe name \"..\"",
+        "unsafe name \"a/../../b\"",
+        "unsafe name \"/etc/passwd-copy\"",
+        "unsafe name \"\"",
+        "refused /escape",
+    ] {
+        assert!(
+            joined.contains(expected),
+            "missing refusal {expected:?} in:\n{joined}"
+        );
     }
 }
 
@@ -130,35 +171,68 @@ async fn planted_symlink_in_target_is_refused() {
     std::fs::create_dir(&target).unwrap();
     // Someone planted `target/data -> outside` before the restore.
     std::os::unix::fs::symlink(&outside, target.join("data")).unwrap();
-    let mut repo = Repository::init(Backend::in_memory(), b"pw", cheap()).await.unwrap();
+    let mut repo = Repository::init(Backend::in_memory(), b"pw", cheap())
+        .await
+        .unwrap();
     let sub = subtree(&mut repo, vec![node(b"secret.txt", NodeKind::File)]).await;
     let mut data = node(b"data", NodeKind::Dir);
     data.subtree = Some(sub);
     let snap = snapshot_of(&mut repo, vec![data]).await;
 
-    let out = restore(&repo, &snap, &RestoreOptions { target: target.clone(), overwrite: true, ..Default::default() }, Default::default())
-        .await
-        .unwrap();
+    let out = restore(
+        &repo,
+        &snap,
+        &RestoreOptions {
+            target: target.clone(),
+            overwrite: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(entries(&outside), Vec::<String>::new());
-    assert!(out.errors.iter().any(|e| e.contains("refused /data")), "{:?}", out.errors);
+    assert!(
+        out.errors.iter().any(|e| e.contains("refused /data")),
+        "{:?}",
+        out.errors
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn device_nodes_need_root() {
     let tmp = tempfile::tempdir().unwrap();
     let target = tmp.path().join("target");
-    let mut repo = Repository::init(Backend::in_memory(), b"pw", cheap()).await.unwrap();
+    let mut repo = Repository::init(Backend::in_memory(), b"pw", cheap())
+        .await
+        .unwrap();
     let mut dev = node(b"null", NodeKind::CharDevice);
     dev.rdev = rustix::fs::makedev(1, 3);
     let snap = snapshot_of(&mut repo, vec![dev]).await;
     let _ = RestoreProgress::default();
-    let out = restore(&repo, &snap, &RestoreOptions { target: target.clone(), ..Default::default() }, Default::default())
-        .await
-        .unwrap();
+    let out = restore(
+        &repo,
+        &snap,
+        &RestoreOptions {
+            target: target.clone(),
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
     if backer_testkit::is_root() {
         assert!(out.errors.is_empty(), "{:?}", out.errors);
-        assert!(std::os::unix::fs::FileTypeExt::is_char_device(&std::fs::symlink_metadata(target.join("null")).unwrap().file_type()));
+        assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+            &std::fs::symlink_metadata(target.join("null"))
+                .unwrap()
+                .file_type()
+        ));
     } else {
-        assert!(out.errors.iter().any(|e| e.contains("needs root")), "{:?}", out.errors);
+        assert!(
+            out.errors.iter().any(|e| e.contains("needs root")),
+            "{:?}",
+            out.errors
+        );
     }
 }

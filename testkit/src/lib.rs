@@ -34,7 +34,10 @@ impl Moto {
             });
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not listen on port {port} within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not listen on port {port} within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         Moto { child, port }
@@ -60,7 +63,10 @@ impl Moto {
 
     /// An `s3://` repository URL for `bucket/prefix` on this server.
     pub fn url(&self, bucket: &str, prefix: &str) -> String {
-        format!("s3://{bucket}/{prefix}?endpoint={}&path_style=true", self.endpoint())
+        format!(
+            "s3://{bucket}/{prefix}?endpoint={}&path_style=true",
+            self.endpoint()
+        )
     }
 
     /// Environment a client needs: dummy credentials and a region.
@@ -81,7 +87,11 @@ impl Drop for Moto {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn is_root() -> bool {
@@ -102,8 +112,14 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 
 fn set_mtime(path: &Path, secs: i64, nanos: i64) {
     let ts = rustix::fs::Timestamps {
-        last_access: rustix::fs::Timespec { tv_sec: secs - 100, tv_nsec: nanos },
-        last_modification: rustix::fs::Timespec { tv_sec: secs, tv_nsec: nanos },
+        last_access: rustix::fs::Timespec {
+            tv_sec: secs - 100,
+            tv_nsec: nanos,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: secs,
+            tv_nsec: nanos,
+        },
     };
     rustix::fs::utimensat(rustix::fs::CWD, path, &ts, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).unwrap();
 }
@@ -125,7 +141,11 @@ pub fn build_rich_tree(root: &Path) {
     std::fs::write(root.join("docs/readme.txt"), b"hello backer\n".repeat(1000)).unwrap();
     std::fs::write(root.join("docs/empty"), b"").unwrap();
     std::fs::write(root.join("docs/nested/deeper/note.md"), b"# deep\n").unwrap();
-    std::fs::write(root.join("bin/random.bin"), pseudo_random(9 * 1024 * 1024 + 17, 42)).unwrap();
+    std::fs::write(
+        root.join("bin/random.bin"),
+        pseudo_random(9 * 1024 * 1024 + 17, 42),
+    )
+    .unwrap();
     let mut text = Vec::new();
     for i in 0..200_000 {
         text.extend_from_slice(format!("line {i} of a compressible log\n").as_bytes());
@@ -140,7 +160,11 @@ pub fn build_rich_tree(root: &Path) {
     symlink("readme.txt", root.join("docs/link-rel")).unwrap();
     symlink("/etc/hostname", root.join("docs/link-abs")).unwrap();
     symlink("does/not/exist", root.join("docs/link-dangling")).unwrap();
-    symlink(OsStr::from_bytes(b"target-\xff\xfe"), root.join("docs/link-binary")).unwrap();
+    symlink(
+        OsStr::from_bytes(b"target-\xff\xfe"),
+        root.join("docs/link-binary"),
+    )
+    .unwrap();
     std::fs::hard_link(root.join("docs/readme.txt"), root.join("bin/hardlink-to-readme")).unwrap();
     std::fs::hard_link(root.join("docs/readme.txt"), root.join("docs/nested/second-link")).unwrap();
     rustix::fs::mknodat(
@@ -159,11 +183,20 @@ pub fn build_rich_tree(root: &Path) {
     let exec = root.join("bin/tool.sh");
     std::fs::write(&exec, b"#!/bin/sh\necho hi\n").unwrap();
     std::fs::set_permissions(&exec, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(root.join("docs/nested/deeper/note.md"), std::fs::Permissions::from_mode(0o400)).unwrap();
+    std::fs::set_permissions(
+        root.join("docs/nested/deeper/note.md"),
+        std::fs::Permissions::from_mode(0o400),
+    )
+    .unwrap();
     if is_root() {
         let owned = root.join("docs/owned-by-1234");
         std::fs::write(&owned, b"owner test").unwrap();
-        rustix::fs::chown(&owned, Some(rustix::fs::Uid::from_raw(1234)), Some(rustix::fs::Gid::from_raw(5678))).unwrap();
+        rustix::fs::chown(
+            &owned,
+            Some(rustix::fs::Uid::from_raw(1234)),
+            Some(rustix::fs::Gid::from_raw(5678)),
+        )
+        .unwrap();
         std::fs::set_permissions(&exec, std::fs::Permissions::from_mode(0o4755)).unwrap();
         rustix::fs::mknodat(
             rustix::fs::CWD,
@@ -175,14 +208,25 @@ pub fn build_rich_tree(root: &Path) {
         .unwrap();
     }
     // Fixed times last, children before parents, so nothing disturbs them.
-    let mut all: Vec<PathBuf> = walk(root).into_keys().map(|rel| root.join(OsStr::from_bytes(&rel))).collect();
+    let mut all: Vec<PathBuf> = walk(root)
+        .into_keys()
+        .map(|rel| root.join(OsStr::from_bytes(&rel)))
+        .collect();
     all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for (i, p) in all.iter().enumerate() {
-        set_mtime(p, 1_600_000_000 + i as i64 * 37, (i as i64 * 1_000_003) % 1_000_000_000);
+        set_mtime(
+            p,
+            1_600_000_000 + i as i64 * 37,
+            (i as i64 * 1_000_003) % 1_000_000_000,
+        );
     }
     set_mtime(root, 1_650_000_000, 5);
     // A read-only directory, set last so the tree can be built.
-    std::fs::set_permissions(root.join("docs/nested/deeper"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::set_permissions(
+        root.join("docs/nested/deeper"),
+        std::fs::Permissions::from_mode(0o555),
+    )
+    .unwrap();
 }
 
 /// Relative path (as bytes) → metadata, for every entry under `root`.
@@ -236,10 +280,22 @@ pub fn compare_trees(src: &Path, dst: &Path) -> Vec<String> {
             diffs.push(format!("{name}: mode {:o} != {:o}", ma.mode(), mb.mode()));
         }
         if is_root() && (ma.uid(), ma.gid()) != (mb.uid(), mb.gid()) {
-            diffs.push(format!("{name}: owner {}:{} != {}:{}", ma.uid(), ma.gid(), mb.uid(), mb.gid()));
+            diffs.push(format!(
+                "{name}: owner {}:{} != {}:{}",
+                ma.uid(),
+                ma.gid(),
+                mb.uid(),
+                mb.gid()
+            ));
         }
         if (ma.mtime(), ma.mtime_nsec()) != (mb.mtime(), mb.mtime_nsec()) {
-            diffs.push(format!("{name}: mtime {}.{} != {}.{}", ma.mtime(), ma.mtime_nsec(), mb.mtime(), mb.mtime_nsec()));
+            diffs.push(format!(
+                "{name}: mtime {}.{} != {}.{}",
+                ma.mtime(),
+                ma.mtime_nsec(),
+                mb.mtime(),
+                mb.mtime_nsec()
+            ));
         }
         let ft = ma.file_type();
         if ft.is_file() {
@@ -249,7 +305,11 @@ pub fn compare_trees(src: &Path, dst: &Path) -> Vec<String> {
                 diffs.push(format!("{name}: content differs"));
             }
             if mb.blocks() > ma.blocks() + 64 {
-                diffs.push(format!("{name}: holes were filled ({} blocks, source {})", mb.blocks(), ma.blocks()));
+                diffs.push(format!(
+                    "{name}: holes were filled ({} blocks, source {})",
+                    mb.blocks(),
+                    ma.blocks()
+                ));
             }
             if ma.nlink() > 1 {
                 links_a.entry(ma.ino()).or_default().push(k.clone());
@@ -263,15 +323,27 @@ pub fn compare_trees(src: &Path, dst: &Path) -> Vec<String> {
             diffs.push(format!("{name}: device number differs"));
         }
         if !ft.is_symlink() {
-            let xa: BTreeMap<_, _> = xattr::list(&pa).unwrap().map(|n| (n.clone(), xattr::get(&pa, &n).unwrap())).collect();
-            let xb: BTreeMap<_, _> = xattr::list(&pb).unwrap().map(|n| (n.clone(), xattr::get(&pb, &n).unwrap())).collect();
+            let xa: BTreeMap<_, _> = xattr::list(&pa)
+                .unwrap()
+                .map(|n| (n.clone(), xattr::get(&pa, &n).unwrap()))
+                .collect();
+            let xb: BTreeMap<_, _> = xattr::list(&pb)
+                .unwrap()
+                .map(|n| (n.clone(), xattr::get(&pb, &n).unwrap()))
+                .collect();
             if xa != xb {
                 diffs.push(format!("{name}: xattrs differ: {xa:?} != {xb:?}"));
             }
         }
     }
     let groups = |m: BTreeMap<u64, Vec<Vec<u8>>>| {
-        let mut g: Vec<Vec<Vec<u8>>> = m.into_values().map(|mut v| { v.sort(); v }).collect();
+        let mut g: Vec<Vec<Vec<u8>>> = m
+            .into_values()
+            .map(|mut v| {
+                v.sort();
+                v
+            })
+            .collect();
         g.sort();
         g
     };
@@ -292,7 +364,10 @@ pub fn gnu_diff(src: &Path, dst: &Path) -> Vec<String> {
         .expect("failed to run diff");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| !(l.starts_with("File ") && (l.contains(" is a fifo while ") || l.contains(" is a character special file while "))))
+        .filter(|l| {
+            !(l.starts_with("File ")
+                && (l.contains(" is a fifo while ") || l.contains(" is a character special file while ")))
+        })
         .map(String::from)
         .collect()
 }
