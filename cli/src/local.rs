@@ -194,7 +194,7 @@ impl Drop for Ticker {
 }
 
 pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
-    let mut repo = open(g).await?;
+    let repo = open(g).await?;
     let parent = match (&a.parent, a.force) {
         (_, true) => ParentChoice::None,
         (Some(p), _) => ParentChoice::Id(repo.find_snapshot(p).await?.id),
@@ -240,7 +240,7 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
         threads: 0,
         scan: !pb.is_hidden(),
     };
-    let outcome = archiver::backup(&mut repo, opts, progress).await;
+    let outcome = archiver::backup(&repo, opts, progress).await;
     drop(ticker);
     pb.finish_and_clear();
     let outcome = outcome?;

@@ -28,9 +28,8 @@ use crate::chunk::{self, ChunkError, Compressor};
 use crate::error::{Error, Result};
 use crate::fsmeta;
 use crate::id::{BlobId, SnapshotId};
-use crate::index::IndexFile;
 use crate::pack::BlobType;
-use crate::packer::Packer;
+use crate::packer::{Packer, PackerSummary};
 use crate::repository::{Repository, encode};
 use crate::snapshot::{self, Snapshot, Summary};
 use crate::tree::{Extent, Node, NodeKind, Tree};
@@ -249,9 +248,12 @@ impl Shared<'_> {
 }
 
 /// Runs a backup and stores its snapshot. Must be called from a multi-thread
-/// tokio runtime: the pipeline runs on its own threads meanwhile.
+/// tokio runtime: the pipeline runs on its own threads meanwhile. The
+/// repository's in-memory index is left as it was (the new blobs are in index
+/// files; [`Repository::reload_index`] reads them), which keeps a one-shot
+/// backup's memory to what it needs.
 pub async fn backup(
-    repo: &mut Repository,
+    repo: &Repository,
     opts: BackupOptions,
     progress: Arc<Progress>,
 ) -> Result<BackupOutcome> {
@@ -306,25 +308,21 @@ pub async fn backup(
         files_read: AtomicU64::new(0),
     };
 
-    let (root_id, packs, counts, stored) =
+    let (root_id, packed, counts) =
         tokio::task::block_in_place(|| run_pipeline(&shared, &selection, parent_root, threads, opts.scan))?;
 
     let Shared {
         messages,
         changed,
         files_read,
+        seen,
         ..
     } = shared;
     let messages = messages.into_inner().unwrap_or_else(|p| p.into_inner());
-    let new_blobs: u64 = packs.iter().map(|p| p.blobs.len() as u64).sum();
-    // Packs first (done), then the index naming them, then the snapshot.
-    if !packs.is_empty() {
-        repo.save_index(IndexFile {
-            supersedes: vec![],
-            packs,
-        })
-        .await?;
-    }
+    let seen = seen.into_inner().unwrap_or_else(|p| p.into_inner());
+    let new_blobs = seen.len() as u64;
+    drop(seen);
+    // Packs and the index files naming them are stored; the snapshot comes last.
     let summary = Summary {
         files: counts.files,
         dirs: counts.dirs,
@@ -332,7 +330,7 @@ pub async fn backup(
         bytes: counts.bytes,
         files_read: files_read.into_inner(),
         new_bytes: progress.new_bytes.load(Ordering::Relaxed),
-        stored_bytes: stored,
+        stored_bytes: packed.stored_bytes,
         new_blobs,
         errors: counts.errors,
         changed_while_read: changed.into_inner(),
@@ -375,7 +373,7 @@ struct Counts {
     errors: u64,
 }
 
-type PipelineResult = (BlobId, Vec<crate::index::IndexedPack>, Counts, u64);
+type PipelineResult = (BlobId, PackerSummary, Counts);
 
 fn run_pipeline(
     shared: &Shared<'_>,
@@ -453,24 +451,16 @@ fn run_pipeline(
         drop(chunk_rx);
         let assembler_pack_tx = pack_tx.clone();
         drop(pack_tx);
-        let packer = s.spawn(move || -> Result<(Vec<crate::index::IndexedPack>, u64)> {
-            let mut p = Packer::new(
-                Arc::clone(shared.repo.key()),
-                shared.repo.backend().clone(),
-                shared.handle.clone(),
-            );
+        let packer = s.spawn(move || -> Result<PackerSummary> {
+            let mut p = Packer::new(shared.repo, shared.handle.clone());
             for m in pack_rx {
                 if let Err(e) = p.add(m.kind, m.id, &m.payload, m.raw_len) {
                     shared.abort.store(true, Ordering::Relaxed);
                     return Err(e);
                 }
             }
-            let stored = p.stored_bytes();
-            let packs = p
-                .finish()
-                .inspect_err(|_| shared.abort.store(true, Ordering::Relaxed))?;
-            let total = packs.iter().map(|p| p.size).sum::<u64>().max(stored);
-            Ok((packs, total))
+            p.finish()
+                .inspect_err(|_| shared.abort.store(true, Ordering::Relaxed))
         });
 
         let assembled = assemble(shared, item_rx, assembler_pack_tx, level);
@@ -492,12 +482,12 @@ fn run_pipeline(
             c.join()
                 .map_err(|_| Error::Interrupted("a compressor thread panicked".into()))??;
         }
-        let (packs, stored) = packer
+        let packed = packer
             .join()
             .map_err(|_| Error::Interrupted("the packer thread panicked".into()))??;
         walked??;
         let (root, counts) = assembled?;
-        Ok((root, packs, counts, stored))
+        Ok((root, packed, counts))
     })
 }
 

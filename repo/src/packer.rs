@@ -1,6 +1,8 @@
-//! The storing side of a backup: seals blobs into packs and uploads finished
-//! packs while the next ones fill. Runs on one thread; uploads run on the
-//! async runtime, at most [`MAX_UPLOADS`] at a time so memory stays bounded.
+//! The storing side of a backup: seals blobs into packs, uploads finished
+//! packs while the next ones fill, and writes an index file for them once
+//! they are stored (every [`INDEX_FLUSH_BLOBS`] blobs and at the end), so
+//! memory does not grow with the size of the backup. Runs on one thread;
+//! uploads run on the async runtime, at most [`MAX_UPLOADS`] at a time.
 
 use std::sync::Arc;
 
@@ -12,12 +14,17 @@ use crate::backend::Backend;
 use crate::crypto::DataKey;
 use crate::error::{Error, Result};
 use crate::id::BlobId;
-use crate::index::IndexedPack;
+use crate::index::{IndexFile, IndexedPack};
 use crate::pack::{BlobType, PACK_TARGET, PackWriter, pack_name};
+use crate::repository::Repository;
 
-pub const MAX_UPLOADS: usize = 3;
+pub const MAX_UPLOADS: usize = 2;
 
-pub struct Packer {
+/// An index file is written once this many blobs sit in stored packs.
+pub const INDEX_FLUSH_BLOBS: usize = 50_000;
+
+pub struct Packer<'r> {
+    repo: &'r Repository,
     key: Arc<crate::crypto::MasterKey>,
     backend: Backend,
     handle: Handle,
@@ -26,10 +33,12 @@ pub struct Packer {
     permits: Arc<Semaphore>,
     uploads: Vec<JoinHandle<Result<()>>>,
     packed: Vec<IndexedPack>,
+    packed_blobs: usize,
     stored_bytes: u64,
+    index_files: usize,
 }
 
-impl std::fmt::Debug for Packer {
+impl std::fmt::Debug for Packer<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Packer")
             .field("packs", &self.packed.len())
@@ -37,18 +46,21 @@ impl std::fmt::Debug for Packer {
     }
 }
 
-impl Packer {
-    pub fn new(key: Arc<crate::crypto::MasterKey>, backend: Backend, handle: Handle) -> Self {
+impl<'r> Packer<'r> {
+    pub fn new(repo: &'r Repository, handle: Handle) -> Self {
         Packer {
-            key,
-            backend,
+            repo,
+            key: Arc::clone(repo.key()),
+            backend: repo.backend().clone(),
             handle,
             data: PackWriter::new(),
             tree: PackWriter::new(),
             permits: Arc::new(Semaphore::new(MAX_UPLOADS)),
             uploads: Vec::new(),
             packed: Vec::new(),
+            packed_blobs: 0,
             stored_bytes: 0,
+            index_files: 0,
         }
     }
 
@@ -89,6 +101,7 @@ impl Packer {
             BlobType::Tree => self.tree = PackWriter::new(),
         }
         self.stored_bytes += pack.bytes.len() as u64;
+        self.packed_blobs += pack.entries.len();
         self.packed.push(IndexedPack {
             id: pack.id,
             size: pack.bytes.len() as u64,
@@ -112,6 +125,26 @@ impl Packer {
                 other => other,
             }
         }));
+        if self.packed_blobs >= INDEX_FLUSH_BLOBS {
+            self.write_index()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every upload, then writes the index file naming those packs:
+    /// packs first, index second, so an index never names a missing pack.
+    fn write_index(&mut self) -> Result<()> {
+        self.reap(true)?;
+        if self.packed.is_empty() {
+            return Ok(());
+        }
+        let file = IndexFile {
+            supersedes: vec![],
+            packs: std::mem::take(&mut self.packed),
+        };
+        self.packed_blobs = 0;
+        self.handle.block_on(self.repo.write_index(&file))?;
+        self.index_files += 1;
         Ok(())
     }
 
@@ -131,46 +164,45 @@ impl Packer {
         Ok(())
     }
 
-    /// Flushes both open packs and waits until every pack is stored. The
-    /// returned packs are what the next index file must list.
-    pub fn finish(mut self) -> Result<Vec<IndexedPack>> {
+    /// Flushes both open packs, waits until every pack is stored and writes
+    /// the last index file. After this, a snapshot may use the blobs.
+    pub fn finish(mut self) -> Result<PackerSummary> {
         self.flush(BlobType::Data)?;
         self.flush(BlobType::Tree)?;
-        self.reap(true)?;
-        Ok(self.packed)
+        self.write_index()?;
+        Ok(PackerSummary {
+            stored_bytes: self.stored_bytes,
+            index_files: self.index_files,
+        })
     }
 }
 
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PackerSummary {
+    pub stored_bytes: u64,
+    pub index_files: usize,
+}
+
 /// Stores whole blobs (plaintext) outside a backup pipeline: compresses,
-/// packs, uploads, then writes the index naming them. Returns their ids in
-/// order. For small amounts (trees written by tools and tests); backups use
-/// the pipeline.
-pub async fn store_blobs(
-    repo: &mut crate::repository::Repository,
-    blobs: Vec<(BlobType, Vec<u8>)>,
-) -> Result<Vec<BlobId>> {
-    let key = Arc::clone(repo.key());
-    let backend = repo.backend().clone();
+/// packs, uploads, writes the index naming them, and reloads the in-memory
+/// index. Returns their ids in order. For small amounts (trees written by
+/// tools and tests); backups use the pipeline.
+pub async fn store_blobs(repo: &mut Repository, blobs: Vec<(BlobType, Vec<u8>)>) -> Result<Vec<BlobId>> {
     let handle = Handle::current();
-    let (ids, packs) = tokio::task::block_in_place(|| -> Result<_> {
+    let ids = tokio::task::block_in_place(|| -> Result<_> {
         let mut compressor = crate::chunk::Compressor::new(repo.config().zstd_level)?;
-        let mut packer = Packer::new(Arc::clone(&key), backend, handle);
+        let mut packer = Packer::new(repo, handle);
         let mut ids = Vec::new();
         for (kind, data) in &blobs {
-            let id = crate::chunk::blob_id(&key.chunk, data);
+            let id = crate::chunk::blob_id(&repo.key().chunk, data);
             ids.push(id);
             if !repo.index().contains(&id) {
                 packer.add(*kind, id, &compressor.compress(data), data.len() as u32)?;
             }
         }
-        Ok((ids, packer.finish()?))
+        packer.finish()?;
+        Ok(ids)
     })?;
-    if !packs.is_empty() {
-        repo.save_index(crate::index::IndexFile {
-            supersedes: vec![],
-            packs,
-        })
-        .await?;
-    }
+    repo.reload_index().await?;
     Ok(ids)
 }

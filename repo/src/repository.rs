@@ -178,10 +178,19 @@ impl Repository {
 
     /// Reads every index file again.
     pub async fn reload_index(&mut self) -> Result<()> {
+        // Each file is added and dropped as it arrives, so loading never holds
+        // every index file and the index at once.
+        let listed = self.backend.list_all(Kind::Index.dir()).await?;
         let mut index = Index::default();
-        for (_, file) in self.load_index_files().await? {
-            index.add_file(&file);
+        let this = &*self;
+        let mut files = futures::stream::iter(listed)
+            .map(|l| async move { this.load_object::<IndexFile>(Kind::Index, &l.name).await })
+            .buffer_unordered(FETCH_CONCURRENCY);
+        while let Some(file) = files.next().await {
+            index.load(&file?);
         }
+        drop(files);
+        index.finish_loading();
         self.index = index;
         Ok(())
     }
@@ -225,10 +234,9 @@ impl Repository {
     }
 
     /// Stores an index file; call only after the packs it names are stored.
-    pub async fn save_index(&mut self, file: IndexFile) -> Result<IndexId> {
-        let id = IndexId(self.save_object(Kind::Index, &file).await?);
-        self.index.add_file(&file);
-        Ok(id)
+    /// The in-memory index is not changed (see [`Repository::reload_index`]).
+    pub async fn write_index(&self, file: &IndexFile) -> Result<IndexId> {
+        Ok(IndexId(self.save_object(Kind::Index, file).await?))
     }
 
     /// Stores a snapshot; call only after the index naming its blobs is stored.
