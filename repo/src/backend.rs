@@ -37,6 +37,8 @@ pub struct Backend {
 pub struct Listed {
     pub name: String,
     pub size: u64,
+    /// When the store says the object was written (the store's clock).
+    pub modified: chrono::DateTime<chrono::Utc>,
 }
 
 impl Backend {
@@ -301,6 +303,7 @@ impl Backend {
                 full.get(strip..).map(|n| Listed {
                     name: n.to_string(),
                     size: m.size,
+                    modified: m.last_modified,
                 })
             })
             .collect())

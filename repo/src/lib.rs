@@ -24,6 +24,7 @@ pub mod pack;
 pub mod packer;
 pub mod repository;
 pub mod restorer;
+pub mod retention;
 pub mod snapshot;
 pub mod stats;
 pub mod tree;
