@@ -10,7 +10,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use backer_repo::archiver::{self, BackupOptions, ParentChoice, Progress};
 use backer_repo::check::{self, CheckOptions, CheckProgress};
 use backer_repo::crypto::KdfParams;
+use backer_repo::lock::{self, Lock};
+use backer_repo::prune::{PruneOptions, PruneReport};
 use backer_repo::restorer::{self, RestoreOptions, RestoreProgress};
+use backer_repo::retention::{Grouping, RetentionPolicy};
 use backer_repo::tree::{Node, NodeKind};
 use backer_repo::{Backend, Repository};
 use clap::{Args, Subcommand};
@@ -98,6 +101,79 @@ fn parse_subset(s: &str) -> std::result::Result<(u32, u32), String> {
     Ok((n, m))
 }
 
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    /// Snapshots to remove by id (in addition to what a policy removes)
+    snapshots: Vec<String>,
+    /// Keep the N newest snapshots
+    #[arg(long, value_name = "N")]
+    keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the N newest hours that have one
+    #[arg(long, value_name = "N")]
+    keep_hourly: Option<u32>,
+    /// … of each of the N newest days (UTC)
+    #[arg(long, value_name = "N")]
+    keep_daily: Option<u32>,
+    /// … of each of the N newest ISO weeks
+    #[arg(long, value_name = "N")]
+    keep_weekly: Option<u32>,
+    /// … of each of the N newest months
+    #[arg(long, value_name = "N")]
+    keep_monthly: Option<u32>,
+    /// … of each of the N newest years
+    #[arg(long, value_name = "N")]
+    keep_yearly: Option<u32>,
+    /// Keep every snapshot this recent, relative to the group's newest (e.g. 7d, 36h, 1y)
+    #[arg(long, value_name = "DURATION")]
+    keep_within: Option<String>,
+    /// Keep every snapshot with this tag (repeatable)
+    #[arg(long = "keep-tag", value_name = "TAG")]
+    keep_tags: Vec<String>,
+    /// Apply the policy per group of these fields: host, paths, tags (comma-separated; empty: one group)
+    #[arg(long, default_value = "host,paths")]
+    group_by: String,
+    /// Only consider snapshots of this host
+    #[arg(long)]
+    host: Option<String>,
+    /// Show what would be removed and why the rest is kept; change nothing
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+    /// Prune afterwards
+    #[arg(long)]
+    prune: bool,
+    /// With --prune: unused space allowed to remain, in percent of used data (e.g. 5%)
+    #[arg(long, value_name = "PERCENT", default_value = "5%", value_parser = parse_percent)]
+    max_unused: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Unused space allowed to remain, in percent of used data: more is faster, less is smaller
+    #[arg(long, value_name = "PERCENT", default_value = "5%", value_parser = parse_percent)]
+    max_unused: f64,
+    /// Show what would be removed; change nothing
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct UnlockArgs {
+    /// Remove every lock, not only stale ones (only when no backer process uses the repository)
+    #[arg(long)]
+    remove_all: bool,
+}
+
+fn parse_percent(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage; use e.g. 5%"))?;
+    if !(0.0..=10_000.0).contains(&v) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(v / 100.0)
+}
+
 #[derive(Subcommand, Debug)]
 pub enum KeyCommand {
     /// Add a password that opens the repository
@@ -161,6 +237,23 @@ async fn open(g: &Global) -> Result<Repository> {
     Ok(Repository::open(backend, &pw).await?)
 }
 
+/// Runs `f` under a lock on `repo`, releasing it whatever `f` returns.
+async fn locked<T>(
+    g: &Global,
+    repo: &Repository,
+    exclusive: bool,
+    purpose: &str,
+    f: impl AsyncFnOnce(&Lock) -> Result<T>,
+) -> Result<T> {
+    let wait = g.retry_lock.unwrap_or_default();
+    let lock = Lock::acquire(repo, exclusive, purpose, wait).await?;
+    let result = f(&lock).await;
+    if let Err(e) = lock.release().await {
+        tracing::warn!("failed to remove our lock: {e}; `backer unlock` clears it");
+    }
+    result
+}
+
 fn print_json<T: Serialize>(v: &T) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, v)?;
@@ -174,7 +267,7 @@ pub async fn init(g: &Global) -> Result<u8> {
     let repo = Repository::init(backend, &pw, KdfParams::default()).await?;
     if g.json {
         print_json(&serde_json::json!({"id": repo.config().id, "location": repo.backend().location()}))?;
-    } else {
+    } else if !g.quiet {
         println!(
             "created repository {} at {}",
             repo.config().id,
@@ -240,7 +333,10 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
         threads: 0,
         scan: !pb.is_hidden(),
     };
-    let outcome = archiver::backup(&repo, opts, progress).await;
+    let outcome = locked(g, &repo, false, "backup", async |lock| {
+        Ok(archiver::backup(&repo, lock, opts, progress).await?)
+    })
+    .await;
     drop(ticker);
     pb.finish_and_clear();
     let outcome = outcome?;
@@ -461,7 +557,10 @@ pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
         overwrite: a.overwrite,
         threads: 0,
     };
-    let outcome = restorer::restore(&repo, &snap.snapshot, &opts, progress).await;
+    let outcome = locked(g, &repo, false, "restore", async |_| {
+        Ok(restorer::restore(&repo, &snap.snapshot, &opts, progress).await?)
+    })
+    .await;
     drop(ticker);
     pb.finish_and_clear();
     let outcome = outcome?;
@@ -531,7 +630,10 @@ pub async fn check(g: &Global, a: CheckArgs) -> Result<u8> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
     }
-    let report = check::check(&repo, &opts, progress).await;
+    let report = locked(g, &repo, false, "check", async |_| {
+        Ok(check::check(&repo, &opts, progress).await?)
+    })
+    .await;
     drop(ticker);
     pb.finish_and_clear();
     let report = report?;
@@ -607,6 +709,165 @@ pub async fn key(g: &Global, k: KeyCommand) -> Result<u8> {
                 println!("{}", l.name);
             }
         }
+    }
+    Ok(0)
+}
+
+fn print_prune(g: &Global, r: &PruneReport) -> Result<()> {
+    if g.json {
+        return print_json(r);
+    }
+    if g.quiet {
+        return Ok(());
+    }
+    let verb = if r.dry_run { "would" } else { "did" };
+    println!(
+        "prune {verb}: delete {} unused packs and {} orphaned ones, repack {} ({} of used data moved)",
+        r.packs_deleted,
+        r.orphan_packs,
+        r.packs_repacked,
+        size(r.bytes_repacked)
+    );
+    println!(
+        "space: {} before, {} freed, {} unused left in partly used packs; {} blobs used by {} snapshots",
+        size(r.bytes_before),
+        size(r.bytes_freed),
+        size(r.unused_bytes_kept),
+        r.blobs_used,
+        r.snapshots
+    );
+    Ok(())
+}
+
+pub async fn prune(g: &Global, a: PruneArgs) -> Result<u8> {
+    let mut repo = open(g).await?;
+    let opts = PruneOptions {
+        max_unused: a.max_unused,
+        dry_run: a.dry_run,
+    };
+    run_prune(g, &mut repo, &opts).await?;
+    Ok(0)
+}
+
+/// Prune under an exclusive lock (prune needs `&mut` the repository to
+/// reload its index, so this does not go through `locked`).
+async fn run_prune(g: &Global, repo: &mut Repository, opts: &PruneOptions) -> Result<()> {
+    let lock = Lock::acquire(repo, true, "prune", g.retry_lock.unwrap_or_default()).await?;
+    let result = backer_repo::prune::prune(repo, &lock, opts).await;
+    if let Err(e) = lock.release().await {
+        tracing::warn!("failed to remove our lock: {e}; `backer unlock` clears it");
+    }
+    print_prune(g, &result?)
+}
+
+pub async fn forget(g: &Global, a: ForgetArgs) -> Result<u8> {
+    let mut repo = open(g).await?;
+    let policy = RetentionPolicy {
+        keep_last: a.keep_last,
+        keep_hourly: a.keep_hourly,
+        keep_daily: a.keep_daily,
+        keep_weekly: a.keep_weekly,
+        keep_monthly: a.keep_monthly,
+        keep_yearly: a.keep_yearly,
+        keep_within_secs: a
+            .keep_within
+            .as_deref()
+            .map(backer_repo::retention::parse_duration)
+            .transpose()?,
+        keep_tags: a.keep_tags,
+    };
+    if policy.is_empty() && a.snapshots.is_empty() {
+        bail!("nothing to forget: give snapshot ids or a keep rule (--keep-last, --keep-daily, …)");
+    }
+    let grouping = Grouping::parse(&a.group_by)?;
+    let removed = locked(g, &repo, false, "forget", async |lock| {
+        let all: Vec<_> = repo
+            .snapshots()
+            .await?
+            .into_iter()
+            .filter(|s| a.host.as_ref().is_none_or(|h| &s.snapshot.hostname == h))
+            .collect();
+        let mut remove = Vec::new();
+        for spec in &a.snapshots {
+            remove.push(repo.find_snapshot(spec).await?.id);
+        }
+        let decisions = if policy.is_empty() {
+            Vec::new()
+        } else {
+            policy.apply(&all, grouping)?
+        };
+        for group in &decisions {
+            remove.extend(group.snapshots.iter().filter(|d| !d.keep).map(|d| d.id));
+        }
+        remove.sort();
+        remove.dedup();
+        if g.json {
+            print_json(&serde_json::json!({
+                "dry_run": a.dry_run,
+                "groups": decisions,
+                "remove": remove.iter().map(|id| id.to_hex()).collect::<Vec<_>>(),
+            }))?;
+        } else if !g.quiet {
+            for group in &decisions {
+                println!(
+                    "host {} paths {}:",
+                    group.group.host.as_deref().unwrap_or("*"),
+                    group
+                        .group
+                        .paths
+                        .as_ref()
+                        .map(|p| p.join(" "))
+                        .unwrap_or_else(|| "*".into())
+                );
+                for d in &group.snapshots {
+                    println!(
+                        "  {:<6} {}  {}  {}",
+                        if d.keep { "keep" } else { "remove" },
+                        d.id.short(),
+                        d.time.format("%Y-%m-%d %H:%M:%S"),
+                        d.reasons.join(", ")
+                    );
+                }
+            }
+            println!(
+                "{} {} snapshots",
+                if a.dry_run { "would remove" } else { "removing" },
+                remove.len()
+            );
+        }
+        if !a.dry_run {
+            lock.check_fresh().await?;
+            for id in &remove {
+                repo.backend().delete(&format!("snapshots/{id}")).await?;
+            }
+        }
+        Ok(remove)
+    })
+    .await?;
+    if a.prune && (!removed.is_empty() || !a.dry_run) {
+        let opts = PruneOptions {
+            max_unused: a.max_unused,
+            dry_run: a.dry_run,
+        };
+        run_prune(g, &mut repo, &opts).await?;
+    }
+    Ok(0)
+}
+
+pub async fn unlock(g: &Global, a: UnlockArgs) -> Result<u8> {
+    let repo = open(g).await?;
+    let removed = lock::unlock(&repo, a.remove_all).await?;
+    if g.json {
+        print_json(&removed.iter().map(|l| l.describe()).collect::<Vec<_>>())?;
+    } else {
+        for l in &removed {
+            println!(
+                "removed {} ({})",
+                l.describe(),
+                l.stale.as_deref().unwrap_or("removed on request")
+            );
+        }
+        println!("{} locks removed", removed.len());
     }
     Ok(0)
 }

@@ -47,6 +47,15 @@ pub struct Global {
     /// More log output (repeat for more)
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Wait this long for a conflicting lock (e.g. a running prune) to go, instead of failing
+    #[arg(long, value_name = "DURATION", global = true, value_parser = parse_wait)]
+    pub retry_lock: Option<std::time::Duration>,
+}
+
+fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
+    backer_repo::retention::parse_duration(s)
+        .map(std::time::Duration::from_secs)
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,6 +74,12 @@ enum Command {
     Check(local::CheckArgs),
     /// Show what the repository holds and what dedup and compression save
     Stats,
+    /// Remove snapshots by a retention policy (or by id), optionally pruning after
+    Forget(local::ForgetArgs),
+    /// Remove data no snapshot uses and repack mostly-empty packs
+    Prune(local::PruneArgs),
+    /// Remove stale locks left by processes that died (or, with --remove-all, every lock)
+    Unlock(local::UnlockArgs),
     /// Manage the passwords that open the repository
     #[command(subcommand)]
     Key(local::KeyCommand),
@@ -102,6 +117,9 @@ fn main() -> ExitCode {
             Command::Restore(a) => local::restore(&g, a).await,
             Command::Check(a) => local::check(&g, a).await,
             Command::Stats => local::stats(&g).await,
+            Command::Forget(a) => local::forget(&g, a).await,
+            Command::Prune(a) => local::prune(&g, a).await,
+            Command::Unlock(a) => local::unlock(&g, a).await,
             Command::Key(k) => local::key(&g, k).await,
         }
     });

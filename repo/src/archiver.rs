@@ -28,6 +28,7 @@ use crate::chunk::{self, ChunkError, Compressor};
 use crate::error::{Error, Result};
 use crate::fsmeta;
 use crate::id::{BlobId, SnapshotId};
+use crate::lock::Lock;
 use crate::pack::BlobType;
 use crate::packer::{Packer, PackerSummary};
 use crate::repository::{Repository, encode};
@@ -211,6 +212,7 @@ struct PackerMsg {
 /// Shared by all pipeline stages.
 struct Shared<'a> {
     repo: &'a Repository,
+    lock: &'a Lock,
     handle: Handle,
     excluder: Excluder,
     /// Blobs queued in this run, so each is stored once.
@@ -254,6 +256,7 @@ impl Shared<'_> {
 /// backup's memory to what it needs.
 pub async fn backup(
     repo: &Repository,
+    lock: &Lock,
     opts: BackupOptions,
     progress: Arc<Progress>,
 ) -> Result<BackupOutcome> {
@@ -298,6 +301,7 @@ pub async fn backup(
     let selection = build_selection(&paths);
     let shared = Shared {
         repo,
+        lock,
         handle: handle.clone(),
         excluder,
         seen: Mutex::new(HashSet::new()),
@@ -356,6 +360,9 @@ pub async fn backup(
         errors,
         program_version: env!("CARGO_PKG_VERSION").to_string(),
     };
+    // A process paused past its lock's validity may have been overtaken by a
+    // prune that removed chunks this snapshot reuses: stop instead.
+    lock.check_fresh().await?;
     let id = repo.save_snapshot(&snap).await?;
     Ok(BackupOutcome {
         id,
@@ -452,7 +459,7 @@ fn run_pipeline(
         let assembler_pack_tx = pack_tx.clone();
         drop(pack_tx);
         let packer = s.spawn(move || -> Result<PackerSummary> {
-            let mut p = Packer::new(shared.repo, shared.handle.clone());
+            let mut p = Packer::new(shared.repo, Some(shared.lock), shared.handle.clone());
             for m in pack_rx {
                 if let Err(e) = p.add(m.kind, m.id, &m.payload, m.raw_len) {
                     shared.abort.store(true, Ordering::Relaxed);

@@ -58,6 +58,10 @@ pub enum Error {
     },
     #[error("invalid argument: {0}")]
     Invalid(String),
+    #[error("the repository is locked: {0}")]
+    Locked(String),
+    #[error("stopped before writing: {0}")]
+    LockExpired(String),
     #[error("the operation was interrupted: {0}")]
     Interrupted(String),
 }

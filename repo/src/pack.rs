@@ -52,9 +52,16 @@ pub(crate) fn blob_aad(kind: BlobType, id: &BlobId) -> [u8; 33] {
 
 /// Decrypts and decompresses one sealed blob, checking it is what `entry` says.
 pub fn open_blob(key: &DataKey, entry: &PackEntry, sealed: &[u8]) -> Result<Vec<u8>> {
+    let payload = open_payload(key, entry, sealed)?;
+    chunk::decompress(&payload, entry.raw_len as usize)
+        .map_err(|_| Error::corrupt(format!("{:?} blob {}", entry.kind, entry.id)))
+}
+
+/// Decrypts one sealed blob to its payload (flag byte and compressed data),
+/// for moving it between packs without decompressing.
+pub fn open_payload(key: &DataKey, entry: &PackEntry, sealed: &[u8]) -> Result<Vec<u8>> {
     let what = || format!("{:?} blob {}", entry.kind, entry.id);
-    let payload = key.open(&blob_aad(entry.kind, &entry.id), sealed, &what)?;
-    chunk::decompress(&payload, entry.raw_len as usize).map_err(|_| Error::corrupt(what()))
+    key.open(&blob_aad(entry.kind, &entry.id), sealed, &what)
 }
 
 /// Builds one pack in memory.

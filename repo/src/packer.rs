@@ -15,6 +15,7 @@ use crate::crypto::DataKey;
 use crate::error::{Error, Result};
 use crate::id::BlobId;
 use crate::index::{IndexFile, IndexedPack};
+use crate::lock::Lock;
 use crate::pack::{BlobType, PACK_TARGET, PackWriter, pack_name};
 use crate::repository::Repository;
 
@@ -25,6 +26,8 @@ pub const INDEX_FLUSH_BLOBS: usize = 50_000;
 
 pub struct Packer<'r> {
     repo: &'r Repository,
+    /// Checked before each index file: a holder whose lock expired stops.
+    lock: Option<&'r Lock>,
     key: Arc<crate::crypto::MasterKey>,
     backend: Backend,
     handle: Handle,
@@ -47,9 +50,10 @@ impl std::fmt::Debug for Packer<'_> {
 }
 
 impl<'r> Packer<'r> {
-    pub fn new(repo: &'r Repository, handle: Handle) -> Self {
+    pub fn new(repo: &'r Repository, lock: Option<&'r Lock>, handle: Handle) -> Self {
         Packer {
             repo,
+            lock,
             key: Arc::clone(repo.key()),
             backend: repo.backend().clone(),
             handle,
@@ -143,6 +147,9 @@ impl<'r> Packer<'r> {
             packs: std::mem::take(&mut self.packed),
         };
         self.packed_blobs = 0;
+        if let Some(lock) = self.lock {
+            self.handle.block_on(lock.check_fresh())?;
+        }
         self.handle.block_on(self.repo.write_index(&file))?;
         self.index_files += 1;
         Ok(())
@@ -191,7 +198,7 @@ pub async fn store_blobs(repo: &mut Repository, blobs: Vec<(BlobType, Vec<u8>)>)
     let handle = Handle::current();
     let ids = tokio::task::block_in_place(|| -> Result<_> {
         let mut compressor = crate::chunk::Compressor::new(repo.config().zstd_level)?;
-        let mut packer = Packer::new(repo, handle);
+        let mut packer = Packer::new(repo, None, handle);
         let mut ids = Vec::new();
         for (kind, data) in &blobs {
             let id = crate::chunk::blob_id(&repo.key().chunk, data);

@@ -49,24 +49,52 @@ pub struct Repository {
 
 /// Object kinds, each a folder and the associated data its objects are sealed with.
 #[derive(Debug, Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     Index,
     Snapshot,
+    Lock,
 }
 
 impl Kind {
-    fn dir(self) -> &'static str {
+    pub(crate) fn dir(self) -> &'static str {
         match self {
             Kind::Index => "index",
             Kind::Snapshot => "snapshots",
+            Kind::Lock => "locks",
         }
     }
     fn aad(self) -> &'static [u8] {
         match self {
             Kind::Index => b"backer index v1",
             Kind::Snapshot => b"backer snapshot v1",
+            Kind::Lock => b"backer lock v1",
         }
     }
+}
+
+/// Encodes, compresses and seals an object; returns its name (`dir/hash`) and bytes.
+pub(crate) fn seal_object<T: Serialize>(key: &MasterKey, kind: Kind, value: &T) -> Result<(String, Bytes)> {
+    let plain = zstd::bulk::compress(&encode(value)?, 3)
+        .map_err(|e| Error::Invalid(format!("failed to compress an object: {e}")))?;
+    let sealed = key.data.seal(kind.aad(), &plain);
+    let name = format!("{}/{}", kind.dir(), hex::encode(storage_hash(&sealed)));
+    Ok((name, Bytes::from(sealed)))
+}
+
+/// Checks an object against its name, then opens and decodes it.
+pub(crate) fn open_object<T: DeserializeOwned>(
+    key: &MasterKey,
+    kind: Kind,
+    name: &str,
+    sealed: &[u8],
+) -> Result<T> {
+    let path = format!("{}/{}", kind.dir(), name);
+    if hex::encode(storage_hash(sealed)) != name {
+        return Err(Error::corrupt(format!("{path}: content does not match its name")));
+    }
+    let plain = key.data.open(kind.aad(), sealed, &|| path.clone())?;
+    let raw = zstd::stream::decode_all(plain.as_slice()).map_err(|_| Error::corrupt(path.clone()))?;
+    decode(&raw, &path)
 }
 
 const CONFIG_AAD: &[u8] = b"backer config v1";
@@ -209,28 +237,15 @@ impl Repository {
     }
 
     async fn save_object<T: Serialize>(&self, kind: Kind, value: &T) -> Result<[u8; 32]> {
-        let plain = zstd::bulk::compress(&encode(value)?, 3)
-            .map_err(|e| Error::Invalid(format!("failed to compress an object: {e}")))?;
-        let sealed = self.key.data.seal(kind.aad(), &plain);
-        let id = storage_hash(&sealed);
-        self.backend
-            .put_new(
-                &format!("{}/{}", kind.dir(), hex::encode(id)),
-                Bytes::from(sealed),
-            )
-            .await?;
+        let (name, bytes) = seal_object(&self.key, kind, value)?;
+        let id = storage_hash(&bytes);
+        self.backend.put_new(&name, bytes).await?;
         Ok(id)
     }
 
     async fn load_object<T: DeserializeOwned>(&self, kind: Kind, name: &str) -> Result<T> {
-        let path = format!("{}/{}", kind.dir(), name);
-        let sealed = self.backend.get(&path).await?;
-        if hex::encode(storage_hash(&sealed)) != name {
-            return Err(Error::corrupt(format!("{path}: content does not match its name")));
-        }
-        let plain = self.key.data.open(kind.aad(), &sealed, &|| path.clone())?;
-        let raw = zstd::stream::decode_all(plain.as_slice()).map_err(|_| Error::corrupt(path.clone()))?;
-        decode(&raw, &path)
+        let sealed = self.backend.get(&format!("{}/{}", kind.dir(), name)).await?;
+        open_object(&self.key, kind, name, &sealed)
     }
 
     /// Stores an index file; call only after the packs it names are stored.

@@ -149,7 +149,9 @@ impl RetentionPolicy {
             }
         }
         let rules: [(Option<u32>, &str, fn(&DateTime<Utc>) -> (i32, u32, u32, u32)); 5] = [
-            (self.keep_hourly, "hourly", |t| (t.year(), t.month(), t.day(), t.hour())),
+            (self.keep_hourly, "hourly", |t| {
+                (t.year(), t.month(), t.day(), t.hour())
+            }),
             (self.keep_daily, "daily", |t| (t.year(), t.month(), t.day(), 0)),
             (self.keep_weekly, "weekly", |t| {
                 let w = t.iso_week();
@@ -204,7 +206,11 @@ impl RetentionPolicy {
 /// Parses `90m`, `36h`, `7d`, `2w`, `6mo`(30 days), `1y`(365 days), or
 /// combinations like `1d12h`.
 pub fn parse_duration(s: &str) -> Result<u64> {
-    let bad = || Error::Invalid(format!("{s:?} is not a duration; use e.g. 12h, 7d, 2w, 6mo, 1y, 1d12h"));
+    let bad = || {
+        Error::Invalid(format!(
+            "{s:?} is not a duration; use e.g. 12h, 7d, 2w, 6mo, 1y, 1d12h"
+        ))
+    };
     let mut total: u64 = 0;
     let mut rest = s.trim();
     if rest.is_empty() {
@@ -230,7 +236,9 @@ pub fn parse_duration(s: &str) -> Result<u64> {
             "y" => 365 * 86_400,
             _ => return Err(bad()),
         };
-        total = total.checked_add(n.checked_mul(secs).ok_or_else(bad)?).ok_or_else(bad)?;
+        total = total
+            .checked_add(n.checked_mul(secs).ok_or_else(bad)?)
+            .ok_or_else(bad)?;
     }
     Ok(total)
 }

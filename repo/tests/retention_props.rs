@@ -62,7 +62,9 @@ fn reference(p: &RetentionPolicy, snaps: &[SnapshotEntry]) -> HashSet<SnapshotId
     let rules: [(Option<u32>, Bucket); 5] = [
         (p.keep_hourly, |t| (t.year(), t.month(), t.day(), t.hour())),
         (p.keep_daily, |t| (t.year(), t.month(), t.day(), 0)),
-        (p.keep_weekly, |t| (t.iso_week().year(), t.iso_week().week(), 0, 0)),
+        (p.keep_weekly, |t| {
+            (t.iso_week().year(), t.iso_week().week(), 0, 0)
+        }),
         (p.keep_monthly, |t| (t.year(), t.month(), 0, 0)),
         (p.keep_yearly, |t| (t.year(), 0, 0, 0)),
     ];
@@ -118,7 +120,16 @@ fn timeline() -> impl Strategy<Value = Vec<SnapshotEntry>> {
 
 fn policy() -> impl Strategy<Value = RetentionPolicy> {
     let n = || prop::option::weighted(0.4, 0u32..8);
-    (n(), n(), n(), n(), n(), n(), prop::option::weighted(0.3, 0u64..3_000_000), prop::bool::weighted(0.3))
+    (
+        n(),
+        n(),
+        n(),
+        n(),
+        n(),
+        n(),
+        prop::option::weighted(0.3, 0u64..3_000_000),
+        prop::bool::weighted(0.3),
+    )
         .prop_map(|(last, h, d, w, m, y, within, tags)| RetentionPolicy {
             keep_last: last,
             keep_hourly: h,
@@ -152,7 +163,9 @@ proptest! {
 #[test]
 fn empty_policy_is_refused() {
     let snaps = vec![entry(0, 1_600_000_000, false)];
-    let err = RetentionPolicy::default().apply(&snaps, Grouping::default()).unwrap_err();
+    let err = RetentionPolicy::default()
+        .apply(&snaps, Grouping::default())
+        .unwrap_err();
     assert!(err.to_string().contains("no keep rule"), "{err}");
 }
 
@@ -162,7 +175,10 @@ fn groups_by_host_and_paths() {
     let mut b = entry(1, 1_600_000_100, false);
     a.snapshot.hostname = "one".into();
     b.snapshot.hostname = "two".into();
-    let p = RetentionPolicy { keep_last: Some(1), ..Default::default() };
+    let p = RetentionPolicy {
+        keep_last: Some(1),
+        ..Default::default()
+    };
     let d = p.apply(&[a.clone(), b.clone()], Grouping::default()).unwrap();
     assert_eq!(d.len(), 2);
     assert!(d.iter().all(|g| g.snapshots[0].keep));

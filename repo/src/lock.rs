@@ -1,0 +1,360 @@
+//! Locks: who is using the repository, so that prune never deletes what a
+//! running backup relies on.
+//!
+//! Backups, restores, checks and forgets take a shared lock; prune takes an
+//! exclusive one. A lock is an object in `locks/`; taking one means writing it,
+//! then listing: if a conflicting lock that is not stale is there, ours is
+//! removed again and the caller waits or fails. Two lockers that race both see
+//! each other and both back off; neither proceeds wrongly.
+//!
+//! Holders refresh their lock every [`Timing::refresh`]. A lock is stale when
+//! the store has not seen it refreshed for [`Timing::stale`] (judged with the
+//! store's clock, not the hosts'), or at once when it belongs to a process on
+//! this host that no longer exists. A holder checks before every write that
+//! must not follow a prune ([`Lock::check_fresh`]): a process paused longer
+//! than [`Timing::valid`] (well under `stale`) stops instead of writing.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::crypto::MasterKey;
+use crate::error::{Error, Result};
+use crate::repository::{Kind, Repository, open_object, seal_object};
+use crate::snapshot;
+
+/// Lock lifetimes.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub refresh: Duration,
+    pub valid: Duration,
+    pub stale: Duration,
+}
+
+impl Timing {
+    /// 5 minutes between refreshes, writes allowed for 20 minutes after the
+    /// last one, stale after 30. `BACKER_LOCK_STALE_SECS` shortens all three in
+    /// proportion, for tests that pause a process.
+    pub fn from_env() -> Self {
+        let stale = std::env::var("BACKER_LOCK_STALE_SECS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|v| *v >= 3)
+            .unwrap_or(30 * 60);
+        Timing {
+            refresh: Duration::from_secs(stale / 6),
+            valid: Duration::from_secs(stale * 2 / 3),
+            stale: Duration::from_secs(stale),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LockInfo {
+    pub exclusive: bool,
+    pub hostname: String,
+    pub pid: u32,
+    pub username: String,
+    /// What the holder is doing (`backup`, `prune`, …), for messages.
+    pub purpose: String,
+    pub created: DateTime<Utc>,
+    /// Random, so two locks never share a name.
+    pub nonce: u64,
+}
+
+/// A lock found in the repository.
+#[derive(Debug, Clone)]
+pub struct FoundLock {
+    pub name: String,
+    pub info: LockInfo,
+    /// Last write as the store saw it.
+    pub modified: DateTime<Utc>,
+    pub stale: Option<String>,
+}
+
+impl FoundLock {
+    pub fn describe(&self) -> String {
+        format!(
+            "{} lock held by {} (pid {}) on {} for {}, last refreshed {}",
+            if self.info.exclusive {
+                "an exclusive"
+            } else {
+                "a shared"
+            },
+            self.info.username,
+            self.info.pid,
+            self.info.hostname,
+            self.info.purpose,
+            self.modified.format("%Y-%m-%d %H:%M:%S UTC")
+        )
+    }
+}
+
+struct Held {
+    name: String,
+    last_refresh: Instant,
+    refresh_error: Option<String>,
+}
+
+/// A lock this process holds. Release it with [`Lock::release`]; a process that
+/// dies leaves it behind, where it is recognised as stale.
+pub struct Lock {
+    backend: Backend,
+    key: Arc<MasterKey>,
+    info: LockInfo,
+    held: Arc<Mutex<Held>>,
+    timing: Timing,
+    refresher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Lock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lock").field("info", &self.info).finish()
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    crate::crypto::random_fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+fn lock_path(name: &str) -> String {
+    format!("locks/{name}")
+}
+
+async fn write_lock(backend: &Backend, key: &MasterKey, info: &LockInfo) -> Result<String> {
+    let (name, bytes) = seal_object(key, Kind::Lock, info)?;
+    backend.put_new(&name, bytes).await?;
+    Ok(name.trim_start_matches("locks/").to_string())
+}
+
+fn process_gone(info: &LockInfo) -> bool {
+    if info.hostname != snapshot::hostname() {
+        return false;
+    }
+    match i32::try_from(info.pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        Some(pid) => matches!(
+            rustix::process::test_kill_process(pid),
+            Err(rustix::io::Errno::SRCH)
+        ),
+        None => true,
+    }
+}
+
+/// Every lock in the repository, with staleness judged against `now` (the
+/// store's time of a lock written just before; this host's clock if `None`).
+pub async fn list_locks(
+    repo: &Repository,
+    now: Option<DateTime<Utc>>,
+    timing: Timing,
+) -> Result<Vec<FoundLock>> {
+    let listed = repo.backend().list_all("locks").await?;
+    let mut out = Vec::new();
+    for l in listed {
+        let bytes = match repo.backend().get(&lock_path(&l.name)).await {
+            Ok(b) => b,
+            Err(Error::NotFound(_)) => continue, // released meanwhile
+            Err(e) => return Err(e),
+        };
+        let info: LockInfo = open_object(repo.key(), Kind::Lock, &l.name, &bytes)?;
+        out.push(FoundLock {
+            name: l.name,
+            info,
+            modified: l.modified,
+            stale: None,
+        });
+    }
+    judge(&mut out, now.unwrap_or_else(Utc::now), timing);
+    Ok(out)
+}
+
+fn judge(locks: &mut [FoundLock], now: DateTime<Utc>, timing: Timing) {
+    for l in locks {
+        let age = now.signed_duration_since(l.modified).to_std().unwrap_or_default();
+        l.stale = if process_gone(&l.info) {
+            Some(format!("process {} on this host is gone", l.info.pid))
+        } else if age > timing.stale {
+            Some(format!("not refreshed for {} s", age.as_secs()))
+        } else {
+            None
+        };
+    }
+}
+
+impl Lock {
+    /// Takes a lock, waiting up to `wait` for conflicting ones to go away.
+    pub async fn acquire(repo: &Repository, exclusive: bool, purpose: &str, wait: Duration) -> Result<Lock> {
+        Self::acquire_with(repo, exclusive, purpose, wait, Timing::from_env()).await
+    }
+
+    /// [`Lock::acquire`] with explicit lifetimes.
+    pub async fn acquire_with(
+        repo: &Repository,
+        exclusive: bool,
+        purpose: &str,
+        wait: Duration,
+        timing: Timing,
+    ) -> Result<Lock> {
+        let started = Instant::now();
+        loop {
+            let info = LockInfo {
+                exclusive,
+                hostname: snapshot::hostname(),
+                pid: std::process::id(),
+                username: snapshot::username(),
+                purpose: purpose.to_string(),
+                created: Utc::now(),
+                nonce: random_u64(),
+            };
+            let name = write_lock(repo.backend(), repo.key(), &info).await?;
+            let acquired_at = Instant::now();
+            let mut all = list_locks(repo, None, timing).await?;
+            // Judge others by the store's clock: the time it gave our own lock.
+            if let Some(now) = all.iter().find(|l| l.name == name).map(|l| l.modified) {
+                judge(&mut all, now, timing);
+            }
+            let conflicts: Vec<&FoundLock> = all
+                .iter()
+                .filter(|l| l.name != name && l.stale.is_none() && (exclusive || l.info.exclusive))
+                .collect();
+            for l in all.iter().filter(|l| l.name != name && l.stale.is_some()) {
+                tracing::warn!(
+                    "ignoring a stale lock ({}): {}; `backer unlock` removes it",
+                    l.stale.as_deref().unwrap_or(""),
+                    l.describe()
+                );
+            }
+            if conflicts.is_empty() {
+                let held = Arc::new(Mutex::new(Held {
+                    name,
+                    last_refresh: acquired_at,
+                    refresh_error: None,
+                }));
+                let mut lock = Lock {
+                    backend: repo.backend().clone(),
+                    key: Arc::clone(repo.key()),
+                    info,
+                    held,
+                    timing,
+                    refresher: None,
+                };
+                lock.start_refresher();
+                return Ok(lock);
+            }
+            let described: Vec<String> = conflicts.iter().map(|l| l.describe()).collect();
+            repo.backend().delete(&lock_path(&name)).await?;
+            if started.elapsed() >= wait {
+                return Err(Error::Locked(format!(
+                    "{}; wait for it to finish (or pass --retry-lock), and if its holder is gone \
+                     run `backer unlock`",
+                    described.join("; ")
+                )));
+            }
+            let pause = Duration::from_secs(2).min(wait.saturating_sub(started.elapsed()));
+            tokio::time::sleep(pause.max(Duration::from_millis(100))).await;
+        }
+    }
+
+    fn start_refresher(&mut self) {
+        let (backend, key, info, held, every) = (
+            self.backend.clone(),
+            Arc::clone(&self.key),
+            self.info.clone(),
+            Arc::clone(&self.held),
+            self.timing.refresh,
+        );
+        self.refresher = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let mut fresh = info.clone();
+                fresh.created = Utc::now();
+                fresh.nonce = random_u64();
+                let result = write_lock(&backend, &key, &fresh).await;
+                let old = {
+                    let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+                    match result {
+                        Ok(name) => {
+                            h.last_refresh = Instant::now();
+                            h.refresh_error = None;
+                            Some(std::mem::replace(&mut h.name, name))
+                        }
+                        Err(e) => {
+                            h.refresh_error = Some(e.to_string());
+                            None
+                        }
+                    }
+                };
+                if let Some(old) = old {
+                    let _ = backend.delete(&lock_path(&old)).await;
+                }
+            }
+        }));
+    }
+
+    /// Fails when this lock may no longer be relied on: not refreshed within
+    /// [`Timing::valid`] (the process was paused, or storage failed), or
+    /// removed by someone else. Call right before writes that a prune must not
+    /// race: index files and snapshots.
+    pub async fn check_fresh(&self) -> Result<()> {
+        let (name, elapsed, err) = {
+            let h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            (h.name.clone(), h.last_refresh.elapsed(), h.refresh_error.clone())
+        };
+        if elapsed > self.timing.valid {
+            return Err(Error::LockExpired(format!(
+                "the lock was last refreshed {} s ago{}; another process may have pruned meanwhile",
+                elapsed.as_secs(),
+                err.map(|e| format!(" (refresh failed: {e})")).unwrap_or_default()
+            )));
+        }
+        if self.backend.head(&lock_path(&name)).await?.is_none() {
+            return Err(Error::LockExpired("the lock was removed by someone else".into()));
+        }
+        Ok(())
+    }
+
+    /// Stops refreshing and removes the lock.
+    pub async fn release(mut self) -> Result<()> {
+        if let Some(r) = self.refresher.take() {
+            r.abort();
+        }
+        let name = self.held.lock().unwrap_or_else(|p| p.into_inner()).name.clone();
+        self.backend.delete(&lock_path(&name)).await
+    }
+
+    /// Simulates a process that stopped: refreshing ends, the lock stays.
+    #[doc(hidden)]
+    pub fn stop_refreshing_for_tests(&mut self) {
+        if let Some(r) = self.refresher.take() {
+            r.abort();
+        }
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        if let Some(r) = self.refresher.take() {
+            r.abort();
+        }
+    }
+}
+
+/// Removes stale locks, or every lock with `all`. Returns what was removed.
+pub async fn unlock(repo: &Repository, all: bool) -> Result<Vec<FoundLock>> {
+    let timing = Timing::from_env();
+    let mut removed = Vec::new();
+    for l in list_locks(repo, None, timing).await? {
+        if all || l.stale.is_some() {
+            repo.backend().delete(&lock_path(&l.name)).await?;
+            removed.push(l);
+        }
+    }
+    Ok(removed)
+}

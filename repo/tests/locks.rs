@@ -1,0 +1,138 @@
+//! Locks: shared and exclusive conflict as they should, a dead holder's lock
+//! is stale at once, and a paused holder stops before writing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use backer_repo::crypto::KdfParams;
+use backer_repo::error::Error;
+use backer_repo::lock::{Lock, Timing, list_locks, unlock};
+use backer_repo::{Backend, Repository};
+
+fn cheap() -> KdfParams {
+    KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    }
+}
+
+fn short() -> Timing {
+    Timing {
+        refresh: Duration::from_millis(300),
+        valid: Duration::from_secs(2),
+        stale: Duration::from_secs(3),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shared_and_exclusive_conflict() {
+    let repo = Repository::init(Backend::in_memory(), b"pw", cheap())
+        .await
+        .unwrap();
+    let a = Lock::acquire_with(&repo, false, "backup", Duration::ZERO, short())
+        .await
+        .unwrap();
+    let b = Lock::acquire_with(&repo, false, "backup", Duration::ZERO, short())
+        .await
+        .unwrap();
+    let err = Lock::acquire_with(&repo, true, "prune", Duration::ZERO, short())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Locked(_)), "{err}");
+    assert!(err.to_string().contains("a shared lock held by"), "{err}");
+    assert!(err.to_string().contains("backer unlock"), "{err}");
+    // The refused attempt left no lock behind.
+    assert_eq!(list_locks(&repo, None, short()).await.unwrap().len(), 2);
+    a.release().await.unwrap();
+    b.release().await.unwrap();
+    let x = Lock::acquire_with(&repo, true, "prune", Duration::ZERO, short())
+        .await
+        .unwrap();
+    assert!(
+        Lock::acquire_with(&repo, false, "backup", Duration::ZERO, short())
+            .await
+            .is_err()
+    );
+    x.check_fresh().await.unwrap();
+    x.release().await.unwrap();
+    assert!(list_locks(&repo, None, short()).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_a_lock_succeeds_once_it_goes() {
+    let repo = std::sync::Arc::new(
+        Repository::init(Backend::in_memory(), b"pw", cheap())
+            .await
+            .unwrap(),
+    );
+    let held = Lock::acquire_with(&repo, true, "prune", Duration::ZERO, short())
+        .await
+        .unwrap();
+    let r2 = repo.clone();
+    let waiter = tokio::spawn(async move {
+        Lock::acquire_with(&r2, false, "backup", Duration::from_secs(20), short())
+            .await
+            .map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    held.release().await.unwrap();
+    waiter.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refreshed_locks_stay_and_paused_ones_expire() {
+    let repo = Repository::init(Backend::in_memory(), b"pw", cheap())
+        .await
+        .unwrap();
+    let live = Lock::acquire_with(&repo, false, "backup", Duration::ZERO, short())
+        .await
+        .unwrap();
+    let mut paused = Lock::acquire_with(&repo, false, "backup", Duration::ZERO, short())
+        .await
+        .unwrap();
+    paused.stop_refreshing_for_tests();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+
+    // The live holder kept refreshing and may write; the paused one may not.
+    live.check_fresh().await.unwrap();
+    let err = paused.check_fresh().await.unwrap_err();
+    assert!(matches!(err, Error::LockExpired(_)), "{err}");
+
+    // To others the paused lock is stale: a prune may start, the live lock still blocks it.
+    let locks = list_locks(&repo, None, short()).await.unwrap();
+    assert_eq!(locks.iter().filter(|l| l.stale.is_some()).count(), 1);
+    assert!(
+        Lock::acquire_with(&repo, true, "prune", Duration::ZERO, short())
+            .await
+            .is_err()
+    );
+    live.release().await.unwrap();
+    let prune = Lock::acquire_with(&repo, true, "prune", Duration::ZERO, short())
+        .await
+        .unwrap();
+    prune.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unlock_removes_stale_and_removed_lock_stops_its_holder() {
+    let repo = Repository::init(Backend::in_memory(), b"pw", cheap())
+        .await
+        .unwrap();
+    let mut paused = Lock::acquire_with(&repo, false, "backup", Duration::ZERO, short())
+        .await
+        .unwrap();
+    paused.stop_refreshing_for_tests();
+    let live = Lock::acquire_with(&repo, false, "backup", Duration::ZERO, short())
+        .await
+        .unwrap();
+    // Nothing is stale yet.
+    assert!(unlock(&repo, false).await.unwrap().is_empty());
+    // With the default (30 min) timing, the real `unlock` finds nothing stale
+    // either; --remove-all removes everything and the holders notice.
+    let removed = unlock(&repo, true).await.unwrap();
+    assert_eq!(removed.len(), 2);
+    let err = live.check_fresh().await.unwrap_err();
+    assert!(err.to_string().contains("removed by someone else"), "{err}");
+}
