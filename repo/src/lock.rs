@@ -44,10 +44,11 @@ impl Timing {
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|v| *v >= 3)
             .unwrap_or(30 * 60);
+        let stale = Duration::from_secs(stale);
         Timing {
-            refresh: Duration::from_secs(stale / 6),
-            valid: Duration::from_secs(stale * 2 / 3),
-            stale: Duration::from_secs(stale),
+            refresh: stale / 6,
+            valid: stale * 2 / 3,
+            stale,
         }
     }
 }
@@ -97,6 +98,9 @@ struct Held {
     name: String,
     last_refresh: Instant,
     refresh_error: Option<String>,
+    /// Set once a refresh came too late: others may have judged the lock
+    /// stale meanwhile, so refreshing it now would not undo that.
+    expired: bool,
 }
 
 /// A lock this process holds. Release it with [`Lock::release`]; a process that
@@ -236,6 +240,7 @@ impl Lock {
                     name,
                     last_refresh: acquired_at,
                     refresh_error: None,
+                    expired: false,
                 }));
                 let mut lock = Lock {
                     backend: repo.backend().clone(),
@@ -263,16 +268,29 @@ impl Lock {
     }
 
     fn start_refresher(&mut self) {
-        let (backend, key, info, held, every) = (
+        let (backend, key, info, held, every, valid) = (
             self.backend.clone(),
             Arc::clone(&self.key),
             self.info.clone(),
             Arc::clone(&self.held),
             self.timing.refresh,
+            self.timing.valid,
         );
         self.refresher = Some(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
+                // A refresh counts from when it started: a pause in the middle
+                // of writing must not make the lock look fresh afterwards.
+                let started = Instant::now();
+                {
+                    let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+                    if started.duration_since(h.last_refresh) > valid {
+                        // We were paused (or storage failed) past the validity:
+                        // never refresh again, the holder must stop.
+                        h.expired = true;
+                        return;
+                    }
+                }
                 let mut fresh = info.clone();
                 fresh.created = Utc::now();
                 fresh.nonce = random_u64();
@@ -281,7 +299,7 @@ impl Lock {
                     let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
                     match result {
                         Ok(name) => {
-                            h.last_refresh = Instant::now();
+                            h.last_refresh = started;
                             h.refresh_error = None;
                             Some(std::mem::replace(&mut h.name, name))
                         }
@@ -303,11 +321,16 @@ impl Lock {
     /// removed by someone else. Call right before writes that a prune must not
     /// race: index files and snapshots.
     pub async fn check_fresh(&self) -> Result<()> {
-        let (name, elapsed, err) = {
+        let (name, elapsed, err, expired) = {
             let h = self.held.lock().unwrap_or_else(|p| p.into_inner());
-            (h.name.clone(), h.last_refresh.elapsed(), h.refresh_error.clone())
+            (
+                h.name.clone(),
+                h.last_refresh.elapsed(),
+                h.refresh_error.clone(),
+                h.expired,
+            )
         };
-        if elapsed > self.timing.valid {
+        if expired || elapsed > self.timing.valid {
             return Err(Error::LockExpired(format!(
                 "the lock was last refreshed {} s ago{}; another process may have pruned meanwhile",
                 elapsed.as_secs(),
