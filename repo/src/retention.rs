@@ -18,6 +18,9 @@ use crate::error::{Error, Result};
 use crate::id::SnapshotId;
 use crate::snapshot::SnapshotEntry;
 
+/// The period a time falls in, as a tuple that orders like time.
+type PeriodOf = fn(&DateTime<Utc>) -> (i32, u32, u32, u32);
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetentionPolicy {
     pub keep_last: Option<u32>,
@@ -148,7 +151,7 @@ impl RetentionPolicy {
                 r.push("last".into());
             }
         }
-        let rules: [(Option<u32>, &str, fn(&DateTime<Utc>) -> (i32, u32, u32, u32)); 5] = [
+        let rules: [(Option<u32>, &str, PeriodOf); 5] = [
             (self.keep_hourly, "hourly", |t| {
                 (t.year(), t.month(), t.day(), t.hour())
             }),
@@ -244,9 +247,9 @@ pub fn parse_duration(s: &str) -> Result<u64> {
 }
 
 fn format_duration(secs: u64) -> String {
-    if secs % 86_400 == 0 {
+    if secs.is_multiple_of(86_400) {
         format!("{}d", secs / 86_400)
-    } else if secs % 3600 == 0 {
+    } else if secs.is_multiple_of(3600) {
         format!("{}h", secs / 3600)
     } else {
         format!("{secs}s")
