@@ -33,12 +33,13 @@ fn entry(i: usize, secs: i64, tagged: bool) -> SnapshotEntry {
     }
 }
 
-type Bucket = fn(&DateTime<Utc>) -> (i32, u32, u32, u32);
+type Period = (i32, u32, u32, u32);
+type Bucket = fn(&DateTime<Utc>) -> Period;
 
 /// Keeps, for each of the `n` latest periods holding a snapshot, that
 /// period's newest snapshot: computed by grouping, not by streaming.
 fn newest_per_bucket(snaps: &[SnapshotEntry], n: u32, f: Bucket, keep: &mut HashSet<SnapshotId>) {
-    let mut buckets: BTreeMap<(i32, u32, u32, u32), (DateTime<Utc>, SnapshotId)> = BTreeMap::new();
+    let mut buckets: BTreeMap<Period, (DateTime<Utc>, SnapshotId)> = BTreeMap::new();
     for s in snaps {
         let k = f(&s.snapshot.time);
         let cand = (s.snapshot.time, s.id);
@@ -55,7 +56,7 @@ fn newest_per_bucket(snaps: &[SnapshotEntry], n: u32, f: Bucket, keep: &mut Hash
 fn reference(p: &RetentionPolicy, snaps: &[SnapshotEntry]) -> HashSet<SnapshotId> {
     let mut keep = HashSet::new();
     let mut sorted: Vec<&SnapshotEntry> = snaps.iter().collect();
-    sorted.sort_by(|a, b| (b.snapshot.time, b.id).cmp(&(a.snapshot.time, a.id)));
+    sorted.sort_by_key(|s| std::cmp::Reverse((s.snapshot.time, s.id)));
     if let Some(n) = p.keep_last {
         keep.extend(sorted.iter().take(n as usize).map(|s| s.id));
     }
