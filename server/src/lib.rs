@@ -1,0 +1,7 @@
+//! backer-server: the repository's only holder, the CA of its clients, and
+//! the place where jobs run. Standalone schedules and (later) Kubernetes
+//! `BackupJob`s end in the same job machinery.
+
+pub mod ca;
+pub mod config;
+pub mod schedule;
