@@ -5,3 +5,4 @@
 pub mod ca;
 pub mod config;
 pub mod schedule;
+pub mod state;

@@ -1,0 +1,289 @@
+//! The server's own state, on its disk: the CA, its certificate, and the
+//! registry of clients (enrolment tokens, the serial of each client's current
+//! certificate, revocations). Written atomically (temporary file, rename).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ca::{Ca, CaError};
+
+/// Enrolment tokens are valid this long.
+pub const TOKEN_SECS: i64 = 24 * 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("failed to {what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is damaged: {detail}")]
+    Damaged { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateError {
+    let path = path.to_path_buf();
+    move |source| StateError::Io { what, path, source }
+}
+
+/// Writes `data` to `path` through a temporary file and a rename, so a crash
+/// never leaves half a file; `mode` 0600 for secrets.
+pub fn write_atomic(path: &Path, data: &[u8], secret: bool) -> Result<(), StateError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .map_err(io("write", &tmp))?;
+    f.write_all(data).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("sync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("rename into", path))
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientState {
+    Pending,
+    Enrolled,
+    Revoked,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientRecord {
+    pub state: ClientState,
+    /// BLAKE3 of the pending enrolment token (the token itself is never stored).
+    pub token_hash: Option<String>,
+    pub token_expires: Option<i64>,
+    /// Hex serial of the one certificate this client may use now.
+    pub serial: Option<String>,
+    pub cert_not_after: Option<i64>,
+    pub agent_version: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Registry {
+    pub clients: BTreeMap<String, ClientRecord>,
+}
+
+/// Why a caller is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refusal {
+    #[error("client {0} is not known to this server")]
+    Unknown(String),
+    #[error("client {0} has been revoked")]
+    Revoked(String),
+    #[error("client {0} has not finished enrolling")]
+    NotEnrolled(String),
+    #[error("this certificate of client {0} was replaced or revoked; re-enrol the host")]
+    OldCertificate(String),
+    #[error("the enrolment token is unknown, used or expired; ask for a new one with `backer clients add`")]
+    BadToken,
+}
+
+fn token_hash(token: &str) -> String {
+    blake3::hash(token.as_bytes()).to_hex().to_string()
+}
+
+impl Registry {
+    /// A fresh token for `name`: a new client, or (with `reenroll`) one whose
+    /// current certificate is revoked at once, for a host rebuilt after a loss.
+    pub fn add(&mut self, name: &str, reenroll: bool, now: i64) -> Result<String, String> {
+        match self.clients.get(name) {
+            Some(r) if r.state == ClientState::Enrolled && !reenroll => {
+                return Err(format!(
+                    "client {name} is already enrolled; use `backer clients reenroll {name}` to issue a new token"
+                ));
+            }
+            None if reenroll => return Err(format!("client {name} does not exist; add it first")),
+            _ => {}
+        }
+        let mut secret = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut secret).map_err(|_| "the system random generator failed".to_string())?;
+        let token = format!("bkr1-{}", hex::encode(secret));
+        self.clients.insert(
+            name.to_string(),
+            ClientRecord {
+                state: ClientState::Pending,
+                token_hash: Some(token_hash(&token)),
+                token_expires: Some(now + TOKEN_SECS),
+                serial: None,
+                cert_not_after: None,
+                agent_version: None,
+            },
+        );
+        Ok(token)
+    }
+
+    /// Consumes a token: the client it was issued for.
+    pub fn redeem(&mut self, token: &str, now: i64) -> Result<String, Refusal> {
+        let h = token_hash(token);
+        let name = self
+            .clients
+            .iter()
+            .find(|(_, r)| r.state == ClientState::Pending && r.token_hash.as_deref() == Some(h.as_str()))
+            .map(|(n, _)| n.clone())
+            .ok_or(Refusal::BadToken)?;
+        let rec = self.clients.get_mut(&name).ok_or(Refusal::BadToken)?;
+        if rec.token_expires.unwrap_or(0) < now {
+            return Err(Refusal::BadToken);
+        }
+        rec.token_hash = None;
+        rec.token_expires = None;
+        Ok(name)
+    }
+
+    pub fn set_certificate(&mut self, name: &str, serial: &[u8], not_after: i64, version: Option<String>) {
+        if let Some(r) = self.clients.get_mut(name) {
+            r.state = ClientState::Enrolled;
+            r.serial = Some(hex::encode(serial));
+            r.cert_not_after = Some(not_after);
+            if version.is_some() {
+                r.agent_version = version;
+            }
+        }
+    }
+
+    pub fn revoke(&mut self, name: &str) -> bool {
+        match self.clients.get_mut(name) {
+            Some(r) => {
+                r.state = ClientState::Revoked;
+                r.serial = None;
+                r.token_hash = None;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// May this certificate act as client `name` now?
+    pub fn check(&self, name: &str, serial: &[u8]) -> Result<(), Refusal> {
+        let r = self
+            .clients
+            .get(name)
+            .ok_or_else(|| Refusal::Unknown(name.into()))?;
+        match r.state {
+            ClientState::Revoked => Err(Refusal::Revoked(name.into())),
+            ClientState::Pending => Err(Refusal::NotEnrolled(name.into())),
+            ClientState::Enrolled if r.serial.as_deref() == Some(hex::encode(serial).as_str()) => Ok(()),
+            ClientState::Enrolled => Err(Refusal::OldCertificate(name.into())),
+        }
+    }
+}
+
+/// The state directory's files.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(dir: &Path) -> Result<StateDir, StateError> {
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The CA, created on first start.
+    pub fn ca(&self) -> Result<Ca, StateError> {
+        let (cert, key) = (self.path("ca.pem"), self.path("ca-key.pem"));
+        if cert.exists() && key.exists() {
+            let c = std::fs::read_to_string(&cert).map_err(io("read", &cert))?;
+            let k = std::fs::read_to_string(&key).map_err(io("read", &key))?;
+            return Ok(Ca::load(&c, &k)?);
+        }
+        if cert.exists() != key.exists() {
+            return Err(StateError::Damaged {
+                path: self.dir.clone(),
+                detail: "one of ca.pem and ca-key.pem is missing; restore both from backup rather than minting a new CA".into(),
+            });
+        }
+        let ca = Ca::create("Backer")?;
+        write_atomic(&key, ca.key_pem().as_bytes(), true)?;
+        write_atomic(&cert, ca.cert_pem.as_bytes(), false)?;
+        Ok(ca)
+    }
+
+    pub fn load_registry(&self) -> Result<Registry, StateError> {
+        let p = self.path("clients.json");
+        if !p.exists() {
+            return Ok(Registry::default());
+        }
+        let raw = std::fs::read(&p).map_err(io("read", &p))?;
+        serde_json::from_slice(&raw).map_err(|e| StateError::Damaged {
+            path: p,
+            detail: e.to_string(),
+        })
+    }
+
+    pub fn save_registry(&self, r: &Registry) -> Result<(), StateError> {
+        let data = serde_json::to_vec_pretty(r).map_err(|e| StateError::Damaged {
+            path: self.path("clients.json"),
+            detail: e.to_string(),
+        })?;
+        write_atomic(&self.path("clients.json"), &data, true)
+    }
+
+    pub fn write(&self, name: &str, data: &str, secret: bool) -> Result<PathBuf, StateError> {
+        let p = self.path(name);
+        write_atomic(&p, data.as_bytes(), secret)?;
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_single_use_and_expire() {
+        let mut r = Registry::default();
+        let t = r.add("web-1", false, 1000).unwrap();
+        assert_eq!(r.redeem("bkr1-wrong", 1000), Err(Refusal::BadToken));
+        assert_eq!(r.redeem(&t, 1000).unwrap(), "web-1");
+        assert_eq!(r.redeem(&t, 1000), Err(Refusal::BadToken), "single use");
+        let t2 = r.add("web-2", false, 1000).unwrap();
+        assert_eq!(
+            r.redeem(&t2, 1000 + TOKEN_SECS + 1),
+            Err(Refusal::BadToken),
+            "expired"
+        );
+    }
+
+    #[test]
+    fn serials_revocation_and_reenrolment() {
+        let mut r = Registry::default();
+        let t = r.add("db", false, 0).unwrap();
+        r.redeem(&t, 0).unwrap();
+        assert_eq!(r.check("db", b"s1"), Err(Refusal::NotEnrolled("db".into())));
+        r.set_certificate("db", b"s1", 99, None);
+        assert_eq!(r.check("db", b"s1"), Ok(()));
+        assert_eq!(r.check("db", b"s0"), Err(Refusal::OldCertificate("db".into())));
+        assert_eq!(r.check("nobody", b"s1"), Err(Refusal::Unknown("nobody".into())));
+        assert!(r.add("db", false, 0).is_err(), "enrolled clients need reenroll");
+        let t = r.add("db", true, 0).unwrap();
+        assert_eq!(
+            r.check("db", b"s1"),
+            Err(Refusal::NotEnrolled("db".into())),
+            "old cert refused at once"
+        );
+        r.redeem(&t, 0).unwrap();
+        r.set_certificate("db", b"s2", 99, None);
+        assert!(r.revoke("db"));
+        assert_eq!(r.check("db", b"s2"), Err(Refusal::Revoked("db".into())));
+    }
+}
