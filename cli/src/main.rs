@@ -3,6 +3,7 @@
 
 mod local;
 mod output;
+mod remote;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +27,8 @@ pub const EXIT_INCOMPLETE: u8 = 3;
 struct Cli {
     #[command(flatten)]
     global: Global,
+    #[command(flatten)]
+    server: remote::ServerArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,9 +86,19 @@ enum Command {
     /// Manage the passwords that open the repository
     #[command(subcommand)]
     Key(local::KeyCommand),
+    /// Clients of a backer-server: list, add (prints an enrolment token), reenroll, remove
+    Clients {
+        #[command(subcommand)]
+        command: Option<remote::ClientsCommand>,
+    },
+    /// Certificates of a backer-server and its clients
+    #[command(subcommand)]
+    Cert(remote::CertCommand),
 }
 
 fn main() -> ExitCode {
+    // One crypto provider for every TLS connection in the process.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     let filter = match cli.global.verbose {
         0 => "warn",
@@ -108,6 +121,7 @@ fn main() -> ExitCode {
         }
     };
     let g = cli.global;
+    let server = cli.server;
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Init => local::init(&g).await,
@@ -121,6 +135,8 @@ fn main() -> ExitCode {
             Command::Prune(a) => local::prune(&g, a).await,
             Command::Unlock(a) => local::unlock(&g, a).await,
             Command::Key(k) => local::key(&g, k).await,
+            Command::Clients { command } => remote::clients(&g, &server, command).await,
+            Command::Cert(c) => remote::cert(&g, &server, c).await,
         }
     });
     match result {

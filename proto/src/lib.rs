@@ -6,3 +6,27 @@
 pub mod v1 {
     tonic::include_proto!("backer.v1");
 }
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Opens a TLS channel to a Backer server at `host:port`, trusting only
+/// `ca_pem`, presenting `identity` (certificate and key PEM) when given.
+pub async fn connect(
+    address: &str,
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let host = address.rsplit_once(':').map(|(h, _)| h).unwrap_or(address);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(host.to_string());
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Endpoint::from_shared(format!("https://{address}"))?
+        .tls_config(tls)?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await
+}

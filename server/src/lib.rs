@@ -4,5 +4,8 @@
 
 pub mod ca;
 pub mod config;
+pub mod grpc;
 pub mod schedule;
+pub mod server;
 pub mod state;
+pub mod tls;

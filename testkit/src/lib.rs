@@ -371,3 +371,93 @@ pub fn gnu_diff(src: &Path, dst: &Path) -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// A binary of this workspace, next to the running test (`cargo test
+/// --workspace` builds every binary before running any test).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} is not built; run `cargo build --workspace` (or scripts/test)",
+        p.display()
+    );
+    p
+}
+
+/// A running `backer-server` on 127.0.0.1 with OS-chosen ports, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub mgmt: String,
+    pub data: String,
+    pub dir: PathBuf,
+}
+
+impl Server {
+    /// Writes a configuration (login `admin` / `s3cret`) under `dir` and starts the server.
+    pub fn start(dir: &Path, clients_toml: &str) -> Server {
+        let conf = dir.join("conf");
+        std::fs::create_dir_all(conf.join("clients")).unwrap();
+        std::fs::write(
+            conf.join("server.toml"),
+            format!(
+                "[server]\nMgmtPort = 0\nDataPort = 0\nRestApiPort = 0\nExternalName = \"localhost\"\n\
+                 DataTransferInterface = \"127.0.0.1\"\nLogin = \"admin\"\nPassword = \"s3cret\"\n\n\
+                 [repository]\nLocalization = \"{}\"\n\n[clients]\nConfigFile = \"clients/\"\n",
+                dir.join("repo").display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(conf.join("clients/clients.toml"), clients_toml).unwrap();
+        let mut child = Command::new(bin("backer-server"))
+            .arg("--config")
+            .arg(conf.join("server.toml"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .env("BACKER_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let (mut mgmt, mut data) = (String::new(), String::new());
+        for part in line.split_whitespace() {
+            if let Some(v) = part.strip_prefix("mgmt=") {
+                mgmt = v.replace("127.0.0.1", "localhost");
+            } else if let Some(v) = part.strip_prefix("data=") {
+                data = v.replace("127.0.0.1", "localhost");
+            }
+        }
+        assert!(!mgmt.is_empty(), "backer-server did not start: {line:?}");
+        Server {
+            child,
+            mgmt,
+            data,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Issues an admin certificate into `dir/admin`.
+    pub fn admin_cert(&self) -> PathBuf {
+        let out = self.dir.join("admin");
+        let st = Command::new(bin("backer-server"))
+            .args(["--state-dir"])
+            .arg(self.dir.join("state"))
+            .args(["admin-cert", "--name", "ops", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        out
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,264 @@
+//! backer-agent: enrol once with a bundle from `backer clients add`, then run
+//! as a daemon that keeps a connection open to the server for work.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use backer_proto::v1::agent_client::AgentClient;
+use backer_proto::v1::agent_report::Report;
+use backer_proto::v1::enrollment_client::EnrollmentClient;
+use backer_proto::v1::{AgentReport, EnrollRequest, Hello, RenewRequest};
+use clap::{Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+/// Renew the certificate when it has less than this fraction of 90 days left.
+const RENEW_WITHIN_DAYS: i64 = 30;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "backer-agent",
+    version,
+    about = "Backer's agent: runs the backups and restores its server directs"
+)]
+struct Cli {
+    /// Where the agent keeps its key, certificate and the server's CA
+    #[arg(
+        long,
+        env = "BACKER_AGENT_STATE_DIR",
+        default_value = "/var/lib/backer-agent",
+        global = true
+    )]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Enrol this host with the bundle `backer clients add NAME --bundle-out FILE` wrote
+    Enroll {
+        #[arg(long)]
+        bundle: PathBuf,
+    },
+    /// Connect to the server and run the work it sends, renewing the certificate as needed
+    Run,
+    /// Show this agent's identity and certificate expiry
+    Status,
+}
+
+/// What `backer clients add` hands to a host.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Bundle {
+    pub server: String,
+    pub client: String,
+    pub token: String,
+    pub ca_pem: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct AgentState {
+    server: String,
+    client: String,
+    not_after: i64,
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BACKER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Enroll { bundle } => enroll(&cli.state_dir, &bundle).await,
+            Command::Run => run(&cli.state_dir).await,
+            Command::Status => status(&cli.state_dir),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn write(dir: &Path, name: &str, data: &str, secret: bool) -> Result<()> {
+    backer_server::state::write_atomic(&dir.join(name), data.as_bytes(), secret)
+        .with_context(|| format!("failed to write {}", dir.join(name).display()))
+}
+
+fn read(dir: &Path, name: &str) -> Result<String> {
+    std::fs::read_to_string(dir.join(name)).with_context(|| {
+        format!(
+            "failed to read {} (has this host been enrolled? run `backer-agent enroll --bundle FILE`)",
+            dir.join(name).display()
+        )
+    })
+}
+
+async fn enroll(state_dir: &Path, bundle_path: &Path) -> Result<()> {
+    let raw =
+        std::fs::read(bundle_path).with_context(|| format!("failed to read {}", bundle_path.display()))?;
+    let bundle: Bundle = serde_json::from_slice(&raw)
+        .with_context(|| format!("{} is not an enrolment bundle", bundle_path.display()))?;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("failed to create {}", state_dir.display()))?;
+    // The key is made here and never leaves this host.
+    let (key_pem, csr_pem) = backer_server::ca::new_csr()?;
+    let channel = backer_proto::connect(&bundle.server, &bundle.ca_pem, None)
+        .await
+        .with_context(|| format!("failed to reach the server at {}", bundle.server))?;
+    let resp = EnrollmentClient::new(channel)
+        .enroll(EnrollRequest {
+            token: bundle.token.clone(),
+            csr_pem,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("the server refused the enrolment: {}", s.message()))?
+        .into_inner();
+    write(state_dir, "key.pem", &key_pem, true)?;
+    write(state_dir, "cert.pem", &resp.certificate_pem, false)?;
+    write(state_dir, "ca.pem", &resp.ca_pem, false)?;
+    let st = AgentState {
+        server: bundle.server,
+        client: resp.client_name.clone(),
+        not_after: resp.not_after,
+    };
+    write(
+        state_dir,
+        "agent.json",
+        &serde_json::to_string_pretty(&st)?,
+        false,
+    )?;
+    println!(
+        "enrolled as {} (certificate valid until {})",
+        resp.client_name,
+        chrono::DateTime::from_timestamp(resp.not_after, 0)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn load_state(state_dir: &Path) -> Result<AgentState> {
+    serde_json::from_str(&read(state_dir, "agent.json")?).context("agent.json is damaged; enrol again")
+}
+
+fn status(state_dir: &Path) -> Result<()> {
+    let st = load_state(state_dir)?;
+    println!(
+        "client {} of server {}, certificate valid until {}",
+        st.client,
+        st.server,
+        chrono::DateTime::from_timestamp(st.not_after, 0)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+async fn client(state_dir: &Path, st: &AgentState) -> Result<AgentClient<tonic::transport::Channel>> {
+    let (ca, cert, key) = (
+        read(state_dir, "ca.pem")?,
+        read(state_dir, "cert.pem")?,
+        read(state_dir, "key.pem")?,
+    );
+    let channel = backer_proto::connect(&st.server, &ca, Some((&cert, &key)))
+        .await
+        .with_context(|| format!("failed to reach the server at {}", st.server))?;
+    Ok(AgentClient::new(channel))
+}
+
+/// Replaces the key and certificate when the certificate nears its end.
+async fn renew_if_due(state_dir: &Path, st: &mut AgentState) -> Result<()> {
+    if st.not_after - chrono::Utc::now().timestamp() > RENEW_WITHIN_DAYS * 86_400 {
+        return Ok(());
+    }
+    let (key_pem, csr_pem) = backer_server::ca::new_csr()?;
+    let resp = client(state_dir, st)
+        .await?
+        .renew(RenewRequest { csr_pem })
+        .await
+        .map_err(|s| anyhow::anyhow!("the server refused to renew the certificate: {}", s.message()))?
+        .into_inner();
+    write(state_dir, "key.pem", &key_pem, true)?;
+    write(state_dir, "cert.pem", &resp.certificate_pem, false)?;
+    st.not_after = resp.not_after;
+    write(
+        state_dir,
+        "agent.json",
+        &serde_json::to_string_pretty(&st)?,
+        false,
+    )?;
+    tracing::info!("certificate renewed");
+    Ok(())
+}
+
+async fn run(state_dir: &Path) -> Result<()> {
+    let mut st = load_state(state_dir)?;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        renew_if_due(state_dir, &mut st).await?;
+        match session(state_dir, &st).await {
+            Ok(()) => backoff = Duration::from_secs(1),
+            Err(e) => {
+                // Refusals are final: a revoked client must not hammer the server.
+                if let Some(s) = e.downcast_ref::<tonic::Status>()
+                    && matches!(
+                        s.code(),
+                        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                    )
+                {
+                    bail!("the server refused this agent: {}", s.message());
+                }
+                tracing::warn!(
+                    "connection to the server lost: {e:#}; retrying in {} s",
+                    backoff.as_secs()
+                );
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// One connection: say hello, then take work until the server hangs up.
+async fn session(state_dir: &Path, st: &AgentState) -> Result<()> {
+    let mut c = client(state_dir, st).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(AgentReport {
+        report: Some(Report::Hello(Hello {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            hostname: std::env::var("HOSTNAME").unwrap_or_default(),
+        })),
+    })
+    .await
+    .ok();
+    let mut work = c
+        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(anyhow::Error::from)?
+        .into_inner();
+    tracing::info!(client = %st.client, server = %st.server, "connected");
+    while let Some(item) = work.message().await.map_err(anyhow::Error::from)? {
+        tracing::warn!(job = %item.job_id, "received work this agent version cannot run yet");
+    }
+    drop(tx);
+    Ok(())
+}

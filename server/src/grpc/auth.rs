@@ -1,0 +1,86 @@
+//! Who is calling, decided on every call from the TLS peer certificate (or,
+//! for management, the configured Login/Password): never from anything the
+//! caller merely claims.
+
+use base64::Engine;
+use tonic::{Request, Status};
+
+use crate::ca::{Identity, identity_of};
+use crate::server::Shared;
+
+fn peer_identity<T>(req: &Request<T>) -> Option<Result<(Identity, Vec<u8>), Status>> {
+    let certs = req.peer_certs()?;
+    let leaf = certs.first()?;
+    Some(
+        identity_of(leaf.as_ref())
+            .map(|(id, serial, _)| (id, serial))
+            .map_err(|e| Status::unauthenticated(e.to_string())),
+    )
+}
+
+/// The enrolled client behind this call, or a refusal that says why.
+pub fn client<T>(shared: &Shared, req: &Request<T>) -> Result<String, Status> {
+    match peer_identity(req) {
+        None => Err(Status::unauthenticated(
+            "no client certificate: enrol this host first (backer-agent enroll)",
+        )),
+        Some(Err(e)) => Err(e),
+        Some(Ok((Identity::Admin(_), _))) => Err(Status::permission_denied(
+            "an admin certificate cannot act as an agent",
+        )),
+        Some(Ok((Identity::Client(name), serial))) => {
+            shared
+                .registry()
+                .check(&name, &serial)
+                .map_err(|r| Status::permission_denied(r.to_string()))?;
+            Ok(name)
+        }
+    }
+}
+
+/// An administrator: an admin certificate, or the server's Login/Password
+/// as HTTP basic authorization. Client certificates are refused.
+pub fn admin<T>(shared: &Shared, req: &Request<T>) -> Result<String, Status> {
+    match peer_identity(req) {
+        Some(Ok((Identity::Admin(name), _))) => return Ok(name),
+        Some(Ok((Identity::Client(name), _))) => {
+            return Err(Status::permission_denied(format!(
+                "client {name} may not call management methods"
+            )));
+        }
+        Some(Err(e)) => return Err(e),
+        None => {}
+    }
+    let Some((login, password)) = shared.login() else {
+        return Err(Status::unauthenticated(
+            "management needs an admin certificate (this server has no Login/Password configured)",
+        ));
+    };
+    let header = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .ok_or_else(|| {
+            Status::unauthenticated("management needs an admin certificate or the server's login")
+        })?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(header)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| Status::unauthenticated("malformed authorization header"))?;
+    let (l, p) = decoded.split_once(':').unwrap_or((&decoded, ""));
+    let ok_login = constant_time_eq(l.as_bytes(), login.as_bytes());
+    let ok_password = constant_time_eq(p.as_bytes(), password.as_bytes());
+    if ok_login && ok_password {
+        Ok(l.to_string())
+    } else {
+        Err(Status::unauthenticated("wrong login or password"))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    // Compare digests, so neither length nor content leaks through timing.
+    let (ha, hb) = (blake3::hash(a), blake3::hash(b));
+    ha == hb
+}

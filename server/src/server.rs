@@ -1,0 +1,241 @@
+//! The running server: its shared context and the listeners.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use backer_proto::v1::WorkItem;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::ca::Ca;
+use crate::config::Config;
+use crate::state::{Registry, StateDir};
+
+/// Renew the server's own certificate when it has fewer days left than this.
+const SERVER_RENEW_DAYS: i64 = 30;
+
+/// An agent's open Work stream. Dropping it ends the stream.
+#[derive(Debug)]
+pub struct Connection {
+    /// Tells this connection from a newer one of the same client.
+    pub id: u64,
+    pub since: i64,
+    pub version: String,
+    pub work: mpsc::Sender<Result<WorkItem, Status>>,
+}
+
+pub struct Shared {
+    config: RwLock<Config>,
+    pub state: StateDir,
+    pub ca: Ca,
+    registry: Mutex<Registry>,
+    pub connections: Mutex<HashMap<String, Connection>>,
+    pub server_not_after: i64,
+    /// The data port actually bound (the configured one may be 0 in tests).
+    data_port: u16,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared(..)")
+    }
+}
+
+impl Shared {
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the registry and writes it to disk before answering.
+    pub fn update_registry<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> Result<R, Status> {
+        let mut reg = self.registry();
+        let r = f(&mut reg);
+        self.state
+            .save_registry(&reg)
+            .map_err(|e| Status::internal(format!("failed to save the client registry: {e}")))?;
+        Ok(r)
+    }
+
+    pub fn config(&self) -> Config {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_config(&self, c: Config) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = c;
+    }
+
+    pub fn login(&self) -> Option<(String, String)> {
+        self.config().login
+    }
+
+    /// `host:port` agents use to reach the data port.
+    pub fn data_address(&self) -> String {
+        format!("{}:{}", self.config().external_name, self.data_port)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("failed to listen on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the gRPC server failed")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+/// What a started server listens on (ports may have been chosen by the OS).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub mgmt: SocketAddr,
+    pub data: SocketAddr,
+}
+
+/// Loads everything, binds the ports, and serves until `shutdown` resolves.
+/// `on_bound` learns the addresses once listening.
+pub async fn run(
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    on_bound: impl FnOnce(Bound),
+) -> Result<(), StartError> {
+    let config = Config::load(&opts.config)?;
+    let state = StateDir::new(&opts.state_dir)?;
+    let ca = state.ca()?;
+    let (cert, key, not_after) = server_certificate(&state, &ca, &config)?;
+    let registry = state.load_registry()?;
+    let tls = crate::tls::server_config(&ca.cert_pem, &cert, &key)?;
+
+    let bind = |port: u16| {
+        let addr = format!("{}:{}", config.listen_address, port);
+        let addr2 = addr.clone();
+        async move {
+            tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|source| StartError::Listen { addr: addr2, source })
+        }
+    };
+    let mgmt_listener = bind(config.mgmt_port).await?;
+    let data_listener = bind(config.data_port).await?;
+    let bound = Bound {
+        mgmt: mgmt_listener.local_addr().map_err(|source| StartError::Listen {
+            addr: "management port".into(),
+            source,
+        })?,
+        data: data_listener.local_addr().map_err(|source| StartError::Listen {
+            addr: "data port".into(),
+            source,
+        })?,
+    };
+    let config_path = opts.config.clone();
+    let shared = Arc::new(Shared {
+        config: RwLock::new(config),
+        state,
+        ca,
+        registry: Mutex::new(registry),
+        connections: Mutex::new(HashMap::new()),
+        server_not_after: not_after,
+        data_port: bound.data.port(),
+    });
+    spawn_reload_on_hangup(Arc::clone(&shared), config_path);
+
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let mgmt = tonic::transport::Server::builder()
+        .add_service(crate::grpc::management::service(Arc::clone(&shared)))
+        .serve_with_incoming_shutdown(
+            crate::tls::incoming(mgmt_listener, Arc::clone(&tls)),
+            shutdown.clone(),
+        );
+    let data = tonic::transport::Server::builder()
+        .add_service(crate::grpc::enrollment::service(Arc::clone(&shared)))
+        .add_service(crate::grpc::agent::service(Arc::clone(&shared)))
+        .serve_with_incoming_shutdown(crate::tls::incoming(data_listener, tls), shutdown);
+    on_bound(bound);
+    tracing::info!(mgmt = %bound.mgmt, data = %bound.data, "backer-server listening (TLS 1.3)");
+    let (a, b) = tokio::join!(mgmt, data);
+    a?;
+    b?;
+    Ok(())
+}
+
+/// The server's certificate from the state directory, issued again when
+/// missing, close to expiry, or not naming the configured external name.
+fn server_certificate(
+    state: &StateDir,
+    ca: &Ca,
+    config: &Config,
+) -> Result<(String, String, i64), StartError> {
+    let cert_path = state.dir.join("server.pem");
+    let key_path = state.dir.join("server-key.pem");
+    if let (Ok(cert), Ok(key)) = (
+        std::fs::read_to_string(&cert_path),
+        std::fs::read_to_string(&key_path),
+    ) && let Some((names, not_after)) = describe(&cert)
+        && names.contains(&config.external_name)
+        && not_after > chrono::Utc::now().timestamp() + SERVER_RENEW_DAYS * 86_400
+    {
+        return Ok((cert, key, not_after));
+    }
+    let issued = ca.issue_server(std::slice::from_ref(&config.external_name))?;
+    let key = issued.key_pem.clone().unwrap_or_default();
+    state.write("server-key.pem", &key, true)?;
+    state.write("server.pem", &issued.cert_pem, false)?;
+    Ok((issued.cert_pem, key, issued.not_after))
+}
+
+fn describe(cert_pem: &str) -> Option<(Vec<String>, i64)> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).ok()?;
+    let names = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|e| {
+            e.value
+                .general_names
+                .iter()
+                .filter_map(|g| match g {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((names, cert.validity().not_after.timestamp()))
+}
+
+/// SIGHUP reloads the configuration; a bad one is reported and the old one kept.
+fn spawn_reload_on_hangup(shared: Arc<Shared>, path: PathBuf) {
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("failed to install the SIGHUP handler; reload by restarting");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match Config::load(&path) {
+                Ok(c) => {
+                    tracing::info!(clients = c.clients.len(), "configuration reloaded");
+                    shared.set_config(c);
+                }
+                Err(e) => tracing::error!("kept the previous configuration: {e}"),
+            }
+        }
+    });
+}
