@@ -268,6 +268,35 @@ impl Backend {
         }
     }
 
+    /// [`Backend::get_range`] for a thread outside the async runtime. A
+    /// local directory is read directly (one `pread`), skipping the hop to a
+    /// blocking pool that object_store makes for every call: restores do
+    /// tens of thousands of small reads.
+    pub fn read_range_blocking(
+        &self,
+        handle: &tokio::runtime::Handle,
+        name: &str,
+        range: Range<u64>,
+    ) -> Result<Bytes> {
+        let Some(dir) = &self.local_dir else {
+            return handle.block_on(self.get_range(name, range));
+        };
+        let path = dir.join(name);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound(name.into())),
+            Err(e) => return Err(Error::io("open", &path, e)),
+        };
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        match std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, range.start) {
+            Ok(()) => Ok(Bytes::from(buf)),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(Error::corrupt(format!("{name} is shorter than its index says")))
+            }
+            Err(e) => Err(Error::io("read", &path, e)),
+        }
+    }
+
     /// Size of `name`, or `None` if it does not exist.
     pub async fn head(&self, name: &str) -> Result<Option<u64>> {
         match self.store.head(&self.path(name)).await {

@@ -19,7 +19,7 @@ pub const AVG_CHUNK: usize = 1024 * 1024;
 pub const MAX_CHUNK: usize = 4 * 1024 * 1024;
 
 /// zstd level. See docs/FORMAT.md for the measurements behind it.
-pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+pub const DEFAULT_ZSTD_LEVEL: i32 = 2;
 
 /// Payload flag: the first byte of every blob's plaintext.
 const STORED: u8 = 0;
@@ -149,9 +149,23 @@ pub fn decompress(payload: &[u8], raw_len: usize) -> Result<Vec<u8>> {
         Some((&STORED, rest)) if rest.len() == raw_len => Ok(rest.to_vec()),
         Some((&ZSTD, rest)) => {
             let mut out = Vec::with_capacity(raw_len);
-            zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(rest, &mut out))
-                .map_err(|_| Error::corrupt("zstd payload"))?;
+            // One decompression context per thread: creating one per chunk
+            // costs more than decompressing a small chunk.
+            thread_local! {
+                static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                    const { std::cell::RefCell::new(None) };
+            }
+            DCTX.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot.is_none() {
+                    *slot = Some(zstd::bulk::Decompressor::new()?);
+                }
+                match slot.as_mut() {
+                    Some(d) => d.decompress_to_buffer(rest, &mut out).map(|_| ()),
+                    None => Err(io::Error::other("no decompressor")),
+                }
+            })
+            .map_err(|_| Error::corrupt("zstd payload"))?;
             if out.len() != raw_len {
                 return Err(Error::corrupt("decompressed length"));
             }
