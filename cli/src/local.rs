@@ -280,6 +280,33 @@ pub async fn init(g: &Global) -> Result<u8> {
 
 /// Updates a progress bar from the pipeline's counters until dropped.
 struct Ticker(tokio::task::JoinHandle<()>);
+
+impl Ticker {
+    fn start(
+        pb: &indicatif::ProgressBar,
+        update: impl Fn(&indicatif::ProgressBar) + Send + 'static,
+    ) -> Ticker {
+        let pb = pb.clone();
+        Ticker(tokio::spawn(async move {
+            loop {
+                update(&pb);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }))
+    }
+}
+
+/// Shows `done` of `total` bytes (the total may still be growing while files are counted).
+fn show_bytes(
+    pb: &indicatif::ProgressBar,
+    total: &std::sync::atomic::AtomicU64,
+    done: &std::sync::atomic::AtomicU64,
+) {
+    let done = done.load(Ordering::Relaxed);
+    pb.set_length(total.load(Ordering::Relaxed).max(done));
+    pb.set_position(done);
+}
+
 impl Drop for Ticker {
     fn drop(&mut self) {
         self.0.abort();
@@ -295,35 +322,24 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
     };
     let pb = bar(g, "backup");
     let progress = Arc::new(Progress::default());
-    let ticker = {
-        let (pb, p) = (pb.clone(), Arc::clone(&progress));
-        Ticker(tokio::spawn(async move {
-            loop {
-                pb.set_length(
-                    p.bytes_total
-                        .load(Ordering::Relaxed)
-                        .max(p.bytes_done.load(Ordering::Relaxed)),
-                );
-                pb.set_position(p.bytes_done.load(Ordering::Relaxed));
-                let scanning = if p.scan_done.load(Ordering::Relaxed) {
-                    ""
-                } else {
-                    " (counting)"
-                };
-                pb.set_message(format!(
-                    "{}/{} files{}{}",
-                    p.files_done.load(Ordering::Relaxed),
-                    p.files_total.load(Ordering::Relaxed),
-                    scanning,
-                    match p.errors.load(Ordering::Relaxed) {
-                        0 => String::new(),
-                        n => format!(", {n} errors"),
-                    }
-                ));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }))
-    };
+    let p = Arc::clone(&progress);
+    let ticker = Ticker::start(&pb, move |pb| {
+        show_bytes(pb, &p.bytes_total, &p.bytes_done);
+        let scanning = if p.scan_done.load(Ordering::Relaxed) {
+            ""
+        } else {
+            " (counting)"
+        };
+        let errors = match p.errors.load(Ordering::Relaxed) {
+            0 => String::new(),
+            n => format!(", {n} errors"),
+        };
+        pb.set_message(format!(
+            "{}/{} files{scanning}{errors}",
+            p.files_done.load(Ordering::Relaxed),
+            p.files_total.load(Ordering::Relaxed),
+        ));
+    });
     let opts = BackupOptions {
         paths: a.paths,
         excludes: a.excludes,
@@ -535,21 +551,11 @@ pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
     let snap = repo.find_snapshot(&a.snapshot).await?;
     let pb = bar(g, "restore");
     let progress = Arc::new(RestoreProgress::default());
-    let ticker = {
-        let (pb, p) = (pb.clone(), Arc::clone(&progress));
-        Ticker(tokio::spawn(async move {
-            loop {
-                pb.set_length(
-                    p.bytes_total
-                        .load(Ordering::Relaxed)
-                        .max(p.bytes_done.load(Ordering::Relaxed)),
-                );
-                pb.set_position(p.bytes_done.load(Ordering::Relaxed));
-                pb.set_message(format!("{} files", p.files_done.load(Ordering::Relaxed)));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }))
-    };
+    let p = Arc::clone(&progress);
+    let ticker = Ticker::start(&pb, move |pb| {
+        show_bytes(pb, &p.bytes_total, &p.bytes_done);
+        pb.set_message(format!("{} files", p.files_done.load(Ordering::Relaxed)));
+    });
     let started = std::time::Instant::now();
     let opts = RestoreOptions {
         target: a.target.clone(),
@@ -612,16 +618,11 @@ pub async fn check(g: &Global, a: CheckArgs) -> Result<u8> {
     };
     let pb = bar(g, "check");
     let progress = Arc::new(CheckProgress::default());
-    let ticker = {
-        let (pb, p) = (pb.clone(), Arc::clone(&progress));
-        Ticker(tokio::spawn(async move {
-            loop {
-                pb.set_length(p.packs_total.load(Ordering::Relaxed));
-                pb.set_position(p.packs_done.load(Ordering::Relaxed));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }))
-    };
+    let p = Arc::clone(&progress);
+    let ticker = Ticker::start(&pb, move |pb| {
+        pb.set_length(p.packs_total.load(Ordering::Relaxed));
+        pb.set_position(p.packs_done.load(Ordering::Relaxed));
+    });
     if opts.read_data && !pb.is_hidden() {
         pb.set_style(
             indicatif::ProgressStyle::with_template(
