@@ -141,15 +141,15 @@ pub struct ForgetArgs {
     /// Prune afterwards
     #[arg(long)]
     prune: bool,
-    /// With --prune: unused space allowed to remain, in percent of used data (e.g. 5%)
-    #[arg(long, value_name = "PERCENT", default_value = "5%", value_parser = parse_percent)]
+    /// With --prune: unused space allowed to remain, in percent of used data
+    #[arg(long, value_name = "PERCENT", default_value = "2%", value_parser = parse_percent)]
     max_unused: f64,
 }
 
 #[derive(Args, Debug)]
 pub struct PruneArgs {
     /// Unused space allowed to remain, in percent of used data: more is faster, less is smaller
-    #[arg(long, value_name = "PERCENT", default_value = "5%", value_parser = parse_percent)]
+    #[arg(long, value_name = "PERCENT", default_value = "2%", value_parser = parse_percent)]
     max_unused: f64,
     /// Show what would be removed; change nothing
     #[arg(short = 'n', long)]

@@ -38,10 +38,14 @@ pub struct PruneOptions {
     pub dry_run: bool,
 }
 
+/// Repacking is cheap here (only used blobs are read, payloads move without
+/// decompression), so the default keeps repositories tight.
+pub const DEFAULT_MAX_UNUSED: f64 = 0.02;
+
 impl Default for PruneOptions {
     fn default() -> Self {
         PruneOptions {
-            max_unused: 0.05,
+            max_unused: DEFAULT_MAX_UNUSED,
             dry_run: false,
         }
     }
@@ -183,15 +187,31 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
         tokio::task::block_in_place(|| -> Result<usize> {
             let mut packer = Packer::new(repo_ref, Some(lock), handle.clone());
             for st in to_repack {
-                let bytes = handle.block_on(repo_ref.backend().get(&pack_name(&st.pack.id)))?;
-                for e in &st.used {
-                    let sealed = bytes
-                        .get(e.offset as usize..(e.offset + e.len) as usize)
-                        .ok_or_else(|| {
+                // Read only the used blobs, adjacent ones together: a mostly
+                // empty pack costs what it still holds, not its size.
+                let mut used = st.used.clone();
+                used.sort_by_key(|e| e.offset);
+                let name = pack_name(&st.pack.id);
+                let mut i = 0;
+                while i < used.len() {
+                    let mut j = i + 1;
+                    while j < used.len() && used[j].offset == used[j - 1].offset + used[j - 1].len {
+                        j += 1;
+                    }
+                    let start = u64::from(used[i].offset);
+                    let end = u64::from(used[j - 1].offset) + u64::from(used[j - 1].len);
+                    let bytes = repo_ref
+                        .backend()
+                        .read_range_blocking(&handle, &name, start..end)?;
+                    for e in &used[i..j] {
+                        let at = (u64::from(e.offset) - start) as usize;
+                        let sealed = bytes.get(at..at + e.len as usize).ok_or_else(|| {
                             Error::corrupt(format!("pack {} is shorter than its index", st.pack.id))
                         })?;
-                    let payload = pack::open_payload(&repo_ref.key().data, e, sealed)?;
-                    packer.add(e.kind, e.id, &payload, e.raw_len)?;
+                        let payload = pack::open_payload(&repo_ref.key().data, e, sealed)?;
+                        packer.add(e.kind, e.id, &payload, e.raw_len)?;
+                    }
+                    i = j;
                 }
             }
             let summary = packer.finish()?;
