@@ -98,7 +98,7 @@ fn main() -> ExitCode {
 }
 
 fn write(dir: &Path, name: &str, data: &str, secret: bool) -> Result<()> {
-    backer_server::state::write_atomic(&dir.join(name), data.as_bytes(), secret)
+    backer_proto::pki::write_atomic(&dir.join(name), data.as_bytes(), secret)
         .with_context(|| format!("failed to write {}", dir.join(name).display()))
 }
 
@@ -119,7 +119,7 @@ async fn enroll(state_dir: &Path, bundle_path: &Path) -> Result<()> {
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("failed to create {}", state_dir.display()))?;
     // The key is made here and never leaves this host.
-    let (key_pem, csr_pem) = backer_server::ca::new_csr()?;
+    let (key_pem, csr_pem) = backer_proto::pki::new_csr()?;
     let channel = backer_proto::connect(&bundle.server, &bundle.ca_pem, None)
         .await
         .with_context(|| format!("failed to reach the server at {}", bundle.server))?;
@@ -190,7 +190,7 @@ async fn renew_if_due(state_dir: &Path, st: &mut AgentState) -> Result<()> {
     if st.not_after - chrono::Utc::now().timestamp() > RENEW_WITHIN_DAYS * 86_400 {
         return Ok(());
     }
-    let (key_pem, csr_pem) = backer_server::ca::new_csr()?;
+    let (key_pem, csr_pem) = backer_proto::pki::new_csr()?;
     let resp = client(state_dir, st)
         .await?
         .renew(RenewRequest { csr_pem })

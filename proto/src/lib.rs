@@ -3,6 +3,8 @@
 
 #![allow(clippy::all, missing_docs, unreachable_pub)]
 
+pub mod pki;
+
 pub mod v1 {
     tonic::include_proto!("backer.v1");
 }

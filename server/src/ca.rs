@@ -14,8 +14,7 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-pub const CLIENT_SUFFIX: &str = ".client.backer";
-pub const ADMIN_SUFFIX: &str = ".admin.backer";
+pub use backer_proto::pki::{ADMIN_SUFFIX, CLIENT_SUFFIX, PeerIdentity as Identity, identity_of, new_csr};
 
 /// Lifetimes.
 pub const CA_DAYS: i64 = 3650;
@@ -186,54 +185,6 @@ impl Ca {
             not_after,
         })
     }
-}
-
-/// Who a verified peer certificate says it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
-    Client(String),
-    Admin(String),
-}
-
-/// Reads the identity, serial and expiry from a DER certificate that TLS has
-/// already verified against our CA.
-pub fn identity_of(der: &[u8]) -> Result<(Identity, Vec<u8>, i64), CaError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| CaError::Invalid(format!("unreadable peer certificate: {e}")))?;
-    let serial = cert.tbs_certificate.raw_serial().to_vec();
-    let not_after = cert.validity().not_after.timestamp();
-    let sans = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|ext| ext.value.general_names.clone())
-        .unwrap_or_default();
-    let mut found = None;
-    for gn in sans {
-        if let x509_parser::extensions::GeneralName::DNSName(d) = gn {
-            if let Some(n) = d.strip_suffix(CLIENT_SUFFIX) {
-                found = Some(Identity::Client(n.to_string()));
-            } else if let Some(n) = d.strip_suffix(ADMIN_SUFFIX) {
-                found = Some(Identity::Admin(n.to_string()));
-            }
-        }
-    }
-    let id =
-        found.ok_or_else(|| CaError::Invalid("the certificate names no Backer client or admin".into()))?;
-    Ok((id, serial, not_after))
-}
-
-/// A new key and CSR, made on the host that will use them.
-pub fn new_csr() -> Result<(String, String), CaError> {
-    let key = KeyPair::generate().map_err(rc("generate a key"))?;
-    let params = CertificateParams::new(Vec::<String>::new()).map_err(rc("prepare a request"))?;
-    let csr = params
-        .serialize_request(&key)
-        .map_err(rc("write a certificate request"))?;
-    Ok((
-        key.serialize_pem(),
-        csr.pem().map_err(rc("encode a certificate request"))?,
-    ))
 }
 
 #[cfg(test)]

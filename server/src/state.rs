@@ -32,22 +32,9 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateEr
     move |source| StateError::Io { what, path, source }
 }
 
-/// Writes `data` to `path` through a temporary file and a rename, so a crash
-/// never leaves half a file; `mode` 0600 for secrets.
+/// [`backer_proto::pki::write_atomic`], with the path in the error.
 pub fn write_atomic(path: &Path, data: &[u8], secret: bool) -> Result<(), StateError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(&tmp)
-        .map_err(io("write", &tmp))?;
-    f.write_all(data).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("sync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("rename into", path))
+    backer_proto::pki::write_atomic(path, data, secret).map_err(io("write", path))
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
