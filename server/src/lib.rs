@@ -5,6 +5,7 @@
 pub mod ca;
 pub mod config;
 pub mod grpc;
+pub mod rest;
 pub mod schedule;
 pub mod server;
 pub mod state;

@@ -91,7 +91,10 @@ fn serve(config: PathBuf, state_dir: PathBuf) -> anyhow::Result<()> {
         };
         server::run(Options { config, state_dir }, shutdown, |bound| {
             // One line a test or a supervisor can wait for.
-            println!("listening mgmt={} data={}", bound.mgmt, bound.data);
+            println!(
+                "listening mgmt={} data={} rest={}",
+                bound.mgmt, bound.data, bound.rest
+            );
         })
         .await
         .map_err(anyhow::Error::from)

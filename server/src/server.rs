@@ -107,6 +107,7 @@ pub struct Options {
 pub struct Bound {
     pub mgmt: SocketAddr,
     pub data: SocketAddr,
+    pub rest: SocketAddr,
 }
 
 /// Loads everything, binds the ports, and serves until `shutdown` resolves.
@@ -134,6 +135,7 @@ pub async fn run(
     };
     let mgmt_listener = bind(config.mgmt_port).await?;
     let data_listener = bind(config.data_port).await?;
+    let rest_listener = bind(config.rest_api_port).await?;
     let bound = Bound {
         mgmt: mgmt_listener.local_addr().map_err(|source| StartError::Listen {
             addr: "management port".into(),
@@ -141,6 +143,10 @@ pub async fn run(
         })?,
         data: data_listener.local_addr().map_err(|source| StartError::Listen {
             addr: "data port".into(),
+            source,
+        })?,
+        rest: rest_listener.local_addr().map_err(|source| StartError::Listen {
+            addr: "REST port".into(),
             source,
         })?,
     };
@@ -166,12 +172,18 @@ pub async fn run(
     let data = tonic::transport::Server::builder()
         .add_service(crate::grpc::enrollment::service(Arc::clone(&shared)))
         .add_service(crate::grpc::agent::service(Arc::clone(&shared)))
-        .serve_with_incoming_shutdown(crate::tls::incoming(data_listener, tls), shutdown);
+        .serve_with_incoming_shutdown(crate::tls::incoming(data_listener, tls), shutdown.clone());
+    let rest =
+        axum::serve(rest_listener, crate::rest::router(Arc::clone(&shared))).with_graceful_shutdown(shutdown);
     on_bound(bound);
-    tracing::info!(mgmt = %bound.mgmt, data = %bound.data, "backer-server listening (TLS 1.3)");
-    let (a, b) = tokio::join!(mgmt, data);
+    tracing::info!(mgmt = %bound.mgmt, data = %bound.data, rest = %bound.rest, "backer-server listening (TLS 1.3; REST plain HTTP)");
+    let (a, b, c) = tokio::join!(mgmt, data, rest);
     a?;
     b?;
+    c.map_err(|source| StartError::Listen {
+        addr: "REST port".into(),
+        source,
+    })?;
     Ok(())
 }
 

@@ -141,6 +141,22 @@ fn enrolment_identity_and_revocation() {
             && state_of(&l, "web-2") == ("enrolled".into(), true)
     });
 
+    // The REST port: probes and metrics, plain HTTP, nothing secret.
+    assert_eq!(server.http_get("/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(server.http_get("/readyz").0, 200);
+    let (code, metrics) = server.http_get("/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("backer_agents_connected 2"), "{metrics}");
+    assert!(
+        metrics.contains("backer_clients{state=\"enrolled\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("backer_certificate_expiry_timestamp_seconds{kind=\"server\"}"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("web-1"), "metrics name no client");
+
     // FC_0: the login works, a wrong password does not, nothing does not.
     let with_login = |pw: &str| {
         Command::new(bin("backer"))

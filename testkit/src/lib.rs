@@ -391,6 +391,8 @@ pub struct Server {
     pub child: Child,
     pub mgmt: String,
     pub data: String,
+    /// Plain-HTTP REST port, `127.0.0.1:port`.
+    pub rest: String,
     pub dir: PathBuf,
 }
 
@@ -423,12 +425,14 @@ impl Server {
         let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-        let (mut mgmt, mut data) = (String::new(), String::new());
+        let (mut mgmt, mut data, mut rest) = (String::new(), String::new(), String::new());
         for part in line.split_whitespace() {
             if let Some(v) = part.strip_prefix("mgmt=") {
                 mgmt = v.replace("127.0.0.1", "localhost");
             } else if let Some(v) = part.strip_prefix("data=") {
                 data = v.replace("127.0.0.1", "localhost");
+            } else if let Some(v) = part.strip_prefix("rest=") {
+                rest = v.to_string();
             }
         }
         assert!(!mgmt.is_empty(), "backer-server did not start: {line:?}");
@@ -436,8 +440,31 @@ impl Server {
             child,
             mgmt,
             data,
+            rest,
             dir: dir.to_path_buf(),
         }
+    }
+
+    /// GETs `path` from the REST port: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(&self.rest).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let code = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
     }
 
     /// Issues an admin certificate into `dir/admin`.
