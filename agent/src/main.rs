@@ -149,11 +149,15 @@ async fn enroll(state_dir: &Path, bundle_path: &Path) -> Result<()> {
     println!(
         "enrolled as {} (certificate valid until {})",
         resp.client_name,
-        chrono::DateTime::from_timestamp(resp.not_after, 0)
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_default()
+        rfc3339(resp.not_after)
     );
     Ok(())
+}
+
+fn rfc3339(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default()
 }
 
 fn load_state(state_dir: &Path) -> Result<AgentState> {
@@ -166,9 +170,7 @@ fn status(state_dir: &Path) -> Result<()> {
         "client {} of server {}, certificate valid until {}",
         st.client,
         st.server,
-        chrono::DateTime::from_timestamp(st.not_after, 0)
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_default()
+        rfc3339(st.not_after)
     );
     Ok(())
 }

@@ -180,16 +180,6 @@ impl Backend {
         }
     }
 
-    /// Wraps any object store (used by decorators and tests).
-    pub fn from_store(store: Arc<dyn ObjectStore>, prefix: &str, location: &str) -> Self {
-        Backend {
-            store,
-            root: Path::from(prefix),
-            location: location.into(),
-            local_dir: None,
-        }
-    }
-
     pub fn location(&self) -> &str {
         &self.location
     }

@@ -179,18 +179,7 @@ pub fn decompress(payload: &[u8], raw_len: usize) -> Result<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::crypto::MasterKey;
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use backer_testkit::pseudo_random;
 
     fn cut(keys: &ChunkKeys, data: &[u8]) -> Vec<Vec<u8>> {
         let mut out = Vec::new();

@@ -43,11 +43,11 @@ pub struct Location {
     pub entry: PackEntry,
 }
 
-/// The in-memory index. Most entries live in one vector sorted by id, found
-/// through a table of 65,536 buckets on the id's first two bytes and a short
-/// binary search: 52 bytes a blob, where a hash map needs over 100 once its
-/// load factor is counted. Entries added after loading go to a small map
-/// that is merged in when it grows.
+/// The in-memory index: one vector sorted by id, found through a table of
+/// 65,536 buckets on the id's first two bytes and a short binary search: 52
+/// bytes a blob, where a hash map needs over 100 once its load factor is
+/// counted. Built once from the index files; a process that writes index
+/// files reloads it (see `Repository::reload_index`).
 #[derive(Debug, Default)]
 pub struct Index {
     packs: Vec<(PackId, u64)>,
@@ -55,7 +55,6 @@ pub struct Index {
     sorted: Vec<(BlobId, Slot)>,
     /// `buckets[p]..buckets[p + 1]` is the range of `sorted` whose ids start with `p`.
     buckets: Vec<u32>,
-    recent: HashMap<BlobId, Slot>,
 }
 
 const BUCKETS: usize = 1 << 16;
@@ -103,7 +102,6 @@ impl Index {
     }
 
     fn rebuild(&mut self) {
-        self.sorted.extend(self.recent.drain());
         // Stable sort keeps the first entry of a blob stored twice.
         self.sorted.sort_by_key(|e| e.0);
         self.sorted.dedup_by(|b, a| a.0 == b.0);
@@ -117,33 +115,16 @@ impl Index {
         }
     }
 
-    pub fn add_pack(&mut self, pack: &IndexedPack) {
-        let pos = self.pack_slot(pack);
-        for e in &pack.blobs {
-            if !self.contains(&e.id) {
-                self.recent.insert(e.id, slot(pos, e));
-            }
-        }
-        if self.recent.len() > 100_000 + self.sorted.len() / 8 {
-            self.rebuild();
-        }
-    }
-
-    pub fn add_file(&mut self, file: &IndexFile) {
-        for p in &file.packs {
-            self.add_pack(p);
-        }
-    }
-
     fn find(&self, id: &BlobId) -> Option<&Slot> {
-        if !self.buckets.is_empty() {
-            let b = bucket(id);
-            let range = &self.sorted[self.buckets[b] as usize..self.buckets[b + 1] as usize];
-            if let Ok(i) = range.binary_search_by(|(k, _)| k.cmp(id)) {
-                return Some(&range[i].1);
-            }
+        if self.buckets.is_empty() {
+            return None;
         }
-        self.recent.get(id)
+        let b = bucket(id);
+        let range = &self.sorted[self.buckets[b] as usize..self.buckets[b + 1] as usize];
+        range
+            .binary_search_by(|(k, _)| k.cmp(id))
+            .ok()
+            .map(|i| &range[i].1)
     }
 
     pub fn contains(&self, id: &BlobId) -> bool {
@@ -168,7 +149,7 @@ impl Index {
     }
 
     pub fn blob_count(&self) -> usize {
-        self.sorted.len() + self.recent.len()
+        self.sorted.len()
     }
 
     /// Every pack the index names, with the size it recorded.
@@ -178,11 +159,7 @@ impl Index {
 
     /// Every blob, as its location.
     pub fn blobs(&self) -> impl Iterator<Item = Location> + '_ {
-        self.sorted
-            .iter()
-            .map(|(id, s)| (id, s))
-            .chain(self.recent.iter())
-            .map(|(id, s)| self.location(id, s))
+        self.sorted.iter().map(|(id, s)| self.location(id, s))
     }
 }
 
@@ -221,18 +198,22 @@ mod tests {
     }
 
     #[test]
-    fn lookups_across_sorted_and_recent() {
+    fn lookups_across_files_and_packs() {
         let f = IndexFile {
             supersedes: vec![],
             packs: vec![pack(1, 0..5000), pack(2, 4000..9000)],
         };
-        let mut idx = Index::from_files([&f]);
+        let idx = Index::from_files([&f]);
         assert_eq!(idx.blob_count(), 9000);
         // A blob in two packs keeps its first location.
         assert_eq!(idx.get(&entry(4500).id).unwrap().pack, PackId([1; 32]));
         assert_eq!(idx.get(&entry(8999).id).unwrap().pack, PackId([2; 32]));
         assert!(!idx.contains(&entry(9000).id));
-        idx.add_pack(&pack(3, 8500..300_000));
+        let later = IndexFile {
+            supersedes: vec![],
+            packs: vec![pack(3, 8500..300_000)],
+        };
+        let idx = Index::from_files([&f, &later]);
         assert_eq!(idx.blob_count(), 300_000);
         assert_eq!(idx.get(&entry(8600).id).unwrap().pack, PackId([2; 32]));
         assert_eq!(idx.get(&entry(299_999).id).unwrap().pack, PackId([3; 32]));

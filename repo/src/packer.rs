@@ -86,11 +86,6 @@ impl<'r> Packer<'r> {
         Ok(())
     }
 
-    /// Bytes of finished packs so far.
-    pub fn stored_bytes(&self) -> u64 {
-        self.stored_bytes
-    }
-
     fn flush(&mut self, kind: BlobType) -> Result<()> {
         let writer = match kind {
             BlobType::Data => std::mem::take(&mut self.data),

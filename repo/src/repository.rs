@@ -18,7 +18,7 @@ use crate::crypto::{KdfParams, KeyFile, MasterKey};
 use crate::error::{Error, Result};
 use crate::id::{BlobId, IndexId, KeyId, SnapshotId, storage_hash};
 use crate::index::{Index, IndexFile};
-use crate::pack::{self, BlobType};
+use crate::pack;
 use crate::snapshot::{Snapshot, SnapshotEntry};
 use crate::tree::Tree;
 
@@ -353,10 +353,6 @@ impl Repository {
             }
         }
         Ok((trees, data))
-    }
-
-    pub fn blob_type(&self, id: &BlobId) -> Option<BlobType> {
-        self.index.get(id).map(|l| l.entry.kind)
     }
 }
 

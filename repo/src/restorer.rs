@@ -59,13 +59,28 @@ pub struct RestoreOutcome {
     pub errors: Vec<String>,
 }
 
-/// A file for a worker to create (unless the walker already did, for hard
-/// links) and fill.
+/// A file the walker created, for a worker to fill.
 struct FileJob {
-    dir: Arc<OwnedFd>,
-    file: Option<File>,
+    file: File,
     node: Node,
     display: String,
+}
+
+/// Clears the way for a new entry after creating it found something there:
+/// an existing non-directory is removed when overwriting is allowed.
+fn make_room(dir: &OwnedFd, name: &[u8], overwrite: bool, shown: &str) -> std::result::Result<(), String> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(format!("failed to inspect {shown} in the target: {e}")),
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => Err(format!(
+            "refused {shown}: a directory is in the way in the target"
+        )),
+        Ok(_) if !overwrite => Err(format!(
+            "refused {shown}: it exists in the target; use --overwrite to replace it"
+        )),
+        Ok(_) => rustix::fs::unlinkat(dir, name, AtFlags::empty())
+            .map_err(|e| format!("failed to replace {shown}: {e}")),
+    }
 }
 
 /// Creates `name` in `dir` exclusively and without following links; an
@@ -86,23 +101,8 @@ fn create_file(
     };
     match create() {
         Ok(fd) => return Ok(File::from(fd)),
-        Err(Errno::EXIST) => {}
+        Err(Errno::EXIST) => make_room(dir, name, overwrite, shown)?,
         Err(e) => return Err(format!("failed to create {shown}: {e}")),
-    }
-    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-            return Err(format!(
-                "refused {shown}: a directory is in the way in the target"
-            ));
-        }
-        Ok(_) if !overwrite => {
-            return Err(format!(
-                "refused {shown}: it exists in the target; use --overwrite to replace it"
-            ));
-        }
-        Ok(_) => rustix::fs::unlinkat(dir, name, AtFlags::empty())
-            .map_err(|e| format!("failed to replace {shown}: {e}"))?,
-        Err(e) => return Err(format!("failed to inspect {shown} in the target: {e}")),
     }
     create()
         .map(File::from)
@@ -203,45 +203,20 @@ impl Ctx<'_> {
     ) -> std::result::Result<(), Option<Errno>> {
         match op() {
             Ok(()) => Ok(()),
-            Err(Errno::EXIST) if self.make_room(dir, name, shown) => op().map_err(Some),
-            Err(Errno::EXIST) => Err(None),
-            Err(e) => Err(Some(e)),
-        }
-    }
-
-    /// Removes an existing non-directory entry when overwriting is allowed.
-    fn make_room(&self, dir: &OwnedFd, name: &[u8], shown: &str) -> bool {
-        match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Err(Errno::NOENT) => true,
-            Err(e) => {
-                self.error(format!("failed to inspect {shown} in the target: {e}"));
-                false
-            }
-            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-                self.error(format!(
-                    "refused {shown}: a directory is in the way in the target"
-                ));
-                false
-            }
-            Ok(_) if !self.opts.overwrite => {
-                self.error(format!(
-                    "refused {shown}: it exists in the target; use --overwrite to replace it"
-                ));
-                false
-            }
-            Ok(_) => match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
-                Ok(()) => true,
-                Err(e) => {
-                    self.error(format!("failed to replace {shown}: {e}"));
-                    false
+            Err(Errno::EXIST) => match make_room(dir, name, self.opts.overwrite, shown) {
+                Ok(()) => op().map_err(Some),
+                Err(msg) => {
+                    self.error(msg);
+                    Err(None)
                 }
             },
+            Err(e) => Err(Some(e)),
         }
     }
 
     fn restore_dir(
         &mut self,
-        dir: &Arc<OwnedFd>,
+        dir: &OwnedFd,
         comps: &mut Vec<Vec<u8>>,
         tree: BlobId,
         full: bool,
@@ -283,7 +258,7 @@ impl Ctx<'_> {
 
     fn restore_node(
         &mut self,
-        dir: &Arc<OwnedFd>,
+        dir: &OwnedFd,
         comps: &mut Vec<Vec<u8>>,
         node: Node,
         whole: bool,
@@ -319,7 +294,7 @@ impl Ctx<'_> {
                     }
                 };
                 if let Some(t) = node.subtree {
-                    self.restore_dir(&Arc::new(sub), comps, t, whole, jobs)?;
+                    self.restore_dir(&sub, comps, t, whole, jobs)?;
                 }
                 self.outcome.dirs += 1;
                 if whole {
@@ -362,7 +337,7 @@ impl Ctx<'_> {
                 // the same directory makes the file system's locks the
                 // bottleneck (measured: twice the system time).
                 let file = match create_file(dir, name, self.opts.overwrite, shown) {
-                    Ok(f) => Some(f),
+                    Ok(f) => f,
                     Err(msg) => {
                         self.error(msg);
                         return Ok(());
@@ -371,7 +346,6 @@ impl Ctx<'_> {
                 self.outcome.files += 1;
                 self.outcome.bytes += node.size;
                 jobs.send(FileJob {
-                    dir: Arc::clone(dir),
                     file,
                     node,
                     display: shown.to_string(),
@@ -407,17 +381,19 @@ impl Ctx<'_> {
                 let made = self.create_with(dir, name, shown, || {
                     rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(node.mode & 0o777), node.rdev)
                 });
-                match made.map_err(|e| e.unwrap_or(Errno::EXIST)) {
+                match made {
                     Ok(()) => {
                         if let Err(e) = fsmeta::apply_at(dir, &node) {
                             self.error(format!("failed to set metadata of {shown}: {e}"));
                         }
                         self.outcome.others += 1;
                     }
-                    Err(Errno::PERM) => {
+                    // Refused and reported when making room.
+                    Err(None) => {}
+                    Err(Some(Errno::PERM)) => {
                         self.error(format!("skipped device node {shown}: creating it needs root"))
                     }
-                    Err(e) => self.error(format!("failed to create {shown}: {e}")),
+                    Err(Some(e)) => self.error(format!("failed to create {shown}: {e}")),
                 }
             }
             NodeKind::Socket => {
@@ -435,20 +411,9 @@ fn write_file(
     repo: &Repository,
     handle: &Handle,
     job: FileJob,
-    overwrite: bool,
     progress: &RestoreProgress,
 ) -> std::result::Result<(), String> {
-    let FileJob {
-        dir,
-        file,
-        node,
-        display,
-    } = job;
-    let file = match file {
-        Some(f) => f,
-        None => create_file(&dir, &node.name, overwrite, &display)?,
-    };
-    drop(dir);
+    let FileJob { file, node, display } = job;
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {display}: {e}");
     let mut pos = 0u64;
     let mut i = 0;
@@ -572,7 +537,6 @@ pub async fn restore(
         let (tx, rx) = bounded::<FileJob>(64);
         std::thread::scope(|s| -> Result<()> {
             let mut workers = Vec::new();
-            let overwrite = opts.overwrite;
             // More workers than cores: much of a restore is waiting on the file system.
             for _ in 0..(threads * 2).max(2) {
                 let rx = rx.clone();
@@ -581,7 +545,7 @@ pub async fn restore(
                 let ctx_errors = &errors;
                 workers.push(s.spawn(move || {
                     for job in rx {
-                        if let Err(msg) = write_file(repo, &handle, job, overwrite, &progress) {
+                        if let Err(msg) = write_file(repo, &handle, job, &progress) {
                             progress.errors.fetch_add(1, Ordering::Relaxed);
                             match ctx_errors.lock() {
                                 Ok(mut e) => e.push(msg),

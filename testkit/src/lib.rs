@@ -98,7 +98,8 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+/// Deterministic incompressible bytes.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)
         .map(|_| {
