@@ -6,6 +6,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+mod remote;
+mod work;
+
+use backer_proto::v1 as pb;
 use backer_proto::v1::agent_client::AgentClient;
 use backer_proto::v1::agent_report::Report;
 use backer_proto::v1::enrollment_client::EnrollmentClient;
@@ -43,9 +47,42 @@ enum Command {
         bundle: PathBuf,
     },
     /// Connect to the server and run the work it sends, renewing the certificate as needed
-    Run,
+    Run {
+        /// Directories restores may write into (repeatable); by default anywhere
+        #[arg(
+            long = "restore-root",
+            env = "BACKER_AGENT_RESTORE_ROOTS",
+            value_delimiter = ',',
+            default_value = "/"
+        )]
+        restore_roots: Vec<PathBuf>,
+    },
     /// Show this agent's identity and certificate expiry
     Status,
+    /// Back up paths of this host now, through the server (`backer-agent run` must be running)
+    Backup {
+        /// Absolute paths to back up; none means the backups configured for this client
+        paths: Vec<String>,
+        /// Leave out files and directories matching this glob (repeatable)
+        #[arg(long)]
+        exclude: Vec<String>,
+        #[arg(long)]
+        tag: Vec<String>,
+    },
+    /// Restore one of this host's snapshots onto it, through the server
+    Restore {
+        /// Snapshot id (a unique prefix is enough) or `latest`
+        snapshot: String,
+        /// Absolute directory to restore into (`/` restores in place)
+        #[arg(long)]
+        target: String,
+        /// Restore only these paths of the snapshot (repeatable)
+        #[arg(long)]
+        include: Vec<String>,
+        /// Replace files that exist in the target
+        #[arg(long)]
+        overwrite: bool,
+    },
 }
 
 /// What `backer clients add` hands to a host.
@@ -84,8 +121,35 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Enroll { bundle } => enroll(&cli.state_dir, &bundle).await,
-            Command::Run => run(&cli.state_dir).await,
+            Command::Run { restore_roots } => {
+                let policy = work::Policy { restore_roots };
+                run(&cli.state_dir, policy).await
+            }
             Command::Status => status(&cli.state_dir),
+            Command::Backup { paths, exclude, tag } => {
+                let req = pb::request_job_request::Job::Backup(pb::StartBackupRequest {
+                    client: String::new(),
+                    paths,
+                    excludes: exclude,
+                    tags: tag,
+                });
+                own_job(&cli.state_dir, req).await
+            }
+            Command::Restore {
+                snapshot,
+                target,
+                include,
+                overwrite,
+            } => {
+                let req = pb::request_job_request::Job::Restore(pb::StartRestoreRequest {
+                    snapshot,
+                    target,
+                    includes: include,
+                    overwrite,
+                    ..Default::default()
+                });
+                own_job(&cli.state_dir, req).await
+            }
         }
     });
     match result {
@@ -184,7 +248,9 @@ async fn client(state_dir: &Path, st: &AgentState) -> Result<AgentClient<tonic::
     let channel = backer_proto::connect(&st.server, &ca, Some((&cert, &key)))
         .await
         .with_context(|| format!("failed to reach the server at {}", st.server))?;
-    Ok(AgentClient::new(channel))
+    Ok(AgentClient::new(channel)
+        .max_decoding_message_size(backer_proto::MAX_MESSAGE)
+        .max_encoding_message_size(backer_proto::MAX_MESSAGE))
 }
 
 /// Replaces the key and certificate when the certificate nears its end.
@@ -212,12 +278,61 @@ async fn renew_if_due(state_dir: &Path, st: &mut AgentState) -> Result<()> {
     Ok(())
 }
 
-async fn run(state_dir: &Path) -> Result<()> {
+/// Asks the server for a job of this host and follows it to its end.
+async fn own_job(state_dir: &Path, job: pb::request_job_request::Job) -> Result<()> {
+    let st = load_state(state_dir)?;
+    let mut c = client(state_dir, &st).await?;
+    let mut updates = c
+        .request_job(pb::RequestJobRequest { job: Some(job) })
+        .await
+        .map_err(|s| anyhow::anyhow!("the server refused the job: {}", s.message()))?
+        .into_inner();
+    let mut last = None;
+    while let Some(j) = updates
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("lost the job's progress: {}", s.message()))?
+    {
+        if last.is_none() {
+            eprintln!("job {} ({} of {}) {}", j.id, j.kind, j.client, j.state);
+        }
+        if j.state == "running" && j.bytes_done > 0 {
+            eprintln!("  {} files, {} bytes", j.files_done, j.bytes_done);
+        }
+        last = Some(j);
+    }
+    let Some(j) = last else {
+        bail!("the server ended the job's stream without a word");
+    };
+    for m in &j.messages {
+        eprintln!("  {m}");
+    }
+    match j.state.as_str() {
+        "succeeded" | "partial" => {
+            println!(
+                "job {} {}: {} files, {} bytes{}",
+                j.id,
+                j.state,
+                j.files_done,
+                j.bytes_done,
+                if j.snapshot_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(", snapshot {}", &j.snapshot_id[..j.snapshot_id.len().min(8)])
+                }
+            );
+            Ok(())
+        }
+        s => bail!("job {} {s}", j.id),
+    }
+}
+
+async fn run(state_dir: &Path, policy: work::Policy) -> Result<()> {
     let mut st = load_state(state_dir)?;
     let mut backoff = Duration::from_secs(1);
     loop {
         renew_if_due(state_dir, &mut st).await?;
-        match session(state_dir, &st).await {
+        match session(state_dir, &st, &policy).await {
             Ok(()) => backoff = Duration::from_secs(1),
             Err(e) => {
                 // Refusals are final: a revoked client must not hammer the server.
@@ -241,7 +356,7 @@ async fn run(state_dir: &Path) -> Result<()> {
 }
 
 /// One connection: say hello, then take work until the server hangs up.
-async fn session(state_dir: &Path, st: &AgentState) -> Result<()> {
+async fn session(state_dir: &Path, st: &AgentState, policy: &work::Policy) -> Result<()> {
     let mut c = client(state_dir, st).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(AgentReport {
@@ -259,7 +374,8 @@ async fn session(state_dir: &Path, st: &AgentState) -> Result<()> {
         .into_inner();
     tracing::info!(client = %st.client, server = %st.server, "connected");
     while let Some(item) = work.message().await.map_err(anyhow::Error::from)? {
-        tracing::warn!(job = %item.job_id, "received work this agent version cannot run yet");
+        tracing::info!(job = %item.job_id, "job received");
+        tokio::spawn(work::run(c.clone(), item, tx.clone(), policy.clone()));
     }
     drop(tx);
     Ok(())

@@ -24,16 +24,20 @@ use crate::{EXIT_INCOMPLETE, Global};
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
-    /// Files and directories to back up
-    #[arg(required = true)]
-    paths: Vec<PathBuf>,
+    /// Files and directories to back up. With --server: CLIENT, then its paths
+    /// (none: the backups configured for it)
+    #[arg(required = true, value_name = "PATH")]
+    pub(crate) paths: Vec<PathBuf>,
     /// Leave out matching paths: a pattern with a `/` matches the whole path
     /// (`/home/*/.cache`), one without matches any name (`*.tmp`)
     #[arg(short = 'e', long = "exclude", value_name = "GLOB")]
-    excludes: Vec<String>,
+    pub(crate) excludes: Vec<String>,
     /// Tag the snapshot (repeatable)
     #[arg(long = "tag", value_name = "TAG")]
-    tags: Vec<String>,
+    pub(crate) tags: Vec<String>,
+    /// With --server: wait for the job to end, showing its progress
+    #[arg(long)]
+    pub(crate) wait: bool,
     /// Host name to record (default: this machine's)
     #[arg(long)]
     host: Option<String>,
@@ -47,6 +51,8 @@ pub struct BackupArgs {
 
 #[derive(Args, Debug)]
 pub struct SnapshotsArgs {
+    /// Only snapshots of this client (a host name, in a local repository)
+    pub(crate) client: Option<String>,
     /// Only snapshots of this host
     #[arg(long)]
     host: Option<String>,
@@ -58,27 +64,40 @@ pub struct SnapshotsArgs {
 #[derive(Args, Debug)]
 pub struct LsArgs {
     /// Snapshot id (or a unique prefix), or `latest`
-    snapshot: String,
+    pub(crate) snapshot: String,
     /// Directory or file inside the snapshot to list (default: everything)
-    path: Option<String>,
+    pub(crate) path: Option<String>,
+    /// With --server: the client whose snapshot is meant (needed for `latest`)
+    #[arg(long)]
+    pub(crate) client: Option<String>,
     /// Show type, permissions, owner, size and time
     #[arg(short, long)]
-    long: bool,
+    pub(crate) long: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
     /// Snapshot id (or a unique prefix), or `latest`
-    snapshot: String,
+    pub(crate) snapshot: String,
     /// Directory to restore into; created if missing. Nothing is written outside it.
+    /// With --server: a directory on the client (`/` restores in place)
     #[arg(short, long)]
-    target: PathBuf,
+    pub(crate) target: PathBuf,
     /// Restore only this path of the snapshot and what is below it (repeatable)
     #[arg(short, long = "include", value_name = "PATH")]
-    includes: Vec<String>,
+    pub(crate) includes: Vec<String>,
     /// Replace files that already exist in the target
     #[arg(long)]
-    overwrite: bool,
+    pub(crate) overwrite: bool,
+    /// With --server: the client whose snapshot is meant (needed for `latest`)
+    #[arg(long)]
+    pub(crate) client: Option<String>,
+    /// With --server: restore onto this client instead of the snapshot's
+    #[arg(long)]
+    pub(crate) to_client: Option<String>,
+    /// With --server: wait for the job to end, showing its progress
+    #[arg(long)]
+    pub(crate) wait: bool,
 }
 
 #[derive(Args, Debug)]
@@ -399,11 +418,13 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
 
 pub async fn snapshots(g: &Global, a: SnapshotsArgs) -> Result<u8> {
     let repo = open(g).await?;
+    // In a repository a server writes, a client's snapshots carry its name as host.
+    let host = a.host.or(a.client);
     let list: Vec<_> = repo
         .snapshots()
         .await?
         .into_iter()
-        .filter(|s| a.host.as_ref().is_none_or(|h| &s.snapshot.hostname == h))
+        .filter(|s| host.as_ref().is_none_or(|h| &s.snapshot.hostname == h))
         .filter(|s| a.tag.as_ref().is_none_or(|t| s.snapshot.tags.contains(t)))
         .collect();
     if g.json {
@@ -504,44 +525,11 @@ fn print_node(g: &Global, long: bool, path: &str, n: &Node) -> Result<()> {
 pub async fn ls(g: &Global, a: LsArgs) -> Result<u8> {
     let repo = open(g).await?;
     let snap = repo.find_snapshot(&a.snapshot).await?;
-    // Find the starting node by walking the path's components.
-    let mut tree_id = snap.snapshot.tree;
-    let mut prefix = String::new();
-    let wanted: Vec<&str> = a
-        .path
-        .as_deref()
-        .unwrap_or("/")
-        .split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .collect();
-    for (i, comp) in wanted.iter().enumerate() {
-        let tree = repo.load_tree(&tree_id).await?;
-        let node = tree
-            .find(comp.as_bytes())
-            .ok_or_else(|| backer_repo::Error::NoSuchPath(a.path.clone().unwrap_or_default()))?;
-        prefix = format!("{prefix}/{}", node.name_lossy());
-        match node.subtree {
-            Some(sub) => tree_id = sub,
-            None if i + 1 == wanted.len() => {
-                print_node(g, a.long, &prefix, node)?;
-                return Ok(0);
-            }
-            None => bail!("{} is not a directory in the snapshot", prefix),
+    let mut lister = backer_repo::listing::Lister::new(&repo, snap.snapshot.tree, a.path.as_deref()).await?;
+    while let Some(batch) = lister.next_batch().await? {
+        for (path, node) in &batch {
+            print_node(g, a.long, path, node)?;
         }
-    }
-    // Depth-first, in name order, like `find`.
-    let mut stack = vec![(tree_id, prefix)];
-    while let Some((id, dir)) = stack.pop() {
-        let tree = repo.load_tree(&id).await?;
-        let mut subdirs = Vec::new();
-        for n in &tree.nodes {
-            let path = format!("{dir}/{}", n.name_lossy());
-            print_node(g, a.long, &path, n)?;
-            if let Some(sub) = n.subtree {
-                subdirs.push((sub, path));
-            }
-        }
-        stack.extend(subdirs.into_iter().rev());
     }
     Ok(0)
 }

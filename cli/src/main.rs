@@ -22,7 +22,8 @@ pub const EXIT_INCOMPLETE: u8 = 3;
         A repository is a directory, a file:// URL or an s3://BUCKET/PREFIX URL \
         (options as ?endpoint=URL&region=R&path_style=true; credentials from AWS_* variables).\n\
         The password comes from BACKER_PASSWORD, --password-file, or a prompt on a terminal.",
-    after_help = "Examples:\n  backer init --repo /srv/backup\n  backer backup --repo /srv/backup /home --exclude '*.cache'\n  backer snapshots --repo /srv/backup\n  backer restore --repo /srv/backup latest --target /tmp/r --include /home/me/notes.txt"
+    after_help = "Examples (a local repository):\n  backer init --repo /srv/backup\n  backer backup --repo /srv/backup /home --exclude '*.cache'\n  backer snapshots --repo /srv/backup\n  backer restore --repo /srv/backup latest --target /tmp/r --include /home/me/notes.txt\n\n\
+                  Examples (through a backer-server; BACKER_SERVER, BACKER_CA, BACKER_CERT, BACKER_KEY set):\n  backer clients add web1 --bundle-out web1.json\n  backer backup web1 /etc /home --wait\n  backer snapshots web1\n  backer restore latest --client web1 --target /tmp/r --wait"
 )]
 struct Cli {
     #[command(flatten)]
@@ -94,6 +95,8 @@ enum Command {
     /// Certificates of a backer-server and its clients
     #[command(subcommand)]
     Cert(remote::CertCommand),
+    /// Jobs of a backer-server (backups and restores), newest last
+    Jobs(remote::JobsArgs),
 }
 
 fn main() -> ExitCode {
@@ -125,6 +128,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Init => local::init(&g).await,
+            // With a server named, these act through it instead of on a repository.
+            Command::Backup(a) if server.server.is_some() => remote::backup(&g, &server, a).await,
+            Command::Snapshots(a) if server.server.is_some() => remote::snapshots(&g, &server, a).await,
+            Command::Ls(a) if server.server.is_some() => remote::ls(&g, &server, a).await,
+            Command::Restore(a) if server.server.is_some() => remote::restore(&g, &server, a).await,
             Command::Backup(a) => local::backup(&g, a).await,
             Command::Snapshots(a) => local::snapshots(&g, a).await,
             Command::Ls(a) => local::ls(&g, a).await,
@@ -137,6 +145,7 @@ fn main() -> ExitCode {
             Command::Key(k) => local::key(&g, k).await,
             Command::Clients { command } => remote::clients(&g, &server, command).await,
             Command::Cert(c) => remote::cert(&g, &server, c).await,
+            Command::Jobs(a) => remote::jobs(&g, &server, a).await,
         }
     });
     match result {

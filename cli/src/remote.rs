@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow, bail};
 use backer_proto::v1::management_client::ManagementClient;
 use backer_proto::v1::{
-    AddClientRequest, CertStatusRequest, Client, ListClientsRequest, RemoveClientRequest,
+    AddClientRequest, CertStatusRequest, Client, Job, ListClientsRequest, ListFilesRequest, ListJobsRequest,
+    ListSnapshotsRequest, RemoveClientRequest, StartBackupRequest, StartRestoreRequest, WatchJobRequest,
 };
 use base64::Engine;
 use clap::{Args, Subcommand};
@@ -15,7 +16,7 @@ use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
-use crate::Global;
+use crate::{Global, output};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServerArgs {
@@ -270,5 +271,241 @@ pub async fn cert(g: &Global, s: &ServerArgs, _cmd: CertCommand) -> Result<u8> {
     println!("CA certificate expires:     {}", when(r.ca_not_after));
     println!("server certificate expires: {}", when(r.server_not_after));
     print_clients(g, &r.clients)?;
+    Ok(0)
+}
+
+#[derive(Args, Debug)]
+pub struct JobsArgs {
+    /// Only jobs of this client
+    client: Option<String>,
+}
+
+fn print_job_line(j: &Job) {
+    let progress = if j.bytes_total > 0 {
+        format!(
+            "{} files, {} of {}",
+            j.files_done,
+            output::size(j.bytes_done),
+            output::size(j.bytes_total)
+        )
+    } else {
+        format!("{} files, {}", j.files_done, output::size(j.bytes_done))
+    };
+    println!(
+        "{:<20} {:<8} {:<16} {:<10} {:<17} {:<10} {}",
+        j.id,
+        j.kind,
+        j.client,
+        j.state,
+        when(j.created),
+        short(&j.snapshot_id),
+        progress
+    );
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(8)]
+}
+
+fn job_json(j: &Job) -> serde_json::Value {
+    serde_json::json!({
+        "id": j.id, "kind": j.kind, "client": j.client, "state": j.state,
+        "created": j.created, "finished": j.finished,
+        "files_done": j.files_done, "bytes_done": j.bytes_done,
+        "files_total": j.files_total, "bytes_total": j.bytes_total,
+        "snapshot": j.snapshot_id, "messages": j.messages,
+    })
+}
+
+pub async fn jobs(g: &Global, s: &ServerArgs, a: JobsArgs) -> Result<u8> {
+    let mut m = connect(s).await?;
+    let r = m
+        .list_jobs(ListJobsRequest {
+            client: a.client.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if g.json {
+        let v: Vec<_> = r.jobs.iter().map(job_json).collect();
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<20} {:<8} {:<16} {:<10} {:<17} {:<10} progress",
+        "job", "kind", "client", "state", "created", "snapshot"
+    );
+    for j in &r.jobs {
+        print_job_line(j);
+    }
+    Ok(0)
+}
+
+/// Prints a started job, or follows it to its end with a progress bar.
+/// Exit code: 0 succeeded, EXIT_INCOMPLETE partial, an error when failed.
+async fn follow(g: &Global, m: &mut Mgmt, job: Job, wait: bool) -> Result<u8> {
+    if !wait {
+        if g.json {
+            println!("{}", job_json(&job));
+        } else {
+            println!(
+                "job {} started: {} of {} (follow it with `backer jobs` or use --wait)",
+                job.id, job.kind, job.client
+            );
+        }
+        return Ok(0);
+    }
+    let pb = output::bar(g, &job.kind);
+    let mut updates = m
+        .watch_job(WatchJobRequest { id: job.id.clone() })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let mut last = job;
+    while let Some(j) = updates.message().await.map_err(status_err)? {
+        pb.set_length(j.bytes_total.max(j.bytes_done));
+        pb.set_position(j.bytes_done);
+        pb.set_message(format!("{} files", j.files_done));
+        last = j;
+    }
+    pb.finish_and_clear();
+    if g.json {
+        println!("{}", job_json(&last));
+    } else {
+        for msg in &last.messages {
+            eprintln!("  {msg}");
+        }
+        println!(
+            "job {} {}: {} files, {}{}",
+            last.id,
+            last.state,
+            last.files_done,
+            output::size(last.bytes_done),
+            if last.snapshot_id.is_empty() {
+                String::new()
+            } else {
+                format!(", snapshot {}", short(&last.snapshot_id))
+            }
+        );
+    }
+    match last.state.as_str() {
+        "succeeded" => Ok(0),
+        "partial" => Ok(crate::EXIT_INCOMPLETE),
+        s => bail!("job {} {s}", last.id),
+    }
+}
+
+pub async fn backup(g: &Global, s: &ServerArgs, a: crate::local::BackupArgs) -> Result<u8> {
+    let mut m = connect(s).await?;
+    let mut args = a.paths.into_iter().map(|p| p.to_string_lossy().into_owned());
+    let client = args
+        .next()
+        .ok_or_else(|| anyhow!("name the client to back up: backer backup CLIENT [PATH]..."))?;
+    let job = m
+        .start_backup(StartBackupRequest {
+            client,
+            paths: args.collect(),
+            excludes: a.excludes,
+            tags: a.tags,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    follow(g, &mut m, job, a.wait).await
+}
+
+pub async fn restore(g: &Global, s: &ServerArgs, a: crate::local::RestoreArgs) -> Result<u8> {
+    let mut m = connect(s).await?;
+    let job = m
+        .start_restore(StartRestoreRequest {
+            snapshot: a.snapshot,
+            client: a.client.unwrap_or_default(),
+            to_client: a.to_client.unwrap_or_default(),
+            target: a.target.to_string_lossy().into_owned(),
+            includes: a.includes,
+            overwrite: a.overwrite,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    follow(g, &mut m, job, a.wait).await
+}
+
+pub async fn snapshots(g: &Global, s: &ServerArgs, a: crate::local::SnapshotsArgs) -> Result<u8> {
+    let mut m = connect(s).await?;
+    let r = m
+        .list_snapshots(ListSnapshotsRequest {
+            client: a.client.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if g.json {
+        let v: Vec<_> = r
+            .snapshots
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "id": s.id, "client": s.client, "time": s.time, "paths": s.paths,
+                    "tags": s.tags, "files": s.files, "bytes": s.bytes, "partial": s.partial,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<10} {:<17} {:<16} {:>8} {:>11}  paths",
+        "id", "time", "client", "files", "size"
+    );
+    for s in &r.snapshots {
+        println!(
+            "{:<10} {:<17} {:<16} {:>8} {:>11}  {}{}",
+            short(&s.id),
+            when(s.time),
+            s.client,
+            s.files,
+            output::size(s.bytes),
+            s.paths.join(" "),
+            if s.partial { " (partial)" } else { "" }
+        );
+    }
+    Ok(0)
+}
+
+pub async fn ls(g: &Global, s: &ServerArgs, a: crate::local::LsArgs) -> Result<u8> {
+    let mut m = connect(s).await?;
+    let mut entries = m
+        .list_files(ListFilesRequest {
+            snapshot: a.snapshot,
+            client: a.client.unwrap_or_default(),
+            path: a.path.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    while let Some(e) = entries.message().await.map_err(status_err)? {
+        if g.json {
+            serde_json::to_writer(
+                &mut out,
+                &serde_json::json!({"path": e.path, "kind": e.kind, "mode": e.mode, "size": e.size, "mtime": e.mtime}),
+            )?;
+            writeln!(out)?;
+        } else if a.long {
+            writeln!(
+                out,
+                "{:<8} {:o} {:>12} {} {}",
+                e.kind,
+                e.mode,
+                e.size,
+                when(e.mtime),
+                e.path
+            )?;
+        } else {
+            writeln!(out, "{}", e.path)?;
+        }
+    }
     Ok(0)
 }

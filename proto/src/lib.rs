@@ -9,6 +9,11 @@ pub mod v1 {
     tonic::include_proto!("backer.v1");
 }
 
+/// The largest message either side accepts: a 64 MiB tree blob and room
+/// around it (chunks are at most 4 MiB). tonic's default of 4 MiB would
+/// refuse a full-size chunk with its framing.
+pub const MAX_MESSAGE: usize = 72 * 1024 * 1024;
+
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Opens a TLS channel to a Backer server at `host:port`, trusting only

@@ -30,9 +30,9 @@ use crate::fsmeta;
 use crate::id::{BlobId, SnapshotId};
 use crate::lock::Lock;
 use crate::pack::BlobType;
-use crate::packer::{Packer, PackerSummary};
 use crate::repository::{Repository, encode};
 use crate::snapshot::{self, Snapshot, Summary};
+use crate::store::{BackupStore, LocalStore};
 use crate::tree::{Extent, Node, NodeKind, Tree};
 
 /// How many errors a snapshot records by name (all are counted).
@@ -211,9 +211,7 @@ struct PackerMsg {
 
 /// Shared by all pipeline stages.
 struct Shared<'a> {
-    repo: &'a Repository,
-    lock: &'a Lock,
-    handle: Handle,
+    store: &'a dyn BackupStore,
     excluder: Excluder,
     /// Blobs queued in this run, so each is stored once.
     seen: Mutex<HashSet<BlobId>>,
@@ -226,7 +224,7 @@ struct Shared<'a> {
 
 impl Shared<'_> {
     fn is_new(&self, id: &BlobId) -> bool {
-        if self.repo.index().contains(id) {
+        if self.store.holds(id) {
             return false;
         }
         match self.seen.lock() {
@@ -249,33 +247,20 @@ impl Shared<'_> {
     }
 }
 
-/// Runs a backup and stores its snapshot. Must be called from a multi-thread
-/// tokio runtime: the pipeline runs on its own threads meanwhile. The
-/// repository's in-memory index is left as it was (the new blobs are in index
-/// files; [`Repository::reload_index`] reads them), which keeps a one-shot
-/// backup's memory to what it needs.
+/// Runs a backup into the local repository and stores its snapshot. Must be
+/// called from a multi-thread tokio runtime: the pipeline runs on its own
+/// threads meanwhile. The repository's in-memory index is left as it was (the
+/// new blobs are in index files; [`Repository::reload_index`] reads them),
+/// which keeps a one-shot backup's memory to what it needs.
 pub async fn backup(
     repo: &Repository,
     lock: &Lock,
     opts: BackupOptions,
     progress: Arc<Progress>,
 ) -> Result<BackupOutcome> {
-    let started = Instant::now();
-    if opts.paths.is_empty() {
-        return Err(Error::Invalid("no path to back up".into()));
-    }
-    let mut paths = Vec::new();
-    for p in &opts.paths {
-        let n = normalize(p)?;
-        std::fs::symlink_metadata(&n).map_err(|e| Error::io("read", &n, e))?;
-        paths.push(n);
-    }
-    paths.sort();
-    paths.dedup();
+    let paths = resolve_paths(&opts.paths)?;
     let path_strings: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     let hostname = opts.hostname.clone().unwrap_or_else(snapshot::hostname);
-    let excluder = Excluder::new(&opts.excludes)?;
-
     let parent = match &opts.parent {
         ParentChoice::None => None,
         ParentChoice::Id(id) => Some((*id, repo.load_snapshot(id).await?)),
@@ -287,12 +272,58 @@ pub async fn backup(
             .find(|s| s.snapshot.hostname == hostname && s.snapshot.paths == path_strings)
             .map(|s| (s.id, s.snapshot)),
     };
-    let parent_root = match &parent {
-        Some((_, s)) => Some(repo.load_tree(&s.tree).await?),
+    let parent = match parent {
+        Some((id, s)) => Some((id, repo.load_tree(&s.tree).await?)),
         None => None,
     };
+    let store = LocalStore {
+        repo,
+        lock: Some(lock),
+        handle: Handle::current(),
+    };
+    let (snap, messages) = tokio::task::block_in_place(|| archive(&store, &opts, parent, progress))?;
+    // A process paused past its lock's validity may have been overtaken by a
+    // prune that removed chunks this snapshot reuses: stop instead.
+    lock.check_fresh().await?;
+    let id = repo.save_snapshot(&snap).await?;
+    Ok(BackupOutcome {
+        id,
+        snapshot: snap,
+        messages,
+    })
+}
 
-    let handle = Handle::current();
+/// The absolute, normalized, existing paths a backup covers, sorted.
+pub fn resolve_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    if paths.is_empty() {
+        return Err(Error::Invalid("no path to back up".into()));
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        let n = normalize(p)?;
+        std::fs::symlink_metadata(&n).map_err(|e| Error::io("read", &n, e))?;
+        out.push(n);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Reads the paths of `opts` into `store` and returns the snapshot to save
+/// (not yet saved: where it goes is the caller's business) with every
+/// warning. Blocking: call it outside async code. `parent` is the snapshot
+/// to compare with and its root tree.
+pub fn archive(
+    store: &dyn BackupStore,
+    opts: &BackupOptions,
+    parent: Option<(SnapshotId, Tree)>,
+    progress: Arc<Progress>,
+) -> Result<(Snapshot, Vec<String>)> {
+    let started = Instant::now();
+    let paths = resolve_paths(&opts.paths)?;
+    let path_strings: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let hostname = opts.hostname.clone().unwrap_or_else(snapshot::hostname);
+    let excluder = Excluder::new(&opts.excludes)?;
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
     } else {
@@ -300,9 +331,7 @@ pub async fn backup(
     };
     let selection = build_selection(&paths);
     let shared = Shared {
-        repo,
-        lock,
-        handle: handle.clone(),
+        store,
         excluder,
         seen: Mutex::new(HashSet::new()),
         progress: Arc::clone(&progress),
@@ -311,9 +340,11 @@ pub async fn backup(
         changed: AtomicU64::new(0),
         files_read: AtomicU64::new(0),
     };
-
-    let (root_id, packed, counts) =
-        tokio::task::block_in_place(|| run_pipeline(&shared, &selection, parent_root, threads, opts.scan))?;
+    let (parent_id, parent_root) = match parent {
+        Some((id, tree)) => (Some(id), Some(tree)),
+        None => (None, None),
+    };
+    let (root_id, stored_bytes, counts) = run_pipeline(&shared, &selection, parent_root, threads, opts.scan)?;
 
     let Shared {
         messages,
@@ -326,7 +357,6 @@ pub async fn backup(
     let seen = seen.into_inner().unwrap_or_else(|p| p.into_inner());
     let new_blobs = seen.len() as u64;
     drop(seen);
-    // Packs and the index files naming them are stored; the snapshot comes last.
     let summary = Summary {
         files: counts.files,
         dirs: counts.dirs,
@@ -334,7 +364,7 @@ pub async fn backup(
         bytes: counts.bytes,
         files_read: files_read.into_inner(),
         new_bytes: progress.new_bytes.load(Ordering::Relaxed),
-        stored_bytes: packed.stored_bytes,
+        stored_bytes,
         new_blobs,
         errors: counts.errors,
         changed_while_read: changed.into_inner(),
@@ -353,22 +383,14 @@ pub async fn backup(
         paths: path_strings,
         tags: opts.tags.clone(),
         excludes: opts.excludes.clone(),
-        parent: parent.map(|(id, _)| id),
+        parent: parent_id,
         tree: root_id,
         partial: counts.errors > 0,
         summary,
         errors,
         program_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    // A process paused past its lock's validity may have been overtaken by a
-    // prune that removed chunks this snapshot reuses: stop instead.
-    lock.check_fresh().await?;
-    let id = repo.save_snapshot(&snap).await?;
-    Ok(BackupOutcome {
-        id,
-        snapshot: snap,
-        messages,
-    })
+    Ok((snap, messages))
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -380,7 +402,8 @@ struct Counts {
     errors: u64,
 }
 
-type PipelineResult = (BlobId, PackerSummary, Counts);
+/// The root tree, the bytes stored, and what was counted.
+type PipelineResult = (BlobId, u64, Counts);
 
 fn run_pipeline(
     shared: &Shared<'_>,
@@ -393,7 +416,11 @@ fn run_pipeline(
     let (job_tx, job_rx) = bounded::<FileJob>(64);
     let (chunk_tx, chunk_rx) = bounded::<NewChunk>(threads * 2);
     let (pack_tx, pack_rx) = bounded::<PackerMsg>(threads * 2);
-    let level = shared.repo.config().zstd_level;
+    let level = shared.store.zstd_level();
+    // When the store must be asked which chunks it lacks, a dedup stage sits
+    // between the readers and the compressors and asks in batches.
+    let negotiates = shared.store.negotiates();
+    let (asked_tx, asked_rx) = bounded::<NewChunk>(threads * 2);
 
     std::thread::scope(|s| {
         if scan {
@@ -418,7 +445,11 @@ fn run_pipeline(
         let mut readers = Vec::new();
         for _ in 0..threads {
             let job_rx = job_rx.clone();
-            let chunk_tx = chunk_tx.clone();
+            let chunk_tx = if negotiates {
+                asked_tx.clone()
+            } else {
+                chunk_tx.clone()
+            };
             readers.push(s.spawn(move || {
                 let mut buf = chunk::chunk_buffer();
                 for job in job_rx {
@@ -433,6 +464,11 @@ fn run_pipeline(
             }));
         }
         drop(job_rx);
+        drop(asked_tx);
+        let dedup = negotiates.then(|| {
+            let chunk_tx = chunk_tx.clone();
+            s.spawn(move || negotiate(shared, asked_rx, chunk_tx))
+        });
         drop(chunk_tx);
         let mut compressors = Vec::new();
         for _ in 0..threads {
@@ -458,10 +494,10 @@ fn run_pipeline(
         drop(chunk_rx);
         let assembler_pack_tx = pack_tx.clone();
         drop(pack_tx);
-        let packer = s.spawn(move || -> Result<PackerSummary> {
-            let mut p = Packer::new(shared.repo, Some(shared.lock), shared.handle.clone());
+        let packer = s.spawn(move || -> Result<u64> {
+            let mut p = shared.store.writer()?;
             for m in pack_rx {
-                if let Err(e) = p.add(m.kind, m.id, &m.payload, m.raw_len) {
+                if let Err(e) = p.add(m.kind, m.id, m.payload, m.raw_len) {
                     shared.abort.store(true, Ordering::Relaxed);
                     return Err(e);
                 }
@@ -484,6 +520,10 @@ fn run_pipeline(
             if r.join().is_err() {
                 return Err(Error::Interrupted("a reader thread panicked".into()));
             }
+        }
+        if let Some(d) = dedup {
+            d.join()
+                .map_err(|_| Error::Interrupted("the dedup thread panicked".into()))??;
         }
         for c in compressors {
             c.join()
@@ -513,7 +553,7 @@ impl Walker<'_, '_> {
 
     fn load_parent_subtree(&self, parent: Option<&Tree>, name: &[u8]) -> Option<Tree> {
         let id = parent?.find(name)?.subtree?;
-        match self.shared.handle.block_on(self.shared.repo.load_tree(&id)) {
+        match self.shared.store.load_tree(&id) {
             Ok(t) => Some(t),
             Err(e) => {
                 tracing::warn!("failed to load tree {id} of the parent snapshot, reading files again: {e}");
@@ -655,7 +695,7 @@ impl Walker<'_, '_> {
             && old.ctime == new.ctime
             && old.inode == new.inode
             && old.content.iter().all(|e| match e {
-                Extent::Data { id, .. } => self.shared.repo.index().contains(id),
+                Extent::Data { id, .. } => self.shared.store.parent_chunk_stored(id),
                 Extent::Hole { .. } => true,
             })
     }
@@ -731,7 +771,7 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf:
     let regions = fsmeta::data_regions(&file, &md).map_err(|e| fail("map the holes of", &e))?;
     let content = std::cell::RefCell::new(Vec::new());
     let mut sink = |data: &[u8]| -> Result<()> {
-        let id = chunk::blob_id(&shared.repo.key().chunk, data);
+        let id = chunk::blob_id(shared.store.chunk_keys(), data);
         content.borrow_mut().push(Extent::Data {
             id,
             len: data.len() as u32,
@@ -758,7 +798,7 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf:
         ChunkError::Read(e) => fail("read", &e),
         ChunkError::Sink(e) => e.to_string(),
     };
-    let keys = &shared.repo.key().chunk;
+    let keys = shared.store.chunk_keys();
     let size = match regions {
         None => chunk::for_each_chunk(keys, &mut file, buf, &mut sink).map_err(map_err)?,
         Some(regions) => {
@@ -817,7 +857,7 @@ fn assemble(
         let mut tree = Tree { nodes };
         tree.nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let bytes = encode(&tree)?;
-        let id = chunk::blob_id(&shared.repo.key().chunk, &bytes);
+        let id = chunk::blob_id(shared.store.chunk_keys(), &bytes);
         if shared.is_new(&id) {
             let payload = compressor.compress(&bytes);
             packer
@@ -881,6 +921,50 @@ fn assemble(
         .ok_or_else(|| Error::Interrupted("walker sent an unbalanced tree".into()))?;
     let id = store_tree(root)?;
     Ok((id, counts))
+}
+
+/// Chunks per question to the store: enough to amortize a round trip,
+/// few enough that the chunks waiting on the answer stay a few megabytes.
+const NEGOTIATE_BATCH: usize = 32;
+
+/// Asks the store which of the new chunks it lacks, in batches of what is
+/// waiting, and passes only those on to be compressed and sent.
+fn negotiate(shared: &Shared<'_>, asked: Receiver<NewChunk>, to_compress: Sender<NewChunk>) -> Result<()> {
+    let mut batch = Vec::with_capacity(NEGOTIATE_BATCH);
+    while let Ok(first) = asked.recv() {
+        batch.push(first);
+        while batch.len() < NEGOTIATE_BATCH {
+            match asked.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let ids: Vec<BlobId> = batch.iter().map(|c| c.id).collect();
+        let missing = match shared.store.missing(&ids) {
+            Ok(m) if m.len() == ids.len() => m,
+            Ok(_) => {
+                shared.abort.store(true, Ordering::Relaxed);
+                return Err(Error::Interrupted("the store answered for other chunks".into()));
+            }
+            Err(e) => {
+                shared.abort.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        for (chunk, lacks) in batch.drain(..).zip(missing) {
+            if !lacks {
+                shared
+                    .progress
+                    .new_bytes
+                    .fetch_sub(chunk.data.len() as u64, Ordering::Relaxed);
+                continue;
+            }
+            if to_compress.send(chunk).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn top(stack: &mut [(Option<Node>, Vec<Node>)]) -> Result<&mut Vec<Node>> {

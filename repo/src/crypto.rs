@@ -87,6 +87,18 @@ pub struct ChunkKeys {
     pub(crate) chunker_seed: u64,
 }
 
+impl ChunkKeys {
+    /// The id key and chunker seed, for a server to hand to its agents: they
+    /// cut and name chunks exactly as the repository does, and can open nothing.
+    pub fn to_parts(&self) -> ([u8; 32], u64) {
+        (self.id_key, self.chunker_seed)
+    }
+
+    pub fn from_parts(id_key: [u8; 32], chunker_seed: u64) -> ChunkKeys {
+        ChunkKeys { id_key, chunker_seed }
+    }
+}
+
 impl std::fmt::Debug for ChunkKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ChunkKeys(..)")
@@ -215,7 +227,7 @@ impl KeyFile {
     }
 }
 
-pub(crate) fn random_fill(buf: &mut [u8]) {
+pub fn random_fill(buf: &mut [u8]) {
     // The system RNG failing leaves no safe way to continue; aws-lc aborts
     // internally in that case, so this error path is unreachable in practice.
     #[allow(clippy::expect_used)]

@@ -39,6 +39,11 @@ macro_rules! id_type {
         }
 
         impl $name {
+            /// From 32 raw bytes, as the wire carries ids.
+            pub fn from_slice(b: &[u8]) -> Option<Self> {
+                <[u8; 32]>::try_from(b).ok().map($name)
+            }
+
             pub fn to_hex(&self) -> String {
                 hex::encode(self.0)
             }

@@ -20,6 +20,7 @@ pub mod error;
 pub mod fsmeta;
 pub mod id;
 pub mod index;
+pub mod listing;
 pub mod lock;
 pub mod pack;
 pub mod packer;
@@ -29,6 +30,7 @@ pub mod restorer;
 pub mod retention;
 pub mod snapshot;
 pub mod stats;
+pub mod store;
 pub mod tree;
 
 pub use backend::Backend;

@@ -223,6 +223,20 @@ impl Repository {
         Ok(())
     }
 
+    /// A second handle on this repository with the index as stored now, so a
+    /// long-running process can take in other writers' blobs while readers
+    /// of the old handle carry on.
+    pub async fn refreshed(&self) -> Result<Repository> {
+        let mut r = Repository {
+            backend: self.backend.clone(),
+            key: Arc::clone(&self.key),
+            config: self.config.clone(),
+            index: Index::default(),
+        };
+        r.reload_index().await?;
+        Ok(r)
+    }
+
     pub async fn load_index_files(&self) -> Result<Vec<(IndexId, IndexFile)>> {
         let listed = self.backend.list_all(Kind::Index.dir()).await?;
         futures::stream::iter(listed)

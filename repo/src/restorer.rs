@@ -20,14 +20,10 @@ use tokio::runtime::Handle;
 use crate::error::{Error, Result};
 use crate::fsmeta;
 use crate::id::BlobId;
-use crate::index::Location;
-use crate::pack::{self, pack_name};
 use crate::repository::Repository;
 use crate::snapshot::Snapshot;
+use crate::store::{LocalStore, RestoreSource};
 use crate::tree::{Extent, Node, NodeKind};
-
-/// Adjacent blobs of one pack are fetched in one read up to this size.
-const MAX_READ: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
@@ -110,8 +106,7 @@ fn create_file(
 }
 
 struct Ctx<'a> {
-    repo: &'a Repository,
-    handle: Handle,
+    source: &'a dyn RestoreSource,
     opts: &'a RestoreOptions,
     includes: Vec<Vec<Vec<u8>>>,
     matched: Vec<bool>,
@@ -222,7 +217,7 @@ impl Ctx<'_> {
         full: bool,
         jobs: &crossbeam_channel::Sender<FileJob>,
     ) -> Result<()> {
-        let tree = match self.handle.block_on(self.repo.load_tree(&tree)) {
+        let tree = match self.source.load_tree(&tree) {
             Ok(t) => t,
             Err(e) => {
                 self.error(format!("failed to read the listing of {}: {e}", display(comps)));
@@ -408,65 +403,43 @@ impl Ctx<'_> {
 
 /// Writes one file's content and metadata.
 fn write_file(
-    repo: &Repository,
-    handle: &Handle,
+    source: &dyn RestoreSource,
     job: FileJob,
     progress: &RestoreProgress,
 ) -> std::result::Result<(), String> {
     let FileJob { file, node, display } = job;
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {display}: {e}");
     let mut pos = 0u64;
-    let mut i = 0;
-    let extents = &node.content;
-    while i < extents.len() {
-        match extents[i] {
-            Extent::Hole { len } => {
-                pos += len;
-                i += 1;
-            }
+    let mut ids = Vec::new();
+    let mut extents = node.content.iter().peekable();
+    while let Some(e) = extents.next() {
+        match e {
+            Extent::Hole { len } => pos += len,
             Extent::Data { id, .. } => {
-                let first = repo.index().get(&id).ok_or_else(|| {
-                    format!("failed to restore {display}: chunk {id} is missing from the repository")
-                })?;
-                // Gather the following chunks that sit right after this one in the same pack.
-                let mut run: Vec<Location> = vec![first];
-                let mut j = i + 1;
-                while j < extents.len() {
-                    let Extent::Data { id: next, .. } = extents[j] else {
-                        break;
-                    };
-                    let Some(loc) = repo.index().get(&next) else { break };
-                    let last = run[run.len() - 1].entry;
-                    if loc.pack != first.pack
-                        || loc.entry.offset != last.offset + last.len
-                        || u64::from(loc.entry.offset + loc.entry.len - first.entry.offset) > MAX_READ
-                    {
-                        break;
-                    }
-                    run.push(loc);
-                    j += 1;
+                // A run of chunks up to the next hole is asked for at once,
+                // so a source can merge neighbours into one read.
+                ids.clear();
+                ids.push(*id);
+                while let Some(Extent::Data { id, .. }) = extents.peek() {
+                    ids.push(*id);
+                    extents.next();
                 }
-                let start = u64::from(first.entry.offset);
-                let end = {
-                    let l = run[run.len() - 1].entry;
-                    u64::from(l.offset) + u64::from(l.len)
-                };
-                let bytes = repo
-                    .backend()
-                    .read_range_blocking(handle, &pack_name(&first.pack), start..end)
-                    .map_err(|e| fail("read the data of", &e))?;
-                for loc in &run {
-                    let off = (u64::from(loc.entry.offset) - start) as usize;
-                    let sealed = &bytes[off..off + loc.entry.len as usize];
-                    let data = pack::open_blob(&repo.key().data, &loc.entry, sealed)
-                        .map_err(|e| fail("decrypt", &e))?;
-                    file.write_all_at(&data, pos).map_err(|e| fail("write", &e))?;
-                    pos += data.len() as u64;
-                    progress
-                        .bytes_done
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
-                i = j;
+                source
+                    .read_chunks(&ids, &mut |data| {
+                        file.write_all_at(data, pos).map_err(|e| fail("write", &e))?;
+                        pos += data.len() as u64;
+                        progress
+                            .bytes_done
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        Ok(())
+                    })
+                    .map_err(|e| {
+                        if e.starts_with("failed to") {
+                            e
+                        } else {
+                            format!("failed to restore {display}: {e}")
+                        }
+                    })?;
             }
         }
     }
@@ -482,11 +455,36 @@ fn write_file(
     Ok(())
 }
 
-/// Restores `snapshot` (or the parts of it named in `opts.includes`) under
-/// `opts.target`. Must run on a multi-thread tokio runtime.
+/// Restores `snapshot` (or the parts of it named in `opts.includes`) from
+/// the local repository under `opts.target`. Must run on a multi-thread tokio
+/// runtime.
 pub async fn restore(
     repo: &Repository,
     snapshot: &Snapshot,
+    opts: &RestoreOptions,
+    progress: Arc<RestoreProgress>,
+) -> Result<RestoreOutcome> {
+    if opts.includes.is_empty() {
+        progress
+            .files_total
+            .store(snapshot.summary.files, Ordering::Relaxed);
+        progress
+            .bytes_total
+            .store(snapshot.summary.bytes, Ordering::Relaxed);
+    }
+    let source = LocalStore {
+        repo,
+        lock: None,
+        handle: Handle::current(),
+    };
+    tokio::task::block_in_place(|| restore_tree(&source, snapshot.tree, opts, progress))
+}
+
+/// Restores the tree `root` from `source` under `opts.target`. Blocking:
+/// call it outside async code.
+pub fn restore_tree(
+    source: &dyn RestoreSource,
+    root: BlobId,
     opts: &RestoreOptions,
     progress: Arc<RestoreProgress>,
 ) -> Result<RestoreOutcome> {
@@ -495,14 +493,6 @@ pub async fn restore(
         .iter()
         .map(|p| components(p))
         .collect::<Result<Vec<_>>>()?;
-    if includes.is_empty() {
-        progress
-            .files_total
-            .store(snapshot.summary.files, Ordering::Relaxed);
-        progress
-            .bytes_total
-            .store(snapshot.summary.bytes, Ordering::Relaxed);
-    }
     let target = &opts.target;
     std::fs::create_dir_all(target).map_err(|e| Error::io("create", target, e))?;
     let target_fd = rustix::fs::open(
@@ -517,11 +507,9 @@ pub async fn restore(
     } else {
         opts.threads
     };
-    let handle = Handle::current();
     let errors = Mutex::new(Vec::new());
     let mut ctx = Ctx {
-        repo,
-        handle: handle.clone(),
+        source,
         opts,
         matched: vec![false; includes.len()],
         includes,
@@ -532,20 +520,18 @@ pub async fn restore(
         dirs: Vec::new(),
         outcome: RestoreOutcome::default(),
     };
-    let root = snapshot.tree;
-    tokio::task::block_in_place(|| -> Result<()> {
+    {
         let (tx, rx) = bounded::<FileJob>(64);
         std::thread::scope(|s| -> Result<()> {
             let mut workers = Vec::new();
             // More workers than cores: much of a restore is waiting on the file system.
             for _ in 0..(threads * 2).max(2) {
                 let rx = rx.clone();
-                let handle = handle.clone();
                 let progress = Arc::clone(&progress);
                 let ctx_errors = &errors;
                 workers.push(s.spawn(move || {
                     for job in rx {
-                        if let Err(msg) = write_file(repo, &handle, job, &progress) {
+                        if let Err(msg) = write_file(source, job, &progress) {
                             progress.errors.fetch_add(1, Ordering::Relaxed);
                             match ctx_errors.lock() {
                                 Ok(mut e) => e.push(msg),
@@ -564,8 +550,8 @@ pub async fn restore(
                     .map_err(|_| Error::Interrupted("a restore worker panicked".into()))?;
             }
             walked
-        })
-    })?;
+        })?;
+    }
     // Directories last, deepest first, so their times and modes stick.
     let dirs = std::mem::take(&mut ctx.dirs);
     for (comps, node) in dirs.iter().rev() {

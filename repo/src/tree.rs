@@ -124,6 +124,18 @@ impl Node {
     }
 }
 
+impl Tree {
+    /// The bytes a tree blob holds (before compression), as stored.
+    pub fn to_bytes(&self) -> crate::Result<Vec<u8>> {
+        crate::repository::encode(self)
+    }
+
+    /// A tree from the bytes of a tree blob; `what` names it in errors.
+    pub fn from_bytes(bytes: &[u8], what: &str) -> crate::Result<Tree> {
+        crate::repository::decode(bytes, what)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

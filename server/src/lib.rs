@@ -4,9 +4,13 @@
 
 pub mod ca;
 pub mod config;
+pub mod datapath;
 pub mod grpc;
+pub mod jobs;
 pub mod rest;
+pub mod runner;
 pub mod schedule;
 pub mod server;
 pub mod state;
+pub mod storage;
 pub mod tls;

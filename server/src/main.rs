@@ -28,6 +28,10 @@ struct Cli {
     /// Where the CA, the server's certificate and the client registry live
     #[arg(long, env = "BACKER_STATE_DIR", default_value = "/var/lib/backer")]
     state_dir: PathBuf,
+    /// Run the schedule clock from this time (RFC 3339) instead of now: lets a
+    /// test see a schedule fire without waiting for it. Not for production.
+    #[arg(long, hide = true, value_parser = parse_time)]
+    clock_start: Option<chrono::DateTime<chrono::Utc>>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -61,7 +65,11 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Some(Command::AdminCert { name, out, days }) => admin_cert(&cli.state_dir, &name, &out, days),
-        None => serve(cli.config, cli.state_dir),
+        None => serve(Options {
+            config: cli.config,
+            state_dir: cli.state_dir,
+            clock_start: cli.clock_start,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -72,7 +80,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: PathBuf, state_dir: PathBuf) -> anyhow::Result<()> {
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time like 2026-01-31T01:59:50Z: {e}"))
+}
+
+fn serve(opts: Options) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -89,7 +103,7 @@ fn serve(config: PathBuf, state_dir: PathBuf) -> anyhow::Result<()> {
             }
             tracing::info!("shutting down");
         };
-        server::run(Options { config, state_dir }, shutdown, |bound| {
+        server::run(opts, shutdown, |bound| {
             // One line a test or a supervisor can wait for.
             println!(
                 "listening mgmt={} data={} rest={}",

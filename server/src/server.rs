@@ -11,7 +11,9 @@ use tonic::Status;
 
 use crate::ca::Ca;
 use crate::config::Config;
+use crate::jobs::Jobs;
 use crate::state::{Registry, StateDir};
+use crate::storage::Storage;
 
 /// Renew the server's own certificate when it has fewer days left than this.
 const SERVER_RENEW_DAYS: i64 = 30;
@@ -35,6 +37,10 @@ pub struct Shared {
     pub server_not_after: i64,
     /// The data port actually bound (the configured one may be 0 in tests).
     data_port: u16,
+    pub storage: Storage,
+    pub jobs: Jobs,
+    /// Added to the system clock for schedules (tests start it elsewhere).
+    clock_offset: chrono::TimeDelta,
 }
 
 impl std::fmt::Debug for Shared {
@@ -70,6 +76,24 @@ impl Shared {
         self.config().login
     }
 
+    /// The server's clock, which schedules follow.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now() + self.clock_offset
+    }
+
+    fn connections(&self) -> MutexGuard<'_, HashMap<String, Connection>> {
+        self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_connected(&self, client: &str) -> bool {
+        self.connections().contains_key(client)
+    }
+
+    /// Where to send work for `client`'s agent, if it is connected.
+    pub fn work_sender(&self, client: &str) -> Option<mpsc::Sender<Result<WorkItem, Status>>> {
+        self.connections().get(client).map(|c| c.work.clone())
+    }
+
     /// `host:port` agents use to reach the data port.
     pub fn data_address(&self) -> String {
         format!("{}:{}", self.config().external_name, self.data_port)
@@ -86,6 +110,8 @@ pub enum StartError {
     Ca(#[from] crate::ca::CaError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
     #[error("failed to listen on {addr}")]
     Listen {
         addr: String,
@@ -100,6 +126,8 @@ pub enum StartError {
 pub struct Options {
     pub config: PathBuf,
     pub state_dir: PathBuf,
+    /// Start the schedule clock at this time instead of now (for tests).
+    pub clock_start: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What a started server listens on (ports may have been chosen by the OS).
@@ -123,6 +151,12 @@ pub async fn run(
     let (cert, key, not_after) = server_certificate(&state, &ca, &config)?;
     let registry = state.load_registry()?;
     let tls = crate::tls::server_config(&ca.cert_pem, &cert, &key)?;
+    let storage = Storage::open(&config.repository, &state).await?;
+    let jobs = Jobs::load(state.dir.join("jobs.json"), chrono::Utc::now().timestamp())?;
+    let clock_offset = opts
+        .clock_start
+        .map(|t| t - chrono::Utc::now())
+        .unwrap_or_default();
 
     let bind = |port: u16| {
         let addr = format!("{}:{}", config.listen_address, port);
@@ -159,8 +193,12 @@ pub async fn run(
         connections: Mutex::new(HashMap::new()),
         server_not_after: not_after,
         data_port: bound.data.port(),
+        storage,
+        jobs,
+        clock_offset,
     });
     spawn_reload_on_hangup(Arc::clone(&shared), config_path);
+    tokio::spawn(crate::runner::run_schedules(Arc::clone(&shared)));
 
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let mgmt = tonic::transport::Server::builder()

@@ -13,6 +13,9 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{auth, now};
+use crate::datapath;
+use crate::jobs::{JobState, guard};
+use crate::runner;
 use crate::server::{Connection, Shared};
 
 pub struct Service {
@@ -21,14 +24,44 @@ pub struct Service {
 
 pub fn service(shared: Arc<Shared>) -> AgentServer<Service> {
     AgentServer::new(Service { shared })
+        .max_decoding_message_size(backer_proto::MAX_MESSAGE)
+        .max_encoding_message_size(backer_proto::MAX_MESSAGE)
 }
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-const DATA_PATH: &str =
-    "the data path (backups and restores through the server) is not available in this version yet";
+fn on_progress(shared: &Shared, client: &str, p: JobProgress) {
+    if shared.jobs.active_for(&p.job_id, client).is_err() {
+        return;
+    }
+    shared.jobs.update(&p.job_id, |r| {
+        r.files_done = p.files_done;
+        r.bytes_done = p.bytes_done;
+        r.files_total = p.files_total;
+        r.bytes_total = p.bytes_total;
+    });
+}
+
+/// The agent's word on how a job ended. A backup succeeds only by
+/// FinishBackup (which checks it); here it can only fail.
+async fn on_done(shared: &Shared, client: &str, d: JobDone) {
+    let Ok(active) = shared.jobs.active_for(&d.job_id, client) else {
+        return;
+    };
+    let mut messages = d.messages;
+    let state = match (&active.spec, d.ok) {
+        (_, false) => JobState::Failed,
+        (crate::jobs::Spec::Backup(_), true) => {
+            messages.push("the agent ended the backup without writing a snapshot".into());
+            JobState::Failed
+        }
+        (crate::jobs::Spec::Restore { .. }, true) if messages.is_empty() => JobState::Succeeded,
+        (crate::jobs::Spec::Restore { .. }, true) => JobState::Partial,
+    };
+    runner::end(shared, &d.job_id, state, messages, None).await;
+}
 
 #[tonic::async_trait]
 impl Agent for Service {
@@ -76,22 +109,35 @@ impl Agent for Service {
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
             while let Ok(Some(report)) = reports.message().await {
-                if let Some(Report::Hello(h)) = report.report {
-                    if let Some(c) = shared
-                        .connections
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_mut(&name)
-                        && c.id == id
-                    {
-                        c.version = h.agent_version;
+                match report.report {
+                    Some(Report::Progress(p)) => on_progress(&shared, &name, p),
+                    Some(Report::Done(d)) => on_done(&shared, &name, d).await,
+                    Some(Report::Hello(h)) => {
+                        if let Some(c) = shared
+                            .connections
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_mut(&name)
+                            && c.id == id
+                        {
+                            c.version = h.agent_version;
+                        }
+                        tracing::info!(client = %name, hostname = %h.hostname, "agent connected");
                     }
-                    tracing::info!(client = %name, hostname = %h.hostname, "agent connected");
+                    None => {}
                 }
             }
-            let mut conns = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
-            if conns.get(&name).is_some_and(|c| c.id == id) {
-                conns.remove(&name);
+            let current = {
+                let mut conns = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
+                let current = conns.get(&name).is_some_and(|c| c.id == id);
+                if current {
+                    conns.remove(&name);
+                }
+                current
+            };
+            // Jobs sent over a newer connection of the same agent carry on.
+            if current {
+                runner::client_gone(&shared, &name, "disconnected").await;
             }
             tracing::info!(client = %name, "agent disconnected");
         });
@@ -105,30 +151,98 @@ impl Agent for Service {
         req: Request<ChunkKeysRequest>,
     ) -> Result<Response<ChunkKeysResponse>, Status> {
         auth::client(&self.shared, &req)?;
-        Err(Status::unimplemented(DATA_PATH))
+        let repo = self.shared.storage.repo();
+        let (id_key, chunker_seed) = repo.key().chunk.to_parts();
+        Ok(Response::new(ChunkKeysResponse {
+            id_key: id_key.to_vec().into(),
+            chunker_seed,
+            zstd_level: repo.config().zstd_level,
+        }))
     }
 
     async fn missing(&self, req: Request<MissingRequest>) -> Result<Response<MissingResponse>, Status> {
-        auth::client(&self.shared, &req)?;
-        Err(Status::unimplemented(DATA_PATH))
+        let name = auth::client(&self.shared, &req)?;
+        let r = req.into_inner();
+        let active = self.shared.jobs.active_for(&r.job_id, &name)?;
+        let ids: Vec<Vec<u8>> = r.ids.iter().map(|b| b.to_vec()).collect();
+        Ok(Response::new(MissingResponse {
+            missing: datapath::missing(&active, &ids)?,
+        }))
     }
 
     async fn upload(&self, req: Request<Streaming<UploadChunk>>) -> Result<Response<UploadResponse>, Status> {
-        auth::client(&self.shared, &req)?;
-        Err(Status::unimplemented(DATA_PATH))
+        let name = auth::client(&self.shared, &req)?;
+        let mut stream = req.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Ok(Response::new(UploadResponse { stored: 0 }));
+        };
+        let active = self.shared.jobs.active_for(&first.job_id, &name)?;
+        datapath::backup_spec(&active)?;
+        {
+            let mut open = guard(&active.uploading);
+            if *open {
+                return Err(Status::failed_precondition("this job already has an upload open"));
+            }
+            *open = true;
+        }
+        // Bounded: a client faster than the server waits on flow control,
+        // and a stalled one holds a few chunks, never more.
+        let (tx, rx) = mpsc::channel(8);
+        let worker = {
+            let active = Arc::clone(&active);
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || datapath::ingest(&active, rx, handle))
+        };
+        let job = first.job_id.clone();
+        let mut next = Some(first);
+        let mut failure = None;
+        while let Some(m) = next.take() {
+            if m.job_id != job {
+                failure = Some(Status::invalid_argument(
+                    "one upload carries the chunks of one job",
+                ));
+                break;
+            }
+            if tx.send(m).await.is_err() {
+                break; // the worker stopped; its error is reported below
+            }
+            match stream.message().await {
+                Ok(m) => next = m,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let result = worker
+            .await
+            .map_err(|e| Status::internal(format!("the upload worker failed: {e}")));
+        *guard(&active.uploading) = false;
+        let stored = result??;
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        Ok(Response::new(UploadResponse { stored }))
     }
 
     async fn read_tree(&self, req: Request<ReadTreeRequest>) -> Result<Response<ReadTreeResponse>, Status> {
-        auth::client(&self.shared, &req)?;
-        Err(Status::unimplemented(DATA_PATH))
+        let name = auth::client(&self.shared, &req)?;
+        let r = req.into_inner();
+        let active = self.shared.jobs.active_for(&r.job_id, &name)?;
+        let tree = datapath::read_tree(&active, datapath::blob_id(&r.id)?).await?;
+        Ok(Response::new(ReadTreeResponse { tree: tree.into() }))
     }
 
     async fn finish_backup(
         &self,
         req: Request<FinishBackupRequest>,
     ) -> Result<Response<FinishBackupResponse>, Status> {
-        auth::client(&self.shared, &req)?;
-        Err(Status::unimplemented(DATA_PATH))
+        let name = auth::client(&self.shared, &req)?;
+        let r = req.into_inner();
+        let active = self.shared.jobs.active_for(&r.job_id, &name)?;
+        let snapshot_id = datapath::finish_backup(&self.shared, &active, &r.snapshot_json).await?;
+        Ok(Response::new(FinishBackupResponse { snapshot_id }))
     }
 
     type ReadChunksStream = BoxStream<ChunkData>;
@@ -137,7 +251,41 @@ impl Agent for Service {
         &self,
         req: Request<ReadChunksRequest>,
     ) -> Result<Response<Self::ReadChunksStream>, Status> {
-        auth::client(&self.shared, &req)?;
-        Err(Status::unimplemented(DATA_PATH))
+        let name = auth::client(&self.shared, &req)?;
+        let r = req.into_inner();
+        let active = self.shared.jobs.active_for(&r.job_id, &name)?;
+        let ids = r.ids.iter().map(|b| b.to_vec()).collect();
+        let rx = datapath::read_chunks(active, ids, tokio::runtime::Handle::current())?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type RequestJobStream = BoxStream<Job>;
+
+    async fn request_job(
+        &self,
+        req: Request<RequestJobRequest>,
+    ) -> Result<Response<Self::RequestJobStream>, Status> {
+        let name = auth::client(&self.shared, &req)?;
+        // A host may only ask for its own backups and restores onto itself.
+        let job = match req.into_inner().job {
+            Some(request_job_request::Job::Backup(mut b)) => {
+                b.client = name.clone();
+                runner::start_backup(&self.shared, b, "agent").await?
+            }
+            Some(request_job_request::Job::Restore(mut r)) => {
+                if !r.to_client.is_empty() && r.to_client != name {
+                    return Err(Status::permission_denied(
+                        "an agent may only restore onto its own host",
+                    ));
+                }
+                r.client = name.clone();
+                r.to_client = name.clone();
+                runner::start_restore(&self.shared, r, "agent").await?
+            }
+            None => return Err(Status::invalid_argument("no job in the request")),
+        };
+        Ok(Response::new(super::watch_stream(&self.shared, &job.id)?))
     }
 }

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::{auth, now};
 use crate::config::valid_client_name;
+use crate::runner;
 use crate::server::Shared;
 use crate::state::ClientState;
 
@@ -22,8 +23,6 @@ pub fn service(shared: Arc<Shared>) -> ManagementServer<Service> {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-const JOBS: &str = "jobs (backups and restores through the server) are not available in this version yet";
 
 impl Service {
     fn clients(&self) -> Vec<Client> {
@@ -124,23 +123,34 @@ impl Management for Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&name);
+        runner::client_gone(&self.shared, &name, "was revoked").await;
         tracing::info!(client = %name, by = %admin, "client revoked");
         Ok(Response::new(RemoveClientResponse {}))
     }
 
     async fn start_backup(&self, req: Request<StartBackupRequest>) -> Result<Response<Job>, Status> {
-        auth::admin(&self.shared, &req)?;
-        Err(Status::unimplemented(JOBS))
+        let admin = auth::admin(&self.shared, &req)?;
+        let job = runner::start_backup(&self.shared, req.into_inner(), &format!("admin:{admin}")).await?;
+        Ok(Response::new(job.to_proto()))
     }
 
     async fn start_restore(&self, req: Request<StartRestoreRequest>) -> Result<Response<Job>, Status> {
-        auth::admin(&self.shared, &req)?;
-        Err(Status::unimplemented(JOBS))
+        let admin = auth::admin(&self.shared, &req)?;
+        let job = runner::start_restore(&self.shared, req.into_inner(), &format!("admin:{admin}")).await?;
+        Ok(Response::new(job.to_proto()))
     }
 
     async fn list_jobs(&self, req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
         auth::admin(&self.shared, &req)?;
-        Err(Status::unimplemented(JOBS))
+        let client = req.into_inner().client;
+        let jobs = self
+            .shared
+            .jobs
+            .list((!client.is_empty()).then_some(client.as_str()))
+            .iter()
+            .map(|j| j.to_proto())
+            .collect();
+        Ok(Response::new(ListJobsResponse { jobs }))
     }
 
     type WatchJobStream = BoxStream<Job>;
@@ -150,7 +160,10 @@ impl Management for Service {
         req: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         auth::admin(&self.shared, &req)?;
-        Err(Status::unimplemented(JOBS))
+        Ok(Response::new(super::watch_stream(
+            &self.shared,
+            &req.into_inner().id,
+        )?))
     }
 
     async fn list_snapshots(
@@ -158,7 +171,28 @@ impl Management for Service {
         req: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
         auth::admin(&self.shared, &req)?;
-        Err(Status::unimplemented(JOBS))
+        let client = req.into_inner().client;
+        let snapshots = self
+            .shared
+            .storage
+            .repo()
+            .snapshots()
+            .await
+            .map_err(|e| Status::internal(format!("failed to list snapshots: {e}")))?
+            .into_iter()
+            .filter(|s| client.is_empty() || s.snapshot.hostname == client)
+            .map(|s| Snapshot {
+                id: s.id.to_hex(),
+                client: s.snapshot.hostname,
+                time: s.snapshot.time.timestamp(),
+                paths: s.snapshot.paths,
+                tags: s.snapshot.tags,
+                files: s.snapshot.summary.files,
+                bytes: s.snapshot.summary.bytes,
+                partial: s.snapshot.partial,
+            })
+            .collect();
+        Ok(Response::new(ListSnapshotsResponse { snapshots }))
     }
 
     type ListFilesStream = BoxStream<FileEntry>;
@@ -168,7 +202,48 @@ impl Management for Service {
         req: Request<ListFilesRequest>,
     ) -> Result<Response<Self::ListFilesStream>, Status> {
         auth::admin(&self.shared, &req)?;
-        Err(Status::unimplemented(JOBS))
+        let r = req.into_inner();
+        let repo = self.shared.storage.repo();
+        let snap = runner::find_snapshot(&repo, &r.snapshot, &r.client).await?;
+        let path = (!r.path.is_empty()).then_some(r.path.as_str());
+        let lister = backer_repo::listing::Lister::new(repo, snap.snapshot.tree, path)
+            .await
+            .map_err(|e| match e {
+                backer_repo::Error::NoSuchPath(_) | backer_repo::Error::Invalid(_) => {
+                    Status::not_found(e.to_string())
+                }
+                e => Status::internal(e.to_string()),
+            })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut lister = lister;
+            loop {
+                let batch = match lister.next_batch().await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        break;
+                    }
+                };
+                for (path, n) in batch {
+                    let entry = FileEntry {
+                        path,
+                        kind: format!("{:?}", n.kind).to_lowercase(),
+                        mode: n.mode,
+                        size: n.size,
+                        mtime: n.mtime.secs,
+                    };
+                    // A full channel waits for the reader; a gone one ends the walk.
+                    if tx.send(Ok(entry)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn cert_status(

@@ -1,0 +1,236 @@
+//! The engine's store seams over gRPC: a backup run by this agent writes
+//! through the server, and a restore reads through it. The engine's
+//! pipelines run unchanged; only where blobs go differs.
+
+use backer_proto::v1 as pb;
+use backer_proto::v1::agent_client::AgentClient;
+use backer_repo::Error;
+use backer_repo::chunk;
+use backer_repo::crypto::ChunkKeys;
+use backer_repo::id::BlobId;
+use backer_repo::pack::BlobType;
+use backer_repo::store::{BackupStore, BlobWriter, ChunkSink, RestoreSource};
+use backer_repo::tree::Tree;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+/// Ids per ReadChunks request (the server accepts up to 4096).
+const READ_BATCH: usize = 1024;
+
+fn remote(what: &str, s: tonic::Status) -> Error {
+    Error::Interrupted(format!("failed to {what}: the server said: {}", s.message()))
+}
+
+/// One job's view of the server's repository.
+pub struct RemoteStore {
+    client: AgentClient<Channel>,
+    handle: Handle,
+    job: String,
+    keys: ChunkKeys,
+    zstd_level: i32,
+}
+
+impl RemoteStore {
+    /// Fetches the repository's chunking keys for job `job`.
+    pub async fn new(mut client: AgentClient<Channel>, job: String) -> Result<RemoteStore, Error> {
+        let k = client
+            .chunk_keys(pb::ChunkKeysRequest {})
+            .await
+            .map_err(|s| remote("get the chunk keys", s))?
+            .into_inner();
+        let id_key = <[u8; 32]>::try_from(&k.id_key[..])
+            .map_err(|_| Error::Interrupted("the server sent a chunk key of the wrong size".into()))?;
+        Ok(RemoteStore {
+            client,
+            handle: Handle::current(),
+            job,
+            keys: ChunkKeys::from_parts(id_key, k.chunker_seed),
+            zstd_level: k.zstd_level,
+        })
+    }
+
+    /// Reads a tree the job may read (async, for the start of a job).
+    pub async fn read_tree(&self, id: &BlobId) -> Result<Tree, Error> {
+        let t = self
+            .client
+            .clone()
+            .read_tree(pb::ReadTreeRequest {
+                job_id: self.job.clone(),
+                id: bytes::Bytes::copy_from_slice(&id.0),
+            })
+            .await
+            .map_err(|s| remote(&format!("read tree {id}"), s))?
+            .into_inner();
+        Tree::from_bytes(&t.tree, &format!("tree {id}"))
+    }
+}
+
+impl BackupStore for RemoteStore {
+    fn chunk_keys(&self) -> &ChunkKeys {
+        &self.keys
+    }
+
+    fn zstd_level(&self) -> i32 {
+        self.zstd_level
+    }
+
+    fn holds(&self, _id: &BlobId) -> bool {
+        false
+    }
+
+    /// The server holds a repository lock for the job, so what the parent
+    /// snapshot names stays stored while the job runs.
+    fn parent_chunk_stored(&self, _id: &BlobId) -> bool {
+        true
+    }
+
+    fn negotiates(&self) -> bool {
+        true
+    }
+
+    fn missing(&self, ids: &[BlobId]) -> Result<Vec<bool>, Error> {
+        let req = pb::MissingRequest {
+            job_id: self.job.clone(),
+            ids: ids.iter().map(|i| bytes::Bytes::copy_from_slice(&i.0)).collect(),
+        };
+        let resp = self
+            .handle
+            .block_on(self.client.clone().missing(req))
+            .map_err(|s| remote("ask which chunks are new", s))?
+            .into_inner();
+        let mut out = vec![false; ids.len()];
+        for i in resp.missing {
+            *out.get_mut(i as usize).ok_or_else(|| {
+                Error::Interrupted("the server named a chunk it was not asked about".into())
+            })? = true;
+        }
+        Ok(out)
+    }
+
+    fn load_tree(&self, id: &BlobId) -> Result<Tree, Error> {
+        self.handle.block_on(self.read_tree(id))
+    }
+
+    fn writer(&self) -> Result<Box<dyn BlobWriter + '_>, Error> {
+        // A bounded queue into one upload stream: the pipeline waits when
+        // the network or the server is slower than it.
+        let (tx, rx) = mpsc::channel(16);
+        let mut client = self.client.clone();
+        let upload = self.handle.spawn(async move {
+            client
+                .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map(|r| r.into_inner().stored)
+        });
+        Ok(Box::new(Uploader {
+            tx: Some(tx),
+            upload: Some(upload),
+            handle: self.handle.clone(),
+            job: self.job.clone(),
+        }))
+    }
+}
+
+struct Uploader {
+    tx: Option<mpsc::Sender<pb::UploadChunk>>,
+    upload: Option<tokio::task::JoinHandle<Result<u64, tonic::Status>>>,
+    handle: Handle,
+    job: String,
+}
+
+impl Uploader {
+    /// The upload's outcome, once its stream has ended.
+    fn outcome(&mut self) -> Result<u64, Error> {
+        self.tx = None;
+        let Some(upload) = self.upload.take() else {
+            return Err(Error::Interrupted("the upload already ended".into()));
+        };
+        match self.handle.block_on(upload) {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(s)) => Err(remote("upload chunks", s)),
+            Err(e) => Err(Error::Interrupted(format!("the upload task failed: {e}"))),
+        }
+    }
+}
+
+impl BlobWriter for Uploader {
+    fn add(&mut self, kind: BlobType, id: BlobId, payload: Vec<u8>, raw_len: u32) -> Result<(), Error> {
+        let msg = pb::UploadChunk {
+            job_id: self.job.clone(),
+            id: bytes::Bytes::copy_from_slice(&id.0),
+            kind: match kind {
+                BlobType::Data => 0,
+                BlobType::Tree => 1,
+            },
+            payload: payload.into(),
+            raw_len,
+        };
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.blocking_send(msg).is_ok());
+        if !sent {
+            // The stream ended early: its error says why.
+            self.outcome()?;
+            return Err(Error::Interrupted("the server closed the upload".into()));
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<u64, Error> {
+        self.outcome()
+    }
+}
+
+impl RestoreSource for RemoteStore {
+    fn load_tree(&self, id: &BlobId) -> Result<Tree, Error> {
+        self.handle.block_on(self.read_tree(id))
+    }
+
+    fn read_chunks(&self, ids: &[BlobId], write: &mut ChunkSink<'_>) -> Result<(), String> {
+        for batch in ids.chunks(READ_BATCH) {
+            self.handle.block_on(async {
+                let req = pb::ReadChunksRequest {
+                    job_id: self.job.clone(),
+                    ids: batch
+                        .iter()
+                        .map(|i| bytes::Bytes::copy_from_slice(&i.0))
+                        .collect(),
+                };
+                let mut stream = self
+                    .client
+                    .clone()
+                    .read_chunks(req)
+                    .await
+                    .map_err(|s| format!("failed to read chunks: the server said: {}", s.message()))?
+                    .into_inner();
+                let mut expected = batch.iter();
+                loop {
+                    let c = match stream.message().await {
+                        Ok(Some(c)) => c,
+                        Ok(None) => break,
+                        Err(s) => {
+                            return Err(format!("failed to read chunks: the server said: {}", s.message()));
+                        }
+                    };
+                    let Some(want) = expected.next() else {
+                        return Err("the server sent more chunks than asked for".into());
+                    };
+                    if c.raw_len as usize > chunk::MAX_CHUNK {
+                        return Err(format!("the server sent an oversized chunk for {want}"));
+                    }
+                    // Checked end to end: the data must hash to the id the snapshot names.
+                    let data = chunk::decompress(&c.payload, c.raw_len as usize)
+                        .map_err(|e| format!("chunk {want} from the server: {e}"))?;
+                    if chunk::blob_id(&self.keys, &data) != *want {
+                        return Err(format!("chunk {want} from the server does not match its id"));
+                    }
+                    write(&data)?;
+                }
+                if expected.next().is_some() {
+                    return Err("the server sent fewer chunks than asked for".into());
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+}

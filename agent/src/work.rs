@@ -1,0 +1,220 @@
+//! Runs the jobs the server sends: a backup reads this host's files through
+//! the engine's pipeline into the server; a restore writes them back under a
+//! target this agent is allowed to write. Progress goes back every second.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use backer_proto::v1 as pb;
+use backer_proto::v1::agent_client::AgentClient;
+use backer_proto::v1::agent_report::Report;
+use backer_repo::archiver::{self, BackupOptions, Progress};
+use backer_repo::id::{BlobId, SnapshotId};
+use backer_repo::restorer::{self, RestoreOptions, RestoreProgress};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+use crate::remote::RemoteStore;
+
+/// What this agent accepts from its server.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Restores may write only below these directories.
+    pub restore_roots: Vec<PathBuf>,
+}
+
+impl Policy {
+    fn allows_restore_to(&self, target: &Path) -> bool {
+        self.restore_roots.iter().any(|r| target.starts_with(r))
+    }
+}
+
+type Reports = mpsc::Sender<pb::AgentReport>;
+
+async fn report(tx: &Reports, r: Report) {
+    let _ = tx.send(pb::AgentReport { report: Some(r) }).await;
+}
+
+/// Runs one job to its end and reports how it ended.
+pub async fn run(client: AgentClient<Channel>, item: pb::WorkItem, reports: Reports, policy: Policy) {
+    let job = item.job_id.clone();
+    let outcome = match item.work {
+        Some(pb::work_item::Work::Backup(b)) => backup(client, &job, b, &reports).await,
+        Some(pb::work_item::Work::Restore(r)) => restore(client, &job, r, &reports, &policy).await,
+        None => Err("the server sent an empty job; is this agent older than the server?".into()),
+    };
+    let done = match outcome {
+        Ok((messages, snapshot_id)) => pb::JobDone {
+            job_id: job.clone(),
+            ok: true,
+            messages,
+            snapshot_id,
+        },
+        Err(e) => {
+            tracing::warn!(%job, "job failed: {e}");
+            pb::JobDone {
+                job_id: job.clone(),
+                ok: false,
+                messages: vec![e],
+                snapshot_id: String::new(),
+            }
+        }
+    };
+    tracing::info!(%job, ok = done.ok, "job ended");
+    report(&reports, Report::Done(done)).await;
+}
+
+/// Sends the counters every second until dropped.
+fn progress_reporter(
+    reports: Reports,
+    job: String,
+    read: impl Fn() -> (u64, u64, u64, u64) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let (files_done, bytes_done, files_total, bytes_total) = read();
+            let p = pb::JobProgress {
+                job_id: job.clone(),
+                files_done,
+                bytes_done,
+                files_total,
+                bytes_total,
+            };
+            if reports
+                .send(pb::AgentReport {
+                    report: Some(Report::Progress(p)),
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+}
+
+type Outcome = Result<(Vec<String>, String), String>;
+
+async fn backup(client: AgentClient<Channel>, job: &str, work: pb::BackupWork, reports: &Reports) -> Outcome {
+    let store = RemoteStore::new(client.clone(), job.to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    let parent = if work.parent_tree_id.is_empty() {
+        None
+    } else {
+        let id: SnapshotId = work
+            .parent_snapshot_id
+            .parse()
+            .map_err(|_| "the server sent a malformed parent snapshot id".to_string())?;
+        let root = BlobId::from_slice(&work.parent_tree_id)
+            .ok_or_else(|| "the server sent a malformed parent tree id".to_string())?;
+        match store.read_tree(&root).await {
+            Ok(t) => Some((id, t)),
+            Err(e) => {
+                tracing::warn!("failed to read the parent snapshot, reading every file: {e}");
+                None
+            }
+        }
+    };
+    let opts = BackupOptions {
+        paths: work.paths.iter().map(PathBuf::from).collect(),
+        excludes: work.excludes,
+        tags: work.tags,
+        scan: true,
+        ..Default::default()
+    };
+    let progress = Arc::new(Progress::default());
+    let p = Arc::clone(&progress);
+    let ticker = progress_reporter(reports.clone(), job.to_string(), move || {
+        (
+            p.files_done.load(Ordering::Relaxed),
+            p.bytes_done.load(Ordering::Relaxed),
+            p.files_total.load(Ordering::Relaxed),
+            p.bytes_total.load(Ordering::Relaxed),
+        )
+    });
+    let archived = tokio::task::spawn_blocking(move || {
+        let r = archiver::archive(&store, &opts, parent, progress);
+        (r, store)
+    })
+    .await;
+    ticker.abort();
+    let (result, _store) = archived.map_err(|e| format!("the backup thread failed: {e}"))?;
+    let (snapshot, messages) = result.map_err(|e| format!("backup failed: {e}"))?;
+    let snapshot_json = serde_json::to_string(&snapshot).map_err(|e| e.to_string())?;
+    let id = client
+        .clone()
+        .finish_backup(pb::FinishBackupRequest {
+            job_id: job.to_string(),
+            snapshot_json,
+        })
+        .await
+        .map_err(|s| format!("the server refused the snapshot: {}", s.message()))?
+        .into_inner()
+        .snapshot_id;
+    Ok((messages, id))
+}
+
+async fn restore(
+    client: AgentClient<Channel>,
+    job: &str,
+    work: pb::RestoreWork,
+    reports: &Reports,
+    policy: &Policy,
+) -> Outcome {
+    let target = PathBuf::from(&work.target);
+    if !target.is_absolute() || !policy.allows_restore_to(&target) {
+        return Err(format!(
+            "refused to restore into {}: this agent may restore only below {} (backer-agent run --restore-root)",
+            target.display(),
+            policy
+                .restore_roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let root =
+        BlobId::from_slice(&work.tree_id).ok_or_else(|| "the server sent a malformed tree id".to_string())?;
+    let store = RemoteStore::new(client, job.to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    let opts = RestoreOptions {
+        target,
+        includes: work.includes,
+        overwrite: work.overwrite,
+        threads: 0,
+    };
+    let progress = Arc::new(RestoreProgress::default());
+    progress.files_total.store(work.files_total, Ordering::Relaxed);
+    progress.bytes_total.store(work.bytes_total, Ordering::Relaxed);
+    let p = Arc::clone(&progress);
+    let ticker = progress_reporter(reports.clone(), job.to_string(), move || {
+        (
+            p.files_done.load(Ordering::Relaxed),
+            p.bytes_done.load(Ordering::Relaxed),
+            p.files_total.load(Ordering::Relaxed),
+            p.bytes_total.load(Ordering::Relaxed),
+        )
+    });
+    let restored =
+        tokio::task::spawn_blocking(move || restorer::restore_tree(&store, root, &opts, progress)).await;
+    ticker.abort();
+    let outcome = restored
+        .map_err(|e| format!("the restore thread failed: {e}"))?
+        .map_err(|e| format!("restore failed: {e}"))?;
+    let last = pb::JobProgress {
+        job_id: job.to_string(),
+        files_done: outcome.files,
+        bytes_done: outcome.bytes,
+        files_total: work.files_total.max(outcome.files),
+        bytes_total: work.bytes_total.max(outcome.bytes),
+    };
+    report(reports, Report::Progress(last)).await;
+    Ok((outcome.errors, String::new()))
+}

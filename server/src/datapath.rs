@@ -1,0 +1,234 @@
+//! The server's side of the data path. Agents hold no repository key: they
+//! send compressed chunks, which are checked here (each must decompress and
+//! hash to its id, so no agent can store data under a false id), sealed and
+//! packed; trees and chunks go back only within a job the agent runs.
+
+use std::sync::Arc;
+
+use backer_proto::v1 as pb;
+use backer_repo::id::BlobId;
+use backer_repo::pack::BlobType;
+use backer_repo::packer::Packer;
+use backer_repo::snapshot::Snapshot;
+use backer_repo::store::{read_blobs, verify_payload};
+use backer_repo::tree::{Extent, Tree};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::jobs::{Active, JobState, Spec, guard};
+use crate::server::Shared;
+
+/// Ids per Missing question, and per ReadChunks request.
+pub const MAX_IDS: usize = 4096;
+
+pub fn blob_id(b: &[u8]) -> Result<BlobId, Status> {
+    BlobId::from_slice(b).ok_or_else(|| Status::invalid_argument("a chunk id is not 32 bytes"))
+}
+
+pub fn backup_spec(active: &Active) -> Result<&crate::jobs::BackupSpec, Status> {
+    match &active.spec {
+        Spec::Backup(b) => Ok(b),
+        Spec::Restore { .. } => Err(Status::failed_precondition(format!(
+            "job {} is a restore",
+            active.id
+        ))),
+    }
+}
+
+/// Which of `ids` the repository lacks (by position).
+pub fn missing(active: &Active, ids: &[Vec<u8>]) -> Result<Vec<u32>, Status> {
+    backup_spec(active)?;
+    if ids.len() > MAX_IDS {
+        return Err(Status::invalid_argument(format!(
+            "ask about at most {MAX_IDS} chunks at once"
+        )));
+    }
+    let index = active.repo.index();
+    let mut out = Vec::new();
+    for (i, raw) in ids.iter().enumerate() {
+        if !index.contains(&blob_id(raw)?) {
+            out.push(i as u32);
+        }
+    }
+    Ok(out)
+}
+
+/// Checks and packs the chunks of one upload stream; runs on its own thread.
+/// Returns the number of blobs stored.
+pub fn ingest(
+    active: &Active,
+    mut rx: mpsc::Receiver<pb::UploadChunk>,
+    handle: Handle,
+) -> Result<u64, Status> {
+    let repo = &active.repo;
+    let keys = &repo.key().chunk;
+    // The job's repository lock is checked before the snapshot is written.
+    let mut packer = Packer::new(repo, None, handle);
+    let mut stored = 0u64;
+    let invalid = |e: backer_repo::Error| Status::invalid_argument(e.to_string());
+    while let Some(m) = rx.blocking_recv() {
+        let id = blob_id(&m.id)?;
+        let kind = match m.kind {
+            0 => BlobType::Data,
+            1 => BlobType::Tree,
+            k => return Err(Status::invalid_argument(format!("unknown blob kind {k}"))),
+        };
+        let raw = verify_payload(keys, kind, &id, &m.payload, m.raw_len).map_err(invalid)?;
+        if kind == BlobType::Tree {
+            Tree::from_bytes(&raw, &format!("uploaded tree {id}")).map_err(invalid)?;
+            guard(&active.new_trees).push(id);
+        }
+        drop(raw);
+        if repo.index().contains(&id) {
+            continue;
+        }
+        packer
+            .add(kind, id, &m.payload, m.raw_len)
+            .map_err(|e| Status::internal(format!("failed to store chunk {id}: {e}")))?;
+        stored += 1;
+    }
+    packer
+        .finish()
+        .map_err(|e| Status::internal(format!("failed to store the uploaded chunks: {e}")))?;
+    Ok(stored)
+}
+
+/// A tree the job may read; its subtrees become readable in turn.
+pub async fn read_tree(active: &Active, id: BlobId) -> Result<Vec<u8>, Status> {
+    if !guard(&active.readable_trees).contains(&id) {
+        return Err(Status::permission_denied(format!(
+            "tree {id} is not part of what job {} may read",
+            active.id
+        )));
+    }
+    let tree = active
+        .repo
+        .load_tree(&id)
+        .await
+        .map_err(|e| Status::internal(format!("failed to read tree {id}: {e}")))?;
+    guard(&active.readable_trees).extend(tree.nodes.iter().filter_map(|n| n.subtree));
+    tree.to_bytes().map_err(|e| Status::internal(e.to_string()))
+}
+
+/// Streams the stored (compressed) payload of each chunk of a restore job.
+/// A chunk id can only be known from a tree the job may read or from the
+/// data itself, so an agent reads nothing it could not already know.
+pub fn read_chunks(
+    active: Arc<Active>,
+    ids: Vec<Vec<u8>>,
+    handle: Handle,
+) -> Result<mpsc::Receiver<Result<pb::ChunkData, Status>>, Status> {
+    if !matches!(active.spec, Spec::Restore { .. }) {
+        return Err(Status::failed_precondition(format!(
+            "job {} is not a restore",
+            active.id
+        )));
+    }
+    if ids.len() > MAX_IDS {
+        return Err(Status::invalid_argument(format!(
+            "ask for at most {MAX_IDS} chunks at once"
+        )));
+    }
+    let ids = ids.iter().map(|b| blob_id(b)).collect::<Result<Vec<_>, _>>()?;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let repo = &active.repo;
+        let result = read_blobs(repo, &handle, &ids, &mut |loc, sealed| {
+            let payload = backer_repo::pack::open_payload(&repo.key().data, &loc.entry, sealed)
+                .map_err(|e| e.to_string())?;
+            let msg = pb::ChunkData {
+                id: bytes::Bytes::copy_from_slice(&loc.entry.id.0),
+                payload: payload.into(),
+                raw_len: loc.entry.raw_len,
+            };
+            tx.blocking_send(Ok(msg))
+                .map_err(|_| "the agent went away".to_string())
+        });
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(Status::internal(e)));
+        }
+    });
+    Ok(rx)
+}
+
+/// Ends a backup: checks that every tree it uploaded names only stored
+/// blobs and that its root is stored, then writes the snapshot, named
+/// after the client whatever the agent says.
+pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str) -> Result<String, Status> {
+    let spec = backup_spec(active)?;
+    if *guard(&active.uploading) {
+        return Err(Status::failed_precondition("an upload of this job is still open"));
+    }
+    let mut snap: Snapshot = serde_json::from_str(snapshot_json)
+        .map_err(|e| Status::invalid_argument(format!("the snapshot is not valid: {e}")))?;
+    shared
+        .storage
+        .refresh()
+        .await
+        .map_err(|e| Status::internal(format!("failed to read the index: {e}")))?;
+    let repo = shared.storage.repo();
+    let mut problems = Vec::new();
+    if !repo.index().contains(&snap.tree) {
+        problems.push(format!("its root tree {} was never uploaded", snap.tree));
+    }
+    let new_trees = std::mem::take(&mut *guard(&active.new_trees));
+    for t in new_trees {
+        let tree = repo
+            .load_tree(&t)
+            .await
+            .map_err(|e| Status::internal(format!("failed to read back tree {t}: {e}")))?;
+        for n in &tree.nodes {
+            let missing = n.subtree.filter(|s| !repo.index().contains(s)).or_else(|| {
+                n.content.iter().find_map(|e| match e {
+                    Extent::Data { id, .. } if !repo.index().contains(id) => Some(*id),
+                    _ => None,
+                })
+            });
+            if let Some(m) = missing {
+                problems.push(format!(
+                    "{} names chunk {m}, which was never uploaded",
+                    n.name_lossy()
+                ));
+                break;
+            }
+        }
+        if problems.len() > 10 {
+            break;
+        }
+    }
+    if !problems.is_empty() {
+        let msg = format!(
+            "the backup is incomplete, no snapshot written: {}",
+            problems.join("; ")
+        );
+        crate::runner::end(shared, &active.id, JobState::Failed, vec![msg.clone()], None).await;
+        return Err(Status::failed_precondition(msg));
+    }
+    snap.hostname = active.client.clone();
+    snap.paths = spec.paths.clone();
+    snap.excludes = spec.excludes.clone();
+    snap.tags = spec.tags.clone();
+    snap.parent = spec.parent.map(|(id, _)| id);
+    snap.time = chrono::Utc::now();
+    if let Some(lock) = active.lock.lock().await.as_ref() {
+        lock.check_fresh()
+            .await
+            .map_err(|e| Status::aborted(format!("the repository lock was lost: {e}")))?;
+    }
+    let id = repo
+        .save_snapshot(&snap)
+        .await
+        .map_err(|e| Status::internal(format!("failed to write the snapshot: {e}")))?;
+    let state = if snap.partial {
+        JobState::Partial
+    } else {
+        JobState::Succeeded
+    };
+    shared.jobs.update(&active.id, |r| {
+        r.files_done = snap.summary.files;
+        r.bytes_done = snap.summary.bytes;
+    });
+    crate::runner::end(shared, &active.id, state, snap.errors.clone(), Some(id.to_hex())).await;
+    Ok(id.to_hex())
+}

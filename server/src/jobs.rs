@@ -1,0 +1,377 @@
+//! Every backup and restore the server runs, wherever it came from (the CLI,
+//! a schedule, the host itself): their records, kept on disk so a restart
+//! reports what it interrupted, and the live state of the running ones.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use backer_proto::v1 as pb;
+use backer_repo::Repository;
+use backer_repo::id::{BlobId, SnapshotId};
+use backer_repo::lock::Lock;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tonic::Status;
+
+use crate::state::{StateError, write_atomic};
+
+/// Finished jobs kept in the record (the oldest go first).
+const KEEP_FINISHED: usize = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Backup,
+    Restore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Partial,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Partial => "partial",
+            JobState::Failed => "failed",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Partial | JobState::Failed)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub kind: Kind,
+    pub client: String,
+    pub state: JobState,
+    /// Who asked: "admin:NAME", "schedule:ID", "agent".
+    pub origin: String,
+    pub created: i64,
+    pub finished: i64,
+    pub files_done: u64,
+    pub bytes_done: u64,
+    pub files_total: u64,
+    pub bytes_total: u64,
+    pub snapshot_id: String,
+    pub messages: Vec<String>,
+}
+
+impl JobRecord {
+    pub fn to_proto(&self) -> pb::Job {
+        pb::Job {
+            id: self.id.clone(),
+            kind: match self.kind {
+                Kind::Backup => "backup",
+                Kind::Restore => "restore",
+            }
+            .into(),
+            client: self.client.clone(),
+            state: self.state.as_str().into(),
+            created: self.created,
+            finished: self.finished,
+            files_done: self.files_done,
+            bytes_done: self.bytes_done,
+            files_total: self.files_total,
+            bytes_total: self.bytes_total,
+            snapshot_id: self.snapshot_id.clone(),
+            messages: self.messages.clone(),
+        }
+    }
+}
+
+/// What a running backup was asked to do.
+#[derive(Debug, Clone)]
+pub struct BackupSpec {
+    pub paths: Vec<String>,
+    pub excludes: Vec<String>,
+    pub tags: Vec<String>,
+    pub parent: Option<(SnapshotId, BlobId)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Spec {
+    Backup(BackupSpec),
+    Restore { snapshot: SnapshotId, root: BlobId },
+}
+
+/// A running job's live state: what its agent may read and what it wrote.
+pub struct Active {
+    pub id: String,
+    pub client: String,
+    pub spec: Spec,
+    /// The repository handle the job started with (its index answers dedup).
+    pub repo: Arc<Repository>,
+    /// Keeps prune from deleting chunks this job reuses.
+    pub lock: tokio::sync::Mutex<Option<Lock>>,
+    /// Trees the agent may read: the root it was given and, as it reads
+    /// them, their subtrees. Nothing else of the repository is reachable.
+    pub readable_trees: Mutex<HashSet<BlobId>>,
+    /// Trees this backup uploaded, checked before its snapshot is written.
+    pub new_trees: Mutex<Vec<BlobId>>,
+    /// An upload stream is open (one at a time per job).
+    pub uploading: Mutex<bool>,
+}
+
+impl std::fmt::Debug for Active {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Active({} of {})", self.id, self.client)
+    }
+}
+
+pub fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct Stored {
+    jobs: Vec<JobRecord>,
+}
+
+struct Inner {
+    records: BTreeMap<String, JobRecord>,
+    watchers: HashMap<String, watch::Sender<JobRecord>>,
+    active: HashMap<String, Arc<Active>>,
+    next: u32,
+}
+
+pub struct Jobs {
+    inner: Mutex<Inner>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Jobs(..)")
+    }
+}
+
+impl Jobs {
+    /// Loads the record from `path`. Jobs that were queued or running when
+    /// the server stopped are marked failed with that reason: a job never
+    /// stays "running" across a restart.
+    pub fn load(path: PathBuf, now: i64) -> Result<Jobs, StateError> {
+        let stored: Stored = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| StateError::Damaged {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Stored::default(),
+            Err(source) => {
+                return Err(StateError::Io {
+                    what: "read",
+                    path,
+                    source,
+                });
+            }
+        };
+        let mut records = BTreeMap::new();
+        let mut changed = false;
+        for mut r in stored.jobs {
+            if !r.state.is_final() {
+                r.state = JobState::Failed;
+                r.finished = now;
+                r.messages
+                    .push("the server stopped while this job ran; no snapshot was written".into());
+                changed = true;
+            }
+            records.insert(r.id.clone(), r);
+        }
+        let jobs = Jobs {
+            inner: Mutex::new(Inner {
+                records,
+                watchers: HashMap::new(),
+                active: HashMap::new(),
+                next: 0,
+            }),
+            path,
+        };
+        if changed {
+            jobs.save(&guard(&jobs.inner))?;
+        }
+        Ok(jobs)
+    }
+
+    fn save(&self, inner: &Inner) -> Result<(), StateError> {
+        let stored = Stored {
+            jobs: inner.records.values().cloned().collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&stored).map_err(|e| StateError::Damaged {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })?;
+        write_atomic(&self.path, &bytes, false)
+    }
+
+    fn save_or_log(&self, inner: &Inner) {
+        if let Err(e) = self.save(inner) {
+            tracing::error!("failed to save the job record: {e}");
+        }
+    }
+
+    /// Records a new job, queued.
+    pub fn create(&self, kind: Kind, client: &str, origin: &str, now: i64) -> JobRecord {
+        let mut inner = guard(&self.inner);
+        inner.next = inner.next.wrapping_add(1);
+        // Sorts by creation time; the counter tells apart jobs of one second.
+        let id = format!(
+            "{}-{:04}",
+            chrono::DateTime::from_timestamp(now, 0)
+                .unwrap_or_default()
+                .format("%Y%m%d-%H%M%S"),
+            inner.next % 10_000
+        );
+        let record = JobRecord {
+            id: id.clone(),
+            kind,
+            client: client.to_string(),
+            state: JobState::Queued,
+            origin: origin.to_string(),
+            created: now,
+            finished: 0,
+            files_done: 0,
+            bytes_done: 0,
+            files_total: 0,
+            bytes_total: 0,
+            snapshot_id: String::new(),
+            messages: Vec::new(),
+        };
+        inner.records.insert(id.clone(), record.clone());
+        while inner.records.len() > KEEP_FINISHED {
+            let oldest_final = inner
+                .records
+                .iter()
+                .find(|(_, r)| r.state.is_final())
+                .map(|(k, _)| k.clone());
+            match oldest_final {
+                Some(k) => {
+                    inner.records.remove(&k);
+                }
+                None => break,
+            }
+        }
+        self.save_or_log(&inner);
+        record
+    }
+
+    pub fn get(&self, id: &str) -> Option<JobRecord> {
+        guard(&self.inner).records.get(id).cloned()
+    }
+
+    pub fn list(&self, client: Option<&str>) -> Vec<JobRecord> {
+        guard(&self.inner)
+            .records
+            .values()
+            .filter(|r| client.is_none_or(|c| r.client == c))
+            .cloned()
+            .collect()
+    }
+
+    /// A receiver that sees the job now and every change after.
+    pub fn watch(&self, id: &str) -> Option<watch::Receiver<JobRecord>> {
+        let mut inner = guard(&self.inner);
+        let record = inner.records.get(id)?.clone();
+        if record.state.is_final() {
+            // Nothing will change: a receiver that holds the final record.
+            return Some(watch::channel(record).1);
+        }
+        Some(
+            inner
+                .watchers
+                .entry(id.to_string())
+                .or_insert_with(|| watch::channel(record).0)
+                .subscribe(),
+        )
+    }
+
+    /// Changes a job's record; saved to disk when its state changed.
+    pub fn update(&self, id: &str, f: impl FnOnce(&mut JobRecord)) -> Option<JobRecord> {
+        let mut inner = guard(&self.inner);
+        let r = inner.records.get_mut(id)?;
+        if r.state.is_final() {
+            return Some(r.clone());
+        }
+        let before = r.state;
+        f(r);
+        let after = r.clone();
+        if let Some(w) = inner.watchers.get(id) {
+            w.send_replace(after.clone());
+        }
+        if before != after.state {
+            self.save_or_log(&inner);
+        }
+        if after.state.is_final() {
+            inner.watchers.remove(id);
+            inner.active.remove(id);
+        }
+        Some(after)
+    }
+
+    /// Ends a job; its live state is dropped.
+    pub fn finish(
+        &self,
+        id: &str,
+        state: JobState,
+        messages: Vec<String>,
+        snapshot: Option<String>,
+        now: i64,
+    ) -> Option<JobRecord> {
+        self.update(id, |r| {
+            r.state = state;
+            r.finished = now;
+            r.messages.extend(messages);
+            if let Some(s) = snapshot {
+                r.snapshot_id = s;
+            }
+        })
+    }
+
+    pub fn start(&self, active: Active) -> Arc<Active> {
+        let active = Arc::new(active);
+        guard(&self.inner)
+            .active
+            .insert(active.id.clone(), Arc::clone(&active));
+        self.update(&active.id, |r| r.state = JobState::Running);
+        active
+    }
+
+    /// The running job `id`, if it belongs to `client`; what an agent's
+    /// data calls are checked against.
+    pub fn active_for(&self, id: &str, client: &str) -> Result<Arc<Active>, Status> {
+        let inner = guard(&self.inner);
+        match inner.active.get(id) {
+            Some(a) if a.client == client => Ok(Arc::clone(a)),
+            // Another client's job looks the same as none at all.
+            _ => Err(Status::failed_precondition(format!(
+                "job {id} is not a running job of client {client}"
+            ))),
+        }
+    }
+
+    /// The running jobs of `client`.
+    pub fn active_of(&self, client: &str) -> Vec<Arc<Active>> {
+        guard(&self.inner)
+            .active
+            .values()
+            .filter(|a| a.client == client)
+            .cloned()
+            .collect()
+    }
+
+    pub fn running(&self) -> usize {
+        guard(&self.inner).active.len()
+    }
+}

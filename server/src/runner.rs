@@ -1,0 +1,396 @@
+//! Where a request becomes work: a backup or restore asked for by an admin, a
+//! schedule or the host itself is checked, recorded as a job, and sent to the
+//! client's agent over its Work stream; its end releases what it held.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backer_proto::v1 as pb;
+use backer_repo::lock::Lock;
+use tonic::Status;
+
+use crate::jobs::{Active, BackupSpec, JobRecord, JobState, Kind, Spec};
+use crate::server::Shared;
+use crate::state::ClientState;
+
+/// How long a job waits for another process's exclusive lock (a prune).
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+fn now(shared: &Shared) -> i64 {
+    shared.now().timestamp()
+}
+
+/// The client must be enrolled and connected for a job to start.
+fn check_client(shared: &Shared, client: &str) -> Result<(), Status> {
+    match shared.registry().clients.get(client).map(|r| r.state) {
+        Some(ClientState::Enrolled) => {}
+        Some(ClientState::Revoked) => {
+            return Err(Status::failed_precondition(format!(
+                "client {client} has been revoked"
+            )));
+        }
+        Some(ClientState::Pending) => {
+            return Err(Status::failed_precondition(format!(
+                "client {client} has not enrolled yet: run `backer-agent enroll` on it"
+            )));
+        }
+        None => return Err(Status::not_found(format!("no client named {client}"))),
+    }
+    if !shared.is_connected(client) {
+        return Err(Status::unavailable(format!(
+            "client {client} is not connected: start `backer-agent run` on it"
+        )));
+    }
+    Ok(())
+}
+
+/// Lexically absolute, `..`-free paths, sorted, as the agent will record them.
+fn clean_paths(paths: &[String], what: &str) -> Result<Vec<String>, Status> {
+    let mut out = Vec::new();
+    for p in paths {
+        if !p.starts_with('/') {
+            return Err(Status::invalid_argument(format!(
+                "{what} {p:?} is not absolute: give the full path on the client"
+            )));
+        }
+        let mut clean = std::path::PathBuf::from("/");
+        for c in std::path::Path::new(p).components() {
+            match c {
+                std::path::Component::Normal(n) => clean.push(n),
+                std::path::Component::ParentDir => {
+                    return Err(Status::invalid_argument(format!("{what} {p:?} contains `..`")));
+                }
+                _ => {}
+            }
+        }
+        out.push(clean.display().to_string());
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// A backup that passed every check and can be launched.
+#[derive(Debug)]
+pub struct BackupPlan {
+    client: String,
+    spec: BackupSpec,
+}
+
+/// Starts a backup of `client`. Empty `paths` means the client's configured
+/// backup definitions (all of them, in one snapshot).
+pub async fn start_backup(
+    shared: &Arc<Shared>,
+    req: pb::StartBackupRequest,
+    origin: &str,
+) -> Result<JobRecord, Status> {
+    let plan = plan_backup(shared, req).await?;
+    launch_backup(shared, plan, origin).await
+}
+
+/// Checks a backup request and finds its parent; records nothing.
+pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> Result<BackupPlan, Status> {
+    let client = req.client;
+    let (mut paths, mut excludes) = (req.paths, req.excludes);
+    if paths.is_empty() {
+        let config = shared.config();
+        let def = config.clients.get(&client).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "no path given and client {client} has no backups configured: name the paths to back up"
+            ))
+        })?;
+        for id in &def.backups {
+            if let Some(b) = config.backups.get(id) {
+                paths.extend(b.paths.iter().cloned());
+                excludes.extend(b.excluded.iter().cloned());
+            }
+        }
+        if paths.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "no path given and the backups configured for {client} name none"
+            )));
+        }
+    }
+    let paths = clean_paths(&paths, "path")?;
+    for e in &excludes {
+        backer_repo::archiver::Excluder::new(std::slice::from_ref(e))
+            .map_err(|err| Status::invalid_argument(err.to_string()))?;
+    }
+    check_client(shared, &client)?;
+
+    let repo = shared.storage.repo();
+    // The newest snapshot of this client over the same paths is the parent:
+    // its unchanged files are not read again.
+    let parent = repo
+        .snapshots()
+        .await
+        .map_err(|e| Status::internal(format!("failed to list snapshots: {e}")))?
+        .into_iter()
+        .rev()
+        .find(|s| s.snapshot.hostname == client && s.snapshot.paths == paths)
+        .map(|s| (s.id, s.snapshot.tree));
+    Ok(BackupPlan {
+        client,
+        spec: BackupSpec {
+            paths,
+            excludes,
+            tags: req.tags,
+            parent,
+        },
+    })
+}
+
+/// Records the job, locks the repository and sends the work to the agent.
+pub async fn launch_backup(
+    shared: &Arc<Shared>,
+    plan: BackupPlan,
+    origin: &str,
+) -> Result<JobRecord, Status> {
+    let BackupPlan { client, spec } = plan;
+    let repo = shared.storage.repo();
+    let record = shared.jobs.create(Kind::Backup, &client, origin, now(shared));
+    let lock = Lock::acquire(
+        &repo,
+        false,
+        &format!("backup of {client} (job {})", record.id),
+        LOCK_WAIT,
+    )
+    .await
+    .map_err(|e| fail_now(shared, &record.id, format!("failed to lock the repository: {e}")))?;
+    let parent = spec.parent;
+    let work = pb::BackupWork {
+        paths: spec.paths.clone(),
+        excludes: spec.excludes.clone(),
+        tags: spec.tags.clone(),
+        parent_snapshot_id: parent.map(|(s, _)| s.to_hex()).unwrap_or_default(),
+        parent_tree_id: parent.map(|(_, t)| t.0.to_vec()).unwrap_or_default().into(),
+    };
+    let readable = parent.map(|(_, t)| t).into_iter().collect();
+    let active = shared.jobs.start(Active {
+        id: record.id.clone(),
+        client: client.clone(),
+        spec: Spec::Backup(spec),
+        repo,
+        lock: tokio::sync::Mutex::new(Some(lock)),
+        readable_trees: Mutex::new(readable),
+        new_trees: Mutex::new(Vec::new()),
+        uploading: Mutex::new(false),
+    });
+    let work = pb::WorkItem {
+        job_id: record.id.clone(),
+        work: Some(pb::work_item::Work::Backup(work)),
+    };
+    dispatch(shared, &active, work).await?;
+    tracing::info!(job = %record.id, %client, %origin, "backup started");
+    Ok(shared.jobs.get(&record.id).unwrap_or(record))
+}
+
+/// Starts a restore of a snapshot onto its own client or another.
+pub async fn start_restore(
+    shared: &Arc<Shared>,
+    req: pb::StartRestoreRequest,
+    origin: &str,
+) -> Result<JobRecord, Status> {
+    let repo = shared.storage.repo();
+    let entry = find_snapshot(&repo, &req.snapshot, &req.client).await?;
+    let to = if req.to_client.is_empty() {
+        entry.snapshot.hostname.clone()
+    } else {
+        req.to_client.clone()
+    };
+    if req.target.is_empty() {
+        return Err(Status::invalid_argument(
+            "no restore target: give --target DIR (an absolute directory on the client; / restores in place)",
+        ));
+    }
+    let target = clean_paths(std::slice::from_ref(&req.target), "target")?.remove(0);
+    for inc in &req.includes {
+        clean_paths(std::slice::from_ref(inc), "include")?;
+    }
+    check_client(shared, &to)?;
+    let record = shared.jobs.create(Kind::Restore, &to, origin, now(shared));
+    let root = entry.snapshot.tree;
+    let active = shared.jobs.start(Active {
+        id: record.id.clone(),
+        client: to.clone(),
+        spec: Spec::Restore {
+            snapshot: entry.id,
+            root,
+        },
+        repo,
+        lock: tokio::sync::Mutex::new(None),
+        readable_trees: Mutex::new([root].into_iter().collect()),
+        new_trees: Mutex::new(Vec::new()),
+        uploading: Mutex::new(false),
+    });
+    let whole = req.includes.is_empty();
+    let work = pb::WorkItem {
+        job_id: record.id.clone(),
+        work: Some(pb::work_item::Work::Restore(pb::RestoreWork {
+            snapshot_id: entry.id.to_hex(),
+            target,
+            includes: req.includes,
+            overwrite: req.overwrite,
+            tree_id: root.0.to_vec().into(),
+            files_total: if whole { entry.snapshot.summary.files } else { 0 },
+            bytes_total: if whole { entry.snapshot.summary.bytes } else { 0 },
+        })),
+    };
+    dispatch(shared, &active, work).await?;
+    tracing::info!(job = %record.id, client = %to, snapshot = %entry.id.short(), %origin, "restore started");
+    Ok(shared.jobs.get(&record.id).unwrap_or(record))
+}
+
+/// A snapshot by id, unique prefix, or `latest` (of `client`); when `client`
+/// is given, the snapshot must be that client's.
+pub async fn find_snapshot(
+    repo: &backer_repo::Repository,
+    spec: &str,
+    client: &str,
+) -> Result<backer_repo::snapshot::SnapshotEntry, Status> {
+    let all = repo
+        .snapshots()
+        .await
+        .map_err(|e| Status::internal(format!("failed to list snapshots: {e}")))?;
+    let mine: Vec<_> = all
+        .into_iter()
+        .filter(|s| client.is_empty() || s.snapshot.hostname == client)
+        .collect();
+    if spec == "latest" {
+        if client.is_empty() {
+            return Err(Status::invalid_argument(
+                "`latest` needs a client: give --client NAME",
+            ));
+        }
+        return mine
+            .into_iter()
+            .next_back()
+            .ok_or_else(|| Status::not_found(format!("client {client} has no snapshot yet")));
+    }
+    if spec.len() < 4 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Status::invalid_argument(format!(
+            "{spec:?} is not a snapshot id: give at least 4 hex digits of one, or `latest`"
+        )));
+    }
+    let mut found = mine.into_iter().filter(|s| s.id.to_hex().starts_with(spec));
+    match (found.next(), found.next()) {
+        (Some(s), None) => Ok(s),
+        (Some(_), Some(_)) => Err(Status::invalid_argument(format!(
+            "snapshot prefix {spec:?} is ambiguous; give more characters"
+        ))),
+        (None, _) => Err(Status::not_found(format!("no snapshot matches {spec:?}"))),
+    }
+}
+
+/// Sends the job to the client's agent; a job that cannot be sent fails.
+async fn dispatch(shared: &Arc<Shared>, active: &Arc<Active>, work: pb::WorkItem) -> Result<(), Status> {
+    let sender = shared.work_sender(&active.client);
+    let sent = match sender {
+        Some(tx) => tx.send(Ok(work)).await.is_ok(),
+        None => false,
+    };
+    if !sent {
+        let msg = format!("client {} disconnected before the job could start", active.client);
+        end(shared, &active.id, JobState::Failed, vec![msg.clone()], None).await;
+        return Err(Status::unavailable(msg));
+    }
+    Ok(())
+}
+
+fn fail_now(shared: &Shared, id: &str, msg: String) -> Status {
+    shared
+        .jobs
+        .finish(id, JobState::Failed, vec![msg.clone()], None, now(shared));
+    Status::unavailable(msg)
+}
+
+/// Ends a job: releases its lock, records the outcome, wakes watchers.
+pub async fn end(
+    shared: &Shared,
+    id: &str,
+    state: JobState,
+    messages: Vec<String>,
+    snapshot: Option<String>,
+) -> Option<JobRecord> {
+    let active = shared
+        .jobs
+        .get(id)
+        .and_then(|r| shared.jobs.active_for(id, &r.client).ok());
+    if let Some(a) = active
+        && let Some(lock) = a.lock.lock().await.take()
+        && let Err(e) = lock.release().await
+    {
+        tracing::warn!(job = %id, "failed to release the repository lock (it will go stale): {e}");
+    }
+    let r = shared.jobs.finish(id, state, messages, snapshot, now(shared));
+    if let Some(r) = &r {
+        tracing::info!(job = %id, client = %r.client, state = r.state.as_str(), "job ended");
+    }
+    r
+}
+
+/// The agent of `client` went away: its running jobs fail with that reason.
+pub async fn client_gone(shared: &Shared, client: &str, why: &str) {
+    for a in shared.jobs.active_of(client) {
+        end(
+            shared,
+            &a.id,
+            JobState::Failed,
+            vec![format!("the agent of {client} {why}; no snapshot was written")],
+            None,
+        )
+        .await;
+    }
+}
+
+/// Fires scheduled backups: each minute (of the server's clock), every
+/// client whose schedules say so gets a backup of its configured paths.
+pub async fn run_schedules(shared: Arc<Shared>) {
+    let mut last = shared.now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = shared.now();
+        let config = shared.config();
+        for (name, def) in &config.clients {
+            for sid in &def.schedules {
+                let Some(s) = config.schedules.get(sid) else {
+                    continue;
+                };
+                // Due when a fire time falls in (last, now].
+                let due = s.when.next_after(last).is_some_and(|t| t <= now);
+                if !due {
+                    continue;
+                }
+                let req = pb::StartBackupRequest {
+                    client: name.clone(),
+                    ..Default::default()
+                };
+                let origin = format!("schedule:{sid}");
+                match plan_backup(&shared, req).await {
+                    // Launch failures are recorded as failed jobs by the launch.
+                    Ok(plan) => match launch_backup(&shared, plan, &origin).await {
+                        Ok(job) => {
+                            tracing::info!(job = %job.id, client = %name, schedule = %sid, "scheduled backup started")
+                        }
+                        Err(e) => {
+                            tracing::warn!(client = %name, schedule = %sid, "scheduled backup failed to start: {}", e.message())
+                        }
+                    },
+                    Err(e) => {
+                        // Recorded as a failed job, so `backer jobs` shows the miss.
+                        let r = shared.jobs.create(Kind::Backup, name, &origin, now.timestamp());
+                        shared.jobs.finish(
+                            &r.id,
+                            JobState::Failed,
+                            vec![format!("scheduled backup could not start: {}", e.message())],
+                            None,
+                            now.timestamp(),
+                        );
+                        tracing::warn!(client = %name, schedule = %sid, "scheduled backup could not start: {}", e.message());
+                    }
+                }
+            }
+        }
+        last = now;
+    }
+}
