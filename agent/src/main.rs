@@ -56,6 +56,9 @@ enum Command {
             default_value = "/"
         )]
         restore_roots: Vec<PathBuf>,
+        /// Upload at most this many KiB per second (backups share the link politely)
+        #[arg(long, value_name = "KIB_PER_SEC", value_parser = clap::value_parser!(u64).range(1..))]
+        limit_upload: Option<u64>,
     },
     /// Show this agent's identity and certificate expiry
     Status,
@@ -121,8 +124,14 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Enroll { bundle } => enroll(&cli.state_dir, &bundle).await,
-            Command::Run { restore_roots } => {
-                let policy = work::Policy { restore_roots };
+            Command::Run {
+                restore_roots,
+                limit_upload,
+            } => {
+                let policy = work::Policy {
+                    restore_roots,
+                    limit_upload: limit_upload.map(|k| k * 1024),
+                };
                 run(&cli.state_dir, policy).await
             }
             Command::Status => status(&cli.state_dir),

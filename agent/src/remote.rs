@@ -29,11 +29,17 @@ pub struct RemoteStore {
     job: String,
     keys: ChunkKeys,
     zstd_level: i32,
+    /// Upload limit in bytes per second, if any.
+    limit: Option<u64>,
 }
 
 impl RemoteStore {
     /// Fetches the repository's chunking keys for job `job`.
-    pub async fn new(mut client: AgentClient<Channel>, job: String) -> Result<RemoteStore, Error> {
+    pub async fn new(
+        mut client: AgentClient<Channel>,
+        job: String,
+        limit: Option<u64>,
+    ) -> Result<RemoteStore, Error> {
         let k = client
             .chunk_keys(pb::ChunkKeysRequest {})
             .await
@@ -47,6 +53,7 @@ impl RemoteStore {
             job,
             keys: ChunkKeys::from_parts(id_key, k.chunker_seed),
             zstd_level: k.zstd_level,
+            limit,
         })
     }
 
@@ -128,6 +135,7 @@ impl BackupStore for RemoteStore {
             upload: Some(upload),
             handle: self.handle.clone(),
             job: self.job.clone(),
+            limit: self.limit.map(|l| (l, std::time::Instant::now(), 0)),
         }))
     }
 }
@@ -137,6 +145,8 @@ struct Uploader {
     upload: Option<tokio::task::JoinHandle<Result<u64, tonic::Status>>>,
     handle: Handle,
     job: String,
+    /// (bytes per second, start, bytes sent) when uploads are limited.
+    limit: Option<(u64, std::time::Instant, u64)>,
 }
 
 impl Uploader {
@@ -166,6 +176,15 @@ impl BlobWriter for Uploader {
             payload: payload.into(),
             raw_len,
         };
+        if let Some((rate, start, sent)) = &mut self.limit {
+            // Never ahead of the allowed rate: wait until the bytes sent so
+            // far fit in the time elapsed.
+            *sent += msg.payload.len() as u64;
+            let due = std::time::Duration::from_secs_f64(*sent as f64 / *rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         let sent = self.tx.as_ref().is_some_and(|tx| tx.blocking_send(msg).is_ok());
         if !sent {
             // The stream ended early: its error says why.

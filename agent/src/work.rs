@@ -23,6 +23,8 @@ use crate::remote::RemoteStore;
 pub struct Policy {
     /// Restores may write only below these directories.
     pub restore_roots: Vec<PathBuf>,
+    /// Upload limit in bytes per second.
+    pub limit_upload: Option<u64>,
 }
 
 impl Policy {
@@ -41,7 +43,7 @@ async fn report(tx: &Reports, r: Report) {
 pub async fn run(client: AgentClient<Channel>, item: pb::WorkItem, reports: Reports, policy: Policy) {
     let job = item.job_id.clone();
     let outcome = match item.work {
-        Some(pb::work_item::Work::Backup(b)) => backup(client, &job, b, &reports).await,
+        Some(pb::work_item::Work::Backup(b)) => backup(client, &job, b, &reports, &policy).await,
         Some(pb::work_item::Work::Restore(r)) => restore(client, &job, r, &reports, &policy).await,
         None => Err("the server sent an empty job; is this agent older than the server?".into()),
     };
@@ -99,8 +101,14 @@ fn progress_reporter(
 
 type Outcome = Result<(Vec<String>, String), String>;
 
-async fn backup(client: AgentClient<Channel>, job: &str, work: pb::BackupWork, reports: &Reports) -> Outcome {
-    let store = RemoteStore::new(client.clone(), job.to_string())
+async fn backup(
+    client: AgentClient<Channel>,
+    job: &str,
+    work: pb::BackupWork,
+    reports: &Reports,
+    policy: &Policy,
+) -> Outcome {
+    let store = RemoteStore::new(client.clone(), job.to_string(), policy.limit_upload)
         .await
         .map_err(|e| e.to_string())?;
     let parent = if work.parent_tree_id.is_empty() {
@@ -181,7 +189,7 @@ async fn restore(
     }
     let root =
         BlobId::from_slice(&work.tree_id).ok_or_else(|| "the server sent a malformed tree id".to_string())?;
-    let store = RemoteStore::new(client, job.to_string())
+    let store = RemoteStore::new(client, job.to_string(), None)
         .await
         .map_err(|e| e.to_string())?;
     let opts = RestoreOptions {

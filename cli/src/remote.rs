@@ -313,7 +313,7 @@ fn job_json(j: &Job) -> serde_json::Value {
         "created": j.created, "finished": j.finished,
         "files_done": j.files_done, "bytes_done": j.bytes_done,
         "files_total": j.files_total, "bytes_total": j.bytes_total,
-        "snapshot": j.snapshot_id, "messages": j.messages,
+        "snapshot": j.snapshot_id, "messages": j.messages, "origin": j.origin,
     })
 }
 

@@ -169,7 +169,10 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
         .map_err(|e| Status::internal(format!("failed to read the index: {e}")))?;
     let repo = shared.storage.repo();
     let mut problems = Vec::new();
-    if !repo.index().contains(&snap.tree) {
+    // Stored, and as the kind of blob the tree says: a data chunk named as
+    // a tree (or the reverse) is as absent as a missing one.
+    let stored_as = |id: &BlobId, kind: BlobType| repo.index().get(id).is_some_and(|l| l.entry.kind == kind);
+    if !stored_as(&snap.tree, BlobType::Tree) {
         problems.push(format!("its root tree {} was never uploaded", snap.tree));
     }
     let new_trees = std::mem::take(&mut *guard(&active.new_trees));
@@ -179,9 +182,9 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
             .await
             .map_err(|e| Status::internal(format!("failed to read back tree {t}: {e}")))?;
         for n in &tree.nodes {
-            let missing = n.subtree.filter(|s| !repo.index().contains(s)).or_else(|| {
+            let missing = n.subtree.filter(|s| !stored_as(s, BlobType::Tree)).or_else(|| {
                 n.content.iter().find_map(|e| match e {
-                    Extent::Data { id, .. } if !repo.index().contains(id) => Some(*id),
+                    Extent::Data { id, .. } if !stored_as(id, BlobType::Data) => Some(*id),
                     _ => None,
                 })
             });
@@ -229,6 +232,40 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
         r.files_done = snap.summary.files;
         r.bytes_done = snap.summary.bytes;
     });
-    crate::runner::end(shared, &active.id, state, snap.errors.clone(), Some(id.to_hex())).await;
+    let mut messages = snap.errors.clone();
+    if let Some(policy) = &spec.retention {
+        match apply_retention(&repo, &active.client, &spec.paths, policy).await {
+            Ok(0) => {}
+            Ok(n) => messages.push(format!(
+                "retention: forgot {n} older snapshots (`backer prune` frees their data)"
+            )),
+            Err(e) => messages.push(format!("failed to apply the retention policy: {e}")),
+        }
+    }
+    crate::runner::end(shared, &active.id, state, messages, Some(id.to_hex())).await;
     Ok(id.to_hex())
+}
+
+/// Forgets the snapshots of `client` over `paths` that `policy` does not
+/// keep. Their data stays until a prune. Returns how many went.
+async fn apply_retention(
+    repo: &backer_repo::Repository,
+    client: &str,
+    paths: &[String],
+    policy: &backer_repo::retention::RetentionPolicy,
+) -> Result<usize, backer_repo::Error> {
+    let mine: Vec<_> = repo
+        .snapshots()
+        .await?
+        .into_iter()
+        .filter(|s| s.snapshot.hostname == client && s.snapshot.paths == paths)
+        .collect();
+    let decisions = policy.apply(&mine, backer_repo::retention::Grouping::parse("host,paths")?)?;
+    let mut n = 0;
+    for d in decisions.iter().flat_map(|g| &g.snapshots).filter(|d| !d.keep) {
+        repo.backend().delete(&format!("snapshots/{}", d.id)).await?;
+        tracing::info!(%client, snapshot = %d.id.short(), "forgotten by retention");
+        n += 1;
+    }
+    Ok(n)
 }

@@ -89,6 +89,7 @@ impl JobRecord {
             bytes_total: self.bytes_total,
             snapshot_id: self.snapshot_id.clone(),
             messages: self.messages.clone(),
+            origin: self.origin.clone(),
         }
     }
 }
@@ -100,6 +101,8 @@ pub struct BackupSpec {
     pub excludes: Vec<String>,
     pub tags: Vec<String>,
     pub parent: Option<(SnapshotId, BlobId)>,
+    /// The configured backup's retention, applied after it succeeds.
+    pub retention: Option<backer_repo::retention::RetentionPolicy>,
 }
 
 #[derive(Debug, Clone)]

@@ -92,6 +92,7 @@ pub async fn start_backup(
 pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> Result<BackupPlan, Status> {
     let client = req.client;
     let (mut paths, mut excludes) = (req.paths, req.excludes);
+    let mut retention = None;
     if paths.is_empty() {
         let config = shared.config();
         let def = config.clients.get(&client).ok_or_else(|| {
@@ -103,6 +104,10 @@ pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> R
             if let Some(b) = config.backups.get(id) {
                 paths.extend(b.paths.iter().cloned());
                 excludes.extend(b.excluded.iter().cloned());
+                // One snapshot holds all of them; the first policy given rules it.
+                if retention.is_none() {
+                    retention = b.retention.clone();
+                }
             }
         }
         if paths.is_empty() {
@@ -136,6 +141,7 @@ pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> R
             excludes,
             tags: req.tags,
             parent,
+            retention,
         },
     })
 }

@@ -85,6 +85,11 @@ pub fn incoming(
             if tx.is_closed() {
                 break;
             }
+            // gRPC is request/response: Nagle's algorithm would hold each
+            // small answer back until the peer's delayed ACK, some 40 ms.
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%peer, "failed to set TCP_NODELAY: {e}");
+            }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {

@@ -6,65 +6,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backer_testkit::{Server, bin};
+use backer_testkit::{Running, Server, agent, bin, err, ok, wait_for};
 use serde_json::Value;
 
-fn cli(server: &Server, admin: &Path, args: &[&str]) -> Output {
-    Command::new(bin("backer"))
-        .args(["--server", &server.mgmt])
-        .arg("--ca")
-        .arg(admin.join("ca.pem"))
-        .arg("--cert")
-        .arg(admin.join("admin.pem"))
-        .arg("--key")
-        .arg(admin.join("admin-key.pem"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn err(o: &Output) -> String {
-    assert!(
-        !o.status.success(),
-        "should have failed: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn agent(state: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(bin("backer-agent"));
-    c.arg("--state-dir").arg(state).args(args);
-    c
-}
-
-fn clients(server: &Server, admin: &Path) -> Vec<Value> {
-    serde_json::from_str::<Value>(&ok(cli(server, admin, &["clients", "--json"])))
+fn clients(server: &Server) -> Vec<Value> {
+    serde_json::from_str::<Value>(&ok(server.cli(&["clients", "--json"])))
         .unwrap()
         .as_array()
         .unwrap()
         .clone()
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn state_of(list: &[Value], name: &str) -> (String, bool) {
@@ -78,22 +31,10 @@ fn state_of(list: &[Value], name: &str) -> (String, bool) {
     )
 }
 
-struct Running(Child);
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn enrol(server: &Server, admin: &Path, tmp: &Path, name: &str, reenroll: bool) -> PathBuf {
+fn enrol(server: &Server, tmp: &Path, name: &str, reenroll: bool) -> PathBuf {
     let bundle = tmp.join(format!("{name}-{}.json", if reenroll { "re" } else { "new" }));
     let verb = if reenroll { "reenroll" } else { "add" };
-    ok(cli(
-        server,
-        admin,
-        &["clients", verb, name, "--bundle-out", bundle.to_str().unwrap()],
-    ));
+    ok(server.cli(&["clients", verb, name, "--bundle-out", bundle.to_str().unwrap()]));
     let state = tmp.join(format!("agent-{name}"));
     let out = ok(agent(&state, &["enroll", "--bundle", bundle.to_str().unwrap()])
         .output()
@@ -122,12 +63,12 @@ fn enrolment_identity_and_revocation() {
     let admin = server.admin_cert();
 
     // FC_5 listing, FC_2: configured clients are listed before they enrol.
-    let list = clients(&server, &admin);
+    let list = clients(&server);
     assert_eq!(state_of(&list, "web-1"), ("configured".into(), false));
 
     // FC_2: tokens, enrolment, agents connect.
-    let s1 = enrol(&server, &admin, tmp, "web-1", false);
-    let s2 = enrol(&server, &admin, tmp, "web-2", false);
+    let s1 = enrol(&server, tmp, "web-1", false);
+    let s2 = enrol(&server, tmp, "web-2", false);
     let key = std::fs::metadata(s1.join("key.pem")).unwrap();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,
@@ -136,7 +77,7 @@ fn enrolment_identity_and_revocation() {
     let mut a1 = Running(agent(&s1, &["run"]).stderr(Stdio::piped()).spawn().unwrap());
     let _a2 = Running(agent(&s2, &["run"]).stderr(Stdio::null()).spawn().unwrap());
     wait_for("both agents to connect", || {
-        let l = clients(&server, &admin);
+        let l = clients(&server);
         state_of(&l, "web-1") == ("enrolled".into(), true)
             && state_of(&l, "web-2") == ("enrolled".into(), true)
     });
@@ -219,10 +160,10 @@ fn enrolment_identity_and_revocation() {
         let n = s.read(&mut buf).unwrap_or(0);
         assert!(!buf[..n].starts_with(b"HTTP"), "plaintext got an HTTP answer");
     }
-    assert_eq!(clients(&server, &admin).len(), 2);
+    assert_eq!(clients(&server).len(), 2);
 
     // Revocation is immediate: the connected agent is cut off and refused.
-    ok(cli(&server, &admin, &["clients", "remove", "web-1"]));
+    ok(server.cli(&["clients", "remove", "web-1"]));
     let status = {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -237,10 +178,7 @@ fn enrolment_identity_and_revocation() {
     let mut msg = String::new();
     std::io::Read::read_to_string(a1.0.stderr.as_mut().unwrap(), &mut msg).unwrap();
     assert!(msg.contains("client web-1 has been revoked"), "{msg}");
-    assert_eq!(
-        state_of(&clients(&server, &admin), "web-1"),
-        ("revoked".into(), false)
-    );
+    assert_eq!(state_of(&clients(&server), "web-1"), ("revoked".into(), false));
 
     // Disaster recovery of a host: re-enrol under the same name; the old
     // certificate stops working, the new one works.
@@ -249,7 +187,7 @@ fn enrolment_identity_and_revocation() {
     for f in ["agent.json", "ca.pem", "cert.pem", "key.pem"] {
         std::fs::copy(s2.join(f), old.join(f)).unwrap();
     }
-    let s2new = enrol(&server, &admin, tmp, "web-2", true);
+    let s2new = enrol(&server, tmp, "web-2", true);
     let refused = agent(&old, &["run"]).output().unwrap();
     assert!(
         err(&refused).contains("was replaced or revoked"),
@@ -258,11 +196,11 @@ fn enrolment_identity_and_revocation() {
     );
     let _a2new = Running(agent(&s2new, &["run"]).stderr(Stdio::null()).spawn().unwrap());
     wait_for("the re-enrolled agent to connect", || {
-        state_of(&clients(&server, &admin), "web-2") == ("enrolled".into(), true)
+        state_of(&clients(&server), "web-2") == ("enrolled".into(), true)
     });
 
     // Certificate status for the admin.
-    let cs = ok(cli(&server, &admin, &["cert", "status"]));
+    let cs = ok(server.cli(&["cert", "status"]));
     assert!(
         cs.contains("CA certificate expires") && cs.contains("web-2"),
         "{cs}"

@@ -11,7 +11,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A `moto_server` on 127.0.0.1 and a free port, killed on drop.
@@ -397,27 +397,83 @@ pub struct Server {
     pub dir: PathBuf,
 }
 
+/// How to start a server beyond the defaults.
+#[derive(Debug, Default, Clone)]
+pub struct ServerSetup {
+    pub clients_toml: String,
+    pub backups_toml: Option<String>,
+    pub schedules_toml: Option<String>,
+    /// Repository location; default `DIR/repo`.
+    pub repository: Option<String>,
+    /// Extra environment (S3 credentials).
+    pub env: Vec<(String, String)>,
+    /// Extra arguments (`--clock-start`).
+    pub args: Vec<String>,
+}
+
 impl Server {
     /// Writes a configuration (login `admin` / `s3cret`) under `dir` and starts the server.
     pub fn start(dir: &Path, clients_toml: &str) -> Server {
+        Server::start_with(
+            dir,
+            ServerSetup {
+                clients_toml: clients_toml.to_string(),
+                ..Default::default()
+            },
+        )
+    }
+
+    pub fn start_with(dir: &Path, setup: ServerSetup) -> Server {
         let conf = dir.join("conf");
         std::fs::create_dir_all(conf.join("clients")).unwrap();
+        let repository = setup
+            .repository
+            .clone()
+            .unwrap_or_else(|| dir.join("repo").display().to_string());
         std::fs::write(
             conf.join("server.toml"),
             format!(
                 "[server]\nMgmtPort = 0\nDataPort = 0\nRestApiPort = 0\nExternalName = \"localhost\"\n\
                  DataTransferInterface = \"127.0.0.1\"\nLogin = \"admin\"\nPassword = \"s3cret\"\n\n\
-                 [repository]\nLocalization = \"{}\"\n\n[clients]\nConfigFile = \"clients/\"\n",
-                dir.join("repo").display()
+                 [repository]\nLocalization = \"{repository}\"\n\n[clients]\nConfigFile = \"clients/\"\n",
             ),
         )
         .unwrap();
-        std::fs::write(conf.join("clients/clients.toml"), clients_toml).unwrap();
+        std::fs::write(conf.join("clients/clients.toml"), &setup.clients_toml).unwrap();
+        if let Some(b) = &setup.backups_toml {
+            std::fs::write(conf.join("clients/backups.toml"), b).unwrap();
+        }
+        if let Some(s) = &setup.schedules_toml {
+            std::fs::write(conf.join("clients/schedules.toml"), s).unwrap();
+        }
+        Server::launch(dir, &setup)
+    }
+
+    /// Kills `old` (as a crash would) and starts it again on the same
+    /// configuration, state and ports, so its agents can find it again.
+    pub fn restart(mut old: Server, setup: &ServerSetup) -> Server {
+        let _ = old.child.kill();
+        let _ = old.child.wait();
+        let port = |a: &str| a.rsplit(':').next().unwrap().to_string();
+        let conf = old.dir.join("conf/server.toml");
+        let text = std::fs::read_to_string(&conf)
+            .unwrap()
+            .replace("MgmtPort = 0", &format!("MgmtPort = {}", port(&old.mgmt)))
+            .replace("DataPort = 0", &format!("DataPort = {}", port(&old.data)))
+            .replace("RestApiPort = 0", &format!("RestApiPort = {}", port(&old.rest)));
+        std::fs::write(&conf, text).unwrap();
+        Server::launch(&old.dir, setup)
+    }
+
+    fn launch(dir: &Path, setup: &ServerSetup) -> Server {
+        let conf = dir.join("conf");
         let mut child = Command::new(bin("backer-server"))
             .arg("--config")
             .arg(conf.join("server.toml"))
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .args(&setup.args)
+            .envs(setup.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("BACKER_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -444,6 +500,42 @@ impl Server {
             rest,
             dir: dir.to_path_buf(),
         }
+    }
+
+    /// `backer --server … ARGS` with the admin certificate from [`Server::admin_cert`].
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let admin = self.dir.join("admin");
+        Command::new(bin("backer"))
+            .args(["--server", &self.mgmt])
+            .arg("--ca")
+            .arg(admin.join("ca.pem"))
+            .arg("--cert")
+            .arg(admin.join("admin.pem"))
+            .arg("--key")
+            .arg(admin.join("admin-key.pem"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Adds client `name` and enrols an agent for it with state in `state`.
+    pub fn enrol(&self, name: &str, state: &Path) {
+        let bundle = self.dir.join(format!("{name}.bundle.json"));
+        ok(self.cli(&["clients", "add", name, "--bundle-out", bundle.to_str().unwrap()]));
+        let out = ok(agent(state, &["enroll", "--bundle", bundle.to_str().unwrap()])
+            .output()
+            .unwrap());
+        assert!(out.contains(&format!("enrolled as {name}")), "{out}");
+    }
+
+    /// Waits until the server lists `name` as connected.
+    pub fn wait_connected(&self, name: &str) {
+        wait_for(&format!("{name} to connect"), || {
+            let out = self.cli(&["clients", "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            v.as_array()
+                .is_some_and(|l| l.iter().any(|c| c["name"] == name && c["connected"] == true))
+        });
     }
 
     /// GETs `path` from the REST port: (status code, body).
@@ -487,5 +579,52 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `backer-agent --state-dir STATE ARGS`.
+pub fn agent(state: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("backer-agent"));
+    c.arg("--state-dir").arg(state).args(args);
+    c
+}
+
+/// The stdout of a command that must succeed.
+pub fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// The stderr of a command that must fail.
+pub fn err(o: &Output) -> String {
+    assert!(
+        !o.status.success(),
+        "should have failed: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Polls `f` every 100 ms for up to 30 s.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
