@@ -2,6 +2,9 @@
 //! through the server, and a restore reads through it. The engine's
 //! pipelines run unchanged; only where blobs go differs.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
 use backer_proto::v1 as pb;
 use backer_proto::v1::agent_client::AgentClient;
 use backer_repo::Error;
@@ -18,12 +21,41 @@ use tonic::transport::Channel;
 /// Ids per ReadChunks request (the server accepts up to 4096).
 const READ_BATCH: usize = 1024;
 
+/// Chunks travel in batches of about this many bytes: most chunks of a
+/// system tree are small files, and a message each would cost more than
+/// the data.
+const UPLOAD_BATCH_BYTES: usize = 1 << 20;
+
 fn remote(what: &str, s: tonic::Status) -> Error {
     Error::Interrupted(format!("failed to {what}: the server said: {}", s.message()))
 }
 
+/// Trees read ahead of the walk, at most this many held, this many in flight.
+const PREFETCH_HELD: usize = 256;
+const PREFETCH_IN_FLIGHT: usize = 16;
+
+type TreeFetch = tokio::task::JoinHandle<Result<Tree, Error>>;
+
+/// Subtrees asked for as soon as their parent is read, so walking a
+/// snapshot rarely waits on a round trip. Bounded: the oldest go first.
+#[derive(Default)]
+struct Prefetch {
+    pending: HashMap<BlobId, TreeFetch>,
+    order: VecDeque<BlobId>,
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        for f in self.pending.values() {
+            f.abort();
+        }
+    }
+}
+
 /// One job's view of the server's repository.
 pub struct RemoteStore {
+    prefetch: Mutex<Prefetch>,
+    in_flight: Arc<tokio::sync::Semaphore>,
     client: AgentClient<Channel>,
     handle: Handle,
     job: String,
@@ -48,6 +80,8 @@ impl RemoteStore {
         let id_key = <[u8; 32]>::try_from(&k.id_key[..])
             .map_err(|_| Error::Interrupted("the server sent a chunk key of the wrong size".into()))?;
         Ok(RemoteStore {
+            prefetch: Mutex::new(Prefetch::default()),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(PREFETCH_IN_FLIGHT)),
             client,
             handle: Handle::current(),
             job,
@@ -59,18 +93,59 @@ impl RemoteStore {
 
     /// Reads a tree the job may read (async, for the start of a job).
     pub async fn read_tree(&self, id: &BlobId) -> Result<Tree, Error> {
-        let t = self
-            .client
-            .clone()
-            .read_tree(pb::ReadTreeRequest {
-                job_id: self.job.clone(),
-                id: bytes::Bytes::copy_from_slice(&id.0),
-            })
-            .await
-            .map_err(|s| remote(&format!("read tree {id}"), s))?
-            .into_inner();
-        Tree::from_bytes(&t.tree, &format!("tree {id}"))
+        fetch_tree(self.client.clone(), self.job.clone(), *id).await
     }
+
+    /// A tree for the walk: from the read-ahead if it was asked for, and
+    /// its own subtrees asked for in turn.
+    fn walk_tree(&self, id: &BlobId) -> Result<Tree, Error> {
+        let ahead = lock(&self.prefetch).pending.remove(id);
+        let tree = match ahead {
+            Some(fetch) => self
+                .handle
+                .block_on(fetch)
+                .map_err(|e| Error::Interrupted(format!("failed to read tree {id}: {e}")))??,
+            None => self.handle.block_on(self.read_tree(id))?,
+        };
+        let mut p = lock(&self.prefetch);
+        for sub in tree.nodes.iter().filter_map(|n| n.subtree) {
+            if p.pending.contains_key(&sub) {
+                continue;
+            }
+            if p.order.len() >= PREFETCH_HELD
+                && let Some(old) = p.order.pop_front()
+                && let Some(f) = p.pending.remove(&old)
+            {
+                f.abort();
+            }
+            let (client, job, permits) = (self.client.clone(), self.job.clone(), Arc::clone(&self.in_flight));
+            let fetch = self.handle.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                fetch_tree(client, job, sub).await
+            });
+            p.pending.insert(sub, fetch);
+            p.order.push_back(sub);
+        }
+        let Prefetch { pending, order } = &mut *p;
+        order.retain(|k| pending.contains_key(k));
+        Ok(tree)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn fetch_tree(mut client: AgentClient<Channel>, job: String, id: BlobId) -> Result<Tree, Error> {
+    let t = client
+        .read_tree(pb::ReadTreeRequest {
+            job_id: job,
+            id: bytes::Bytes::copy_from_slice(&id.0),
+        })
+        .await
+        .map_err(|s| remote(&format!("read tree {id}"), s))?
+        .into_inner();
+    Tree::from_bytes(&t.tree, &format!("tree {id}"))
 }
 
 impl BackupStore for RemoteStore {
@@ -116,7 +191,7 @@ impl BackupStore for RemoteStore {
     }
 
     fn load_tree(&self, id: &BlobId) -> Result<Tree, Error> {
-        self.handle.block_on(self.read_tree(id))
+        self.walk_tree(id)
     }
 
     fn writer(&self) -> Result<Box<dyn BlobWriter + '_>, Error> {
@@ -131,6 +206,8 @@ impl BackupStore for RemoteStore {
                 .map(|r| r.into_inner().stored)
         });
         Ok(Box::new(Uploader {
+            batch: Vec::new(),
+            batch_bytes: 0,
             tx: Some(tx),
             upload: Some(upload),
             handle: self.handle.clone(),
@@ -141,7 +218,9 @@ impl BackupStore for RemoteStore {
 }
 
 struct Uploader {
-    tx: Option<mpsc::Sender<pb::UploadChunk>>,
+    batch: Vec<pb::UploadChunk>,
+    batch_bytes: usize,
+    tx: Option<mpsc::Sender<pb::UploadBatch>>,
     upload: Option<tokio::task::JoinHandle<Result<u64, tonic::Status>>>,
     handle: Handle,
     job: String,
@@ -150,6 +229,34 @@ struct Uploader {
 }
 
 impl Uploader {
+    /// Sends the chunks gathered so far.
+    fn flush(&mut self) -> Result<(), Error> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        if let Some((rate, start, sent)) = &mut self.limit {
+            // Never ahead of the allowed rate: wait until the bytes sent so
+            // far fit in the time elapsed.
+            *sent += self.batch_bytes as u64;
+            let due = std::time::Duration::from_secs_f64(*sent as f64 / *rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        self.batch_bytes = 0;
+        let msg = pb::UploadBatch {
+            job_id: self.job.clone(),
+            chunks: std::mem::take(&mut self.batch),
+        };
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.blocking_send(msg).is_ok());
+        if !sent {
+            // The stream ended early: its error says why.
+            self.outcome()?;
+            return Err(Error::Interrupted("the server closed the upload".into()));
+        }
+        Ok(())
+    }
+
     /// The upload's outcome, once its stream has ended.
     fn outcome(&mut self) -> Result<u64, Error> {
         self.tx = None;
@@ -166,8 +273,8 @@ impl Uploader {
 
 impl BlobWriter for Uploader {
     fn add(&mut self, kind: BlobType, id: BlobId, payload: Vec<u8>, raw_len: u32) -> Result<(), Error> {
-        let msg = pb::UploadChunk {
-            job_id: self.job.clone(),
+        self.batch_bytes += payload.len();
+        self.batch.push(pb::UploadChunk {
             id: bytes::Bytes::copy_from_slice(&id.0),
             kind: match kind {
                 BlobType::Data => 0,
@@ -175,33 +282,22 @@ impl BlobWriter for Uploader {
             },
             payload: payload.into(),
             raw_len,
-        };
-        if let Some((rate, start, sent)) = &mut self.limit {
-            // Never ahead of the allowed rate: wait until the bytes sent so
-            // far fit in the time elapsed.
-            *sent += msg.payload.len() as u64;
-            let due = std::time::Duration::from_secs_f64(*sent as f64 / *rate as f64);
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.blocking_send(msg).is_ok());
-        if !sent {
-            // The stream ended early: its error says why.
-            self.outcome()?;
-            return Err(Error::Interrupted("the server closed the upload".into()));
+        });
+        if self.batch_bytes >= UPLOAD_BATCH_BYTES {
+            self.flush()?;
         }
         Ok(())
     }
 
     fn finish(mut self: Box<Self>) -> Result<u64, Error> {
+        self.flush()?;
         self.outcome()
     }
 }
 
 impl RestoreSource for RemoteStore {
     fn load_tree(&self, id: &BlobId) -> Result<Tree, Error> {
-        self.handle.block_on(self.read_tree(id))
+        self.walk_tree(id)
     }
 
     fn read_chunks(&self, ids: &[BlobId], write: &mut ChunkSink<'_>) -> Result<(), String> {

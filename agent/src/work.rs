@@ -153,6 +153,7 @@ async fn backup(
     ticker.abort();
     let (result, _store) = archived.map_err(|e| format!("the backup thread failed: {e}"))?;
     let (snapshot, messages) = result.map_err(|e| format!("backup failed: {e}"))?;
+    tracing::info!(%job, files = snapshot.summary.files, "files read and sent; asking the server to finish");
     let snapshot_json = serde_json::to_string(&snapshot).map_err(|e| e.to_string())?;
     let id = client
         .clone()

@@ -17,7 +17,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -198,6 +198,7 @@ struct FileJob {
 }
 
 struct NewChunk {
+    kind: BlobType,
     id: BlobId,
     data: Vec<u8>,
 }
@@ -209,9 +210,55 @@ struct PackerMsg {
     raw_len: u32,
 }
 
+/// Bytes waiting for the store's answer on which chunks it lacks. The queue
+/// is long in chunks (so one question covers many small files) and bounded
+/// in bytes (so large chunks cannot pile up).
+struct Budget {
+    left: Mutex<usize>,
+    freed: Condvar,
+    cap: usize,
+}
+
+impl Budget {
+    fn new(cap: usize) -> Budget {
+        Budget {
+            left: Mutex::new(cap),
+            freed: Condvar::new(),
+            cap,
+        }
+    }
+
+    fn take(&self, n: usize, abort: &AtomicBool) -> Result<()> {
+        let n = n.min(self.cap);
+        let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        while *left < n {
+            if abort.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted("the backup stopped".into()));
+            }
+            left = self
+                .freed
+                .wait_timeout(left, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *left -= n;
+        Ok(())
+    }
+
+    fn give(&self, n: usize) {
+        *self.left.lock().unwrap_or_else(|p| p.into_inner()) += n.min(self.cap);
+        self.freed.notify_all();
+    }
+}
+
+/// Bytes of new chunks that may wait on the store's answer.
+const ASKING_BYTES: usize = 64 << 20;
+
 /// Shared by all pipeline stages.
 struct Shared<'a> {
     store: &'a dyn BackupStore,
+    /// Present when the store negotiates which chunks it lacks.
+    asking: Option<Budget>,
     excluder: Excluder,
     /// Blobs queued in this run, so each is stored once.
     seen: Mutex<HashSet<BlobId>>,
@@ -332,6 +379,7 @@ pub fn archive(
     let selection = build_selection(&paths);
     let shared = Shared {
         store,
+        asking: store.negotiates().then(|| Budget::new(ASKING_BYTES)),
         excluder,
         seen: Mutex::new(HashSet::new()),
         progress: Arc::clone(&progress),
@@ -420,7 +468,7 @@ fn run_pipeline(
     // When the store must be asked which chunks it lacks, a dedup stage sits
     // between the readers and the compressors and asks in batches.
     let negotiates = shared.store.negotiates();
-    let (asked_tx, asked_rx) = bounded::<NewChunk>(threads * 2);
+    let (asked_tx, asked_rx) = bounded::<NewChunk>(NEGOTIATE_BATCH * 2);
 
     std::thread::scope(|s| {
         if scan {
@@ -464,6 +512,7 @@ fn run_pipeline(
             }));
         }
         drop(job_rx);
+        let assembler_asked_tx = negotiates.then(|| asked_tx.clone());
         drop(asked_tx);
         let dedup = negotiates.then(|| {
             let chunk_tx = chunk_tx.clone();
@@ -479,7 +528,7 @@ fn run_pipeline(
                 for ch in chunk_rx {
                     let payload = c.compress(&ch.data);
                     let msg = PackerMsg {
-                        kind: BlobType::Data,
+                        kind: ch.kind,
                         id: ch.id,
                         payload,
                         raw_len: ch.data.len() as u32,
@@ -506,7 +555,7 @@ fn run_pipeline(
                 .inspect_err(|_| shared.abort.store(true, Ordering::Relaxed))
         });
 
-        let assembled = assemble(shared, item_rx, assembler_pack_tx, level);
+        let assembled = assemble(shared, item_rx, assembler_pack_tx, assembler_asked_tx, level);
         if assembled.is_err() {
             shared.abort.store(true, Ordering::Relaxed);
         }
@@ -785,8 +834,12 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf:
                 .progress
                 .new_bytes
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
+            if let Some(b) = &shared.asking {
+                b.take(data.len(), &shared.abort)?;
+            }
             chunks
                 .send(NewChunk {
+                    kind: BlobType::Data,
                     id,
                     data: data.to_vec(),
                 })
@@ -848,6 +901,7 @@ fn assemble(
     shared: &Shared<'_>,
     items: Receiver<Item>,
     packer: Sender<PackerMsg>,
+    asked: Option<Sender<NewChunk>>,
     level: i32,
 ) -> Result<(BlobId, Counts)> {
     let mut compressor = Compressor::new(level)?;
@@ -858,7 +912,22 @@ fn assemble(
         tree.nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let bytes = encode(&tree)?;
         let id = chunk::blob_id(shared.store.chunk_keys(), &bytes);
-        if shared.is_new(&id) {
+        if !shared.is_new(&id) {
+            return Ok(id);
+        }
+        if let Some(asked) = &asked {
+            // The store may hold this tree already (an unchanged directory).
+            if let Some(b) = &shared.asking {
+                b.take(bytes.len(), &shared.abort)?;
+            }
+            asked
+                .send(NewChunk {
+                    kind: BlobType::Tree,
+                    id,
+                    data: bytes,
+                })
+                .map_err(|_| Error::Interrupted("the backup stopped".into()))?;
+        } else {
             let payload = compressor.compress(&bytes);
             packer
                 .send(PackerMsg {
@@ -923,9 +992,9 @@ fn assemble(
     Ok((id, counts))
 }
 
-/// Chunks per question to the store: enough to amortize a round trip,
-/// few enough that the chunks waiting on the answer stay a few megabytes.
-const NEGOTIATE_BATCH: usize = 32;
+/// Chunks per question to the store at most: a round trip for each small
+/// file would cost more than reading it.
+const NEGOTIATE_BATCH: usize = 512;
 
 /// Asks the store which of the new chunks it lacks, in batches of what is
 /// waiting, and passes only those on to be compressed and sent.
@@ -952,15 +1021,17 @@ fn negotiate(shared: &Shared<'_>, asked: Receiver<NewChunk>, to_compress: Sender
             }
         };
         for (chunk, lacks) in batch.drain(..).zip(missing) {
+            let len = chunk.data.len();
             if !lacks {
-                shared
-                    .progress
-                    .new_bytes
-                    .fetch_sub(chunk.data.len() as u64, Ordering::Relaxed);
-                continue;
-            }
-            if to_compress.send(chunk).is_err() {
+                // Counted as new when read (trees never were).
+                if chunk.kind == BlobType::Data {
+                    shared.progress.new_bytes.fetch_sub(len as u64, Ordering::Relaxed);
+                }
+            } else if to_compress.send(chunk).is_err() {
                 return Ok(());
+            }
+            if let Some(b) = &shared.asking {
+                b.give(len);
             }
         }
     }

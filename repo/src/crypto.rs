@@ -44,19 +44,30 @@ impl DataKey {
     /// so a valid message moved elsewhere fails to open.
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
+        self.seal_into(aad, plaintext, &mut out);
+        out
+    }
+
+    /// [`DataKey::seal`] appending to `out`, encrypting where the bytes land:
+    /// a pack is built without copying each blob more than once.
+    pub fn seal_into(&self, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
         let mut nonce = [0u8; NONCE_LEN];
         random_fill(&mut nonce);
         out.extend_from_slice(&nonce);
+        let start = out.len();
         out.extend_from_slice(plaintext);
-        let mut body = out.split_off(NONCE_LEN);
         // Sealing only fails for messages beyond GCM's 64 GiB limit; ours are
         // at most a pack's size.
         #[allow(clippy::expect_used)]
-        self.key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut body)
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut out[start..],
+            )
             .expect("AES-GCM seal of a message under 64 GiB cannot fail");
-        out.extend_from_slice(&body);
-        out
+        out.extend_from_slice(tag.as_ref());
     }
 
     /// Opens what [`DataKey::seal`] produced with the same `aad`.

@@ -97,15 +97,15 @@ impl PackWriter {
 
     /// Seals `payload` (a flag byte and the possibly compressed chunk) into the pack.
     pub fn add(&mut self, key: &DataKey, kind: BlobType, id: BlobId, payload: &[u8], raw_len: u32) {
-        let sealed = key.seal(&blob_aad(kind, &id), payload);
+        let offset = self.buf.len();
+        key.seal_into(&blob_aad(kind, &id), payload, &mut self.buf);
         self.entries.push(PackEntry {
             kind,
             id,
-            offset: self.buf.len() as u32,
-            len: sealed.len() as u32,
+            offset: offset as u32,
+            len: (self.buf.len() - offset) as u32,
             raw_len,
         });
-        self.buf.extend_from_slice(&sealed);
     }
 
     pub fn finish(mut self, key: &DataKey) -> Result<FinishedPack> {

@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
+
 use backer_proto::v1 as pb;
 use backer_repo::id::BlobId;
 use backer_repo::pack::BlobType;
@@ -58,40 +60,46 @@ pub fn missing(active: &Active, ids: &[Vec<u8>]) -> Result<Vec<u32>, Status> {
 /// Returns the number of blobs stored.
 pub fn ingest(
     active: &Active,
-    mut rx: mpsc::Receiver<pb::UploadChunk>,
+    mut rx: mpsc::Receiver<pb::UploadBatch>,
     handle: Handle,
 ) -> Result<u64, Status> {
-    let repo = &active.repo;
-    let keys = &repo.key().chunk;
     // The job's repository lock is checked before the snapshot is written.
-    let mut packer = Packer::new(repo, None, handle);
+    let mut packer = Packer::new(&active.repo, None, handle);
     let mut stored = 0u64;
-    let invalid = |e: backer_repo::Error| Status::invalid_argument(e.to_string());
-    while let Some(m) = rx.blocking_recv() {
-        let id = blob_id(&m.id)?;
-        let kind = match m.kind {
-            0 => BlobType::Data,
-            1 => BlobType::Tree,
-            k => return Err(Status::invalid_argument(format!("unknown blob kind {k}"))),
-        };
-        let raw = verify_payload(keys, kind, &id, &m.payload, m.raw_len).map_err(invalid)?;
-        if kind == BlobType::Tree {
-            Tree::from_bytes(&raw, &format!("uploaded tree {id}")).map_err(invalid)?;
-            guard(&active.new_trees).push(id);
+    while let Some(batch) = rx.blocking_recv() {
+        for m in batch.chunks {
+            stored += ingest_one(active, &mut packer, m)?;
         }
-        drop(raw);
-        if repo.index().contains(&id) {
-            continue;
-        }
-        packer
-            .add(kind, id, &m.payload, m.raw_len)
-            .map_err(|e| Status::internal(format!("failed to store chunk {id}: {e}")))?;
-        stored += 1;
     }
     packer
         .finish()
         .map_err(|e| Status::internal(format!("failed to store the uploaded chunks: {e}")))?;
     Ok(stored)
+}
+
+/// Checks one chunk and packs it unless it is stored already; 1 if packed.
+fn ingest_one(active: &Active, packer: &mut Packer<'_>, m: pb::UploadChunk) -> Result<u64, Status> {
+    let repo = &active.repo;
+    let invalid = |e: backer_repo::Error| Status::invalid_argument(e.to_string());
+    let id = blob_id(&m.id)?;
+    let kind = match m.kind {
+        0 => BlobType::Data,
+        1 => BlobType::Tree,
+        k => return Err(Status::invalid_argument(format!("unknown blob kind {k}"))),
+    };
+    let raw = verify_payload(&repo.key().chunk, kind, &id, &m.payload, m.raw_len).map_err(invalid)?;
+    if kind == BlobType::Tree {
+        Tree::from_bytes(&raw, &format!("uploaded tree {id}")).map_err(invalid)?;
+        guard(&active.new_trees).push(id);
+    }
+    drop(raw);
+    if repo.index().contains(&id) {
+        return Ok(0);
+    }
+    packer
+        .add(kind, id, &m.payload, m.raw_len)
+        .map_err(|e| Status::internal(format!("failed to store chunk {id}: {e}")))?;
+    Ok(1)
 }
 
 /// A tree the job may read; its subtrees become readable in turn.
@@ -160,6 +168,7 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     if *guard(&active.uploading) {
         return Err(Status::failed_precondition("an upload of this job is still open"));
     }
+    let started = std::time::Instant::now();
     let mut snap: Snapshot = serde_json::from_str(snapshot_json)
         .map_err(|e| Status::invalid_argument(format!("the snapshot is not valid: {e}")))?;
     shared
@@ -176,11 +185,16 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
         problems.push(format!("its root tree {} was never uploaded", snap.tree));
     }
     let new_trees = std::mem::take(&mut *guard(&active.new_trees));
-    for t in new_trees {
-        let tree = repo
-            .load_tree(&t)
-            .await
-            .map_err(|e| Status::internal(format!("failed to read back tree {t}: {e}")))?;
+    let checked = new_trees.len();
+    // Read back in parallel: thousands of small trees, each a ranged read.
+    let mut reads = futures::stream::iter(new_trees)
+        .map(|t| {
+            let repo = &repo;
+            async move { (t, repo.load_tree(&t).await) }
+        })
+        .buffer_unordered(8);
+    while let Some((t, tree)) = reads.next().await {
+        let tree = tree.map_err(|e| Status::internal(format!("failed to read back tree {t}: {e}")))?;
         for n in &tree.nodes {
             let missing = n.subtree.filter(|s| !stored_as(s, BlobType::Tree)).or_else(|| {
                 n.content.iter().find_map(|e| match e {
@@ -200,6 +214,7 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
             break;
         }
     }
+    drop(reads);
     if !problems.is_empty() {
         let msg = format!(
             "the backup is incomplete, no snapshot written: {}",
@@ -208,6 +223,7 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
         crate::runner::end(shared, &active.id, JobState::Failed, vec![msg.clone()], None).await;
         return Err(Status::failed_precondition(msg));
     }
+    tracing::info!(job = %active.id, trees = checked, ms = started.elapsed().as_millis() as u64, "backup checked");
     snap.hostname = active.client.clone();
     snap.paths = spec.paths.clone();
     snap.excludes = spec.excludes.clone();

@@ -501,12 +501,14 @@ fn a_hostile_agent_is_refused() {
             let mut c = c.clone();
             let job = job.clone();
             async move {
-                let msg = pb::UploadChunk {
+                let msg = pb::UploadBatch {
                     job_id: job,
-                    id: id.0.to_vec().into(),
-                    kind: 0,
-                    payload: payload.into(),
-                    raw_len,
+                    chunks: vec![pb::UploadChunk {
+                        id: id.0.to_vec().into(),
+                        kind: 0,
+                        payload: payload.into(),
+                        raw_len,
+                    }],
                 };
                 c.upload(futures::stream::iter(vec![msg])).await
             }

@@ -170,7 +170,7 @@ impl Agent for Service {
         }))
     }
 
-    async fn upload(&self, req: Request<Streaming<UploadChunk>>) -> Result<Response<UploadResponse>, Status> {
+    async fn upload(&self, req: Request<Streaming<UploadBatch>>) -> Result<Response<UploadResponse>, Status> {
         let name = auth::client(&self.shared, &req)?;
         let mut stream = req.into_inner();
         let Some(first) = stream.message().await? else {
