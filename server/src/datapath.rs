@@ -247,6 +247,7 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     shared.jobs.update(&active.id, |r| {
         r.files_done = snap.summary.files;
         r.bytes_done = snap.summary.bytes;
+        r.new_bytes = snap.summary.new_bytes;
     });
     let mut messages = snap.errors.clone();
     if let Some(policy) = &spec.retention {

@@ -68,6 +68,9 @@ pub struct JobRecord {
     pub bytes_total: u64,
     pub snapshot_id: String,
     pub messages: Vec<String>,
+    /// For a backup: chunk bytes new to the repository (before compression).
+    #[serde(default)]
+    pub new_bytes: u64,
 }
 
 impl JobRecord {
@@ -251,6 +254,7 @@ impl Jobs {
             bytes_total: 0,
             snapshot_id: String::new(),
             messages: Vec::new(),
+            new_bytes: 0,
         };
         inner.records.insert(id.clone(), record.clone());
         while inner.records.len() > KEEP_FINISHED {

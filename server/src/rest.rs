@@ -1,15 +1,19 @@
 //! The REST port: liveness and readiness for supervisors and Kubernetes
-//! probes, and Prometheus metrics. Plain HTTP on purpose (probes and scrapers
-//! rarely speak mTLS); it serves nothing secret: no names, no tokens.
+//! probes, Prometheus metrics, and a read-only JSON view of clients, jobs and
+//! snapshots. Plain HTTP on purpose (probes and scrapers rarely speak mTLS):
+//! probes and metrics name nothing; the JSON views name clients and paths,
+//! so they answer only to the server's Login/Password, and not at all when
+//! none is configured.
 
 use std::fmt::Write;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use base64::Engine;
 
 use crate::server::Shared;
 use crate::state::ClientState;
@@ -19,6 +23,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/api/v1/clients", get(clients))
+        .route("/api/v1/jobs", get(jobs))
+        .route("/api/v1/snapshots", get(snapshots))
         .with_state(shared)
 }
 
@@ -31,6 +38,90 @@ async fn ready(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         );
     }
     (StatusCode::OK, "ready\n")
+}
+
+/// The JSON views' gate: HTTP basic with the server's Login/Password.
+fn admitted(
+    s: &Shared,
+    headers: &HeaderMap,
+) -> Result<(), (StatusCode, [(header::HeaderName, &'static str); 1], String)> {
+    let Some((login, password)) = s.login() else {
+        return Err((
+            StatusCode::NOT_FOUND,
+            [(header::WWW_AUTHENTICATE, "")],
+            "the JSON views need [server] Login and Password in the configuration\n".into(),
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok());
+    match given.as_deref().and_then(|g| g.split_once(':')) {
+        Some((l, p))
+            if crate::grpc::auth::same_secret(l, &login) & crate::grpc::auth::same_secret(p, &password) =>
+        {
+            Ok(())
+        }
+        _ => Err((
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Basic realm=\"backer\"")],
+            "the server's Login and Password are required\n".into(),
+        )),
+    }
+}
+
+async fn clients(State(s): State<Arc<Shared>>, headers: HeaderMap) -> axum::response::Response {
+    if let Err(e) = admitted(&s, &headers) {
+        return e.into_response();
+    }
+    let reg = s.registry();
+    let list: Vec<_> = reg
+        .clients
+        .iter()
+        .map(|(name, r)| {
+            serde_json::json!({
+                "name": name,
+                "state": r.state,
+                "connected": s.is_connected(name),
+                "cert_not_after": r.cert_not_after,
+            })
+        })
+        .collect();
+    json(&list)
+}
+
+async fn jobs(State(s): State<Arc<Shared>>, headers: HeaderMap) -> axum::response::Response {
+    if let Err(e) = admitted(&s, &headers) {
+        return e.into_response();
+    }
+    json(&s.jobs.list(None))
+}
+
+async fn snapshots(State(s): State<Arc<Shared>>, headers: HeaderMap) -> axum::response::Response {
+    if let Err(e) = admitted(&s, &headers) {
+        return e.into_response();
+    }
+    match s.storage.repo().snapshots().await {
+        Ok(list) => json(&list),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("failed to list snapshots: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> axum::response::Response {
+    match serde_json::to_string(v) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("failed to encode: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 /// Prometheus text format, version 0.0.4.
@@ -81,5 +172,72 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
             "backer_certificate_expiry_timestamp_seconds{{kind=\"client_soonest\"}} {t}"
         );
     }
+    job_metrics(&s, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Counts and durations of the recorded jobs, and what backups read and stored.
+fn job_metrics(s: &Shared, out: &mut String) {
+    use std::collections::BTreeMap;
+    let mut count: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
+    let mut duration: BTreeMap<&'static str, (f64, u64)> = BTreeMap::new();
+    let (mut read, mut new) = (0u64, 0u64);
+    for j in s.jobs.list(None) {
+        let kind = match j.kind {
+            crate::jobs::Kind::Backup => "backup",
+            crate::jobs::Kind::Restore => "restore",
+        };
+        *count.entry((kind, j.state.as_str())).or_default() += 1;
+        if j.state.is_final() && j.finished >= j.created {
+            let d = duration.entry(kind).or_default();
+            d.0 += (j.finished - j.created) as f64;
+            d.1 += 1;
+        }
+        if kind == "backup"
+            && matches!(
+                j.state,
+                crate::jobs::JobState::Succeeded | crate::jobs::JobState::Partial
+            )
+        {
+            read += j.bytes_done;
+            new += j.new_bytes;
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP backer_jobs Jobs in the server's record, by kind and state."
+    );
+    let _ = writeln!(out, "# TYPE backer_jobs gauge");
+    for ((kind, state), n) in &count {
+        let _ = writeln!(out, "backer_jobs{{kind=\"{kind}\",state=\"{state}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP backer_job_duration_seconds How long finished jobs took."
+    );
+    let _ = writeln!(out, "# TYPE backer_job_duration_seconds summary");
+    for (kind, (sum, n)) in &duration {
+        let _ = writeln!(out, "backer_job_duration_seconds_sum{{kind=\"{kind}\"}} {sum}");
+        let _ = writeln!(out, "backer_job_duration_seconds_count{{kind=\"{kind}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP backer_backup_bytes Bytes of file content read by recorded backups."
+    );
+    let _ = writeln!(out, "# TYPE backer_backup_bytes gauge");
+    let _ = writeln!(out, "backer_backup_bytes {read}");
+    let _ = writeln!(
+        out,
+        "# HELP backer_backup_new_bytes Of those, bytes new to the repository (before compression)."
+    );
+    let _ = writeln!(out, "# TYPE backer_backup_new_bytes gauge");
+    let _ = writeln!(out, "backer_backup_new_bytes {new}");
+    if new > 0 {
+        let _ = writeln!(
+            out,
+            "# HELP backer_dedup_ratio Bytes read per new byte stored, over recorded backups."
+        );
+        let _ = writeln!(out, "# TYPE backer_dedup_ratio gauge");
+        let _ = writeln!(out, "backer_dedup_ratio {:.3}", read as f64 / new as f64);
+    }
 }

@@ -564,3 +564,76 @@ fn a_hostile_agent_is_refused() {
         "good's snapshots are untouched"
     );
 }
+
+/// Disaster recovery: a host loses its disk (agent state and data), is
+/// re-enrolled under the same name, and gets its last backup back in place.
+#[test]
+fn a_lost_host_is_reenrolled_and_restored_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let server = Server::start(tmp, "");
+    server.admin_cert();
+    let state = tmp.join("agent");
+    server.enrol("web1", &state);
+    let agent_proc = run_agent(&state, &[]);
+    server.wait_connected("web1");
+    let src = tmp.join("host/data");
+    build_rich_tree(&src);
+    ok(server.cli(&["backup", "web1", src.to_str().unwrap(), "--wait"]));
+    let reference = tmp.join("reference");
+    std::fs::create_dir_all(&reference).unwrap();
+    assert!(
+        std::process::Command::new("cp")
+            .args(["-a", "--"])
+            .arg(&src)
+            .arg(&reference)
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    // The disk is gone.
+    drop(agent_proc);
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::remove_dir_all(tmp.join("host")).unwrap();
+
+    let bundle = tmp.join("web1-again.json");
+    ok(server.cli(&[
+        "clients",
+        "reenroll",
+        "web1",
+        "--bundle-out",
+        bundle.to_str().unwrap(),
+    ]));
+    ok(agent(&state, &["enroll", "--bundle", bundle.to_str().unwrap()])
+        .output()
+        .unwrap());
+    let _agent = run_agent(&state, &[]);
+    server.wait_connected("web1");
+    let out = ok(server.cli(&["restore", "latest", "--client", "web1", "--target", "/", "--wait"]));
+    assert!(out.contains("succeeded"), "{out}");
+    let diffs = compare_trees(&reference.join("data"), &src);
+    assert!(diffs.is_empty(), "restored in place differs: {diffs:#?}");
+
+    // The REST port: JSON views for the admin only, metrics without names.
+    let (code, _) = server.http_get("/api/v1/jobs");
+    assert_eq!(code, 401, "the JSON views need the login");
+    let (code, body) = server.http_get_auth("/api/v1/jobs", "admin", "s3cret");
+    assert_eq!(code, 200, "{body}");
+    let jobs = json(body);
+    assert_eq!(jobs.as_array().unwrap().len(), 2, "{jobs}");
+    let (code, body) = server.http_get_auth("/api/v1/snapshots", "admin", "s3cret");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"hostname\":\"web1\""), "{body}");
+    let (_, metrics) = server.http_get("/metrics");
+    assert!(
+        metrics.contains("backer_jobs{kind=\"backup\",state=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("backer_jobs{kind=\"restore\",state=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("backer_dedup_ratio"), "{metrics}");
+    assert!(!metrics.contains("web1"), "metrics name no client");
+}

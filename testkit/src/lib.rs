@@ -540,10 +540,20 @@ impl Server {
 
     /// GETs `path` from the REST port: (status code, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
+        self.http_request(path, "")
+    }
+
+    /// GETs `path` with HTTP basic authorization.
+    pub fn http_get_auth(&self, path: &str, login: &str, password: &str) -> (u16, String) {
+        let token = base64_encode(format!("{login}:{password}").as_bytes());
+        self.http_request(path, &format!("Authorization: Basic {token}\r\n"))
+    }
+
+    fn http_request(&self, path: &str, headers: &str) -> (u16, String) {
         let mut s = TcpStream::connect(&self.rest).unwrap();
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n"
         )
         .unwrap();
         let mut resp = String::new();
@@ -627,4 +637,23 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Standard base64 with padding (enough for a test's basic authorization).
+fn base64_encode(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }

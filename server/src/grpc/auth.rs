@@ -70,13 +70,18 @@ pub fn admin<T>(shared: &Shared, req: &Request<T>) -> Result<String, Status> {
         .and_then(|b| String::from_utf8(b).ok())
         .ok_or_else(|| Status::unauthenticated("malformed authorization header"))?;
     let (l, p) = decoded.split_once(':').unwrap_or((&decoded, ""));
-    let ok_login = constant_time_eq(l.as_bytes(), login.as_bytes());
-    let ok_password = constant_time_eq(p.as_bytes(), password.as_bytes());
+    let ok_login = same_secret(l, &login);
+    let ok_password = same_secret(p, &password);
     if ok_login && ok_password {
         Ok(l.to_string())
     } else {
         Err(Status::unauthenticated("wrong login or password"))
     }
+}
+
+/// Compares secrets without leaking through timing where they differ.
+pub fn same_secret(a: &str, b: &str) -> bool {
+    constant_time_eq(a.as_bytes(), b.as_bytes())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
