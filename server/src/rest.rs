@@ -48,9 +48,9 @@ fn admitted(
     let Some((login, password)) = s.login() else {
         return Err((
             StatusCode::NOT_FOUND,
-            [(header::WWW_AUTHENTICATE, "")],
-            "the JSON views need [server] Login and Password in the configuration\n".into(),
-        ));
+            "the JSON views need [server] Login and Password in the configuration\n",
+        )
+            .into_response());
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -67,14 +67,15 @@ fn admitted(
         _ => Err((
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Basic realm=\"backer\"")],
-            "the server's Login and Password are required\n".into(),
-        )),
+            "the server's Login and Password are required\n",
+        )
+            .into_response()),
     }
 }
 
 async fn clients(State(s): State<Arc<Shared>>, headers: HeaderMap) -> axum::response::Response {
     if let Err(e) = admitted(&s, &headers) {
-        return e.into_response();
+        return e;
     }
     let reg = s.registry();
     let list: Vec<_> = reg
@@ -94,14 +95,14 @@ async fn clients(State(s): State<Arc<Shared>>, headers: HeaderMap) -> axum::resp
 
 async fn jobs(State(s): State<Arc<Shared>>, headers: HeaderMap) -> axum::response::Response {
     if let Err(e) = admitted(&s, &headers) {
-        return e.into_response();
+        return e;
     }
     json(&s.jobs.list(None))
 }
 
 async fn snapshots(State(s): State<Arc<Shared>>, headers: HeaderMap) -> axum::response::Response {
     if let Err(e) = admitted(&s, &headers) {
-        return e.into_response();
+        return e;
     }
     match s.storage.repo().snapshots().await {
         Ok(list) => json(&list),
