@@ -40,17 +40,17 @@ async fn ready(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     (StatusCode::OK, "ready\n")
 }
 
-/// The JSON views' gate: HTTP basic with the server's Login/Password.
-fn admitted(
-    s: &Shared,
-    headers: &HeaderMap,
-) -> Result<(), (StatusCode, [(header::HeaderName, &'static str); 1], String)> {
+/// The JSON views' gate: HTTP basic with the server's Login/Password. The
+/// answer to give instead of the view, or `None` when the caller may see it.
+fn refusal(s: &Shared, headers: &HeaderMap) -> Option<axum::response::Response> {
     let Some((login, password)) = s.login() else {
-        return Err((
-            StatusCode::NOT_FOUND,
-            "the JSON views need [server] Login and Password in the configuration\n",
-        )
-            .into_response());
+        return Some(
+            (
+                StatusCode::NOT_FOUND,
+                "the JSON views need [server] Login and Password in the configuration\n",
+            )
+                .into_response(),
+        );
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -62,20 +62,22 @@ fn admitted(
         Some((l, p))
             if crate::grpc::auth::same_secret(l, &login) & crate::grpc::auth::same_secret(p, &password) =>
         {
-            Ok(())
+            None
         }
-        _ => Err((
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Basic realm=\"backer\"")],
-            "the server's Login and Password are required\n",
-        )
-            .into_response()),
+        _ => Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Basic realm=\"backer\"")],
+                "the server's Login and Password are required\n",
+            )
+                .into_response(),
+        ),
     }
 }
 
 async fn clients(State(s): State<Arc<Shared>>, headers: HeaderMap) -> axum::response::Response {
-    if let Err(e) = admitted(&s, &headers) {
-        return e;
+    if let Some(no) = refusal(&s, &headers) {
+        return no;
     }
     let reg = s.registry();
     let list: Vec<_> = reg
@@ -94,15 +96,15 @@ async fn clients(State(s): State<Arc<Shared>>, headers: HeaderMap) -> axum::resp
 }
 
 async fn jobs(State(s): State<Arc<Shared>>, headers: HeaderMap) -> axum::response::Response {
-    if let Err(e) = admitted(&s, &headers) {
-        return e;
+    if let Some(no) = refusal(&s, &headers) {
+        return no;
     }
     json(&s.jobs.list(None))
 }
 
 async fn snapshots(State(s): State<Arc<Shared>>, headers: HeaderMap) -> axum::response::Response {
-    if let Err(e) = admitted(&s, &headers) {
-        return e;
+    if let Some(no) = refusal(&s, &headers) {
+        return no;
     }
     match s.storage.repo().snapshots().await {
         Ok(list) => json(&list),
