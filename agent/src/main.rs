@@ -35,6 +35,10 @@ struct Cli {
         global = true
     )]
     state_dir: PathBuf,
+    /// DEVELOPMENT ONLY, with `enroll`: talk to a server run with
+    /// --insecure-plaintext (no TLS; the agent names itself). Remembered.
+    #[arg(long, global = true)]
+    insecure_plaintext: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -102,6 +106,9 @@ struct AgentState {
     server: String,
     client: String,
     not_after: i64,
+    /// Enrolled with a development server without TLS.
+    #[serde(default)]
+    plaintext: bool,
 }
 
 fn main() -> ExitCode {
@@ -129,7 +136,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Enroll { bundle } => enroll(&cli.state_dir, &bundle).await,
+            Command::Enroll { bundle } => enroll(&cli.state_dir, &bundle, cli.insecure_plaintext).await,
             Command::Run {
                 restore_roots,
                 limit_upload,
@@ -190,7 +197,7 @@ fn read(dir: &Path, name: &str) -> Result<String> {
     })
 }
 
-async fn enroll(state_dir: &Path, bundle_path: &Path) -> Result<()> {
+async fn enroll(state_dir: &Path, bundle_path: &Path, plaintext: bool) -> Result<()> {
     let raw =
         std::fs::read(bundle_path).with_context(|| format!("failed to read {}", bundle_path.display()))?;
     let bundle: Bundle = serde_json::from_slice(&raw)
@@ -199,9 +206,13 @@ async fn enroll(state_dir: &Path, bundle_path: &Path) -> Result<()> {
         .with_context(|| format!("failed to create {}", state_dir.display()))?;
     // The key is made here and never leaves this host.
     let (key_pem, csr_pem) = backer_proto::pki::new_csr()?;
-    let channel = backer_proto::connect(&bundle.server, &bundle.ca_pem, None)
-        .await
-        .with_context(|| format!("failed to reach the server at {}", bundle.server))?;
+    let channel = if plaintext {
+        tracing::warn!("INSECURE: enrolling over plain text (--insecure-plaintext); development only");
+        backer_proto::connect_plain(&bundle.server).await
+    } else {
+        backer_proto::connect(&bundle.server, &bundle.ca_pem, None).await
+    }
+    .with_context(|| format!("failed to reach the server at {}", bundle.server))?;
     let resp = EnrollmentClient::new(channel)
         .enroll(EnrollRequest {
             token: bundle.token.clone(),
@@ -218,6 +229,7 @@ async fn enroll(state_dir: &Path, bundle_path: &Path) -> Result<()> {
         server: bundle.server,
         client: resp.client_name.clone(),
         not_after: resp.not_after,
+        plaintext,
     };
     write(
         state_dir,
@@ -254,16 +266,44 @@ fn status(state_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn client(state_dir: &Path, st: &AgentState) -> Result<AgentClient<tonic::transport::Channel>> {
-    let (ca, cert, key) = (
-        read(state_dir, "ca.pem")?,
-        read(state_dir, "cert.pem")?,
-        read(state_dir, "key.pem")?,
-    );
-    let channel = backer_proto::connect(&st.server, &ca, Some((&cert, &key)))
-        .await
-        .with_context(|| format!("failed to reach the server at {}", st.server))?;
-    Ok(AgentClient::new(channel)
+/// The agent's gRPC client: mutual TLS with its certificate, or (for a
+/// development server without TLS) plain text with its name in a header.
+pub type Client =
+    AgentClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Claim>>;
+
+#[derive(Clone)]
+pub struct Claim(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Claim {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(name) = &self.0 {
+            req.metadata_mut().insert("x-backer-client", name.clone());
+        }
+        Ok(req)
+    }
+}
+
+async fn client(state_dir: &Path, st: &AgentState) -> Result<Client> {
+    let (channel, claim) = if st.plaintext {
+        tracing::warn!("INSECURE: talking to the server in plain text (enrolled with --insecure-plaintext)");
+        let name = st
+            .client
+            .parse()
+            .map_err(|_| anyhow::anyhow!("client name {:?} cannot travel in a header", st.client))?;
+        (backer_proto::connect_plain(&st.server).await, Claim(Some(name)))
+    } else {
+        let (ca, cert, key) = (
+            read(state_dir, "ca.pem")?,
+            read(state_dir, "cert.pem")?,
+            read(state_dir, "key.pem")?,
+        );
+        (
+            backer_proto::connect(&st.server, &ca, Some((&cert, &key))).await,
+            Claim(None),
+        )
+    };
+    let channel = channel.with_context(|| format!("failed to reach the server at {}", st.server))?;
+    Ok(AgentClient::with_interceptor(channel, claim)
         .max_decoding_message_size(backer_proto::MAX_MESSAGE)
         .max_encoding_message_size(backer_proto::MAX_MESSAGE))
 }

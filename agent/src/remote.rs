@@ -6,7 +6,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use backer_proto::v1 as pb;
-use backer_proto::v1::agent_client::AgentClient;
 use backer_repo::Error;
 use backer_repo::chunk;
 use backer_repo::crypto::ChunkKeys;
@@ -16,7 +15,6 @@ use backer_repo::store::{BackupStore, BlobWriter, ChunkSink, RestoreSource};
 use backer_repo::tree::Tree;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
 /// Ids per ReadChunks request (the server accepts up to 4096).
 const READ_BATCH: usize = 1024;
@@ -56,7 +54,7 @@ impl Drop for Prefetch {
 pub struct RemoteStore {
     prefetch: Mutex<Prefetch>,
     in_flight: Arc<tokio::sync::Semaphore>,
-    client: AgentClient<Channel>,
+    client: crate::Client,
     handle: Handle,
     job: String,
     keys: ChunkKeys,
@@ -68,7 +66,7 @@ pub struct RemoteStore {
 impl RemoteStore {
     /// Fetches the repository's chunking keys for job `job`.
     pub async fn new(
-        mut client: AgentClient<Channel>,
+        mut client: crate::Client,
         job: String,
         limit: Option<u64>,
     ) -> Result<RemoteStore, Error> {
@@ -136,7 +134,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn fetch_tree(mut client: AgentClient<Channel>, job: String, id: BlobId) -> Result<Tree, Error> {
+async fn fetch_tree(mut client: crate::Client, job: String, id: BlobId) -> Result<Tree, Error> {
     let t = client
         .read_tree(pb::ReadTreeRequest {
             job_id: job,

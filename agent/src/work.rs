@@ -8,13 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use backer_proto::v1 as pb;
-use backer_proto::v1::agent_client::AgentClient;
 use backer_proto::v1::agent_report::Report;
 use backer_repo::archiver::{self, BackupOptions, Progress};
 use backer_repo::id::{BlobId, SnapshotId};
 use backer_repo::restorer::{self, RestoreOptions, RestoreProgress};
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
 use crate::remote::RemoteStore;
 
@@ -40,7 +38,7 @@ async fn report(tx: &Reports, r: Report) {
 }
 
 /// Runs one job to its end and reports how it ended.
-pub async fn run(client: AgentClient<Channel>, item: pb::WorkItem, reports: Reports, policy: Policy) {
+pub async fn run(client: crate::Client, item: pb::WorkItem, reports: Reports, policy: Policy) {
     let job = item.job_id.clone();
     let outcome = match item.work {
         Some(pb::work_item::Work::Backup(b)) => backup(client, &job, b, &reports, &policy).await,
@@ -102,7 +100,7 @@ fn progress_reporter(
 type Outcome = Result<(Vec<String>, String), String>;
 
 async fn backup(
-    client: AgentClient<Channel>,
+    client: crate::Client,
     job: &str,
     work: pb::BackupWork,
     reports: &Reports,
@@ -169,7 +167,7 @@ async fn backup(
 }
 
 async fn restore(
-    client: AgentClient<Channel>,
+    client: crate::Client,
     job: &str,
     work: pb::RestoreWork,
     reports: &Reports,

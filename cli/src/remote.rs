@@ -35,6 +35,10 @@ pub struct ServerArgs {
     /// The server's Login (its Password comes from BACKER_SERVER_PASSWORD)
     #[arg(long, env = "BACKER_LOGIN", global = true)]
     pub login: Option<String>,
+    /// DEVELOPMENT ONLY: talk to a server run with --insecure-plaintext (no TLS;
+    /// the login travels in clear text)
+    #[arg(long, global = true, requires = "login", conflicts_with_all = ["ca", "cert"])]
+    pub insecure_plaintext: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -82,6 +86,13 @@ async fn connect(s: &ServerArgs) -> Result<Mgmt> {
         .server
         .as_deref()
         .ok_or_else(|| anyhow!("no server given: use --server HOST:PORT or set BACKER_SERVER"))?;
+    if s.insecure_plaintext {
+        eprintln!("warning: INSECURE plain-text connection (--insecure-plaintext); development only");
+        let channel = backer_proto::connect_plain(server)
+            .await
+            .with_context(|| format!("failed to connect to {server}"))?;
+        return Ok(ManagementClient::with_interceptor(channel, basic_auth(s)?));
+    }
     let ca_path =
         s.ca.as_ref()
             .ok_or_else(|| anyhow!("no CA given: use --ca FILE (the server's ca.pem) or set BACKER_CA"))?;
@@ -94,17 +105,9 @@ async fn connect(s: &ServerArgs) -> Result<Mgmt> {
         )),
         _ => None,
     };
-    let auth = match (&identity, &s.login) {
-        (Some(_), _) => BasicAuth(None),
-        (None, Some(login)) => {
-            let pw = std::env::var("BACKER_SERVER_PASSWORD")
-                .map_err(|_| anyhow!("--login needs the password in BACKER_SERVER_PASSWORD"))?;
-            let token = base64::engine::general_purpose::STANDARD.encode(format!("{login}:{pw}"));
-            BasicAuth(Some(format!("Basic {token}").parse().map_err(|_| {
-                anyhow!("the login contains characters a header cannot hold")
-            })?))
-        }
-        (None, None) => bail!("no credentials: give --cert/--key (admin certificate) or --login"),
+    let auth = match &identity {
+        Some(_) => BasicAuth(None),
+        None => basic_auth(s)?,
     };
     let channel = backer_proto::connect(
         server,
@@ -114,6 +117,19 @@ async fn connect(s: &ServerArgs) -> Result<Mgmt> {
     .await
     .with_context(|| format!("failed to connect to {server}"))?;
     Ok(ManagementClient::with_interceptor(channel, auth))
+}
+
+/// The server's Login/Password as an authorization header.
+fn basic_auth(s: &ServerArgs) -> Result<BasicAuth> {
+    let Some(login) = &s.login else {
+        bail!("no credentials: give --cert/--key (admin certificate) or --login");
+    };
+    let pw = std::env::var("BACKER_SERVER_PASSWORD")
+        .map_err(|_| anyhow!("--login needs the password in BACKER_SERVER_PASSWORD"))?;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{login}:{pw}"));
+    Ok(BasicAuth(Some(format!("Basic {token}").parse().map_err(
+        |_| anyhow!("the login contains characters a header cannot hold"),
+    )?)))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {

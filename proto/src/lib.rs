@@ -37,3 +37,12 @@ pub async fn connect(
         .connect()
         .await
 }
+
+/// Opens a plain-text channel (a server run with `--insecure-plaintext`,
+/// for development only).
+pub async fn connect_plain(address: &str) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await
+}

@@ -32,6 +32,11 @@ struct Cli {
     /// test see a schedule fire without waiting for it. Not for production.
     #[arg(long, hide = true, value_parser = parse_time)]
     clock_start: Option<chrono::DateTime<chrono::Utc>>,
+    /// DEVELOPMENT ONLY: serve management and data without TLS. Agents are then
+    /// identified by the name they claim; anyone reaching the ports can act as
+    /// any client. Logged loudly at start and every ten minutes.
+    #[arg(long)]
+    insecure_plaintext: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
             config: cli.config,
             state_dir: cli.state_dir,
             clock_start: cli.clock_start,
+            insecure_plaintext: cli.insecure_plaintext,
         }),
     };
     match result {

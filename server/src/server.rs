@@ -41,6 +41,8 @@ pub struct Shared {
     pub jobs: Jobs,
     /// Added to the system clock for schedules (tests start it elsewhere).
     clock_offset: chrono::TimeDelta,
+    /// No TLS: agents name themselves (development only).
+    pub insecure_plaintext: bool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -128,6 +130,8 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// Start the schedule clock at this time instead of now (for tests).
     pub clock_start: Option<chrono::DateTime<chrono::Utc>>,
+    /// Serve management and data without TLS (development only).
+    pub insecure_plaintext: bool,
 }
 
 /// What a started server listens on (ports may have been chosen by the OS).
@@ -196,25 +200,57 @@ pub async fn run(
         storage,
         jobs,
         clock_offset,
+        insecure_plaintext: opts.insecure_plaintext,
     });
     spawn_reload_on_hangup(Arc::clone(&shared), config_path);
     tokio::spawn(crate::runner::run_schedules(Arc::clone(&shared)));
 
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let mgmt = tonic::transport::Server::builder()
-        .add_service(crate::grpc::management::service(Arc::clone(&shared)))
-        .serve_with_incoming_shutdown(
-            crate::tls::incoming(mgmt_listener, Arc::clone(&tls)),
-            shutdown.clone(),
-        );
+        .add_service(crate::grpc::management::service(Arc::clone(&shared)));
     let data = tonic::transport::Server::builder()
         .add_service(crate::grpc::enrollment::service(Arc::clone(&shared)))
-        .add_service(crate::grpc::agent::service(Arc::clone(&shared)))
-        .serve_with_incoming_shutdown(crate::tls::incoming(data_listener, tls), shutdown.clone());
+        .add_service(crate::grpc::agent::service(Arc::clone(&shared)));
+    type Serving =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+    let (mgmt, data): (Serving, Serving) =
+        if shared.insecure_plaintext {
+            warn_plaintext();
+            (
+                Box::pin(mgmt.serve_with_incoming_shutdown(
+                    crate::tls::plain_incoming(mgmt_listener),
+                    shutdown.clone(),
+                )),
+                Box::pin(data.serve_with_incoming_shutdown(
+                    crate::tls::plain_incoming(data_listener),
+                    shutdown.clone(),
+                )),
+            )
+        } else {
+            (
+                Box::pin(mgmt.serve_with_incoming_shutdown(
+                    crate::tls::incoming(mgmt_listener, Arc::clone(&tls)),
+                    shutdown.clone(),
+                )),
+                Box::pin(data.serve_with_incoming_shutdown(
+                    crate::tls::incoming(data_listener, tls),
+                    shutdown.clone(),
+                )),
+            )
+        };
+    if shared.insecure_plaintext {
+        // Repeated, so nobody mistakes a development server for a real one.
+        tokio::spawn(async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+                warn_plaintext();
+            }
+        });
+    }
     let rest =
         axum::serve(rest_listener, crate::rest::router(Arc::clone(&shared))).with_graceful_shutdown(shutdown);
     on_bound(bound);
-    tracing::info!(mgmt = %bound.mgmt, data = %bound.data, rest = %bound.rest, "backer-server listening (TLS 1.3; REST plain HTTP)");
+    tracing::info!(mgmt = %bound.mgmt, data = %bound.data, rest = %bound.rest, tls = !shared.insecure_plaintext, "backer-server listening");
     let (a, b, c) = tokio::join!(mgmt, data, rest);
     a?;
     b?;
@@ -223,6 +259,14 @@ pub async fn run(
         source,
     })?;
     Ok(())
+}
+
+fn warn_plaintext() {
+    tracing::warn!(
+        "INSECURE: --insecure-plaintext is on. Management and data travel in clear text, \
+         agents are identified by what they claim, and anyone who can reach these ports can \
+         act as any client. For development only; never on a network you do not own."
+    );
 }
 
 /// The server's certificate from the state directory, issued again when

@@ -105,3 +105,16 @@ pub fn incoming(
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
+
+/// Plain TCP connections, for `--insecure-plaintext` (development only).
+pub fn plain_incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let conn = listener.accept().await.map(|(tcp, _)| {
+            let _ = tcp.set_nodelay(true);
+            tcp
+        });
+        Some((conn, listener))
+    })
+}

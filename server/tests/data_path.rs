@@ -637,3 +637,92 @@ fn a_lost_host_is_reenrolled_and_restored_in_place() {
     assert!(metrics.contains("backer_dedup_ratio"), "{metrics}");
     assert!(!metrics.contains("web1"), "metrics name no client");
 }
+
+/// FC_1's development switch: no TLS anywhere, said loudly, and it works.
+#[test]
+fn insecure_plaintext_works_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let log = tmp.join("server.log");
+    let setup = ServerSetup {
+        args: vec!["--insecure-plaintext".into()],
+        log: Some(log.clone()),
+        ..Default::default()
+    };
+    let server = Server::start_with(tmp, setup);
+    let plain = |args: &[&str]| {
+        std::process::Command::new(backer_testkit::bin("backer"))
+            .args([
+                "--server",
+                &server.mgmt,
+                "--login",
+                "admin",
+                "--insecure-plaintext",
+            ])
+            .args(args)
+            .env("BACKER_SERVER_PASSWORD", "s3cret")
+            .output()
+            .unwrap()
+    };
+    let bundle = tmp.join("dev.json");
+    ok(plain(&[
+        "clients",
+        "add",
+        "dev",
+        "--bundle-out",
+        bundle.to_str().unwrap(),
+    ]));
+    let state = tmp.join("agent");
+    ok(agent(
+        &state,
+        &[
+            "--insecure-plaintext",
+            "enroll",
+            "--bundle",
+            bundle.to_str().unwrap(),
+        ],
+    )
+    .output()
+    .unwrap());
+    let _agent = run_agent(&state, &[]);
+    wait_for("the agent to connect in plain text", || {
+        String::from_utf8_lossy(&plain(&["clients", "--json"]).stdout).contains("\"connected\":true")
+    });
+    let src = tmp.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"plain").unwrap();
+    ok(plain(&["backup", "dev", src.to_str().unwrap(), "--wait"]));
+    let target = tmp.join("restored");
+    ok(plain(&[
+        "restore",
+        "latest",
+        "--client",
+        "dev",
+        "--target",
+        target.to_str().unwrap(),
+        "--wait",
+    ]));
+    assert_eq!(
+        std::fs::read(target.join(src.strip_prefix("/").unwrap()).join("f")).unwrap(),
+        b"plain"
+    );
+    // A wrong password is still refused.
+    let wrong = std::process::Command::new(backer_testkit::bin("backer"))
+        .args([
+            "--server",
+            &server.mgmt,
+            "--login",
+            "admin",
+            "--insecure-plaintext",
+            "clients",
+        ])
+        .env("BACKER_SERVER_PASSWORD", "guess")
+        .output()
+        .unwrap();
+    assert!(err(&wrong).contains("wrong login or password"));
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("INSECURE: --insecure-plaintext is on"),
+        "{logged}"
+    );
+}

@@ -409,6 +409,8 @@ pub struct ServerSetup {
     pub env: Vec<(String, String)>,
     /// Extra arguments (`--clock-start`).
     pub args: Vec<String>,
+    /// Where the server's log goes (default: the test's stderr).
+    pub log: Option<PathBuf>,
 }
 
 impl Server {
@@ -476,7 +478,10 @@ impl Server {
             .envs(setup.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("BACKER_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(match &setup.log {
+                Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .unwrap();
         let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
