@@ -208,7 +208,12 @@ pub async fn run(
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let mgmt = tonic::transport::Server::builder()
         .add_service(crate::grpc::management::service(Arc::clone(&shared)));
+    // Pings find a peer that vanished (a cut network, a powered-off host)
+    // within a minute: its Work stream ends and its jobs fail with the reason.
     let data = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
         .add_service(crate::grpc::enrollment::service(Arc::clone(&shared)))
         .add_service(crate::grpc::agent::service(Arc::clone(&shared)));
     type Serving =

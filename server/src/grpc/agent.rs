@@ -30,6 +30,10 @@ pub fn service(shared: Arc<Shared>) -> AgentServer<Service> {
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
+/// An upload that sends nothing this long is given up: a stalled client
+/// must not hold a job (and its repository lock) forever.
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 fn on_progress(shared: &Shared, client: &str, p: JobProgress) {
@@ -206,10 +210,17 @@ impl Agent for Service {
             if tx.send(m).await.is_err() {
                 break; // the worker stopped; its error is reported below
             }
-            match stream.message().await {
-                Ok(m) => next = m,
-                Err(e) => {
+            match tokio::time::timeout(UPLOAD_IDLE, stream.message()).await {
+                Ok(Ok(m)) => next = m,
+                Ok(Err(e)) => {
                     failure = Some(e);
+                    break;
+                }
+                Err(_) => {
+                    failure = Some(Status::deadline_exceeded(format!(
+                        "the upload sent nothing for {} s",
+                        UPLOAD_IDLE.as_secs()
+                    )));
                     break;
                 }
             }
@@ -219,6 +230,12 @@ impl Agent for Service {
             .await
             .map_err(|e| Status::internal(format!("the upload worker failed: {e}")));
         *guard(&active.uploading) = false;
+        if let Some(f) = &failure
+            && f.code() == tonic::Code::DeadlineExceeded
+        {
+            let msg = format!("the backup stalled: {}", f.message());
+            runner::end(&self.shared, &job, JobState::Failed, vec![msg], None).await;
+        }
         let stored = result??;
         if let Some(f) = failure {
             return Err(f);
