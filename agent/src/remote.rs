@@ -28,6 +28,9 @@ fn remote(what: &str, s: tonic::Status) -> Error {
     Error::Interrupted(format!("failed to {what}: the server said: {}", s.message()))
 }
 
+/// How often an upload with nothing to send says it is alive.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Trees read ahead of the walk, at most this many held, this many in flight.
 const PREFETCH_HELD: usize = 256;
 const PREFETCH_IN_FLIGHT: usize = 16;
@@ -196,6 +199,24 @@ impl BackupStore for RemoteStore {
         // A bounded queue into one upload stream: the pipeline waits when
         // the network or the server is slower than it.
         let (tx, rx) = mpsc::channel(16);
+        // An empty batch now and then tells the server a long walk through
+        // unchanged files is not a stalled upload. It holds only a weak
+        // sender: the stream still ends when the uploader is done.
+        let beat = tx.downgrade();
+        let job = self.job.clone();
+        self.handle.spawn(async move {
+            loop {
+                tokio::time::sleep(HEARTBEAT).await;
+                let Some(tx) = beat.upgrade() else { return };
+                let empty = pb::UploadBatch {
+                    job_id: job.clone(),
+                    chunks: Vec::new(),
+                };
+                if tx.send(empty).await.is_err() {
+                    return;
+                }
+            }
+        });
         let mut client = self.client.clone();
         let upload = self.handle.spawn(async move {
             client

@@ -26,8 +26,31 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Whether `target` is below a restore root, judged on real paths: no
+    /// `..`, and symlinks in the part that exists resolved, so neither can
+    /// lead a restore out of its roots.
     fn allows_restore_to(&self, target: &Path) -> bool {
-        self.restore_roots.iter().any(|r| target.starts_with(r))
+        let Some(real) = real_path(target) else {
+            return false;
+        };
+        self.restore_roots
+            .iter()
+            .any(|r| real_path(r).is_some_and(|root| real.starts_with(root)))
+    }
+}
+
+/// `p` with symlinks resolved in the part that exists (the rest is
+/// appended as given); `None` for a relative path or one with `..`.
+fn real_path(p: &Path) -> Option<PathBuf> {
+    if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+        return None;
+    }
+    let mut existing = p;
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return Some(real.join(p.strip_prefix(existing).ok()?));
+        }
+        existing = existing.parent()?;
     }
 }
 

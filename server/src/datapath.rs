@@ -77,7 +77,8 @@ pub fn ingest(
     Ok(stored)
 }
 
-/// Checks one chunk and packs it unless it is stored already; 1 if packed.
+/// Checks one chunk and packs it unless it is stored already; returns the
+/// bytes stored.
 fn ingest_one(active: &Active, packer: &mut Packer<'_>, m: pb::UploadChunk) -> Result<u64, Status> {
     let repo = &active.repo;
     let invalid = |e: backer_repo::Error| Status::invalid_argument(e.to_string());
@@ -90,7 +91,7 @@ fn ingest_one(active: &Active, packer: &mut Packer<'_>, m: pb::UploadChunk) -> R
     let raw = verify_payload(&repo.key().chunk, kind, &id, &m.payload, m.raw_len).map_err(invalid)?;
     if kind == BlobType::Tree {
         Tree::from_bytes(&raw, &format!("uploaded tree {id}")).map_err(invalid)?;
-        guard(&active.new_trees).push(id);
+        guard(&active.new_trees).insert(id);
     }
     drop(raw);
     if repo.index().contains(&id) {
@@ -99,7 +100,7 @@ fn ingest_one(active: &Active, packer: &mut Packer<'_>, m: pb::UploadChunk) -> R
     packer
         .add(kind, id, &m.payload, m.raw_len)
         .map_err(|e| Status::internal(format!("failed to store chunk {id}: {e}")))?;
-    Ok(1)
+    Ok(m.payload.len() as u64)
 }
 
 /// A tree the job may read; its subtrees become readable in turn.
@@ -143,6 +144,10 @@ pub fn read_chunks(
     tokio::task::spawn_blocking(move || {
         let repo = &active.repo;
         let result = read_blobs(repo, &handle, &ids, &mut |loc, sealed| {
+            // Trees are read through ReadTree, which checks the job may.
+            if loc.entry.kind != BlobType::Data {
+                return Err(format!("{} is not a data chunk", loc.entry.id));
+            }
             let payload = backer_repo::pack::open_payload(&repo.key().data, &loc.entry, sealed)
                 .map_err(|e| e.to_string())?;
             let msg = pb::ChunkData {
@@ -168,15 +173,19 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     if *guard(&active.uploading) {
         return Err(Status::failed_precondition("an upload of this job is still open"));
     }
+    if active.finishing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Err(Status::failed_precondition(
+            "this backup is already being finished",
+        ));
+    }
     let started = std::time::Instant::now();
     let mut snap: Snapshot = serde_json::from_str(snapshot_json)
         .map_err(|e| Status::invalid_argument(format!("the snapshot is not valid: {e}")))?;
-    shared
+    let repo = shared
         .storage
         .refresh()
         .await
         .map_err(|e| Status::internal(format!("failed to read the index: {e}")))?;
-    let repo = shared.storage.repo();
     let mut problems = Vec::new();
     // Stored, and as the kind of blob the tree says: a data chunk named as
     // a tree (or the reverse) is as absent as a missing one.
@@ -230,15 +239,23 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     snap.tags = spec.tags.clone();
     snap.parent = spec.parent.map(|(id, _)| id);
     snap.time = chrono::Utc::now();
-    if let Some(lock) = active.lock.lock().await.as_ref() {
+    // The lock is held (and checked) until the snapshot is written: a job
+    // ended meanwhile (its agent gone) has released it, and then no
+    // snapshot may appear.
+    let id = {
+        let held = active.lock.lock().await;
+        let Some(lock) = held.as_ref() else {
+            return Err(Status::aborted(
+                "the job ended before its snapshot could be written",
+            ));
+        };
         lock.check_fresh()
             .await
             .map_err(|e| Status::aborted(format!("the repository lock was lost: {e}")))?;
-    }
-    let id = repo
-        .save_snapshot(&snap)
-        .await
-        .map_err(|e| Status::internal(format!("failed to write the snapshot: {e}")))?;
+        repo.save_snapshot(&snap)
+            .await
+            .map_err(|e| Status::internal(format!("failed to write the snapshot: {e}")))?
+    };
     let state = if snap.partial {
         JobState::Partial
     } else {

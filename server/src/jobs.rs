@@ -19,6 +19,9 @@ use crate::state::{StateError, write_atomic};
 /// Finished jobs kept in the record (the oldest go first).
 const KEEP_FINISHED: usize = 1000;
 
+/// Messages kept per job (the rest are counted).
+const MAX_MESSAGES: usize = 100;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
@@ -118,6 +121,11 @@ pub enum Spec {
 pub struct Active {
     pub id: String,
     pub client: String,
+    /// The agent connection the job was sent over: when it ends, the job
+    /// fails, even if the agent has reconnected since.
+    pub conn: u64,
+    /// FinishBackup has begun: it runs once.
+    pub finishing: std::sync::atomic::AtomicBool,
     pub spec: Spec,
     /// The repository handle the job started with (its index answers dedup).
     pub repo: Arc<Repository>,
@@ -127,7 +135,7 @@ pub struct Active {
     /// them, their subtrees. Nothing else of the repository is reachable.
     pub readable_trees: Mutex<HashSet<BlobId>>,
     /// Trees this backup uploaded, checked before its snapshot is written.
-    pub new_trees: Mutex<Vec<BlobId>>,
+    pub new_trees: Mutex<HashSet<BlobId>>,
     /// An upload stream is open (one at a time per job).
     pub uploading: Mutex<bool>,
 }
@@ -339,7 +347,13 @@ impl Jobs {
         self.update(id, |r| {
             r.state = state;
             r.finished = now;
-            r.messages.extend(messages);
+            // The record is rewritten whole on each change: keep it small.
+            let room = MAX_MESSAGES.saturating_sub(r.messages.len());
+            let extra = messages.len().saturating_sub(room);
+            r.messages.extend(messages.into_iter().take(room));
+            if extra > 0 {
+                r.messages.push(format!("… and {extra} more"));
+            }
             if let Some(s) = snapshot {
                 r.snapshot_id = s;
             }
@@ -368,12 +382,12 @@ impl Jobs {
         }
     }
 
-    /// The running jobs of `client`.
-    pub fn active_of(&self, client: &str) -> Vec<Arc<Active>> {
+    /// The running jobs of `client`, all or those sent over connection `conn`.
+    pub fn active_of(&self, client: &str, conn: Option<u64>) -> Vec<Arc<Active>> {
         guard(&self.inner)
             .active
             .values()
-            .filter(|a| a.client == client)
+            .filter(|a| a.client == client && conn.is_none_or(|c| a.conn == c))
             .cloned()
             .collect()
     }

@@ -79,6 +79,9 @@ async fn clients(State(s): State<Arc<Shared>>, headers: HeaderMap) -> axum::resp
     if let Some(no) = refusal(&s, &headers) {
         return no;
     }
+    // Connections first, then the registry: the order every other reader
+    // takes them in, so two readers never wait on each other.
+    let connected = s.connected_clients();
     let reg = s.registry();
     let list: Vec<_> = reg
         .clients
@@ -87,7 +90,7 @@ async fn clients(State(s): State<Arc<Shared>>, headers: HeaderMap) -> axum::resp
             serde_json::json!({
                 "name": name,
                 "state": r.state,
-                "connected": s.is_connected(name),
+                "connected": connected.contains(name),
                 "cert_not_after": r.cert_not_after,
             })
         })

@@ -163,6 +163,19 @@ pub async fn launch_backup(
     )
     .await
     .map_err(|e| fail_now(shared, &record.id, format!("failed to lock the repository: {e}")))?;
+    // Under the lock, the index as it is now: what a prune removed meanwhile
+    // must not be counted as stored.
+    let repo = match shared.storage.refresh().await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = lock.release().await;
+            return Err(fail_now(
+                shared,
+                &record.id,
+                format!("failed to read the index: {e}"),
+            ));
+        }
+    };
     let parent = spec.parent;
     let work = pb::BackupWork {
         paths: spec.paths.clone(),
@@ -172,14 +185,23 @@ pub async fn launch_backup(
         parent_tree_id: parent.map(|(_, t)| t.0.to_vec()).unwrap_or_default().into(),
     };
     let readable = parent.map(|(_, t)| t).into_iter().collect();
+    let Some(conn) = shared.connection_id(&client) else {
+        return Err(fail_now(
+            shared,
+            &record.id,
+            format!("client {client} disconnected before the job could start"),
+        ));
+    };
     let active = shared.jobs.start(Active {
         id: record.id.clone(),
         client: client.clone(),
+        conn,
+        finishing: Default::default(),
         spec: Spec::Backup(spec),
         repo,
         lock: tokio::sync::Mutex::new(Some(lock)),
         readable_trees: Mutex::new(readable),
-        new_trees: Mutex::new(Vec::new()),
+        new_trees: Mutex::new(Default::default()),
         uploading: Mutex::new(false),
     });
     let work = pb::WorkItem {
@@ -215,18 +237,48 @@ pub async fn start_restore(
     }
     check_client(shared, &to)?;
     let record = shared.jobs.create(Kind::Restore, &to, origin, now(shared));
+    // A restore keeps prune away too: the chunks it reads must stay.
+    let lock = Lock::acquire(
+        &repo,
+        false,
+        &format!("restore onto {to} (job {})", record.id),
+        LOCK_WAIT,
+    )
+    .await
+    .map_err(|e| fail_now(shared, &record.id, format!("failed to lock the repository: {e}")))?;
+    let repo = match shared.storage.refresh().await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = lock.release().await;
+            return Err(fail_now(
+                shared,
+                &record.id,
+                format!("failed to read the index: {e}"),
+            ));
+        }
+    };
     let root = entry.snapshot.tree;
+    let Some(conn) = shared.connection_id(&to) else {
+        let _ = lock.release().await;
+        return Err(fail_now(
+            shared,
+            &record.id,
+            format!("client {to} disconnected before the job could start"),
+        ));
+    };
     let active = shared.jobs.start(Active {
         id: record.id.clone(),
         client: to.clone(),
+        conn,
+        finishing: Default::default(),
         spec: Spec::Restore {
             snapshot: entry.id,
             root,
         },
         repo,
-        lock: tokio::sync::Mutex::new(None),
+        lock: tokio::sync::Mutex::new(Some(lock)),
         readable_trees: Mutex::new([root].into_iter().collect()),
-        new_trees: Mutex::new(Vec::new()),
+        new_trees: Mutex::new(Default::default()),
         uploading: Mutex::new(false),
     });
     let whole = req.includes.is_empty();
@@ -336,8 +388,9 @@ pub async fn end(
 }
 
 /// The agent of `client` went away: its running jobs fail with that reason.
-pub async fn client_gone(shared: &Shared, client: &str, why: &str) {
-    for a in shared.jobs.active_of(client) {
+/// `conn`: only the jobs sent over that connection (it ended); `None`: all.
+pub async fn client_gone(shared: &Shared, client: &str, conn: Option<u64>, why: &str) {
+    for a in shared.jobs.active_of(client, conn) {
         end(
             shared,
             &a.id,

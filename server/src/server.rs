@@ -91,6 +91,17 @@ impl Shared {
         self.connections().contains_key(client)
     }
 
+    /// Names of the connected clients. Lock order: `connections` before
+    /// `registry`, never the other way.
+    pub fn connected_clients(&self) -> std::collections::HashSet<String> {
+        self.connections().keys().cloned().collect()
+    }
+
+    /// The id of `client`'s current connection, if any.
+    pub fn connection_id(&self, client: &str) -> Option<u64> {
+        self.connections().get(client).map(|c| c.id)
+    }
+
     /// Where to send work for `client`'s agent, if it is connected.
     pub fn work_sender(&self, client: &str) -> Option<mpsc::Sender<Result<WorkItem, Status>>> {
         self.connections().get(client).map(|c| c.work.clone())

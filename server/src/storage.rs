@@ -31,6 +31,8 @@ pub enum StorageError {
 
 pub struct Storage {
     current: RwLock<Arc<Repository>>,
+    /// One refresh at a time, so a later one always installs a newer index.
+    refreshing: tokio::sync::Mutex<()>,
     pub location: String,
 }
 
@@ -85,6 +87,7 @@ impl Storage {
         };
         Ok(Storage {
             current: RwLock::new(Arc::new(repo)),
+            refreshing: tokio::sync::Mutex::new(()),
             location: location.to_string(),
         })
     }
@@ -95,11 +98,13 @@ impl Storage {
         Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Takes in the blobs other writers stored since the index was loaded.
-    pub async fn refresh(&self) -> Result<(), backer_repo::Error> {
-        let fresh = self.repo().refreshed().await?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
-        Ok(())
+    /// Takes in the blobs other writers stored (and a prune removed) since
+    /// the index was loaded; returns the new handle.
+    pub async fn refresh(&self) -> Result<Arc<Repository>, backer_repo::Error> {
+        let _one = self.refreshing.lock().await;
+        let fresh = Arc::new(self.repo().refreshed().await?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&fresh);
+        Ok(fresh)
     }
 }
 

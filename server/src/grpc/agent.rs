@@ -131,18 +131,15 @@ impl Agent for Service {
                     None => {}
                 }
             }
-            let current = {
+            {
                 let mut conns = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
-                let current = conns.get(&name).is_some_and(|c| c.id == id);
-                if current {
+                if conns.get(&name).is_some_and(|c| c.id == id) {
                     conns.remove(&name);
                 }
-                current
-            };
-            // Jobs sent over a newer connection of the same agent carry on.
-            if current {
-                runner::client_gone(&shared, &name, "disconnected").await;
             }
+            // The jobs sent over this connection cannot report any more;
+            // those sent over a newer one carry on.
+            runner::client_gone(&shared, &name, Some(id), "disconnected").await;
             tracing::info!(client = %name, "agent disconnected");
         });
         Ok(Response::new(Box::pin(

@@ -93,12 +93,13 @@ impl Management for Service {
             .update_registry(|reg| reg.add(&r.name, r.reenroll, now()))?
             .map_err(Status::failed_precondition)?;
         if r.reenroll {
-            // Its open connection belonged to the old certificate.
+            // Its open connection belonged to the old certificate, and so did its jobs.
             self.shared
                 .connections
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&r.name);
+            runner::client_gone(&self.shared, &r.name, None, "was re-enrolled").await;
         }
         tracing::info!(client = %r.name, by = %admin, reenroll = r.reenroll, "enrolment token issued");
         Ok(Response::new(AddClientResponse {
@@ -123,7 +124,7 @@ impl Management for Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&name);
-        runner::client_gone(&self.shared, &name, "was revoked").await;
+        runner::client_gone(&self.shared, &name, None, "was revoked").await;
         tracing::info!(client = %name, by = %admin, "client revoked");
         Ok(Response::new(RemoveClientResponse {}))
     }
