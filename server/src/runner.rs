@@ -155,27 +155,7 @@ pub async fn launch_backup(
     let BackupPlan { client, spec } = plan;
     let repo = shared.storage.repo();
     let record = shared.jobs.create(Kind::Backup, &client, origin, now(shared));
-    let lock = Lock::acquire(
-        &repo,
-        false,
-        &format!("backup of {client} (job {})", record.id),
-        LOCK_WAIT,
-    )
-    .await
-    .map_err(|e| fail_now(shared, &record.id, format!("failed to lock the repository: {e}")))?;
-    // Under the lock, the index as it is now: what a prune removed meanwhile
-    // must not be counted as stored.
-    let repo = match shared.storage.refresh().await {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = lock.release().await;
-            return Err(fail_now(
-                shared,
-                &record.id,
-                format!("failed to read the index: {e}"),
-            ));
-        }
-    };
+    let (lock, repo) = lock_and_refresh(shared, &repo, &format!("backup of {client}"), &record.id).await?;
     let parent = spec.parent;
     let work = pb::BackupWork {
         paths: spec.paths.clone(),
@@ -238,25 +218,7 @@ pub async fn start_restore(
     check_client(shared, &to)?;
     let record = shared.jobs.create(Kind::Restore, &to, origin, now(shared));
     // A restore keeps prune away too: the chunks it reads must stay.
-    let lock = Lock::acquire(
-        &repo,
-        false,
-        &format!("restore onto {to} (job {})", record.id),
-        LOCK_WAIT,
-    )
-    .await
-    .map_err(|e| fail_now(shared, &record.id, format!("failed to lock the repository: {e}")))?;
-    let repo = match shared.storage.refresh().await {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = lock.release().await;
-            return Err(fail_now(
-                shared,
-                &record.id,
-                format!("failed to read the index: {e}"),
-            ));
-        }
-    };
+    let (lock, repo) = lock_and_refresh(shared, &repo, &format!("restore onto {to}"), &record.id).await?;
     let root = entry.snapshot.tree;
     let Some(conn) = shared.connection_id(&to) else {
         let _ = lock.release().await;
@@ -297,6 +259,27 @@ pub async fn start_restore(
     dispatch(shared, &active, work).await?;
     tracing::info!(job = %record.id, client = %to, snapshot = %entry.id.short(), %origin, "restore started");
     Ok(shared.jobs.get(&record.id).unwrap_or(record))
+}
+
+/// Takes a shared repository lock for job `id`, then the index as it is now
+/// (what a prune removed before the lock must not count as stored). A
+/// failure fails the job.
+async fn lock_and_refresh(
+    shared: &Shared,
+    repo: &backer_repo::Repository,
+    purpose: &str,
+    id: &str,
+) -> Result<(Lock, Arc<backer_repo::Repository>), Status> {
+    let lock = Lock::acquire(repo, false, &format!("{purpose} (job {id})"), LOCK_WAIT)
+        .await
+        .map_err(|e| fail_now(shared, id, format!("failed to lock the repository: {e}")))?;
+    match shared.storage.refresh().await {
+        Ok(fresh) => Ok((lock, fresh)),
+        Err(e) => {
+            let _ = lock.release().await;
+            Err(fail_now(shared, id, format!("failed to read the index: {e}")))
+        }
+    }
 }
 
 /// A snapshot by id, unique prefix, or `latest` (of `client`); when `client`
