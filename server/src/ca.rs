@@ -161,11 +161,43 @@ impl Ca {
         Ok(issued)
     }
 
+    /// An admin certificate valid from `not_before` to `not_after`: tests use
+    /// it for certificates that expired or are not valid yet.
+    pub fn issue_admin_between(
+        &self,
+        name: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Issued, CaError> {
+        let key = KeyPair::generate().map_err(rc("generate the admin key"))?;
+        let mut issued =
+            self.sign_identity_between(&format!("{name}{ADMIN_SUFFIX}"), &key, not_before, not_after)?;
+        issued.key_pem = Some(key.serialize_pem());
+        Ok(issued)
+    }
+
     fn sign_identity(
         &self,
         san: &str,
         public_key: &impl rcgen::PublicKeyData,
         days: i64,
+    ) -> Result<Issued, CaError> {
+        let now = OffsetDateTime::now_utc();
+        // A little slack for clocks that run behind.
+        self.sign_identity_between(
+            san,
+            public_key,
+            now - Duration::minutes(5),
+            now + Duration::days(days),
+        )
+    }
+
+    fn sign_identity_between(
+        &self,
+        san: &str,
+        public_key: &impl rcgen::PublicKeyData,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
     ) -> Result<Issued, CaError> {
         let mut params =
             CertificateParams::new(vec![san.to_string()]).map_err(rc("prepare a certificate"))?;
@@ -174,7 +206,8 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let (serial, raw) = random_serial();
         params.serial_number = Some(serial);
-        let not_after = validity(&mut params, days);
+        params.not_before = not_before;
+        params.not_after = not_after;
         let cert = params
             .signed_by(public_key, &self.issuer)
             .map_err(rc("sign a certificate"))?;
@@ -182,7 +215,7 @@ impl Ca {
             cert_pem: cert.pem(),
             key_pem: None,
             serial: raw,
-            not_after,
+            not_after: not_after.unix_timestamp(),
         })
     }
 }

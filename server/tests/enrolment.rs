@@ -226,3 +226,46 @@ fn bad_configuration_is_named() {
     let e = err(&out);
     assert!(e.contains("[server] ExternalName: is missing or empty"), "{e}");
 }
+
+/// Certificates out of their validity period are refused at the handshake,
+/// even when the CA that signed them is the server's own.
+#[test]
+fn expired_and_not_yet_valid_certificates_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let server = Server::start(tmp, "");
+    let admin = server.admin_cert();
+    assert!(
+        ok(server.cli(&["clients"])).contains("client"),
+        "a valid certificate works"
+    );
+    let ca = backer_server::state::StateDir::new(&tmp.join("state"))
+        .unwrap()
+        .ca()
+        .unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+    for (what, from, until) in [
+        ("expired", now - day * 2, now - day),
+        ("not yet valid", now + day, now + day * 2),
+    ] {
+        let issued = ca.issue_admin_between("ops", from, until).unwrap();
+        let dir = tmp.join(what.replace(' ', "-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("admin.pem"), &issued.cert_pem).unwrap();
+        std::fs::write(dir.join("admin-key.pem"), issued.key_pem.unwrap()).unwrap();
+        let out = Command::new(bin("backer"))
+            .args(["--server", &server.mgmt, "clients"])
+            .arg("--ca")
+            .arg(admin.join("ca.pem"))
+            .arg("--cert")
+            .arg(dir.join("admin.pem"))
+            .arg("--key")
+            .arg(dir.join("admin-key.pem"))
+            .output()
+            .unwrap();
+        let e = err(&out);
+        assert!(!e.contains("client"), "{what}: no listing: {e}");
+        assert!(e.contains("error"), "{what}: {e}");
+    }
+}
