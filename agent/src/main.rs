@@ -225,12 +225,7 @@ async fn enroll(state_dir: &Path, bundle_path: &Path, plaintext: bool) -> Result
         not_after: resp.not_after,
         plaintext,
     };
-    write(
-        state_dir,
-        "agent.json",
-        &serde_json::to_string_pretty(&st)?,
-        false,
-    )?;
+    save_state(state_dir, &st)?;
     println!(
         "enrolled as {} (certificate valid until {})",
         resp.client_name,
@@ -243,6 +238,10 @@ fn rfc3339(unix: i64) -> String {
     chrono::DateTime::from_timestamp(unix, 0)
         .map(|t| t.to_rfc3339())
         .unwrap_or_default()
+}
+
+fn save_state(state_dir: &Path, st: &AgentState) -> Result<()> {
+    write(state_dir, "agent.json", &serde_json::to_string_pretty(st)?, false)
 }
 
 fn load_state(state_dir: &Path) -> Result<AgentState> {
@@ -317,12 +316,7 @@ async fn renew_if_due(state_dir: &Path, st: &mut AgentState) -> Result<()> {
     write(state_dir, "key.pem", &key_pem, true)?;
     write(state_dir, "cert.pem", &resp.certificate_pem, false)?;
     st.not_after = resp.not_after;
-    write(
-        state_dir,
-        "agent.json",
-        &serde_json::to_string_pretty(&st)?,
-        false,
-    )?;
+    save_state(state_dir, st)?;
     tracing::info!("certificate renewed");
     Ok(())
 }

@@ -93,6 +93,13 @@ pub async fn run(client: crate::Client, item: pb::WorkItem, reports: Reports, po
     report(&reports, Report::Done(done)).await;
 }
 
+/// Files done, bytes done, files total, bytes total, from a backup's or a
+/// restore's progress counters.
+fn counters(c: [&std::sync::atomic::AtomicU64; 4]) -> (u64, u64, u64, u64) {
+    let [a, b, c, d] = c.map(|x| x.load(Ordering::Relaxed));
+    (a, b, c, d)
+}
+
 /// Sends the counters every second until dropped.
 fn progress_reporter(
     reports: Reports,
@@ -163,12 +170,7 @@ async fn backup(
     let progress = Arc::new(Progress::default());
     let p = Arc::clone(&progress);
     let ticker = progress_reporter(reports.clone(), job.to_string(), move || {
-        (
-            p.files_done.load(Ordering::Relaxed),
-            p.bytes_done.load(Ordering::Relaxed),
-            p.files_total.load(Ordering::Relaxed),
-            p.bytes_total.load(Ordering::Relaxed),
-        )
+        counters([&p.files_done, &p.bytes_done, &p.files_total, &p.bytes_total])
     });
     let archived = tokio::task::spawn_blocking(move || {
         let r = archiver::archive(&store, &opts, parent, progress);
@@ -231,12 +233,7 @@ async fn restore(
     progress.bytes_total.store(work.bytes_total, Ordering::Relaxed);
     let p = Arc::clone(&progress);
     let ticker = progress_reporter(reports.clone(), job.to_string(), move || {
-        (
-            p.files_done.load(Ordering::Relaxed),
-            p.bytes_done.load(Ordering::Relaxed),
-            p.files_total.load(Ordering::Relaxed),
-            p.bytes_total.load(Ordering::Relaxed),
-        )
+        counters([&p.files_done, &p.bytes_done, &p.files_total, &p.bytes_total])
     });
     let restored =
         tokio::task::spawn_blocking(move || restorer::restore_tree(&store, root, &opts, progress)).await;

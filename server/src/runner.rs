@@ -165,25 +165,16 @@ pub async fn launch_backup(
         parent_tree_id: parent.map(|(_, t)| t.0.to_vec()).unwrap_or_default().into(),
     };
     let readable = parent.map(|(_, t)| t).into_iter().collect();
-    let Some(conn) = shared.connection_id(&client) else {
-        return Err(fail_now(
-            shared,
-            &record.id,
-            format!("client {client} disconnected before the job could start"),
-        ));
-    };
-    let active = shared.jobs.start(Active {
-        id: record.id.clone(),
-        client: client.clone(),
-        conn,
-        finishing: Default::default(),
-        spec: Spec::Backup(spec),
+    let active = activate(
+        shared,
+        &record.id,
+        &client,
+        Spec::Backup(spec),
         repo,
-        lock: tokio::sync::Mutex::new(Some(lock)),
-        readable_trees: Mutex::new(readable),
-        new_trees: Mutex::new(Default::default()),
-        uploading: Mutex::new(false),
-    });
+        lock,
+        readable,
+    )
+    .await?;
     let work = pb::WorkItem {
         job_id: record.id.clone(),
         work: Some(pb::work_item::Work::Backup(work)),
@@ -220,29 +211,20 @@ pub async fn start_restore(
     // A restore keeps prune away too: the chunks it reads must stay.
     let (lock, repo) = lock_and_refresh(shared, &repo, &format!("restore onto {to}"), &record.id).await?;
     let root = entry.snapshot.tree;
-    let Some(conn) = shared.connection_id(&to) else {
-        let _ = lock.release().await;
-        return Err(fail_now(
-            shared,
-            &record.id,
-            format!("client {to} disconnected before the job could start"),
-        ));
+    let spec = Spec::Restore {
+        snapshot: entry.id,
+        root,
     };
-    let active = shared.jobs.start(Active {
-        id: record.id.clone(),
-        client: to.clone(),
-        conn,
-        finishing: Default::default(),
-        spec: Spec::Restore {
-            snapshot: entry.id,
-            root,
-        },
+    let active = activate(
+        shared,
+        &record.id,
+        &to,
+        spec,
         repo,
-        lock: tokio::sync::Mutex::new(Some(lock)),
-        readable_trees: Mutex::new([root].into_iter().collect()),
-        new_trees: Mutex::new(Default::default()),
-        uploading: Mutex::new(false),
-    });
+        lock,
+        [root].into_iter().collect(),
+    )
+    .await?;
     let whole = req.includes.is_empty();
     let work = pb::WorkItem {
         job_id: record.id.clone(),
@@ -259,6 +241,40 @@ pub async fn start_restore(
     dispatch(shared, &active, work).await?;
     tracing::info!(job = %record.id, client = %to, snapshot = %entry.id.short(), %origin, "restore started");
     Ok(shared.jobs.get(&record.id).unwrap_or(record))
+}
+
+/// Makes job `id` running for `client`'s current connection, holding `lock`;
+/// the agent may read the trees in `readable` (and, in turn, their
+/// subtrees). A client gone meanwhile fails the job and frees the lock.
+async fn activate(
+    shared: &Shared,
+    id: &str,
+    client: &str,
+    spec: Spec,
+    repo: Arc<backer_repo::Repository>,
+    lock: Lock,
+    readable: std::collections::HashSet<backer_repo::id::BlobId>,
+) -> Result<Arc<Active>, Status> {
+    let Some(conn) = shared.connection_id(client) else {
+        let _ = lock.release().await;
+        return Err(fail_now(
+            shared,
+            id,
+            format!("client {client} disconnected before the job could start"),
+        ));
+    };
+    Ok(shared.jobs.start(Active {
+        id: id.to_string(),
+        client: client.to_string(),
+        conn,
+        finishing: Default::default(),
+        spec,
+        repo,
+        lock: tokio::sync::Mutex::new(Some(lock)),
+        readable_trees: Mutex::new(readable),
+        new_trees: Mutex::new(Default::default()),
+        uploading: Mutex::new(false),
+    }))
 }
 
 /// Takes a shared repository lock for job `id`, then the index as it is now

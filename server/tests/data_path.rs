@@ -290,15 +290,20 @@ fn interrupted_backups_fail_and_leave_no_snapshot() {
             .any(|j| j["state"] == "running" && j["bytes_done"].as_u64().unwrap_or(0) > 0)
     };
 
+    // Starts a backup and returns its job id once it is moving data.
+    let start_backup = |server: &Server| {
+        let out = json(ok(server.cli(&[
+            "backup",
+            "big",
+            src.to_str().unwrap(),
+            "--json",
+        ])));
+        wait_for("the backup to make progress", || running(server));
+        out["id"].as_str().unwrap().to_string()
+    };
+
     // The agent dies.
-    let out = json(ok(server.cli(&[
-        "backup",
-        "big",
-        src.to_str().unwrap(),
-        "--json",
-    ])));
-    let job = out["id"].as_str().unwrap().to_string();
-    wait_for("the backup to make progress", || running(&server));
+    let job = start_backup(&server);
     drop(agent_proc);
     wait_for("the job to fail", || {
         json(ok(server.cli(&["jobs", "--json"])))
@@ -314,14 +319,7 @@ fn interrupted_backups_fail_and_leave_no_snapshot() {
     // The server dies; after its restart the job is failed, not running.
     let agent_proc = run_agent_with(&state, &[], &slow);
     server.wait_connected("big");
-    let out = json(ok(server.cli(&[
-        "backup",
-        "big",
-        src.to_str().unwrap(),
-        "--json",
-    ])));
-    let job = out["id"].as_str().unwrap().to_string();
-    wait_for("the backup to make progress", || running(&server));
+    let job = start_backup(&server);
     let server = Server::restart(server, &setup);
     let jobs = json(ok(server.cli(&["jobs", "--json"])));
     let j = jobs

@@ -550,7 +550,8 @@ impl Server {
 
     /// GETs `path` with HTTP basic authorization.
     pub fn http_get_auth(&self, path: &str, login: &str, password: &str) -> (u16, String) {
-        let token = base64_encode(format!("{login}:{password}").as_bytes());
+        use base64::Engine;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{login}:{password}"));
         self.http_request(path, &format!("Authorization: Basic {token}\r\n"))
     }
 
@@ -642,23 +643,4 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Standard base64 with padding (enough for a test's basic authorization).
-fn base64_encode(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
