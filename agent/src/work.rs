@@ -161,6 +161,7 @@ async fn backup(
         }
     };
     let opts = BackupOptions {
+        root: PathBuf::from(&work.root),
         paths: work.paths.iter().map(PathBuf::from).collect(),
         excludes: work.excludes,
         tags: work.tags,

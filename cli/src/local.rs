@@ -360,6 +360,7 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
         ));
     });
     let opts = BackupOptions {
+        root: PathBuf::from("/"),
         paths: a.paths,
         excludes: a.excludes,
         tags: a.tags,

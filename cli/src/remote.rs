@@ -423,6 +423,7 @@ pub async fn backup(g: &Global, s: &ServerArgs, a: crate::local::BackupArgs) -> 
             paths: args.collect(),
             excludes: a.excludes,
             tags: a.tags,
+            ..Default::default()
         })
         .await
         .map_err(status_err)?

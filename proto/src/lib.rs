@@ -3,6 +3,7 @@
 
 #![allow(clippy::all, missing_docs, unreachable_pub)]
 
+pub mod ca;
 pub mod pki;
 
 pub mod v1 {

@@ -59,9 +59,29 @@ pub fn identity_of(der: &[u8]) -> Result<(PeerIdentity, Vec<u8>, i64), PkiError>
 /// A new key and a CSR for it, made on the host that will use them: the key
 /// never leaves it. Returns (key PEM, CSR PEM).
 pub fn new_csr() -> Result<(String, String), PkiError> {
+    new_csr_with(Vec::new())
+}
+
+/// A key and a CSR that names the client identity asked for, so a signer
+/// that knows who is asking can check the request matches (the Kubernetes
+/// path: the operator compares it with the node of the requesting pod).
+pub fn new_client_csr(client: &str) -> Result<(String, String), PkiError> {
+    new_csr_with(vec![format!("{client}{CLIENT_SUFFIX}")])
+}
+
+/// The client a CSR asks to be (its one DNS name `<client>.client.backer`).
+pub fn requested_client(csr_pem: &str) -> Option<String> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).ok()?;
+    match csr.params.subject_alt_names.as_slice() {
+        [rcgen::SanType::DnsName(n)] => n.as_str().strip_suffix(CLIENT_SUFFIX).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn new_csr_with(names: Vec<String>) -> Result<(String, String), PkiError> {
     let rc = |what| move |source| PkiError::Rcgen { what, source };
     let key = rcgen::KeyPair::generate().map_err(rc("generate a key"))?;
-    let params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(rc("prepare a request"))?;
+    let params = rcgen::CertificateParams::new(names).map_err(rc("prepare a request"))?;
     let csr = params
         .serialize_request(&key)
         .map_err(rc("write a certificate request"))?;

@@ -50,6 +50,10 @@ pub enum ParentChoice {
 
 #[derive(Debug, Clone, Default)]
 pub struct BackupOptions {
+    /// Where the paths are read from: the snapshot records `root/x` as `/x`.
+    /// `/` (or empty) for a host's own files; a volume's directory for a
+    /// volume, so its snapshots look the same whichever pod or node mounted it.
+    pub root: PathBuf,
     pub paths: Vec<PathBuf>,
     pub excludes: Vec<String>,
     pub tags: Vec<String>,
@@ -59,6 +63,16 @@ pub struct BackupOptions {
     pub threads: usize,
     /// Count files first so progress can show a total and an ETA.
     pub scan: bool,
+}
+
+impl BackupOptions {
+    fn root(&self) -> PathBuf {
+        if self.root.as_os_str().is_empty() {
+            PathBuf::from("/")
+        } else {
+            self.root.clone()
+        }
+    }
 }
 
 /// Live counters for a progress display; updated by the pipeline.
@@ -151,6 +165,11 @@ fn normalize(path: &Path) -> Result<PathBuf> {
         }
     }
     Ok(out)
+}
+
+/// Where the snapshot path `path` (absolute, normalized) is read from.
+fn on_disk(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
 fn build_selection(paths: &[PathBuf]) -> Selection {
@@ -260,6 +279,7 @@ struct Shared<'a> {
     /// Present when the store negotiates which chunks it lacks.
     asking: Option<Budget>,
     excluder: Excluder,
+    root: PathBuf,
     /// Blobs queued in this run, so each is stored once.
     seen: Mutex<HashSet<BlobId>>,
     progress: Arc<Progress>,
@@ -270,6 +290,16 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
+    /// Excludes match the path as the snapshot records it.
+    fn is_excluded(&self, real: &Path, name: &[u8]) -> bool {
+        match real.strip_prefix(&self.root) {
+            Ok(rel) if self.root != Path::new("/") => {
+                self.excluder.is_excluded(&Path::new("/").join(rel), name)
+            }
+            _ => self.excluder.is_excluded(real, name),
+        }
+    }
+
     fn is_new(&self, id: &BlobId) -> bool {
         if self.store.holds(id) {
             return false;
@@ -305,7 +335,7 @@ pub async fn backup(
     opts: BackupOptions,
     progress: Arc<Progress>,
 ) -> Result<BackupOutcome> {
-    let paths = resolve_paths(&opts.paths)?;
+    let paths = resolve_paths(&opts.root(), &opts.paths)?;
     let path_strings: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     let hostname = opts.hostname.clone().unwrap_or_else(snapshot::hostname);
     let parent = match &opts.parent {
@@ -341,14 +371,15 @@ pub async fn backup(
 }
 
 /// The absolute, normalized, existing paths a backup covers, sorted.
-pub fn resolve_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+pub fn resolve_paths(root: &Path, paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     if paths.is_empty() {
         return Err(Error::Invalid("no path to back up".into()));
     }
     let mut out = Vec::new();
     for p in paths {
         let n = normalize(p)?;
-        std::fs::symlink_metadata(&n).map_err(|e| Error::io("read", &n, e))?;
+        let real = on_disk(root, &n);
+        std::fs::symlink_metadata(&real).map_err(|e| Error::io("read", &real, e))?;
         out.push(n);
     }
     out.sort();
@@ -367,7 +398,7 @@ pub fn archive(
     progress: Arc<Progress>,
 ) -> Result<(Snapshot, Vec<String>)> {
     let started = Instant::now();
-    let paths = resolve_paths(&opts.paths)?;
+    let paths = resolve_paths(&opts.root(), &opts.paths)?;
     let path_strings: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     let hostname = opts.hostname.clone().unwrap_or_else(snapshot::hostname);
     let excluder = Excluder::new(&opts.excludes)?;
@@ -381,6 +412,7 @@ pub fn archive(
         store,
         asking: store.negotiates().then(|| Budget::new(ASKING_BYTES)),
         excluder,
+        root: opts.root(),
         seen: Mutex::new(HashSet::new()),
         progress: Arc::clone(&progress),
         abort: AtomicBool::new(false),
@@ -473,7 +505,7 @@ fn run_pipeline(
     std::thread::scope(|s| {
         if scan {
             s.spawn(|| {
-                scan_totals(shared, selection, Path::new("/"));
+                scan_totals(shared, selection, &shared.root);
                 shared.progress.scan_done.store(true, Ordering::Relaxed);
             });
         } else {
@@ -488,7 +520,7 @@ fn run_pipeline(
                     items: item_tx,
                     jobs: job_tx,
                 };
-                w.walk_selection(Path::new("/"), selection, parent_root.as_ref())
+                w.walk_selection(&shared.root, selection, parent_root.as_ref())
             });
         let mut readers = Vec::new();
         for _ in 0..threads {
@@ -671,7 +703,7 @@ impl Walker<'_, '_> {
             }
             let path = dir.join(&name);
             let name = name.into_vec();
-            if self.shared.excluder.is_excluded(&path, &name) {
+            if self.shared.is_excluded(&path, &name) {
                 continue;
             }
             match std::fs::symlink_metadata(&path) {
@@ -779,7 +811,7 @@ fn scan_path(shared: &Shared<'_>, path: &Path) {
             if let Ok(rd) = std::fs::read_dir(&p) {
                 for e in rd.flatten() {
                     let child = e.path();
-                    if !shared.excluder.is_excluded(&child, e.file_name().as_bytes()) {
+                    if !shared.is_excluded(&child, e.file_name().as_bytes()) {
                         stack.push(child);
                     }
                 }

@@ -268,7 +268,7 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     });
     let mut messages = snap.errors.clone();
     if let Some(policy) = &spec.retention {
-        match apply_retention(&repo, &active.client, &spec.paths, policy).await {
+        match apply_retention(&repo, &active.client, &spec.paths, &spec.tags, policy).await {
             Ok(0) => {}
             Ok(n) => messages.push(format!(
                 "retention: forgot {n} older snapshots (`backer prune` frees their data)"
@@ -280,21 +280,22 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     Ok(id.to_hex())
 }
 
-/// Forgets the snapshots of `client` over `paths` that `policy` does not
-/// keep. Their data stays until a prune. Returns how many went.
+/// Forgets the snapshots of `client` over `paths` with `tags` that `policy`
+/// does not keep. Their data stays until a prune. Returns how many went.
 async fn apply_retention(
     repo: &backer_repo::Repository,
     client: &str,
     paths: &[String],
+    tags: &[String],
     policy: &backer_repo::retention::RetentionPolicy,
 ) -> Result<usize, backer_repo::Error> {
     let mine: Vec<_> = repo
         .snapshots()
         .await?
         .into_iter()
-        .filter(|s| s.snapshot.hostname == client && s.snapshot.paths == paths)
+        .filter(|s| s.snapshot.hostname == client && s.snapshot.paths == paths && s.snapshot.tags == tags)
         .collect();
-    let decisions = policy.apply(&mine, backer_repo::retention::Grouping::parse("host,paths")?)?;
+    let decisions = policy.apply(&mine, backer_repo::retention::Grouping::parse("host,paths,tags")?)?;
     let mut n = 0;
     for d in decisions.iter().flat_map(|g| &g.snapshots).filter(|d| !d.keep) {
         repo.backend().delete(&format!("snapshots/{}", d.id)).await?;

@@ -103,11 +103,13 @@ impl JobRecord {
 /// What a running backup was asked to do.
 #[derive(Debug, Clone)]
 pub struct BackupSpec {
+    /// The directory on the client the paths are read under ("" is `/`).
+    pub root: String,
     pub paths: Vec<String>,
     pub excludes: Vec<String>,
     pub tags: Vec<String>,
     pub parent: Option<(SnapshotId, BlobId)>,
-    /// The configured backup's retention, applied after it succeeds.
+    /// The requested or configured retention, applied after it succeeds.
     pub retention: Option<backer_repo::retention::RetentionPolicy>,
 }
 

@@ -2,7 +2,6 @@
 //! the place where jobs run. Standalone schedules and (later) Kubernetes
 //! `BackupJob`s end in the same job machinery.
 
-pub mod ca;
 pub mod config;
 pub mod datapath;
 pub mod grpc;

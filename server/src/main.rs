@@ -28,6 +28,11 @@ struct Cli {
     /// Where the CA, the server's certificate and the client registry live
     #[arg(long, env = "BACKER_STATE_DIR", default_value = "/var/lib/backer")]
     state_dir: PathBuf,
+    /// Read the CA and the server certificate from this directory (ca.pem,
+    /// ca-key.pem, server.pem, server-key.pem) instead of the state
+    /// directory: in Kubernetes, the operator's backer-pki Secret
+    #[arg(long, env = "BACKER_PKI_DIR")]
+    pki_dir: Option<PathBuf>,
     /// Run the schedule clock from this time (RFC 3339) instead of now: lets a
     /// test see a schedule fire without waiting for it. Not for production.
     #[arg(long, hide = true, value_parser = parse_time)]
@@ -69,10 +74,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Some(Command::AdminCert { name, out, days }) => admin_cert(&cli.state_dir, &name, &out, days),
+        Some(Command::AdminCert { name, out, days }) => {
+            admin_cert(&cli.state_dir, cli.pki_dir, &name, &out, days)
+        }
         None => serve(Options {
             config: cli.config,
             state_dir: cli.state_dir,
+            pki_dir: cli.pki_dir,
             clock_start: cli.clock_start,
             insecure_plaintext: cli.insecure_plaintext,
         }),
@@ -123,11 +131,12 @@ fn serve(opts: Options) -> anyhow::Result<()> {
 
 fn admin_cert(
     state_dir: &std::path::Path,
+    pki_dir: Option<PathBuf>,
     name: &str,
     out: &std::path::Path,
     days: i64,
 ) -> anyhow::Result<()> {
-    let state = StateDir::new(state_dir)?;
+    let state = StateDir::new(state_dir)?.with_pki(pki_dir);
     let ca = state.ca()?;
     let issued = ca.issue_admin(name, days)?;
     std::fs::create_dir_all(out).with_context(|| format!("failed to create {}", out.display()))?;

@@ -92,7 +92,22 @@ pub async fn start_backup(
 pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> Result<BackupPlan, Status> {
     let client = req.client;
     let (mut paths, mut excludes) = (req.paths, req.excludes);
-    let mut retention = None;
+    let mut retention = req.retention.map(|r| {
+        let keep = |n: u32| (n > 0).then_some(n);
+        backer_repo::retention::RetentionPolicy {
+            keep_last: keep(r.keep_last),
+            keep_hourly: keep(r.keep_hourly),
+            keep_daily: keep(r.keep_daily),
+            keep_weekly: keep(r.keep_weekly),
+            keep_monthly: keep(r.keep_monthly),
+            keep_yearly: keep(r.keep_yearly),
+            ..Default::default()
+        }
+    });
+    let root = match req.root.as_str() {
+        "" | "/" => String::new(),
+        r => clean_paths(&[r.to_string()], "root")?.remove(0),
+    };
     if paths.is_empty() {
         let config = shared.config();
         let def = config.clients.get(&client).ok_or_else(|| {
@@ -124,19 +139,21 @@ pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> R
     check_client(shared, &client)?;
 
     let repo = shared.storage.repo();
-    // The newest snapshot of this client over the same paths is the parent:
-    // its unchanged files are not read again.
+    // The newest snapshot of this client over the same paths and tags is the
+    // parent: its unchanged files are not read again. Tags tell apart volumes
+    // that share a node and a path inside them.
     let parent = repo
         .snapshots()
         .await
         .map_err(|e| Status::internal(format!("failed to list snapshots: {e}")))?
         .into_iter()
         .rev()
-        .find(|s| s.snapshot.hostname == client && s.snapshot.paths == paths)
+        .find(|s| s.snapshot.hostname == client && s.snapshot.paths == paths && s.snapshot.tags == req.tags)
         .map(|s| (s.id, s.snapshot.tree));
     Ok(BackupPlan {
         client,
         spec: BackupSpec {
+            root,
             paths,
             excludes,
             tags: req.tags,
@@ -163,6 +180,7 @@ pub async fn launch_backup(
         tags: spec.tags.clone(),
         parent_snapshot_id: parent.map(|(s, _)| s.to_hex()).unwrap_or_default(),
         parent_tree_id: parent.map(|(_, t)| t.0.to_vec()).unwrap_or_default().into(),
+        root: spec.root.clone(),
     };
     let readable = parent.map(|(_, t)| t).into_iter().collect();
     let active = activate(

@@ -9,11 +9,11 @@ use backer_proto::v1::WorkItem;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::ca::Ca;
 use crate::config::Config;
 use crate::jobs::Jobs;
 use crate::state::{Registry, StateDir};
 use crate::storage::Storage;
+use backer_proto::ca::Ca;
 
 /// Renew the server's own certificate when it has fewer days left than this.
 const SERVER_RENEW_DAYS: i64 = 30;
@@ -120,7 +120,7 @@ pub enum StartError {
     #[error(transparent)]
     State(#[from] crate::state::StateError),
     #[error(transparent)]
-    Ca(#[from] crate::ca::CaError),
+    Ca(#[from] backer_proto::ca::CaError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
@@ -139,6 +139,9 @@ pub enum StartError {
 pub struct Options {
     pub config: PathBuf,
     pub state_dir: PathBuf,
+    /// The operator's CA and server certificate (ca.pem, ca-key.pem,
+    /// server.pem, server-key.pem), used as they are.
+    pub pki_dir: Option<PathBuf>,
     /// Start the schedule clock at this time instead of now (for tests).
     pub clock_start: Option<chrono::DateTime<chrono::Utc>>,
     /// Serve management and data without TLS (development only).
@@ -161,7 +164,7 @@ pub async fn run(
     on_bound: impl FnOnce(Bound),
 ) -> Result<(), StartError> {
     let config = Config::load(&opts.config)?;
-    let state = StateDir::new(&opts.state_dir)?;
+    let state = StateDir::new(&opts.state_dir)?.with_pki(opts.pki_dir.clone());
     let ca = state.ca()?;
     let (cert, key, not_after) = server_certificate(&state, &ca, &config)?;
     let registry = state.load_registry()?;
@@ -292,12 +295,21 @@ fn server_certificate(
     ca: &Ca,
     config: &Config,
 ) -> Result<(String, String, i64), StartError> {
+    if let Some(pki) = &state.pki {
+        // The operator renews it; a restart picks the new one up.
+        let cert = state.pki_file(pki, "server.pem")?;
+        let key = state.pki_file(pki, "server-key.pem")?;
+        let not_after = backer_proto::ca::describe(&cert)
+            .map(|(_, t)| t)
+            .unwrap_or_default();
+        return Ok((cert, key, not_after));
+    }
     let cert_path = state.dir.join("server.pem");
     let key_path = state.dir.join("server-key.pem");
     if let (Ok(cert), Ok(key)) = (
         std::fs::read_to_string(&cert_path),
         std::fs::read_to_string(&key_path),
-    ) && let Some((names, not_after)) = describe(&cert)
+    ) && let Some((names, not_after)) = backer_proto::ca::describe(&cert)
         && names.contains(&config.external_name)
         && not_after > chrono::Utc::now().timestamp() + SERVER_RENEW_DAYS * 86_400
     {
@@ -308,27 +320,6 @@ fn server_certificate(
     state.write("server-key.pem", &key, true)?;
     state.write("server.pem", &issued.cert_pem, false)?;
     Ok((issued.cert_pem, key, issued.not_after))
-}
-
-fn describe(cert_pem: &str) -> Option<(Vec<String>, i64)> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).ok()?;
-    let names = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|e| {
-            e.value
-                .general_names
-                .iter()
-                .filter_map(|g| match g {
-                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Some((names, cert.validity().not_after.timestamp()))
 }
 
 /// SIGHUP reloads the configuration; a bad one is reported and the old one kept.

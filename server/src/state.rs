@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ca::{Ca, CaError};
+use backer_proto::ca::{Ca, CaError};
 
 /// Enrolment tokens are valid this long.
 pub const TOKEN_SECS: i64 = 24 * 3600;
@@ -171,6 +171,9 @@ impl Registry {
 #[derive(Debug, Clone)]
 pub struct StateDir {
     pub dir: PathBuf,
+    /// Where the operator mounts the CA and the server's certificate (read
+    /// only; in Kubernetes they live in a Secret, not on the server's disk).
+    pub pki: Option<PathBuf>,
 }
 
 impl StateDir {
@@ -178,6 +181,30 @@ impl StateDir {
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
         Ok(StateDir {
             dir: dir.to_path_buf(),
+            pki: None,
+        })
+    }
+
+    /// Reads the CA and the server's certificate from `pki` instead.
+    pub fn with_pki(self, pki: Option<PathBuf>) -> StateDir {
+        StateDir { pki, ..self }
+    }
+
+    /// A file of the operator's PKI directory, which must be there.
+    pub fn pki_file(&self, pki: &Path, name: &str) -> Result<String, StateError> {
+        let p = pki.join(name);
+        std::fs::read_to_string(&p).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StateError::Damaged {
+                path: p.clone(),
+                detail:
+                    "missing: the operator writes it into the backer-pki Secret; is that Secret mounted here?"
+                        .into(),
+            },
+            _ => StateError::Io {
+                what: "read",
+                path: p.clone(),
+                source: e,
+            },
         })
     }
 
@@ -185,8 +212,15 @@ impl StateDir {
         self.dir.join(name)
     }
 
-    /// The CA, created on first start.
+    /// The CA: the operator's when a PKI directory is given, else created on
+    /// first start.
     pub fn ca(&self) -> Result<Ca, StateError> {
+        if let Some(pki) = &self.pki {
+            return Ok(Ca::load(
+                &self.pki_file(pki, "ca.pem")?,
+                &self.pki_file(pki, "ca-key.pem")?,
+            )?);
+        }
         let (cert, key) = (self.path("ca.pem"), self.path("ca-key.pem"));
         if cert.exists() && key.exists() {
             let c = std::fs::read_to_string(&cert).map_err(io("read", &cert))?;

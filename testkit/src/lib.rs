@@ -411,6 +411,9 @@ pub struct ServerSetup {
     pub args: Vec<String>,
     /// Where the server's log goes (default: the test's stderr).
     pub log: Option<PathBuf>,
+    /// The management port (0: chosen by the OS), for a caller that must
+    /// know it before the server starts (the operator).
+    pub mgmt_port: u16,
 }
 
 impl Server {
@@ -435,9 +438,10 @@ impl Server {
         std::fs::write(
             conf.join("server.toml"),
             format!(
-                "[server]\nMgmtPort = 0\nDataPort = 0\nRestApiPort = 0\nExternalName = \"localhost\"\n\
+                "[server]\nMgmtPort = {mgmt_port}\nDataPort = 0\nRestApiPort = 0\nExternalName = \"localhost\"\n\
                  DataTransferInterface = \"127.0.0.1\"\nLogin = \"admin\"\nPassword = \"s3cret\"\n\n\
                  [repository]\nLocalization = \"{repository}\"\n\n[clients]\nConfigFile = \"clients/\"\n",
+                mgmt_port = setup.mgmt_port,
             ),
         )
         .unwrap();
@@ -460,7 +464,7 @@ impl Server {
         let conf = old.dir.join("conf/server.toml");
         let text = std::fs::read_to_string(&conf)
             .unwrap()
-            .replace("MgmtPort = 0", &format!("MgmtPort = {}", port(&old.mgmt)))
+            .replace("MgmtPort = 0\n", &format!("MgmtPort = {}\n", port(&old.mgmt)))
             .replace("DataPort = 0", &format!("DataPort = {}", port(&old.data)))
             .replace("RestApiPort = 0", &format!("RestApiPort = {}", port(&old.rest)));
         std::fs::write(&conf, text).unwrap();

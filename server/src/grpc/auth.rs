@@ -5,8 +5,8 @@
 use base64::Engine;
 use tonic::{Request, Status};
 
-use crate::ca::{Identity, identity_of};
 use crate::server::Shared;
+use backer_proto::ca::{Identity, identity_of};
 
 fn peer_identity<T>(req: &Request<T>) -> Option<Result<(Identity, Vec<u8>), Status>> {
     let certs = req.peer_certs()?;

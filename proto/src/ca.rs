@@ -14,7 +14,7 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-pub use backer_proto::pki::{ADMIN_SUFFIX, CLIENT_SUFFIX, PeerIdentity as Identity, identity_of, new_csr};
+pub use crate::pki::{ADMIN_SUFFIX, CLIENT_SUFFIX, PeerIdentity as Identity, identity_of, new_csr};
 
 /// Lifetimes.
 pub const CA_DAYS: i64 = 3650;
@@ -239,7 +239,7 @@ mod tests {
         let (id, serial, not_after) = identity_of(&der_of(&client.cert_pem)).unwrap();
         assert_eq!(id, Identity::Client("web-1".into()));
         assert_eq!(serial, client.serial);
-        assert!(not_after > chrono::Utc::now().timestamp() + 80 * 86_400);
+        assert!(not_after > time::OffsetDateTime::now_utc().unix_timestamp() + 80 * 86_400);
         let admin = ca.issue_admin("ops", 30).unwrap();
         assert_eq!(
             identity_of(&der_of(&admin.cert_pem)).unwrap().0,
@@ -254,4 +254,26 @@ mod tests {
         assert_ne!(c2.serial, client.serial);
         assert!(ca.sign_client("x", "not a csr").is_err());
     }
+}
+
+/// The DNS names a certificate (PEM) carries and when it ends (unix seconds).
+pub fn describe(cert_pem: &str) -> Option<(Vec<String>, i64)> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).ok()?;
+    let names = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|e| {
+            e.value
+                .general_names
+                .iter()
+                .filter_map(|g| match g {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((names, cert.validity().not_after.timestamp()))
 }

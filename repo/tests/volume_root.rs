@@ -1,0 +1,79 @@
+//! A backup read under a root records paths as if the root were `/`: a
+//! volume's snapshot looks the same whichever pod directory it was read
+//! from, excludes match inside it, and a restore puts it into any target.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backer_repo::archiver::{BackupOptions, Progress, backup};
+use backer_repo::crypto::KdfParams;
+use backer_repo::lock::Lock;
+use backer_repo::restorer::{RestoreOptions, RestoreProgress, restore};
+use backer_repo::{Backend, Repository};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paths_are_recorded_relative_to_the_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = tmp.path().join("pods/uid-1/volumes/kubernetes.io~csi/pv/mount");
+    std::fs::create_dir_all(vol.join("db")).unwrap();
+    std::fs::create_dir_all(vol.join("cache")).unwrap();
+    std::fs::write(vol.join("db/table"), b"rows").unwrap();
+    std::fs::write(vol.join("cache/junk"), b"junk").unwrap();
+    let kdf = KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+    let repo = Repository::init(Backend::in_memory(), b"pw", kdf).await.unwrap();
+    let lock = Lock::acquire(&repo, false, "backup", Duration::ZERO)
+        .await
+        .unwrap();
+    let opts = BackupOptions {
+        root: vol.clone(),
+        paths: vec![PathBuf::from("/")],
+        excludes: vec!["/cache".into()],
+        threads: 1,
+        ..Default::default()
+    };
+    let out = backup(&repo, &lock, opts, Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    assert_eq!(out.snapshot.paths, vec!["/".to_string()]);
+    assert_eq!(out.snapshot.summary.files, 1, "the excluded /cache is left out");
+
+    let target = tmp.path().join("elsewhere");
+    let repo = repo.refreshed().await.unwrap();
+    restore(
+        &repo,
+        &out.snapshot,
+        &RestoreOptions {
+            target: target.clone(),
+            includes: vec![],
+            overwrite: false,
+            threads: 1,
+        },
+        Arc::new(RestoreProgress::default()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(target.join("db/table")).unwrap(), b"rows");
+    assert!(!target.join("cache").exists());
+    assert!(
+        !target.join("pods").exists(),
+        "nothing of the root's own path is recorded"
+    );
+
+    // A root that is not there is a clear error, not an empty snapshot.
+    let opts = BackupOptions {
+        root: tmp.path().join("gone"),
+        paths: vec![PathBuf::from("/")],
+        ..Default::default()
+    };
+    let err = backup(&repo, &lock, opts, Arc::new(Progress::default()))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("gone"), "{err}");
+}
