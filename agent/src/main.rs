@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+mod kubernetes;
 mod remote;
 mod work;
 
@@ -63,6 +64,17 @@ enum Command {
         /// Upload at most this many KiB per second (backups share the link politely)
         #[arg(long, value_name = "KIB_PER_SEC", value_parser = clap::value_parser!(u64).range(1..))]
         limit_upload: Option<u64>,
+        /// In Kubernetes: this pod's node. With no identity yet (or a refused
+        /// one), the agent files a CertificateSigningRequest that the operator
+        /// approves for this node only
+        #[arg(long, env = "NODE_NAME", value_name = "NODE")]
+        kubernetes_node: Option<String>,
+        /// With --kubernetes-node: the server's data address (host:port)
+        #[arg(long, env = "BACKER_SERVER_DATA", requires = "kubernetes_node")]
+        server: Option<String>,
+        /// With --kubernetes-node: the namespace of the operator's ConfigMap backer-ca
+        #[arg(long, env = "POD_NAMESPACE", default_value = "backer-system")]
+        namespace: String,
     },
     /// Show this agent's identity and certificate expiry
     Status,
@@ -102,13 +114,13 @@ pub struct Bundle {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct AgentState {
-    server: String,
-    client: String,
-    not_after: i64,
+pub(crate) struct AgentState {
+    pub server: String,
+    pub client: String,
+    pub not_after: i64,
     /// Enrolled with a development server without TLS.
     #[serde(default)]
-    plaintext: bool,
+    pub plaintext: bool,
 }
 
 fn main() -> ExitCode {
@@ -134,12 +146,28 @@ fn main() -> ExitCode {
             Command::Run {
                 restore_roots,
                 limit_upload,
+                kubernetes_node,
+                server,
+                namespace,
             } => {
                 let policy = work::Policy {
                     restore_roots,
                     limit_upload: limit_upload.map(|k| k * 1024),
                 };
-                run(&cli.state_dir, policy).await
+                let kube = match (kubernetes_node, server) {
+                    (Some(node), Some(server)) => Some(kubernetes::Identity {
+                        node,
+                        namespace,
+                        server,
+                    }),
+                    (Some(_), None) => {
+                        return Err(anyhow::anyhow!(
+                            "--kubernetes-node needs --server (the server's data address)"
+                        ));
+                    }
+                    _ => None,
+                };
+                run(&cli.state_dir, policy, kube).await
             }
             Command::Status => status(&cli.state_dir),
             Command::Backup { paths, exclude, tag } => {
@@ -148,6 +176,7 @@ fn main() -> ExitCode {
                     paths,
                     excludes: exclude,
                     tags: tag,
+                    ..Default::default()
                 });
                 own_job(&cli.state_dir, req).await
             }
@@ -177,7 +206,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn write(dir: &Path, name: &str, data: &str, secret: bool) -> Result<()> {
+pub(crate) fn write(dir: &Path, name: &str, data: &str, secret: bool) -> Result<()> {
     backer_proto::pki::write_atomic(&dir.join(name), data.as_bytes(), secret)
         .with_context(|| format!("failed to write {}", dir.join(name).display()))
 }
@@ -240,7 +269,7 @@ fn rfc3339(unix: i64) -> String {
         .unwrap_or_default()
 }
 
-fn save_state(state_dir: &Path, st: &AgentState) -> Result<()> {
+pub(crate) fn save_state(state_dir: &Path, st: &AgentState) -> Result<()> {
     write(state_dir, "agent.json", &serde_json::to_string_pretty(st)?, false)
 }
 
@@ -370,7 +399,14 @@ async fn own_job(state_dir: &Path, job: pb::request_job_request::Job) -> Result<
     }
 }
 
-async fn run(state_dir: &Path, policy: work::Policy) -> Result<()> {
+async fn run(state_dir: &Path, policy: work::Policy, kube: Option<kubernetes::Identity>) -> Result<()> {
+    if let Some(id) = &kube {
+        let now = chrono::Utc::now().timestamp();
+        match load_state(state_dir) {
+            Ok(st) if st.client == id.node && st.not_after > now => {}
+            _ => kubernetes::enrol(state_dir, id).await?,
+        }
+    }
     let mut st = load_state(state_dir)?;
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -385,6 +421,10 @@ async fn run(state_dir: &Path, policy: work::Policy) -> Result<()> {
                         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
                     )
                 {
+                    if kube.is_some() {
+                        // A refused identity is dead: the next start asks for a new one.
+                        let _ = std::fs::remove_file(state_dir.join("agent.json"));
+                    }
                     bail!("the server refused this agent: {}", s.message());
                 }
                 tracing::warn!(

@@ -1,0 +1,186 @@
+//! backer-operator: `crdgen` prints the CRDs; `run` reconciles.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kube::runtime::events::{Recorder, Reporter};
+
+use backer_operator::backer::Backer;
+use backer_operator::context::{Context, Settings};
+use backer_operator::controller;
+use backer_operator::metrics::Metrics;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Backer's Kubernetes operator: BackerClients, BackupJobs, RestoreJobs and Snapshots, \
+             the CA in Secrets, and node agents' certificates"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the CustomResourceDefinitions as YAML (or write them to --out)
+    Crdgen {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Reconcile until SIGTERM
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The namespace the operator, the server and the agents run in
+    #[arg(long, env = "BACKER_NAMESPACE", default_value = "backer-system")]
+    namespace: String,
+    /// backer-server's management address (host:port)
+    #[arg(long, env = "BACKER_SERVER", default_value = "backer-server:7070")]
+    server: String,
+    /// Names the server's certificate must carry (the Service's DNS names);
+    /// the first is the name clients use
+    #[arg(
+        long = "server-name",
+        env = "BACKER_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "backer-server,backer-server.backer-system.svc"
+    )]
+    server_names: Vec<String>,
+    /// The agents' ServiceAccount: only its pods get node certificates
+    #[arg(long, default_value = "backer-agent")]
+    agent_service_account: String,
+    /// The kubelets' root directory on the nodes
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    kubelet_root: String,
+    /// Only nodes with these labels get a BackerClient (e.g. `backer.dev/backup=true`)
+    #[arg(long, default_value = "")]
+    node_selector: String,
+    /// Address of /healthz, /readyz and /metrics
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    http: String,
+    /// This replica's name in the leader election (the pod name)
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BACKER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crdgen { out } => crdgen(out),
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("failed to start the async runtime")
+            .and_then(|rt| rt.block_on(run(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn crdgen(out: Option<PathBuf>) -> anyhow::Result<()> {
+    let yaml = backer_operator::crds_yaml().context("failed to render the CRDs")?;
+    match out {
+        Some(p) => std::fs::write(&p, yaml).with_context(|| format!("failed to write {}", p.display())),
+        None => {
+            print!("{yaml}");
+            Ok(())
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(&args.http)
+        .await
+        .with_context(|| format!("failed to listen on {}", args.http))?;
+    tracing::info!(http = %listener.local_addr()?, "backer-operator serving health and metrics");
+    tokio::spawn(backer_operator::http::serve(
+        listener,
+        backer_operator::http::Health {
+            ready: Arc::clone(&ready),
+            metrics: Arc::clone(&metrics),
+        },
+    ));
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("backer-operator-{}", std::process::id()));
+    backer_operator::leader::lead(
+        client.clone(),
+        &args.namespace,
+        identity.clone(),
+        Arc::clone(&metrics),
+    )
+    .await?;
+
+    let ca = backer_operator::pki::ensure(&client, &args.namespace, &args.server_names).await?;
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        backer: Backer::new(args.server.clone(), Arc::new(ca)),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "backer-operator".into(),
+                instance: Some(identity),
+            },
+        ),
+        metrics,
+        settings: Settings {
+            namespace: args.namespace.clone(),
+            agent_service_account: args.agent_service_account,
+            kubelet_root: args.kubelet_root.trim_end_matches('/').to_string(),
+            node_selector: args.node_selector,
+        },
+        snapshots_changed: tokio::sync::Notify::new(),
+    });
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(namespace = %args.namespace, server = %args.server, "reconciling");
+    // The server's certificate is checked daily and issued again before it ends.
+    let renew = {
+        let (client, ns, names) = (client.clone(), args.namespace.clone(), args.server_names.clone());
+        async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(86_400)).await;
+                if let Err(e) = backer_operator::pki::ensure(&client, &ns, &names).await {
+                    tracing::warn!("failed to check the server certificate: {e}");
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = futures::future::join4(
+            controller::client::run(Arc::clone(&ctx)),
+            controller::csr::run(Arc::clone(&ctx)),
+            controller::backupjob::run(Arc::clone(&ctx)),
+            controller::restorejob::run(Arc::clone(&ctx)),
+        ) => {}
+        _ = controller::snapshot::run(Arc::clone(&ctx)) => {}
+        _ = renew => {}
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
