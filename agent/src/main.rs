@@ -64,6 +64,10 @@ enum Command {
         /// Upload at most this many KiB per second (backups share the link politely)
         #[arg(long, value_name = "KIB_PER_SEC", value_parser = clap::value_parser!(u64).range(1..))]
         limit_upload: Option<u64>,
+        /// Where the host's / is mounted (in a container, e.g. /host read-only):
+        /// backups read host paths under it
+        #[arg(long, env = "BACKER_AGENT_HOST_ROOT", default_value = "/")]
+        host_root: PathBuf,
         /// In Kubernetes: this pod's node. With no identity yet (or a refused
         /// one), the agent files a CertificateSigningRequest that the operator
         /// approves for this node only
@@ -146,6 +150,7 @@ fn main() -> ExitCode {
             Command::Run {
                 restore_roots,
                 limit_upload,
+                host_root,
                 kubernetes_node,
                 server,
                 namespace,
@@ -153,6 +158,7 @@ fn main() -> ExitCode {
                 let policy = work::Policy {
                     restore_roots,
                     limit_upload: limit_upload.map(|k| k * 1024),
+                    host_root,
                 };
                 let kube = match (kubernetes_node, server) {
                     (Some(node), Some(server)) => Some(kubernetes::Identity {

@@ -23,6 +23,10 @@ pub struct Policy {
     pub restore_roots: Vec<PathBuf>,
     /// Upload limit in bytes per second.
     pub limit_upload: Option<u64>,
+    /// Where the host's `/` is seen (a container mounts it read-only at
+    /// `/host`): backups read host paths under it. Restores are not
+    /// translated: they write only where a restore root is mounted writable.
+    pub host_root: PathBuf,
 }
 
 impl Policy {
@@ -161,7 +165,7 @@ async fn backup(
         }
     };
     let opts = BackupOptions {
-        root: PathBuf::from(&work.root),
+        root: policy.host_root.join(work.root.trim_start_matches('/')),
         paths: work.paths.iter().map(PathBuf::from).collect(),
         excludes: work.excludes,
         tags: work.tags,

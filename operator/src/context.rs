@@ -1,6 +1,8 @@
 //! What every reconciler shares.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -22,6 +24,15 @@ pub struct Settings {
     pub node_selector: String,
 }
 
+/// The backoff key of an object: `kind/namespace/name`.
+pub fn key_of<K: Resource>(kind: &str, obj: &K) -> String {
+    format!(
+        "{kind}/{}/{}",
+        obj.meta().namespace.as_deref().unwrap_or(""),
+        obj.meta().name.as_deref().unwrap_or("")
+    )
+}
+
 pub struct Context {
     pub client: Client,
     pub backer: Backer,
@@ -30,6 +41,8 @@ pub struct Context {
     pub settings: Settings,
     /// Wakes the snapshot mirror when a run ends.
     pub snapshots_changed: Notify,
+    /// Consecutive failures per object, for its retry backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -41,6 +54,24 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
+    /// How long object `key` waits before its next try: 5 s, doubling per
+    /// consecutive failure, at most 5 minutes. One broken object does not
+    /// slow the others, and does not hammer the API or the server.
+    pub fn backoff(&self, key: String) -> Duration {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(key).or_default();
+        *n = n.saturating_add(1);
+        Duration::from_secs(5 << (*n - 1).min(6)).min(Duration::from_secs(300))
+    }
+
+    /// Forgets `key`'s failures after a successful reconcile.
+    pub fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
     /// Records an Event on `obj`; a failure to record is logged, not fatal.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,

@@ -156,6 +156,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             node_selector: args.node_selector,
         },
         snapshots_changed: tokio::sync::Notify::new(),
+        failures: Default::default(),
     });
     ready.store(true, Ordering::Relaxed);
     tracing::info!(namespace = %args.namespace, server = %args.server, "reconciling");

@@ -13,6 +13,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
+
+use base64::Engine;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -272,6 +274,23 @@ fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> bool {
     String::from_utf8_lossy(&o.stdout).trim() == "yes"
 }
 
+/// Writes Secret backer-pki's files into `dir`, as its volume mount would.
+fn copy_pki(cp: &ControlPlane, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (key, file) in [
+        ("ca\\.pem", "ca.pem"),
+        ("ca-key\\.pem", "ca-key.pem"),
+        ("server\\.pem", "server.pem"),
+        ("server-key\\.pem", "server-key.pem"),
+    ] {
+        let b64 = cp.jsonpath("secret", "backer-pki", Some(NS), &format!("{{.data.{key}}}"));
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .unwrap();
+        std::fs::write(dir.join(file), bytes).unwrap();
+    }
+}
+
 /// A SubjectAccessReview for `verb` on signer `signer`.
 fn signer_access(cp: &ControlPlane, sa: &str, signer: &str, verb: &str) -> bool {
     let review = format!(
@@ -504,25 +523,7 @@ fn operator_end_to_end() {
             .is_empty()
     });
     let pki = t.join("pki");
-    std::fs::create_dir_all(&pki).unwrap();
-    for (key, file) in [
-        ("ca\\.pem", "ca.pem"),
-        ("ca-key\\.pem", "ca-key.pem"),
-        ("server\\.pem", "server.pem"),
-        ("server-key\\.pem", "server-key.pem"),
-    ] {
-        let b64 = cp.jsonpath("secret", "backer-pki", Some(NS), &format!("{{.data.{key}}}"));
-        let o = Command::new("base64")
-            .arg("-d")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut o = o;
-        o.stdin.take().unwrap().write_all(b64.as_bytes()).unwrap();
-        let out = o.wait_with_output().unwrap();
-        std::fs::write(pki.join(file), out.stdout).unwrap();
-    }
+    copy_pki(&cp, &pki);
     let setup = ServerSetup {
         mgmt_port,
         args: vec!["--pki-dir".into(), pki.display().to_string()],
@@ -675,23 +676,39 @@ fn operator_end_to_end() {
         .contains("only in the operator's namespace")
     );
 
-    // --- A scheduled BackupJob fires on its own.
+    // --- Scheduled BackupJobs, of a PVC and of node paths, fire on their own.
     cp.apply_ok(
         "apiVersion: backer.dev/v1alpha1\nkind: BackupJob\nmetadata: {name: data-nightly, namespace: apps}\n\
          spec: {pvc: data, schedule: \"* * * * *\", timeZone: Europe/Berlin, retention: {keepLast: 1}}\n",
     );
-    eventually("the scheduled run", 100, || {
-        cp.jsonpath(
-            "backupjob",
-            "data-nightly",
-            Some("apps"),
-            "{.status.lastRun.phase}",
-        ) == "Succeeded"
-    });
+    cp.apply_ok(&format!(
+        "apiVersion: backer.dev/v1alpha1\nkind: BackupJob\nmetadata: {{name: node-nightly, namespace: {NS}}}\n\
+         spec: {{clientSelector: {{matchLabels: {{backer.dev/e2e-node: a}}}}, paths: [\"{}\"], schedule: \"* * * * *\"}}\n",
+        src.display()
+    ));
+    cp.ok(&["label", "backerclient", "node-a", "backer.dev/e2e-node=a"]);
+    for (ns, name) in [("apps", "data-nightly"), (NS, "node-nightly")] {
+        eventually(&format!("the scheduled run of {name}"), 100, || {
+            cp.jsonpath("backupjob", name, Some(ns), "{.status.lastRun.phase}") == "Succeeded"
+        });
+    }
     assert!(
         !cp.jsonpath("backupjob", "data-nightly", Some("apps"), "{.status.nextRun}")
             .is_empty()
     );
+    for (ns, name) in [("apps", "data-nightly"), (NS, "node-nightly")] {
+        cp.ok(&[
+            "patch",
+            "backupjob",
+            name,
+            "-n",
+            ns,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"suspend":true}}"#,
+        ]);
+    }
 
     // --- Restore chosen files into another directory of node-a, byte-identical.
     let out_dir = restore_root.join("node-files");
@@ -752,7 +769,7 @@ fn operator_end_to_end() {
         &kc_c,
         "node-c",
         &server.data,
-        &["--limit-upload", "512"],
+        &["--limit-upload", "512", "--host-root", t.to_str().unwrap()],
         &logs.join("agent-node-c.log"),
     ));
     eventually("BackerClient node-c connected", 90, || {
@@ -761,11 +778,11 @@ fn operator_end_to_end() {
     let big = t.join("big");
     std::fs::create_dir_all(&big).unwrap();
     std::fs::write(big.join("a.bin"), backer_testkit::pseudo_random(6 << 20, 11)).unwrap();
+    // node-c's agent sees the host under --host-root, as the DaemonSet's /host.
     let slow_job = |name: &str| {
         format!(
             "apiVersion: backer.dev/v1alpha1\nkind: BackupJob\nmetadata: {{name: {name}, namespace: {NS}}}\n\
-             spec: {{clients: [node-c], paths: [\"{}\"]}}\n",
-            big.display()
+             spec: {{clients: [node-c], paths: [/big]}}\n"
         )
     };
     cp.apply_ok(&slow_job("slow-1"));
@@ -821,11 +838,53 @@ fn operator_end_to_end() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && stderr.contains("revoked"), "{stderr}");
 
+    // --- CA rotation (docs/KUBERNETES.md): a new CA in backer-pki, the
+    // server restarted on it, an agent with its old identity dropped asks
+    // again and is signed under the new CA; backups work again.
+    let old_ca = std::fs::read(pki.join("ca.pem")).unwrap();
+    cp.ok(&["delete", "secret", "backer-pki", "-n", NS]);
+    drop(op);
+    op = operator.start();
+    eventually("a new CA in backer-pki", 60, || {
+        !cp.jsonpath("secret", "backer-pki", Some(NS), "{.data}")
+            .is_empty()
+    });
+    copy_pki(&cp, &pki);
+    assert_ne!(std::fs::read(pki.join("ca.pem")).unwrap(), old_ca, "a new CA");
+    let server = Server::restart(server, &setup);
+    drop(agents.remove(0));
+    std::fs::remove_dir_all(t.join("agent-node-a")).unwrap();
+    let kc_a = t.join("backer-agent-node-a.kubeconfig");
+    agents.push(Running(agent(
+        &t.join("agent-node-a"),
+        &kc_a,
+        "node-a",
+        &server.data,
+        &["--restore-root", &roots],
+        &logs.join("agent-node-a-rotated.log"),
+    )));
+    eventually("node-a connected under the new CA", 90, || {
+        cp.jsonpath("backerclient", "node-a", None, "{.status.connected}") == "true"
+    });
+    cp.apply_ok(&format!(
+        "apiVersion: backer.dev/v1alpha1\nkind: BackupJob\nmetadata: {{name: after-rotation, namespace: {NS}}}\n\
+         spec: {{clients: [node-a], paths: [\"{}\"]}}\n",
+        src.display()
+    ));
+    assert_eq!(
+        settled_phase(&cp, "backupjob", "after-rotation", NS, 120),
+        "Succeeded"
+    );
+
     // --- Health and metrics.
-    // Counted since the operator's restart: the run the server's restart failed.
+    // Counted since the operator's last restart.
     let metrics = http_get(&operator.http, "/metrics");
     assert!(
-        metrics.contains("backer_operator_runs_failed_total 1"),
+        metrics.contains("backer_operator_certificates_signed_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("backer_operator_runs_started_total 1"),
         "{metrics}"
     );
     assert!(http_get(&operator.http, "/readyz").contains("ready"));

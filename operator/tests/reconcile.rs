@@ -272,6 +272,7 @@ fn context() -> (Arc<Context>, Handle) {
             node_selector: String::new(),
         },
         snapshots_changed: tokio::sync::Notify::new(),
+        failures: Default::default(),
     };
     (Arc::new(ctx), handle)
 }
@@ -385,4 +386,27 @@ async fn an_invalid_backupjob_is_reported_once_then_left_alone() {
         handle.next_request().await.is_none(),
         "an unchanged status is not written again"
     );
+}
+
+#[test]
+fn a_failing_object_backs_off_alone_and_recovers() {
+    let (ctx, _handle) = context();
+    let secs = |d: std::time::Duration| d.as_secs();
+    assert_eq!(secs(ctx.backoff("backupjob/a/x".into())), 5);
+    assert_eq!(secs(ctx.backoff("backupjob/a/x".into())), 10);
+    assert_eq!(
+        secs(ctx.backoff("backupjob/a/y".into())),
+        5,
+        "another object is not slowed"
+    );
+    for _ in 0..10 {
+        ctx.backoff("backupjob/a/x".into());
+    }
+    assert_eq!(
+        secs(ctx.backoff("backupjob/a/x".into())),
+        300,
+        "capped at 5 minutes"
+    );
+    ctx.succeeded("backupjob/a/x");
+    assert_eq!(secs(ctx.backoff("backupjob/a/x".into())), 5);
 }

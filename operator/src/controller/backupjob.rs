@@ -16,7 +16,7 @@ use kube::{Api, ResourceExt};
 use backer_proto::v1 as pb;
 
 use crate::backer::status;
-use crate::context::Context;
+use crate::context::{Context, key_of};
 use crate::crd::{
     BackerClient, BackupJob, BackupJobSpec, BackupJobStatus, ConcurrencyPolicy, Run, ServerJob,
 };
@@ -33,7 +33,18 @@ pub async fn run(ctx: Arc<Context>) {
     let jobs: Api<BackupJob> = Api::all(ctx.client.clone());
     Controller::new(jobs, watcher::Config::default())
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |o, c| async move {
+                let key = key_of("backupjob", &*o);
+                let r = reconcile(o, Arc::clone(&c)).await;
+                if r.is_ok() {
+                    c.succeeded(&key);
+                }
+                r
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
 }
@@ -41,7 +52,7 @@ pub async fn run(ctx: Arc<Context>) {
 fn error_policy(obj: Arc<BackupJob>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed("backupjob", err.category());
     tracing::warn!(backupjob = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()), "reconcile failed: {err}");
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(ctx.backoff(key_of("backupjob", &*obj)))
 }
 
 /// A parsed schedule in its time zone.

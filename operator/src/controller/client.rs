@@ -20,7 +20,7 @@ use kube::{Api, ResourceExt};
 use backer_proto::v1 as pb;
 
 use crate::backer::status;
-use crate::context::Context;
+use crate::context::{Context, key_of};
 use crate::crd::{BackerClient, BackerClientSpec};
 use crate::error::Error;
 use crate::status::{apply_status, from_unix, set_condition};
@@ -43,12 +43,34 @@ pub async fn run(ctx: Arc<Context>) {
             Some(ObjectRef::<BackerClient>::new(&node.name_any()))
         })
         .shutdown_on_signal()
-        .run(reconcile, error_policy, Arc::clone(&ctx))
+        .run(
+            |o, c| async move {
+                let key = key_of("backerclient", &*o);
+                let r = reconcile(o, Arc::clone(&c)).await;
+                if r.is_ok() {
+                    c.succeeded(&key);
+                }
+                r
+            },
+            error_policy,
+            Arc::clone(&ctx),
+        )
         .for_each(|_| futures::future::ready(()));
     // A node's arrival makes its client.
     let for_nodes = Controller::new(nodes, node_watch)
         .shutdown_on_signal()
-        .run(reconcile_node, node_error_policy, ctx)
+        .run(
+            |o, c| async move {
+                let key = key_of("node", &*o);
+                let r = reconcile_node(o, Arc::clone(&c)).await;
+                if r.is_ok() {
+                    c.succeeded(&key);
+                }
+                r
+            },
+            node_error_policy,
+            ctx,
+        )
         .for_each(|_| futures::future::ready(()));
     futures::join!(for_clients, for_nodes);
 }
@@ -56,7 +78,7 @@ pub async fn run(ctx: Arc<Context>) {
 fn node_error_policy(obj: Arc<Node>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed("node", err.category());
     tracing::warn!(node = %obj.name_any(), "reconcile failed: {err}");
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(ctx.backoff(key_of("node", &*obj)))
 }
 
 /// Creates the BackerClient of a selected node that has none.
@@ -84,7 +106,7 @@ async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Er
 fn error_policy(obj: Arc<BackerClient>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed("backerclient", err.category());
     tracing::warn!(backerclient = %obj.name_any(), "reconcile failed: {err}");
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(ctx.backoff(key_of("backerclient", &*obj)))
 }
 
 async fn reconcile(obj: Arc<BackerClient>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -7,7 +7,6 @@
 //! identity, and the agent's key never leaves its node.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::ByteString;
@@ -18,7 +17,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
-use crate::context::Context;
+use crate::context::{Context, key_of};
 use crate::crd::BackerClient;
 use crate::error::Error;
 
@@ -33,7 +32,18 @@ pub async fn run(ctx: Arc<Context>) {
         watcher::Config::default().fields(&format!("spec.signerName={SIGNER}")),
     )
     .shutdown_on_signal()
-    .run(reconcile, error_policy, ctx)
+    .run(
+        |o, c| async move {
+            let key = key_of("csr", &*o);
+            let r = reconcile(o, Arc::clone(&c)).await;
+            if r.is_ok() {
+                c.succeeded(&key);
+            }
+            r
+        },
+        error_policy,
+        ctx,
+    )
     .for_each(|_| futures::future::ready(()))
     .await;
 }
@@ -41,7 +51,7 @@ pub async fn run(ctx: Arc<Context>) {
 fn error_policy(obj: Arc<CertificateSigningRequest>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed("csr", err.category());
     tracing::warn!(csr = %obj.name_any(), "reconcile failed: {err}");
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(ctx.backoff(key_of("csr", &*obj)))
 }
 
 /// Why a request is denied, or the client name it may have.

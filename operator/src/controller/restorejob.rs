@@ -14,7 +14,7 @@ use kube::{Api, ResourceExt};
 use backer_proto::v1 as pb;
 
 use crate::backer::status;
-use crate::context::Context;
+use crate::context::{Context, key_of};
 use crate::controller::backupjob::follow;
 use crate::crd::{OverwritePolicy, RestoreJob, Run, ServerJob, Snapshot};
 use crate::error::Error;
@@ -24,7 +24,18 @@ pub async fn run(ctx: Arc<Context>) {
     let jobs: Api<RestoreJob> = Api::all(ctx.client.clone());
     Controller::new(jobs, watcher::Config::default())
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |o, c| async move {
+                let key = key_of("restorejob", &*o);
+                let r = reconcile(o, Arc::clone(&c)).await;
+                if r.is_ok() {
+                    c.succeeded(&key);
+                }
+                r
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
 }
@@ -32,7 +43,7 @@ pub async fn run(ctx: Arc<Context>) {
 fn error_policy(obj: Arc<RestoreJob>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed("restorejob", err.category());
     tracing::warn!(restorejob = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()), "reconcile failed: {err}");
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(ctx.backoff(key_of("restorejob", &*obj)))
 }
 
 /// The server request this RestoreJob stands for.
