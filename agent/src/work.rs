@@ -33,14 +33,36 @@ impl Policy {
     /// Whether `target` is below a restore root, judged on real paths: no
     /// `..`, and symlinks in the part that exists resolved, so neither can
     /// lead a restore out of its roots.
+    ///
+    /// Below the root, no existing component may be a symlink either: a
+    /// root holds other people's directories (every pod's volumes), and a
+    /// link inside one must not lead a restore into another.
     fn allows_restore_to(&self, target: &Path) -> bool {
         let Some(real) = real_path(target) else {
             return false;
         };
-        self.restore_roots
-            .iter()
-            .any(|r| real_path(r).is_some_and(|root| real.starts_with(root)))
+        self.restore_roots.iter().any(|r| {
+            real_path(r).is_some_and(|root| real.starts_with(&root))
+                && target
+                    .strip_prefix(r)
+                    .is_ok_and(|below| no_symlink_below(r, below))
+        })
     }
+}
+
+/// Whether every existing component of `root/below` after `root` is a real
+/// directory (or the path ends before it exists).
+fn no_symlink_below(root: &Path, below: &Path) -> bool {
+    let mut at = root.to_path_buf();
+    for c in below.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => return false,
+            Err(_) => return true,
+        }
+    }
+    true
 }
 
 /// `p` with symlinks resolved in the part that exists (the rest is
@@ -255,4 +277,28 @@ async fn restore(
     };
     report(reports, Report::Progress(last)).await;
     Ok((outcome.errors, String::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restores_never_pass_through_a_symlink_below_their_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("pods");
+        std::fs::create_dir_all(root.join("mine/vol")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("theirs/vol")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("theirs/vol"), root.join("mine/vol/esc")).unwrap();
+        let policy = Policy {
+            restore_roots: vec![root.clone()],
+            limit_upload: None,
+            host_root: PathBuf::from("/"),
+        };
+        assert!(policy.allows_restore_to(&root.join("mine/vol")));
+        assert!(policy.allows_restore_to(&root.join("mine/vol/new/dir")));
+        assert!(!policy.allows_restore_to(&root.join("mine/vol/esc")));
+        assert!(!policy.allows_restore_to(&root.join("mine/vol/esc/deeper")));
+        assert!(!policy.allows_restore_to(&tmp.path().join("theirs/vol")));
+    }
 }

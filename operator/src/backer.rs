@@ -50,7 +50,7 @@ impl Backer {
         if let Some((ch, not_after)) = slot.as_ref()
             && *not_after - now > 86_400
         {
-            return Ok(ManagementClient::new(ch.clone()));
+            return Ok(ManagementClient::new(ch.clone()).max_decoding_message_size(backer_proto::MAX_MESSAGE));
         }
         let issued = self
             .ca
@@ -61,7 +61,7 @@ impl Backer {
             .await
             .map_err(unavailable(&self.address))?;
         *slot = Some((ch.clone(), issued.not_after));
-        Ok(ManagementClient::new(ch))
+        Ok(ManagementClient::new(ch).max_decoding_message_size(backer_proto::MAX_MESSAGE))
     }
 
     /// Has the server sign `csr_pem` for client `name`: a fresh one-time

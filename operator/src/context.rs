@@ -43,6 +43,9 @@ pub struct Context {
     pub snapshots_changed: Notify,
     /// Consecutive failures per object, for its retry backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// One certificate signed at a time: two requests for one node signed
+    /// at once would each revoke the other's certificate.
+    pub signing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Context {

@@ -20,13 +20,31 @@ pub const LEASE: &str = "backer-operator";
 const DURATION_SECS: i32 = 15;
 const RENEW: Duration = Duration::from_secs(5);
 
-fn expired(lease: &Lease, now: Timestamp) -> bool {
-    let Some(spec) = &lease.spec else { return true };
-    let Some(renewed) = &spec.renew_time else {
-        return true;
-    };
-    let secs = spec.lease_duration_seconds.unwrap_or(DURATION_SECS) as i64;
-    now.as_second() > renewed.0.as_second() + secs
+/// What this replica last saw of another holder's lease, and when (by its
+/// own clock: comparing with the holder's clock would let skew decide).
+#[derive(Debug, Default)]
+struct Seen {
+    holder: Option<String>,
+    renewed: Option<i64>,
+    at: Option<std::time::Instant>,
+}
+
+impl Seen {
+    /// True once the same renewal has been seen for longer than the lease lasts.
+    fn expired(&mut self, lease: &Lease) -> bool {
+        let spec = lease.spec.clone().unwrap_or_default();
+        let renewed = spec.renew_time.as_ref().map(|t| t.0.as_second());
+        let secs = spec.lease_duration_seconds.unwrap_or(DURATION_SECS).max(1) as u64;
+        if self.holder != spec.holder_identity || self.renewed != renewed || self.at.is_none() {
+            *self = Seen {
+                holder: spec.holder_identity,
+                renewed,
+                at: Some(std::time::Instant::now()),
+            };
+            return false;
+        }
+        self.at.is_some_and(|at| at.elapsed() > Duration::from_secs(secs))
+    }
 }
 
 fn ours(identity: &str, now: Timestamp, acquired: Option<MicroTime>, transitions: i32) -> LeaseSpec {
@@ -41,7 +59,7 @@ fn ours(identity: &str, now: Timestamp, acquired: Option<MicroTime>, transitions
 }
 
 /// Tries once to take or keep the lease. True when we hold it.
-async fn try_hold(api: &Api<Lease>, identity: &str) -> Result<bool, Error> {
+async fn try_hold(api: &Api<Lease>, identity: &str, seen: &mut Seen) -> Result<bool, Error> {
     let now = Timestamp::now();
     match api.get_opt(LEASE).await? {
         None => {
@@ -62,7 +80,7 @@ async fn try_hold(api: &Api<Lease>, identity: &str) -> Result<bool, Error> {
             let spec = lease.spec.clone().unwrap_or_default();
             let holder = spec.holder_identity.as_deref();
             let mine = holder == Some(identity);
-            if !mine && holder.is_some() && !expired(&lease, now) {
+            if !mine && holder.is_some() && !seen.expired(&lease) {
                 return Ok(false);
             }
             let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
@@ -83,8 +101,9 @@ async fn try_hold(api: &Api<Lease>, identity: &str) -> Result<bool, Error> {
 pub async fn lead(client: Client, ns: &str, identity: String, metrics: Arc<Metrics>) -> Result<(), Error> {
     let api: Api<Lease> = Api::namespaced(client, ns);
     let mut logged = false;
+    let mut seen = Seen::default();
     loop {
-        if try_hold(&api, &identity).await? {
+        if try_hold(&api, &identity, &mut seen).await? {
             break;
         }
         if !logged {
@@ -99,7 +118,10 @@ pub async fn lead(client: Client, ns: &str, identity: String, metrics: Arc<Metri
         let mut last_ok = std::time::Instant::now();
         loop {
             tokio::time::sleep(RENEW).await;
-            match try_hold(&api, &identity).await {
+            // A renewal that hangs is a renewal that failed: bounded, so the
+            // check below runs even when the API server stops answering.
+            let attempt = tokio::time::timeout(RENEW, try_hold(&api, &identity, &mut seen)).await;
+            match attempt.unwrap_or_else(|_| Err(Error::Server("the lease renewal timed out".into()))) {
                 Ok(true) => last_ok = std::time::Instant::now(),
                 Ok(false) => {
                     tracing::error!(lease = LEASE, "lost the lease to another replica: stopping");

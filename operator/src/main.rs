@@ -157,6 +157,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         snapshots_changed: tokio::sync::Notify::new(),
         failures: Default::default(),
+        signing: Default::default(),
     });
     ready.store(true, Ordering::Relaxed);
     tracing::info!(namespace = %args.namespace, server = %args.server, "reconciling");

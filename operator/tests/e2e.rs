@@ -399,6 +399,9 @@ fn operator_end_to_end() {
     }
     let may_not = [
         ("backer-operator", vec!["get", "secrets", "-n", "default"]),
+        ("backer-operator", vec!["get", "secrets/other", "-n", NS]),
+        ("backer-operator", vec!["list", "secrets", "-n", NS]),
+        ("backer-operator", vec!["watch", "pods", "-n", "apps"]),
         ("backer-operator", vec!["create", "pods", "-n", NS]),
         ("backer-operator", vec!["delete", "nodes"]),
         (
@@ -496,6 +499,14 @@ fn operator_end_to_end() {
         String::from_utf8_lossy(&o.stderr).contains("subPath must be relative"),
         "{o:?}"
     );
+
+    // The workloads' manifests are valid for this API server.
+    cp.ok(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        root().join("deploy/backer.yaml").to_str().unwrap(),
+    ]);
 
     // --- Nodes, and the pods the chart's Deployment and DaemonSet would run.
     for n in ["node-a", "node-b", "node-c"] {
@@ -760,6 +771,29 @@ fn operator_end_to_end() {
     eventually("RestoreJob apps/escape marked Invalid", 30, || {
         cp.jsonpath("restorejob", "escape", Some("apps"), "{.status.phase}") == "Invalid"
     });
+
+    // A Snapshot object made by hand cannot point a namespace at another's data.
+    cp.apply_ok(&format!(
+        "apiVersion: backer.dev/v1alpha1\nkind: Snapshot\nmetadata: {{name: forged, namespace: apps}}\n\
+         spec: {{id: \"{snap_id}\", client: node-a, time: \"2026-01-01T00:00:00Z\"}}\n"
+    ));
+    cp.apply_ok(
+        "apiVersion: backer.dev/v1alpha1\nkind: RestoreJob\nmetadata: {name: forged-back, namespace: apps}\n\
+         spec: {snapshot: forged, target: {pvc: data, subPath: stolen}}\n",
+    );
+    eventually("RestoreJob apps/forged-back refused", 30, || {
+        cp.jsonpath("restorejob", "forged-back", Some("apps"), "{.status.phase}") == "Invalid"
+    });
+    assert!(
+        cp.jsonpath(
+            "restorejob",
+            "forged-back",
+            Some("apps"),
+            "{.status.conditions[0].message}"
+        )
+        .contains("not of this namespace")
+    );
+    assert!(!vol.join("stolen").exists());
 
     // --- A restarted operator picks a running job up again and sees it end.
     cp.pod(NS, "backer-agent-node-c", "backer-agent", "node-c", None);

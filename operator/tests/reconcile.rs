@@ -273,6 +273,7 @@ fn context() -> (Arc<Context>, Handle) {
         },
         snapshots_changed: tokio::sync::Notify::new(),
         failures: Default::default(),
+        signing: Default::default(),
     };
     (Arc::new(ctx), handle)
 }
@@ -388,8 +389,8 @@ async fn an_invalid_backupjob_is_reported_once_then_left_alone() {
     );
 }
 
-#[test]
-fn a_failing_object_backs_off_alone_and_recovers() {
+#[tokio::test]
+async fn a_failing_object_backs_off_alone_and_recovers() {
     let (ctx, _handle) = context();
     let secs = |d: std::time::Duration| d.as_secs();
     assert_eq!(secs(ctx.backoff("backupjob/a/x".into())), 5);

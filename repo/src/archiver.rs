@@ -660,6 +660,15 @@ impl Walker<'_, '_> {
                     };
                     match child_sel {
                         Selection::All => self.entry(&path, name.clone(), md, parent)?,
+                        // Under a root (a volume whose contents its users
+                        // control), a symlink on the way to a chosen path
+                        // could lead anywhere on the node: never follow one.
+                        Selection::Some(_) if !md.is_dir() && self.shared.root != Path::new("/") => {
+                            self.shared.report(format!(
+                                "refused {}: a symlink or a file on the way to a chosen path",
+                                path.display()
+                            ));
+                        }
                         Selection::Some(_) => {
                             let node = fsmeta::node_from_metadata(name.clone(), &md);
                             let sub = self.load_parent_subtree(parent, name);

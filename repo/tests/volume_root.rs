@@ -66,6 +66,25 @@ async fn paths_are_recorded_relative_to_the_root() {
         "nothing of the root's own path is recorded"
     );
 
+    // A symlink inside the volume does not lead a backup out of it.
+    std::fs::write(tmp.path().join("node-secret"), b"key").unwrap();
+    std::os::unix::fs::symlink(tmp.path(), vol.join("esc")).unwrap();
+    let opts = BackupOptions {
+        root: vol.clone(),
+        paths: vec![PathBuf::from("/esc/node-secret")],
+        threads: 1,
+        ..Default::default()
+    };
+    let out = backup(&repo, &lock, opts, Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    assert_eq!(out.snapshot.summary.files, 0, "nothing read through the link");
+    assert!(
+        out.messages.iter().any(|m| m.contains("refused")),
+        "{:?}",
+        out.messages
+    );
+
     // A root that is not there is a clear error, not an empty snapshot.
     let opts = BackupOptions {
         root: tmp.path().join("gone"),

@@ -342,7 +342,7 @@ impl Config {
                     &cpath,
                     format!("[{name}]"),
                     "is not a valid client name",
-                    "use lower-case letters, digits and '-', at most 63 characters, starting with a letter or digit",
+                    "use lower-case letters, digits, '-' and '.' (a DNS name like a node's), each part starting and ending with a letter or digit",
                 ));
             }
             for id in &c.backups_ids {
@@ -380,14 +380,20 @@ impl Config {
 }
 
 /// Client names become DNS names in certificates: RFC 1123 labels.
+/// A DNS subdomain, as Kubernetes node names are: dot-separated labels of
+/// lower-case letters, digits and '-', at most 253 characters.
 pub fn valid_client_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 fn parse_retention(v: &toml::Value) -> Result<RetentionPolicy, String> {
@@ -431,6 +437,30 @@ fn parse_retention(v: &toml::Value) -> Result<RetentionPolicy, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::valid_client_name;
+
+    #[test]
+    fn client_names_are_dns_names_like_nodes() {
+        for ok in ["web-1", "ip-10-0-1-2.ec2.internal", "a", &"x".repeat(63)] {
+            assert!(valid_client_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Web",
+            "-a",
+            "a-",
+            "a..b",
+            ".a",
+            "a.",
+            "a/b",
+            "a_b",
+            &"x".repeat(64),
+            &"a.".repeat(127),
+        ] {
+            assert!(!valid_client_name(bad), "{bad}");
+        }
+    }
+
     use super::*;
 
     const SERVER: &str = r#"

@@ -269,17 +269,28 @@ pub async fn follow(run: &mut Run, ctx: &Context, now: DateTime<Utc>) -> Result<
     if run.finished.is_some() {
         return Ok(());
     }
-    let server_jobs = ctx
-        .backer
-        .mgmt()
-        .await?
-        .list_jobs(pb::ListJobsRequest {
-            client: String::new(),
-        })
-        .await
-        .map_err(status("list jobs"))?
-        .into_inner()
-        .jobs;
+    // Asked per client: the server's whole job table can be large.
+    let mut clients: Vec<&str> = run
+        .jobs
+        .iter()
+        .filter(|j| !finished(&j.state))
+        .map(|j| j.client.as_str())
+        .collect();
+    clients.sort_unstable();
+    clients.dedup();
+    let mut m = ctx.backer.mgmt().await?;
+    let mut server_jobs = Vec::new();
+    for client in clients {
+        server_jobs.extend(
+            m.list_jobs(pb::ListJobsRequest {
+                client: client.to_string(),
+            })
+            .await
+            .map_err(status("list jobs"))?
+            .into_inner()
+            .jobs,
+        );
+    }
     summarize(run, &server_jobs, now);
     Ok(())
 }
@@ -337,8 +348,8 @@ pub fn summarize(run: &mut Run, server_jobs: &[pb::Job], now: DateTime<Utc>) {
 /// When the next run is due, given the last time the schedule fired.
 fn due(job: &BackupJob, schedule: Option<&Schedule>, st: &BackupJobStatus, now: DateTime<Utc>) -> bool {
     match schedule {
+        _ if job.spec.suspend => false,
         None => st.last_run.is_none(),
-        Some(_) if job.spec.suspend => false,
         Some(s) => {
             let since = st
                 .last_schedule_time
@@ -398,6 +409,11 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
         }
     }
 
+    // Under concurrencyPolicy Allow an earlier run may still be going.
+    for run in st.history.iter_mut().filter(|r| r.finished.is_none()) {
+        follow(run, &ctx, now).await?;
+    }
+
     let schedule = match validate(&job, &ctx.settings.namespace) {
         Ok(s) => s,
         Err(why) => {
@@ -413,6 +429,11 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
     };
     let running = st.last_run.as_ref().is_some_and(|r| r.finished.is_none());
     if due(&job, schedule.as_ref(), &st, now) {
+        // Decide on the object as it is now: a cached copy that lags our
+        // last status write would start the same run twice.
+        if api.get(&name).await?.status != old {
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
         st.last_schedule_time = Some(rfc3339(now));
         if running && job.spec.concurrency_policy == ConcurrencyPolicy::Forbid {
             ctx.event(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Node, Secret};
-use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
@@ -28,9 +28,48 @@ use crate::status::{apply_status, from_unix, set_condition};
 pub const FINALIZER: &str = "backer.dev/revoke";
 const REFRESH: Duration = Duration::from_secs(15);
 
-/// The Secret that carries an external host's enrolment bundle.
-pub fn enrol_secret(name: &str) -> String {
-    format!("backer-enrol-{name}")
+/// The Secret that holds external hosts' enrolment bundles, one key
+/// `<client>.json` each (one Secret, so the operator's access to Secrets
+/// can be limited to it and backer-pki by name).
+pub const ENROL_SECRET: &str = "backer-enrol";
+
+pub fn enrol_key(name: &str) -> String {
+    format!("{name}.json")
+}
+
+/// Sets (or with `None` removes) client `name`'s bundle in `backer-enrol`.
+async fn set_bundle(ctx: &Context, name: &str, bundle: Option<&str>) -> Result<(), Error> {
+    use base64::Engine;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let value = bundle.map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+    let patch = serde_json::json!({ "data": { enrol_key(name): value } });
+    match secrets
+        .patch(ENROL_SECRET, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.is_not_found() => {
+            let Some(b) = bundle else { return Ok(()) };
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(ENROL_SECRET.into()),
+                    labels: Some(BTreeMap::from([(
+                        "app.kubernetes.io/part-of".into(),
+                        "backer".into(),
+                    )])),
+                    ..Default::default()
+                },
+                data: Some(BTreeMap::from([(
+                    enrol_key(name),
+                    ByteString(b.as_bytes().to_vec()),
+                )])),
+                ..Default::default()
+            };
+            secrets.create(&PostParams::default(), &secret).await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub async fn run(ctx: Arc<Context>) {
@@ -163,37 +202,15 @@ async fn apply(bc: &BackerClient, ctx: &Context) -> Result<Action, Error> {
             "token": added.token,
             "ca_pem": added.ca_pem,
         });
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(enrol_secret(&name)),
-                labels: Some(BTreeMap::from([("backer.dev/client".into(), name.clone())])),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([(
-                "bundle.json".into(),
-                ByteString(bundle.to_string().into_bytes()),
-            )])),
-            ..Default::default()
-        };
-        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-        match secrets.create(&PostParams::default(), &secret).await {
-            Err(kube::Error::Api(e)) if e.is_already_exists() => {
-                secrets
-                    .replace(&enrol_secret(&name), &PostParams::default(), &secret)
-                    .await?;
-            }
-            r => {
-                r?;
-            }
-        }
+        set_bundle(ctx, &name, Some(&bundle.to_string())).await?;
         ctx.event(
             bc,
             false,
             "TokenIssued",
             format!(
-                "enrolment bundle in Secret {}/{}: run `backer-agent enroll --bundle bundle.json` on the host",
+                "enrolment bundle in Secret {}/{ENROL_SECRET}, key {}: run `backer-agent enroll --bundle FILE` on the host",
                 ctx.settings.namespace,
-                enrol_secret(&name)
+                enrol_key(&name)
             ),
         )
         .await;
@@ -246,8 +263,8 @@ async fn apply(bc: &BackerClient, ctx: &Context) -> Result<Action, Error> {
         (false, _) => (
             "AwaitingEnrolment",
             format!(
-                "the host has not enrolled yet (bundle in Secret {})",
-                enrol_secret(&name)
+                "the host has not enrolled yet (bundle in Secret {ENROL_SECRET}, key {})",
+                enrol_key(&name)
             ),
         ),
     };
@@ -275,15 +292,7 @@ async fn cleanup(bc: &BackerClient, ctx: &Context) -> Result<Action, Error> {
         Err(s) if s.code() == tonic::Code::NotFound => {}
         Err(s) => return Err(status("revoke the client's certificate")(s)),
     }
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    match secrets
-        .delete(&enrol_secret(&name), &DeleteParams::default())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.is_not_found() => {}
-        Err(e) => return Err(e.into()),
-    }
+    set_bundle(ctx, &name, None).await?;
     tracing::info!(backerclient = %name, "certificate revoked");
     ctx.event(
         bc,

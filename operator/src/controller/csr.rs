@@ -123,6 +123,7 @@ pub async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Context>) -
     }
     let name = csr.name_any();
     let api: Api<CertificateSigningRequest> = Api::all(ctx.client.clone());
+    let _one_at_a_time = ctx.signing.lock().await;
     // The cache may lag our own last write: signing twice would revoke the
     // first certificate, so decide on the object as it is now.
     let Some(csr) = api.get_opt(&name).await? else {
@@ -169,7 +170,19 @@ pub async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Context>) -
         }
     };
     let csr_pem = String::from_utf8_lossy(&csr.spec.request.0).into_owned();
-    let signed = ctx.backer.sign_client(&node, &csr_pem).await?;
+    let signed = match ctx.backer.sign_client(&node, &csr_pem).await {
+        Ok(s) => s,
+        // Refused as asked (a name the server cannot take): retrying cannot help.
+        Err(Error::Refused(why)) => {
+            tracing::warn!(csr = %name, "denied: {why}");
+            ctx.metrics
+                .certificates_denied
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            set_decision(&api, &name, "Denied", "ServerRefused", &why).await?;
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(e),
+    };
     set_decision(
         &api,
         &name,

@@ -56,6 +56,35 @@ async fn plan(job: &RestoreJob, ctx: &Context) -> Result<pb::StartRestoreRequest
             job.spec.snapshot
         ))
     })?;
+    // The object is only a pointer: the repository decides what the
+    // snapshot is and which namespace it belongs to, so a Snapshot object
+    // made by hand cannot reach another namespace's data or a node's files.
+    let real = ctx
+        .backer
+        .mgmt()
+        .await?
+        .list_snapshots(pb::ListSnapshotsRequest {
+            client: snap.spec.client.clone(),
+        })
+        .await
+        .map_err(status("list snapshots"))?
+        .into_inner()
+        .snapshots
+        .into_iter()
+        .find(|s| s.id == snap.spec.id)
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "Snapshot {ns}/{} names no snapshot in the repository (forgotten by retention?)",
+                job.spec.snapshot
+            ))
+        })?;
+    let (home, _, _) = crate::controller::snapshot::mirror(&real, &ctx.settings.namespace);
+    if home != ns {
+        return Err(Error::Invalid(format!(
+            "Snapshot {ns}/{} is not of this namespace: it may be restored only from {home}",
+            job.spec.snapshot
+        )));
+    }
     let t = &job.spec.target;
     let (to_client, target) = match (&t.client, &t.pvc) {
         (Some(client), None) => {
@@ -78,8 +107,8 @@ async fn plan(job: &RestoreJob, ctx: &Context) -> Result<pb::StartRestoreRequest
         _ => return Err(Error::Invalid("target: set exactly one of pvc or client".into())),
     };
     Ok(pb::StartRestoreRequest {
-        snapshot: snap.spec.id.clone(),
-        client: snap.spec.client.clone(),
+        snapshot: real.id,
+        client: real.client,
         to_client,
         target,
         includes: job.spec.paths.clone(),
@@ -120,6 +149,10 @@ async fn reconcile(job: Arc<RestoreJob>, ctx: Arc<Context>) -> Result<Action, Er
                 )
                 .await;
             }
+        }
+        // A cached copy may lag our own write of the started run.
+        None if api.get(&job.name_any()).await?.status != old => {
+            return Ok(Action::requeue(Duration::from_secs(1)));
         }
         None => match plan(&job, &ctx).await {
             Ok(req) => {

@@ -128,7 +128,11 @@ pub async fn sync(ctx: &Context) -> Result<(), Error> {
             Ok(_) => tracing::info!(snapshot = %format!("{ns}/{name}"), "mirrored"),
             // The namespace went away: nothing to show the snapshot in.
             Err(kube::Error::Api(e)) if e.is_not_found() => {}
-            Err(e) => return Err(e.into()),
+            // One namespace refusing (terminating, quota) must not stop the rest.
+            Err(e) => {
+                ctx.metrics.failed("snapshot", "kube");
+                tracing::warn!(snapshot = %format!("{ns}/{name}"), "failed to mirror: {e}");
+            }
         }
     }
     for (id, obj) in existing {
@@ -140,7 +144,10 @@ pub async fn sync(ctx: &Context) -> Result<(), Error> {
                     tracing::info!(snapshot = %format!("{ns}/{}", obj.name_any()), "forgotten in the repository: removed")
                 }
                 Err(kube::Error::Api(e)) if e.is_not_found() => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    ctx.metrics.failed("snapshot", "kube");
+                    tracing::warn!(snapshot = %format!("{ns}/{}", obj.name_any()), "failed to remove: {e}");
+                }
             }
         }
     }

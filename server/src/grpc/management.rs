@@ -84,7 +84,7 @@ impl Management for Service {
         let r = req.into_inner();
         if !valid_client_name(&r.name) {
             return Err(Status::invalid_argument(format!(
-                "{:?} is not a valid client name: use lower-case letters, digits and '-', at most 63 characters",
+                "{:?} is not a valid client name: use a DNS name (lower-case letters, digits, '-' and '.'), at most 253 characters",
                 r.name
             )));
         }
