@@ -1,6 +1,7 @@
-//! `backer`: the command line. Local repositories now; the same binary will
-//! speak to a server and, installed as `kubectl-backer`, to Kubernetes.
+//! `backer`: the command line, for local repositories and a backer-server;
+//! installed as `kubectl-backer`, the kubectl plugin (`kubectl.rs`).
 
+mod kubectl;
 mod local;
 mod output;
 mod remote;
@@ -99,9 +100,37 @@ enum Command {
     Jobs(remote::JobsArgs),
 }
 
+/// As `kubectl-backer`: the plugin's own commands.
+fn kubectl_main() -> ExitCode {
+    let cli = kubectl::KubectlCli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BACKER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(kubectl::run(cli)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // One crypto provider for every TLS connection in the process.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    if kubectl::invoked_as_plugin() {
+        return kubectl_main();
+    }
     let cli = Cli::parse();
     let filter = match cli.global.verbose {
         0 => "warn",

@@ -795,6 +795,114 @@ fn operator_end_to_end() {
     );
     assert!(!vol.join("stolen").exists());
 
+    // --- The kubectl plugin, through the real kubectl: the same binary as
+    // `backer`, installed under the plugin's name.
+    let plugin_dir = t.join("plugin-bin");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    std::os::unix::fs::symlink(bin("backer"), plugin_dir.join("kubectl-backer")).unwrap();
+    let path = format!(
+        "{}:{}",
+        plugin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let plugin = |args: &[&str]| {
+        Command::new("kubectl")
+            .arg("backer")
+            .args(args)
+            .env("KUBECONFIG", &cp.kubeconfig)
+            .env("PATH", &path)
+            .output()
+            .unwrap()
+    };
+    let help = plugin(&["--help"]);
+    assert!(help.status.success(), "{}", String::from_utf8_lossy(&help.stderr));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("kubectl backer"));
+    let out = backer_testkit::ok(plugin(&["clients"]));
+    assert!(out.contains("node-a") && out.contains("Enrolled"), "{out}");
+    std::fs::write(vol.join("plugin.txt"), b"via kubectl backer\n").unwrap();
+    let out = backer_testkit::ok(plugin(&[
+        "-n",
+        "apps",
+        "backup",
+        "--pvc",
+        "data",
+        "--name",
+        "via-plugin",
+        "--wait",
+    ]));
+    assert!(out.contains("backup succeeded"), "{out}");
+    let plugin_snap = cp.jsonpath(
+        "backupjob",
+        "via-plugin",
+        Some("apps"),
+        "{.status.lastRun.jobs[0].snapshot}",
+    );
+    let mut listed = String::new();
+    eventually("the plugin's snapshot listed", 60, || {
+        listed = backer_testkit::ok(plugin(&["-n", "apps", "snapshots", "-o", "json"]));
+        listed.contains(&plugin_snap)
+    });
+    let snaps: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let plugin_snap_name = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["spec"]["id"] == plugin_snap.as_str())
+        .map(|s| s["metadata"]["name"].as_str().unwrap().to_string())
+        .unwrap();
+    let out = backer_testkit::ok(plugin(&[
+        "-n",
+        "apps",
+        "restore",
+        &plugin_snap_name,
+        "--to-pvc",
+        "data",
+        "--sub-path",
+        "from-plugin",
+        "--path",
+        "/plugin.txt",
+        "--wait",
+    ]));
+    assert!(out.contains("restore succeeded"), "{out}");
+    assert_eq!(
+        std::fs::read(vol.join("from-plugin/plugin.txt")).unwrap(),
+        b"via kubectl backer\n"
+    );
+    // Refusals come back in the API server's words.
+    let bad = plugin(&["-n", "apps", "backup", "--pvc", "data", "--path", "relative"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("paths must be absolute"));
+    let out = backer_testkit::ok(plugin(&["status"]));
+    assert!(
+        out.contains("backer-operator-0") && out.contains("enrolled"),
+        "{out}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&backer_testkit::ok(plugin(&["status", "-o", "json"]))).unwrap();
+    assert!(status["enrolled"].as_u64().unwrap() >= 2, "{status}");
+    // An external host: registered, bundle written, enrolled with it, connected.
+    let bundle = t.join("ext-host.json");
+    backer_testkit::ok(plugin(&["enroll", "ext-host", "--out", bundle.to_str().unwrap()]));
+    backer_testkit::ok(
+        backer_testkit::agent(
+            &t.join("ext-host"),
+            &["enroll", "--bundle", bundle.to_str().unwrap()],
+        )
+        .output()
+        .unwrap(),
+    );
+    let ext = Running(
+        backer_testkit::agent(&t.join("ext-host"), &["run"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("external host ext-host connected", 60, || {
+        cp.jsonpath("backerclient", "ext-host", None, "{.status.connected}") == "true"
+    });
+    drop(ext);
+    let completion = backer_testkit::ok(plugin(&["completion", "bash"]));
+    assert!(completion.contains("kubectl-backer"));
+
     // --- A restarted operator picks a running job up again and sees it end.
     cp.pod(NS, "backer-agent-node-c", "backer-agent", "node-c", None);
     let kc_c = cp.token_kubeconfig("backer-agent", "backer-agent-node-c", t);
