@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The same product on a real cluster where Docker exists (not on the
 # development machine, which has no Docker engine): create a kind cluster,
-# build and load the image, install the CRDs, RBAC and workloads, then run a
+# build and load the image, install the chart, then run a
 # backup and a restore of a PVC through BackupJob and RestoreJob and check
 # the bytes. The suite in operator/tests/e2e.rs proves the full behaviour
 # against a real kube-apiserver without a kubelet; this checks the same
@@ -25,10 +25,9 @@ log "building backer:latest"
 docker build -t backer:latest .
 kind load docker-image backer:latest --name "$CLUSTER"
 
-kubectl apply -f crds/backer.dev.yaml
-kubectl wait --for=condition=Established --timeout=60s crd --all
-kubectl apply -f deploy/rbac.yaml
-kubectl apply -f deploy/backer.yaml
+helm="$(command -v helm || e2e/install-helm)"
+"$helm" upgrade --install backer charts/backer --namespace backer-system --create-namespace \
+  --set namespace.create=true --set image.repository=backer --set image.tag=latest --wait --timeout 5m
 kubectl -n backer-system rollout status deploy/backer-operator --timeout=180s
 kubectl -n backer-system rollout status deploy/backer-server --timeout=180s
 kubectl -n backer-system rollout status ds/backer-agent --timeout=180s

@@ -1,0 +1,310 @@
+//! The helm chart against a real kube-apiserver: `helm lint`, every CI value
+//! set rendered and validated by the API server (server-side dry run, so the
+//! Kubernetes schemas and our CRDs judge every object), then a real `helm
+//! install` and `helm upgrade` that upgrades the CRDs too.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn helm() -> PathBuf {
+    let o = Command::new(root().join("e2e/install-helm")).output().unwrap();
+    assert!(
+        o.status.success(),
+        "e2e/install-helm: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
+}
+
+struct ControlPlane(Child, PathBuf);
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(dir: &Path) -> ControlPlane {
+    let child = Command::new(root().join("e2e/control-plane"))
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.with_extension("log")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !dir.join("env").exists() {
+        assert!(Instant::now() < deadline, "the control plane did not start");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    ControlPlane(child, dir.join("kubeconfig"))
+}
+
+fn run(cmd: &mut Command, stdin: Option<&str>) -> Output {
+    let mut c = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(s) = stdin {
+        c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    drop(c.stdin.take());
+    c.wait_with_output().unwrap()
+}
+
+fn ok(what: &str, o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// A stand-in for the Prometheus operator's CRD, so a rendering with the
+/// ServiceMonitor enabled can be validated too.
+const SERVICE_MONITOR_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: servicemonitors.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  names: {kind: ServiceMonitor, plural: servicemonitors, singular: servicemonitor}
+  scope: Namespaced
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+";
+
+#[test]
+fn the_chart_installs_upgrades_and_validates_with_every_value_set() {
+    let helm = helm();
+    let chart = root().join("charts/backer");
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = start(&tmp.path().join("cp"));
+    let kubectl = |args: &[&str], stdin: Option<&str>| {
+        run(Command::new("kubectl").args(args).env("KUBECONFIG", &cp.1), stdin)
+    };
+    let h = |args: &[&str]| run(Command::new(&helm).args(args).env("KUBECONFIG", &cp.1), None);
+    ok(
+        "stub CRD",
+        kubectl(&["apply", "-f", "-"], Some(SERVICE_MONITOR_CRD)),
+    );
+    ok(
+        "CRDs established",
+        kubectl(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd",
+                "--all",
+            ],
+            None,
+        ),
+    );
+
+    // A dry run creates nothing, so the namespaced objects need it to exist.
+    ok(
+        "namespace",
+        kubectl(&["create", "namespace", "backer-system"], None),
+    );
+    let mut value_sets = vec![None];
+    for e in std::fs::read_dir(chart.join("ci")).unwrap() {
+        value_sets.push(Some(e.unwrap().path()));
+    }
+    assert!(value_sets.len() >= 3, "CI value sets in charts/backer/ci");
+    for values in &value_sets {
+        let mut args = vec!["lint".to_string(), chart.display().to_string(), "--strict".into()];
+        if let Some(v) = values {
+            args.extend(["-f".into(), v.display().to_string()]);
+        }
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&format!("helm lint {values:?}"), h(&a));
+        args[0] = "template".into();
+        args.remove(2);
+        args.insert(1, "backer".into());
+        args.extend([
+            "--namespace".into(),
+            "backer-system".into(),
+            "--set".into(),
+            "namespace.create=true".into(),
+        ]);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let rendered = ok(&format!("helm template {values:?}"), h(&a));
+        // The API server judges every object: built-in schemas and our CRDs.
+        let out = ok(
+            &format!("server-side validation of {values:?}"),
+            kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&rendered)),
+        );
+        assert!(out.contains("deployment.apps/backer-operator"), "{out}");
+        // Operator and server: non-root, read-only root, no capabilities, seccomp.
+        for d in ["backer-operator", "backer-server"] {
+            let doc = rendered
+                .split("\n---\n")
+                .find(|d2| d2.contains("kind: Deployment") && d2.contains(&format!("name: {d}\n")))
+                .unwrap();
+            for needle in [
+                "runAsNonRoot: true",
+                "readOnlyRootFilesystem: true",
+                "drop: [ALL]",
+                "RuntimeDefault",
+            ] {
+                assert!(doc.contains(needle), "{d} lacks {needle}");
+            }
+        }
+    }
+    // A bad value is refused by the schema, with the field named.
+    let bad = h(&[
+        "template",
+        "backer",
+        chart.to_str().unwrap(),
+        "--set",
+        "agent.hostPaths[0]=relative",
+    ]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("/agent/hostPaths/0"));
+
+    // A real install, then an upgrade that changes a CRD and a workload.
+    ok(
+        "helm install",
+        h(&[
+            "install",
+            "backer",
+            chart.to_str().unwrap(),
+            "--namespace",
+            "backer-system",
+            "--create-namespace",
+        ]),
+    );
+    let ns_labels = ok(
+        "ns",
+        kubectl(
+            &[
+                "get",
+                "deploy",
+                "backer-operator",
+                "-n",
+                "backer-system",
+                "-o",
+                "name",
+            ],
+            None,
+        ),
+    );
+    assert!(ns_labels.contains("backer-operator"));
+    let patched = tmp.path().join("chart");
+    copy_dir(&chart, &patched);
+    let crds = std::fs::read_to_string(patched.join("files/crds.yaml")).unwrap();
+    assert!(
+        crds.contains("shortNames:\n    - bj\n"),
+        "the CRD layout the upgrade edits"
+    );
+    std::fs::write(
+        patched.join("files/crds.yaml"),
+        crds.replace(
+            "shortNames:\n    - bj\n",
+            "shortNames:\n    - bj\n    - backups\n",
+        ),
+    )
+    .unwrap();
+    ok(
+        "helm upgrade",
+        h(&[
+            "upgrade",
+            "backer",
+            patched.to_str().unwrap(),
+            "--namespace",
+            "backer-system",
+            "--set",
+            "operator.replicas=3",
+        ]),
+    );
+    let short = ok(
+        "crd",
+        kubectl(
+            &[
+                "get",
+                "crd",
+                "backupjobs.backer.dev",
+                "-o",
+                "jsonpath={.spec.names.shortNames}",
+            ],
+            None,
+        ),
+    );
+    assert!(short.contains("backups"), "the upgrade upgraded the CRD: {short}");
+    let replicas = ok(
+        "replicas",
+        kubectl(
+            &[
+                "get",
+                "deploy",
+                "backer-operator",
+                "-n",
+                "backer-system",
+                "-o",
+                "jsonpath={.spec.replicas}",
+            ],
+            None,
+        ),
+    );
+    assert_eq!(replicas, "3");
+    let policy = ok(
+        "keep",
+        kubectl(
+            &[
+                "get",
+                "crd",
+                "backupjobs.backer.dev",
+                "-o",
+                "jsonpath={.metadata.annotations}",
+            ],
+            None,
+        ),
+    );
+    assert!(
+        policy.contains("helm.sh/resource-policy"),
+        "CRDs are kept on uninstall: {policy}"
+    );
+    ok(
+        "helm uninstall",
+        h(&["uninstall", "backer", "--namespace", "backer-system"]),
+    );
+    ok(
+        "CRDs survive",
+        kubectl(&["get", "crd", "backupjobs.backer.dev"], None),
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
