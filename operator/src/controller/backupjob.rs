@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
@@ -16,7 +15,7 @@ use kube::{Api, ResourceExt};
 use backer_proto::v1 as pb;
 
 use crate::backer::status;
-use crate::context::{Context, key_of};
+use crate::context::Context;
 use crate::crd::{
     BackerClient, BackupJob, BackupJobSpec, BackupJobStatus, ConcurrencyPolicy, Run, ServerJob,
 };
@@ -31,28 +30,8 @@ const FOLLOW: Duration = Duration::from_secs(2);
 
 pub async fn run(ctx: Arc<Context>) {
     let jobs: Api<BackupJob> = Api::all(ctx.client.clone());
-    Controller::new(jobs, watcher::Config::default())
-        .shutdown_on_signal()
-        .run(
-            |o, c| async move {
-                let key = key_of("backupjob", &*o);
-                let r = reconcile(o, Arc::clone(&c)).await;
-                if r.is_ok() {
-                    c.succeeded(&key);
-                }
-                r
-            },
-            error_policy,
-            ctx,
-        )
-        .for_each(|_| futures::future::ready(()))
-        .await;
-}
-
-fn error_policy(obj: Arc<BackupJob>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed("backupjob", err.category());
-    tracing::warn!(backupjob = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()), "reconcile failed: {err}");
-    Action::requeue(ctx.backoff(key_of("backupjob", &*obj)))
+    let controller = Controller::new(jobs, watcher::Config::default());
+    super::drive(controller, "backupjob", ctx, reconcile).await;
 }
 
 /// A parsed schedule in its time zone.
@@ -368,7 +347,6 @@ fn due(job: &BackupJob, schedule: Option<&Schedule>, st: &BackupJobStatus, now: 
 }
 
 pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciled("backupjob");
     let ns = job.namespace().unwrap_or_default();
     let name = job.name_any();
     let api: Api<BackupJob> = Api::namespaced(ctx.client.clone(), &ns);

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -20,7 +19,7 @@ use kube::{Api, ResourceExt};
 use backer_proto::v1 as pb;
 
 use crate::backer::status;
-use crate::context::{Context, key_of};
+use crate::context::Context;
 use crate::crd::{BackerClient, BackerClientSpec};
 use crate::error::Error;
 use crate::status::{apply_status, from_unix, set_condition};
@@ -76,53 +75,22 @@ pub async fn run(ctx: Arc<Context>) {
     let clients: Api<BackerClient> = Api::all(ctx.client.clone());
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let node_watch = watcher::Config::default().labels(&ctx.settings.node_selector);
-    let for_clients = Controller::new(clients, watcher::Config::default())
-        // A node's departure concerns the client of the same name.
-        .watches(nodes.clone(), node_watch.clone(), |node: Node| {
-            Some(ObjectRef::<BackerClient>::new(&node.name_any()))
-        })
-        .shutdown_on_signal()
-        .run(
-            |o, c| async move {
-                let key = key_of("backerclient", &*o);
-                let r = reconcile(o, Arc::clone(&c)).await;
-                if r.is_ok() {
-                    c.succeeded(&key);
-                }
-                r
-            },
-            error_policy,
-            Arc::clone(&ctx),
-        )
-        .for_each(|_| futures::future::ready(()));
+    // A node's departure concerns the client of the same name.
+    let for_clients = Controller::new(clients, watcher::Config::default()).watches(
+        nodes.clone(),
+        node_watch.clone(),
+        |node: Node| Some(ObjectRef::<BackerClient>::new(&node.name_any())),
+    );
     // A node's arrival makes its client.
-    let for_nodes = Controller::new(nodes, node_watch)
-        .shutdown_on_signal()
-        .run(
-            |o, c| async move {
-                let key = key_of("node", &*o);
-                let r = reconcile_node(o, Arc::clone(&c)).await;
-                if r.is_ok() {
-                    c.succeeded(&key);
-                }
-                r
-            },
-            node_error_policy,
-            ctx,
-        )
-        .for_each(|_| futures::future::ready(()));
-    futures::join!(for_clients, for_nodes);
-}
-
-fn node_error_policy(obj: Arc<Node>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed("node", err.category());
-    tracing::warn!(node = %obj.name_any(), "reconcile failed: {err}");
-    Action::requeue(ctx.backoff(key_of("node", &*obj)))
+    let for_nodes = Controller::new(nodes, node_watch);
+    futures::join!(
+        super::drive(for_clients, "backerclient", Arc::clone(&ctx), reconcile),
+        super::drive(for_nodes, "node", ctx, reconcile_node),
+    );
 }
 
 /// Creates the BackerClient of a selected node that has none.
 async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciled("node");
     let name = node.name_any();
     let clients: Api<BackerClient> = Api::all(ctx.client.clone());
     if node.metadata.deletion_timestamp.is_some() || clients.get_opt(&name).await?.is_some() {
@@ -142,14 +110,7 @@ async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Er
     Ok(Action::await_change())
 }
 
-fn error_policy(obj: Arc<BackerClient>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed("backerclient", err.category());
-    tracing::warn!(backerclient = %obj.name_any(), "reconcile failed: {err}");
-    Action::requeue(ctx.backoff(key_of("backerclient", &*obj)))
-}
-
 async fn reconcile(obj: Arc<BackerClient>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciled("backerclient");
     let api: Api<BackerClient> = Api::all(ctx.client.clone());
     finalizer(&api, FINALIZER, obj, |event| async {
         match event {

@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::core::v1::Pod;
@@ -17,7 +16,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
-use crate::context::{Context, key_of};
+use crate::context::Context;
 use crate::crd::BackerClient;
 use crate::error::Error;
 
@@ -27,31 +26,8 @@ const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
 pub async fn run(ctx: Arc<Context>) {
     let csrs: Api<CertificateSigningRequest> = Api::all(ctx.client.clone());
-    Controller::new(
-        csrs,
-        watcher::Config::default().fields(&format!("spec.signerName={SIGNER}")),
-    )
-    .shutdown_on_signal()
-    .run(
-        |o, c| async move {
-            let key = key_of("csr", &*o);
-            let r = reconcile(o, Arc::clone(&c)).await;
-            if r.is_ok() {
-                c.succeeded(&key);
-            }
-            r
-        },
-        error_policy,
-        ctx,
-    )
-    .for_each(|_| futures::future::ready(()))
-    .await;
-}
-
-fn error_policy(obj: Arc<CertificateSigningRequest>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed("csr", err.category());
-    tracing::warn!(csr = %obj.name_any(), "reconcile failed: {err}");
-    Action::requeue(ctx.backoff(key_of("csr", &*obj)))
+    let only_ours = watcher::Config::default().fields(&format!("spec.signerName={SIGNER}"));
+    super::drive(Controller::new(csrs, only_ours), "csr", ctx, reconcile).await;
 }
 
 /// Why a request is denied, or the client name it may have.
@@ -117,7 +93,6 @@ fn decided(csr: &CertificateSigningRequest) -> bool {
 }
 
 pub async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciled("csr");
     if csr.spec.signer_name != SIGNER || decided(&csr) {
         return Ok(Action::await_change());
     }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use futures::StreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
@@ -14,7 +13,7 @@ use kube::{Api, ResourceExt};
 use backer_proto::v1 as pb;
 
 use crate::backer::status;
-use crate::context::{Context, key_of};
+use crate::context::Context;
 use crate::controller::backupjob::follow;
 use crate::crd::{OverwritePolicy, RestoreJob, Run, ServerJob, Snapshot};
 use crate::error::Error;
@@ -22,28 +21,8 @@ use crate::status::{apply_status, rfc3339, set_condition};
 
 pub async fn run(ctx: Arc<Context>) {
     let jobs: Api<RestoreJob> = Api::all(ctx.client.clone());
-    Controller::new(jobs, watcher::Config::default())
-        .shutdown_on_signal()
-        .run(
-            |o, c| async move {
-                let key = key_of("restorejob", &*o);
-                let r = reconcile(o, Arc::clone(&c)).await;
-                if r.is_ok() {
-                    c.succeeded(&key);
-                }
-                r
-            },
-            error_policy,
-            ctx,
-        )
-        .for_each(|_| futures::future::ready(()))
-        .await;
-}
-
-fn error_policy(obj: Arc<RestoreJob>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed("restorejob", err.category());
-    tracing::warn!(restorejob = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()), "reconcile failed: {err}");
-    Action::requeue(ctx.backoff(key_of("restorejob", &*obj)))
+    let controller = Controller::new(jobs, watcher::Config::default());
+    super::drive(controller, "restorejob", ctx, reconcile).await;
 }
 
 /// The server request this RestoreJob stands for.
@@ -117,7 +96,6 @@ async fn plan(job: &RestoreJob, ctx: &Context) -> Result<pb::StartRestoreRequest
 }
 
 async fn reconcile(job: Arc<RestoreJob>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciled("restorejob");
     let ns = job.namespace().unwrap_or_default();
     let api: Api<RestoreJob> = Api::namespaced(ctx.client.clone(), &ns);
     let now = Utc::now();
