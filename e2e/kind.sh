@@ -21,13 +21,17 @@ trap cleanup EXIT
 
 log "creating cluster $CLUSTER"
 kind create cluster --name "$CLUSTER" --wait 120s
-log "building backer:latest"
-docker build -t backer:latest .
-kind load docker-image backer:latest --name "$CLUSTER"
+for c in operator server agent; do
+  log "building backer-$c:e2e"
+  docker build -f images/Dockerfile --target "$c" -t "backer-$c:e2e" .
+  kind load docker-image "backer-$c:e2e" --name "$CLUSTER"
+done
 
 helm="$(command -v helm || e2e/install-helm)"
-"$helm" upgrade --install backer charts/backer --namespace backer-system --create-namespace \
-  --set namespace.create=true --set image.repository=backer --set image.tag=latest --wait --timeout 5m
+kubectl create namespace backer-system --dry-run=client -o yaml | kubectl apply -f -
+kubectl label --overwrite namespace backer-system pod-security.kubernetes.io/enforce=privileged
+"$helm" upgrade --install backer charts/backer --namespace backer-system \
+  --set image.tag=e2e --wait --timeout 5m
 kubectl -n backer-system rollout status deploy/backer-operator --timeout=180s
 kubectl -n backer-system rollout status deploy/backer-server --timeout=180s
 kubectl -n backer-system rollout status ds/backer-agent --timeout=180s

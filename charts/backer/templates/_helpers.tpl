@@ -1,5 +1,7 @@
+{{/* The image of a component: (include "backer.image" (list . .Values.server)) */}}
 {{- define "backer.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- $root := index . 0 -}}{{- $c := index . 1 -}}
+{{ $root.Values.image.registry }}{{ $c.image.repository }}:{{ $root.Values.image.tag | default $root.Chart.AppVersion }}
 {{- end }}
 
 {{- define "backer.labels" -}}
