@@ -39,6 +39,20 @@ pub async fn ensure(client: &Client, ns: &str, server_names: &[String]) -> Resul
             Ca::load(&cert, &key).map_err(pki_err("read the CA in Secret backer-pki"))?
         }
         (None, None) => {
+            // The public half outlives a lost Secret: if it is there, a CA
+            // existed, and a new one would cut off every agent. Say so
+            // rather than mint one silently; rotating is deleting both.
+            let published = Api::<ConfigMap>::namespaced(client.clone(), ns)
+                .get_opt(CA_CONFIGMAP)
+                .await?
+                .is_some_and(|cm| cm.data.is_some_and(|d| d.contains_key("ca.pem")));
+            if published {
+                return Err(Error::Pki(format!(
+                    "Secret {PKI_SECRET} is gone but ConfigMap {CA_CONFIGMAP} shows a CA existed: restore the \
+                     Secret from backup; or, to start over with a new CA (every agent enrols again), delete \
+                     ConfigMap {CA_CONFIGMAP} too"
+                )));
+            }
             let ca = Ca::create("Backer").map_err(pki_err("create the CA"))?;
             data.insert("ca.pem".into(), ByteString(ca.cert_pem.clone().into_bytes()));
             data.insert("ca-key.pem".into(), ByteString(ca.key_pem().as_bytes().to_vec()));

@@ -979,6 +979,23 @@ fn operator_end_to_end() {
     let old_ca = std::fs::read(pki.join("ca.pem")).unwrap();
     cp.ok(&["delete", "secret", "backer-pki", "-n", NS]);
     drop(op);
+    // The Secret alone lost (by mistake): refused, and said why.
+    let mut refused = operator.start();
+    let status = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = refused.0.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "the operator minted a new CA silently");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&operator.log).unwrap();
+    assert!(log.contains("shows a CA existed"), "the refusal says why");
+    // Rotation on purpose: the ConfigMap goes too.
+    cp.ok(&["delete", "configmap", "backer-ca", "-n", NS]);
     op = operator.start();
     eventually("a new CA in backer-pki", 60, || {
         !cp.jsonpath("secret", "backer-pki", Some(NS), "{.data}")
