@@ -369,16 +369,7 @@ where
 }
 
 fn finish(run: &Run, what: &str) -> Result<()> {
-    let line = format!(
-        "{what} {}: {} files, {} bytes{}",
-        run.phase.to_lowercase(),
-        run.files,
-        run.bytes,
-        run.message
-            .as_ref()
-            .map(|m| format!(" ({m})"))
-            .unwrap_or_default()
-    );
+    let line = format!("{what} {}", run.summary());
     if run.phase == "Succeeded" {
         println!("{line}");
         Ok(())

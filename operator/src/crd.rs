@@ -216,6 +216,23 @@ pub struct Run {
     pub message: Option<String>,
 }
 
+impl Run {
+    /// One line for people: `succeeded: 12 files, 3456 bytes`, with the
+    /// reason when it did not.
+    pub fn summary(&self) -> String {
+        format!(
+            "{}: {} files, {} bytes{}",
+            self.phase.to_lowercase(),
+            self.files,
+            self.bytes,
+            self.message
+                .as_ref()
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default()
+        )
+    }
+}
+
 /// A job of the server's, for one client.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -367,16 +367,7 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
                     .runs_failed
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            let note = format!(
-                "run {}: {} files, {} bytes{}",
-                run.phase.to_lowercase(),
-                run.files,
-                run.bytes,
-                run.message
-                    .as_ref()
-                    .map(|m| format!(" ({m})"))
-                    .unwrap_or_default()
-            );
+            let note = format!("run {}", run.summary());
             ctx.event(
                 &*job,
                 run.phase != "Succeeded",

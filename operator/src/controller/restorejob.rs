@@ -109,16 +109,7 @@ async fn reconcile(job: Arc<RestoreJob>, ctx: Arc<Context>) -> Result<Action, Er
             let was_running = run.finished.is_none();
             follow(run, &ctx, now).await?;
             if was_running && run.finished.is_some() {
-                let note = format!(
-                    "restore {}: {} files, {} bytes{}",
-                    run.phase.to_lowercase(),
-                    run.files,
-                    run.bytes,
-                    run.message
-                        .as_ref()
-                        .map(|m| format!(" ({m})"))
-                        .unwrap_or_default()
-                );
+                let note = format!("restore {}", run.summary());
                 ctx.event(
                     &*job,
                     run.phase != "Succeeded",
