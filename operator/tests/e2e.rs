@@ -949,6 +949,22 @@ fn operator_end_to_end() {
     assert_eq!(settled_phase(&cp, "backupjob", "slow-2", NS, 120), "Failed");
     let why = cp.jsonpath("backupjob", "slow-2", Some(NS), "{.status.lastRun.message}");
     assert!(!why.is_empty(), "the failed run says why");
+
+    // --- A node deleted while its backup runs: its client goes, its
+    // certificate is revoked, and the run ends failed with the reason.
+    eventually("node-c connected again", 90, || {
+        cp.jsonpath("backerclient", "node-c", None, "{.status.connected}") == "true"
+    });
+    std::fs::write(big.join("c.bin"), backer_testkit::pseudo_random(6 << 20, 13)).unwrap();
+    cp.apply_ok(&slow_job("slow-3"));
+    eventually("slow-3 running", 30, || {
+        cp.jsonpath("backupjob", "slow-3", Some(NS), "{.status.phase}") == "Running"
+    });
+    cp.ok(&["delete", "node", "node-c"]);
+    eventually("BackerClient node-c removed with its node", 60, || {
+        !cp.kubectl(&["get", "backerclient", "node-c"]).status.success()
+    });
+    assert_eq!(settled_phase(&cp, "backupjob", "slow-3", NS, 120), "Failed");
     drop(slow);
 
     // --- Deleting a BackerClient revokes its certificate at once. (A copy
