@@ -470,6 +470,11 @@ async fn restore(client: &Client, ns: &str, a: RestoreArgs) -> Result<()> {
 
 #[derive(Serialize, Debug)]
 struct Health {
+    /// Ready replicas over wanted, per workload (what the API says; "-" when
+    /// the workload is not there or not readable).
+    operator_pods: String,
+    server_pods: String,
+    agent_pods: String,
     operator_leader: Option<String>,
     operator_renewed: Option<String>,
     clients: usize,
@@ -478,6 +483,34 @@ struct Health {
     earliest_client_certificate_expiry: Option<String>,
     ca_expiry: Option<String>,
     running_backups: usize,
+}
+
+/// `ready/wanted` of a Deployment or DaemonSet in backer-system.
+async fn readiness(client: &Client, kind: &str, name: &str) -> String {
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+    let got = match kind {
+        "deployment" => Api::<Deployment>::namespaced(client.clone(), SYSTEM_NS)
+            .get_opt(name)
+            .await
+            .ok()
+            .flatten()
+            .map(|d| {
+                let st = d.status.unwrap_or_default();
+                let want = d.spec.and_then(|s| s.replicas).unwrap_or(1);
+                (st.ready_replicas.unwrap_or(0), want)
+            }),
+        _ => Api::<DaemonSet>::namespaced(client.clone(), SYSTEM_NS)
+            .get_opt(name)
+            .await
+            .ok()
+            .flatten()
+            .map(|d| {
+                let st = d.status.unwrap_or_default();
+                (st.number_ready, st.desired_number_scheduled)
+            }),
+    };
+    got.map(|(ready, want)| format!("{ready}/{want} ready"))
+        .unwrap_or_else(|| "-".into())
 }
 
 async fn status(client: &Client, format: Format) -> Result<()> {
@@ -510,6 +543,9 @@ async fn status(client: &Client, format: Format) -> Result<()> {
         })
         .unwrap_or(0);
     let health = Health {
+        operator_pods: readiness(client, "deployment", "backer-operator").await,
+        server_pods: readiness(client, "deployment", "backer-server").await,
+        agent_pods: readiness(client, "daemonset", "backer-agent").await,
         operator_leader: spec.holder_identity,
         operator_renewed: spec.renew_time.map(|t| t.0.to_string()),
         clients: clients.items.len(),
@@ -526,6 +562,9 @@ async fn status(client: &Client, format: Format) -> Result<()> {
         running_backups: running,
     };
     let rows = vec![
+        vec!["operator pods".into(), health.operator_pods.clone()],
+        vec!["server pods".into(), health.server_pods.clone()],
+        vec!["agent pods".into(), health.agent_pods.clone()],
         vec![
             "operator leader".into(),
             or_dash(health.operator_leader.as_deref()),

@@ -869,6 +869,8 @@ fn operator_end_to_end() {
         out.contains("backer-operator-0") && out.contains("enrolled"),
         "{out}"
     );
+    // The chart's workloads are there; with no kubelet, none is ready.
+    assert!(out.contains("server pods") && out.contains("0/1 ready"), "{out}");
     let status: serde_json::Value =
         serde_json::from_str(&backer_testkit::ok(plugin(&["status", "-o", "json"]))).unwrap();
     assert!(status["enrolled"].as_u64().unwrap() >= 2, "{status}");
