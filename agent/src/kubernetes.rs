@@ -14,7 +14,6 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 
-pub const SIGNER: &str = "backer.dev/agent";
 /// How long to wait for the operator to sign.
 const WAIT: Duration = Duration::from_secs(300);
 
@@ -44,7 +43,7 @@ pub async fn enrol(state_dir: &Path, id: &Identity) -> Result<()> {
         },
         spec: CertificateSigningRequestSpec {
             request: ByteString(csr_pem.into_bytes()),
-            signer_name: SIGNER.into(),
+            signer_name: backer_proto::pki::AGENT_SIGNER.into(),
             usages: Some(vec!["digital signature".into(), "client auth".into()]),
             ..Default::default()
         },

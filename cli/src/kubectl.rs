@@ -288,26 +288,12 @@ async fn backup(client: &Client, ns: &str, a: BackupArgs) -> Result<()> {
         spec,
         status: None,
     };
-    let api: Api<BackupJob> = Api::namespaced(client.clone(), ns);
-    let created = api
-        .create(&PostParams::default(), &job)
-        .await
-        .map_err(|e| refusal(e, "create the BackupJob"))?;
-    let name = created.name_any();
-    eprintln!("backupjob.backer.dev/{name} created in {ns}");
-    if !a.wait {
-        return Ok(());
-    }
-    let run = follow(|| {
-        let api = api.clone();
-        let name = name.clone();
-        async move {
-            let j = api.get(&name).await?;
-            let st = j.status.unwrap_or_default();
-            Ok((st.last_run, st.phase))
-        }
+    let followed = create_and_follow(client, ns, &job, a.wait, |j: BackupJob| {
+        let st = j.status.unwrap_or_default();
+        (st.last_run, st.phase)
     })
     .await?;
+    let Some(run) = followed else { return Ok(()) };
     finish(&run, "backup")?;
     for j in &run.jobs {
         if let Some(s) = &j.snapshot {
@@ -327,12 +313,34 @@ fn refusal(e: kube::Error, what: &str) -> anyhow::Error {
     }
 }
 
-/// Polls a run until it ends, with a progress bar on a terminal.
-async fn follow<F, Fut>(mut read: F) -> Result<Run>
+/// Creates `obj` in `ns` and, with `wait`, polls the run that `run_of`
+/// finds in it (and its phase) until it ends, with a progress bar on a
+/// terminal.
+async fn create_and_follow<K>(
+    client: &Client,
+    ns: &str,
+    obj: &K,
+    wait: bool,
+    run_of: impl Fn(K) -> (Option<Run>, Option<String>),
+) -> Result<Option<Run>>
 where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(Option<Run>, Option<String>), kube::Error>>,
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
 {
+    let kind = K::kind(&());
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = api
+        .create(&PostParams::default(), obj)
+        .await
+        .map_err(|e| refusal(e, &format!("create the {kind}")))?
+        .name_any();
+    eprintln!("{}.{}/{name} created in {ns}", kind.to_lowercase(), K::group(&()));
+    if !wait {
+        return Ok(None);
+    }
     let bar = if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
@@ -347,7 +355,11 @@ where
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(24 * 3600);
     loop {
-        let (run, phase) = read().await.map_err(|e| anyhow!("failed to read the job: {e}"))?;
+        let (run, phase) = run_of(
+            api.get(&name)
+                .await
+                .map_err(|e| anyhow!("failed to read {kind} {name}: {e}"))?,
+        );
         if phase.as_deref() == Some("Invalid") {
             bar.finish_and_clear();
             bail!("the operator refused the job (kubectl describe it for the reason)");
@@ -358,7 +370,7 @@ where
             bar.set_message(format!("{} files", run.files));
             if run.finished.is_some() {
                 bar.finish_and_clear();
-                return Ok(run);
+                return Ok(Some(run));
             }
         }
         if std::time::Instant::now() > deadline {
@@ -445,27 +457,15 @@ async fn restore(client: &Client, ns: &str, a: RestoreArgs) -> Result<()> {
         },
         status: None,
     };
-    let api: Api<RestoreJob> = Api::namespaced(client.clone(), ns);
-    let created = api
-        .create(&PostParams::default(), &job)
-        .await
-        .map_err(|e| refusal(e, "create the RestoreJob"))?;
-    let name = created.name_any();
-    eprintln!("restorejob.backer.dev/{name} created in {ns}");
-    if !a.wait {
-        return Ok(());
-    }
-    let run = follow(|| {
-        let api = api.clone();
-        let name = name.clone();
-        async move {
-            let j = api.get(&name).await?;
-            let st = j.status.unwrap_or_default();
-            Ok((st.run, st.phase))
-        }
+    let followed = create_and_follow(client, ns, &job, a.wait, |j: RestoreJob| {
+        let st = j.status.unwrap_or_default();
+        (st.run, st.phase)
     })
     .await?;
-    finish(&run, "restore")
+    match followed {
+        Some(run) => finish(&run, "restore"),
+        None => Ok(()),
+    }
 }
 
 #[derive(Serialize, Debug)]

@@ -64,20 +64,28 @@ impl Backer {
         Ok(ManagementClient::new(ch).max_decoding_message_size(backer_proto::MAX_MESSAGE))
     }
 
-    /// Has the server sign `csr_pem` for client `name`: a fresh one-time
-    /// token, redeemed at once with the agent's CSR. The agent's key never
-    /// leaves its node; the operator only relays the request.
-    pub async fn sign_client(&self, name: &str, csr_pem: &str) -> Result<pb::CertificateResponse, Error> {
-        let mut m = self.mgmt().await?;
-        let enrolled = m
+    /// What the server knows of client `name`, if anything.
+    pub async fn client(&self, name: &str) -> Result<Option<pb::Client>, Error> {
+        Ok(self
+            .mgmt()
+            .await?
             .list_clients(pb::ListClientsRequest {})
             .await
             .map_err(status("list clients"))?
             .into_inner()
             .clients
             .into_iter()
-            .any(|c| c.name == name && c.state != "pending");
-        let token = m
+            .find(|c| c.name == name))
+    }
+
+    /// Has the server sign `csr_pem` for client `name`: a fresh one-time
+    /// token, redeemed at once with the agent's CSR. The agent's key never
+    /// leaves its node; the operator only relays the request.
+    pub async fn sign_client(&self, name: &str, csr_pem: &str) -> Result<pb::CertificateResponse, Error> {
+        let enrolled = self.client(name).await?.is_some_and(|c| c.state != "pending");
+        let token = self
+            .mgmt()
+            .await?
             .add_client(pb::AddClientRequest {
                 name: name.to_string(),
                 reenroll: enrolled,

@@ -5,10 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+
+use backer_testkit::ControlPlane;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -25,49 +25,6 @@ fn helm() -> PathBuf {
         String::from_utf8_lossy(&o.stderr)
     );
     PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
-}
-
-struct ControlPlane(Child, PathBuf);
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.0.id().to_string())
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(dir: &Path) -> ControlPlane {
-    let child = Command::new(root().join("e2e/control-plane"))
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.with_extension("log")).unwrap(),
-        ))
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while !dir.join("env").exists() {
-        assert!(Instant::now() < deadline, "the control plane did not start");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    ControlPlane(child, dir.join("kubeconfig"))
-}
-
-fn run(cmd: &mut Command, stdin: Option<&str>) -> Output {
-    let mut c = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(s) = stdin {
-        c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    drop(c.stdin.take());
-    c.wait_with_output().unwrap()
 }
 
 fn ok(what: &str, o: Output) -> String {
@@ -101,11 +58,15 @@ fn the_chart_installs_upgrades_and_validates_with_every_value_set() {
     let helm = helm();
     let chart = root().join("charts/backer");
     let tmp = tempfile::tempdir().unwrap();
-    let cp = start(&tmp.path().join("cp"));
-    let kubectl = |args: &[&str], stdin: Option<&str>| {
-        run(Command::new("kubectl").args(args).env("KUBECONFIG", &cp.1), stdin)
+    let cp = ControlPlane::start(&tmp.path().join("cp"));
+    let kubectl = |args: &[&str], stdin: Option<&str>| cp.kubectl_with_input(args, stdin.unwrap_or(""));
+    let h = |args: &[&str]| {
+        Command::new(&helm)
+            .args(args)
+            .env("KUBECONFIG", &cp.kubeconfig)
+            .output()
+            .unwrap()
     };
-    let h = |args: &[&str]| run(Command::new(&helm).args(args).env("KUBECONFIG", &cp.1), None);
     ok(
         "stub CRD",
         kubectl(&["apply", "-f", "-"], Some(SERVICE_MONITOR_CRD)),
@@ -196,7 +157,7 @@ fn the_chart_installs_upgrades_and_validates_with_every_value_set() {
             "--create-namespace",
         ]),
     );
-    let ns_labels = ok(
+    let installed = ok(
         "ns",
         kubectl(
             &[
@@ -211,7 +172,7 @@ fn the_chart_installs_upgrades_and_validates_with_every_value_set() {
             None,
         ),
     );
-    assert!(ns_labels.contains("backer-operator"));
+    assert!(installed.contains("backer-operator"));
     let patched = tmp.path().join("chart");
     copy_dir(&chart, &patched);
     let crds = std::fs::read_to_string(patched.join("files/crds.yaml")).unwrap();

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use backer_testkit::{Running, Server, ServerSetup, bin, build_rich_tree, compare_trees, free_port};
+use backer_testkit::{
+    ControlPlane, Running, Server, ServerSetup, bin, build_rich_tree, compare_trees, free_port,
+};
 
 const NS: &str = "backer-system";
 
@@ -30,50 +32,17 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// etcd and kube-apiserver, stopped (SIGTERM, so the script stops both) on drop.
-struct ControlPlane {
-    child: Child,
-    dir: PathBuf,
-    kubeconfig: PathBuf,
-    url: String,
+/// What the suite does with the cluster, as its admin.
+trait Cluster {
+    fn ok(&self, args: &[&str]) -> String;
+    fn apply(&self, yaml: &str) -> Output;
+    fn apply_ok(&self, yaml: &str);
+    fn jsonpath(&self, kind: &str, name: &str, ns: Option<&str>, path: &str) -> String;
+    fn pod(&self, ns: &str, name: &str, sa: &str, node: &str, volume_claim: Option<&str>) -> String;
+    fn token_kubeconfig(&self, sa: &str, pod: &str, out: &Path) -> PathBuf;
 }
 
-impl ControlPlane {
-    fn start(dir: &Path) -> ControlPlane {
-        let child = Command::new(root().join("e2e/control-plane"))
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.with_extension("log")).unwrap(),
-            ))
-            .spawn()
-            .unwrap();
-        let env = dir.join("env");
-        eventually("the control plane", 180, || env.exists());
-        let text = std::fs::read_to_string(&env).unwrap();
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .unwrap_or_else(|| panic!("{k} missing in {}", env.display()))
-                .trim_matches(|c| c == '"' || c == '\'')
-                .to_string()
-        };
-        ControlPlane {
-            child,
-            dir: dir.to_path_buf(),
-            kubeconfig: PathBuf::from(get("KUBECONFIG")),
-            url: get("KUBE_APISERVER_URL"),
-        }
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Output {
-        Command::new("kubectl")
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .output()
-            .unwrap()
-    }
-
+impl Cluster for ControlPlane {
     fn ok(&self, args: &[&str]) -> String {
         let o = self.kubectl(args);
         assert!(
@@ -86,16 +55,7 @@ impl ControlPlane {
     }
 
     fn apply(&self, yaml: &str) -> Output {
-        let mut c = Command::new("kubectl")
-            .args(["apply", "-f", "-"])
-            .env("KUBECONFIG", &self.kubeconfig)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        c.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
-        c.wait_with_output().unwrap()
+        self.kubectl_with_input(&["apply", "-f", "-"], yaml)
     }
 
     fn apply_ok(&self, yaml: &str) {
@@ -175,16 +135,6 @@ impl ControlPlane {
     }
 }
 
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
 fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f() {
@@ -256,15 +206,6 @@ fn agent(state: &Path, kubeconfig: &Path, node: &str, data: &str, extra: &[&str]
         .unwrap()
 }
 
-fn installed() -> bool {
-    let dir = std::env::var("BACKER_CP_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/backer/control-plane/bin")
-        });
-    dir.join("kube-apiserver").is_file() && dir.join("etcd").is_file()
-}
-
 fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> bool {
     let who = format!("system:serviceaccount:{NS}:{sa}");
     let mut a = vec!["auth", "can-i"];
@@ -298,16 +239,10 @@ fn signer_access(cp: &ControlPlane, sa: &str, signer: &str, verb: &str) -> bool 
          groups: [system:serviceaccounts, \"system:serviceaccounts:{NS}\", system:authenticated]\n  \
          resourceAttributes: {{group: certificates.k8s.io, resource: signers, name: \"{signer}\", verb: {verb}}}\n"
     );
-    let mut c = Command::new("kubectl")
-        .args(["create", "-o", "jsonpath={.status.allowed}", "-f", "-"])
-        .env("KUBECONFIG", &cp.kubeconfig)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(review.as_bytes()).unwrap();
-    let o = c.wait_with_output().unwrap();
+    let o = cp.kubectl_with_input(
+        &["create", "-o", "jsonpath={.status.allowed}", "-f", "-"],
+        &review,
+    );
     assert!(
         o.status.success(),
         "SubjectAccessReview: {}",
@@ -338,10 +273,6 @@ fn settled_phase(cp: &ControlPlane, kind: &str, name: &str, ns: &str, secs: u64)
 
 #[test]
 fn operator_end_to_end() {
-    assert!(
-        installed(),
-        "kube-apiserver and etcd are not installed: run e2e/install-control-plane first"
-    );
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let cp = ControlPlane::start(&t.join("cp"));

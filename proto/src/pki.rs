@@ -6,6 +6,9 @@ use std::path::Path;
 
 /// DNS SAN of an agent's certificate: `<name>.client.backer`.
 pub const CLIENT_SUFFIX: &str = ".client.backer";
+/// The Kubernetes signer name of node agents' certificate requests: the
+/// agent files for it, the operator approves for it.
+pub const AGENT_SIGNER: &str = "backer.dev/agent";
 /// DNS SAN of an admin's certificate: `<name>.admin.backer`.
 pub const ADMIN_SUFFIX: &str = ".admin.backer";
 

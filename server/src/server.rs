@@ -297,8 +297,8 @@ fn server_certificate(
 ) -> Result<(String, String, i64), StartError> {
     if let Some(pki) = &state.pki {
         // The operator renews it; a restart picks the new one up.
-        let cert = state.pki_file(pki, "server.pem")?;
-        let key = state.pki_file(pki, "server-key.pem")?;
+        let cert = StateDir::pki_file(pki, "server.pem")?;
+        let key = StateDir::pki_file(pki, "server-key.pem")?;
         let not_after = backer_proto::ca::describe(&cert)
             .map(|(_, t)| t)
             .unwrap_or_default();

@@ -191,7 +191,7 @@ impl StateDir {
     }
 
     /// A file of the operator's PKI directory, which must be there.
-    pub fn pki_file(&self, pki: &Path, name: &str) -> Result<String, StateError> {
+    pub fn pki_file(pki: &Path, name: &str) -> Result<String, StateError> {
         let p = pki.join(name);
         std::fs::read_to_string(&p).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => StateError::Damaged {
@@ -217,8 +217,8 @@ impl StateDir {
     pub fn ca(&self) -> Result<Ca, StateError> {
         if let Some(pki) = &self.pki {
             return Ok(Ca::load(
-                &self.pki_file(pki, "ca.pem")?,
-                &self.pki_file(pki, "ca-key.pem")?,
+                &Self::pki_file(pki, "ca.pem")?,
+                &Self::pki_file(pki, "ca-key.pem")?,
             )?);
         }
         let (cert, key) = (self.path("ca.pem"), self.path("ca-key.pem"));

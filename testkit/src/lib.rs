@@ -648,3 +648,90 @@ impl Drop for Running {
         let _ = self.0.wait();
     }
 }
+
+/// A real etcd and kube-apiserver on 127.0.0.1, started by
+/// `e2e/control-plane` (binaries from `e2e/install-control-plane`), stopped
+/// on drop (SIGTERM, so the script stops both).
+pub struct ControlPlane {
+    child: Child,
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub url: String,
+}
+
+impl ControlPlane {
+    pub fn start(dir: &Path) -> ControlPlane {
+        let bins = std::env::var("BACKER_CP_BIN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                    .join(".cache/backer/control-plane/bin")
+            });
+        assert!(
+            bins.join("kube-apiserver").is_file() && bins.join("etcd").is_file(),
+            "kube-apiserver and etcd are not installed: run e2e/install-control-plane first"
+        );
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let child = Command::new(root.join("e2e/control-plane"))
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.with_extension("log")).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        let env = dir.join("env");
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while !env.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the control plane did not start (see {})",
+                dir.with_extension("log").display()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let text = std::fs::read_to_string(&env).unwrap();
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("{k} missing in {}", env.display()))
+                .trim_matches(|c| c == '"' || c == '\'')
+                .to_string()
+        };
+        ControlPlane {
+            child,
+            dir: dir.to_path_buf(),
+            kubeconfig: PathBuf::from(get("KUBECONFIG")),
+            url: get("KUBE_APISERVER_URL"),
+        }
+    }
+
+    /// `kubectl ARGS` as the cluster's admin.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_with_input(args, "")
+    }
+
+    /// `kubectl ARGS` as the cluster's admin, with `input` on its stdin.
+    pub fn kubectl_with_input(&self, args: &[&str], input: &str) -> Output {
+        let mut c = Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        c.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}

@@ -137,15 +137,8 @@ async fn apply(bc: &BackerClient, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     }
+    let known = ctx.backer.client(&name).await?;
     let mut m = ctx.backer.mgmt().await?;
-    let known = m
-        .list_clients(pb::ListClientsRequest {})
-        .await
-        .map_err(status("list clients"))?
-        .into_inner()
-        .clients
-        .into_iter()
-        .find(|c| c.name == name);
     // An external host is registered here and gets its token in a Secret; a
     // node's agent is registered when its certificate request is approved.
     if bc.spec.node_name.is_none() && known.is_none() {

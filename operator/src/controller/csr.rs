@@ -20,7 +20,7 @@ use crate::context::Context;
 use crate::crd::BackerClient;
 use crate::error::Error;
 
-pub const SIGNER: &str = "backer.dev/agent";
+use backer_proto::pki::AGENT_SIGNER as SIGNER;
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
