@@ -2,6 +2,13 @@
 //! (the embedded default and the PVC case), S3 and compatible stores, and
 //! memory for tests. The engine only ever creates objects (never overwrites),
 //! reads them whole or by range, lists them, and deletes them.
+//!
+//! Every call is retried when it fails in a way that may pass (a dropped
+//! connection, a hung call, a read cut short), and a write retried after
+//! a lost reply is recognised by reading the object back. [`faults`] injects
+//! exactly those failures for tests.
+
+pub mod faults;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -29,6 +36,56 @@ pub struct Backend {
     location: String,
     /// Local directory backends create their root on `init`.
     local_dir: Option<std::path::PathBuf>,
+    /// Whether ranges of a local directory are read directly, bypassing
+    /// `store` (off when `store` is wrapped, so the wrapper sees every read).
+    direct_reads: bool,
+    retry: Retry,
+}
+
+/// How calls that may pass on a second try are retried.
+#[derive(Clone, Copy, Debug)]
+struct Retry {
+    /// Retries after a transient error. S3's client retries its own requests,
+    /// so on S3 this layer only retries what that client cannot see.
+    errors: u32,
+    /// Retries after a read that came back shorter than asked.
+    short_reads: u32,
+    /// Longest one call may take before it counts as hung.
+    call_timeout: Duration,
+}
+
+impl Retry {
+    const LOCAL: Retry = Retry {
+        errors: 4,
+        short_reads: 3,
+        call_timeout: Duration::from_secs(300),
+    };
+    const S3: Retry = Retry {
+        errors: 0,
+        short_reads: 3,
+        call_timeout: Duration::from_secs(300),
+    };
+
+    fn allows(&self, e: &Error, attempt: u32) -> bool {
+        match e {
+            Error::Truncated { .. } => attempt < self.short_reads,
+            Error::Backend { source, .. } => attempt < self.errors && transient(source),
+            _ => false,
+        }
+    }
+}
+
+/// Failures that say nothing about the object itself: the next try may work.
+fn transient(e: &object_store::Error) -> bool {
+    matches!(
+        e,
+        object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
+    )
+}
+
+/// Waits before retry `attempt` (1-based): 50 ms, 100 ms, 200 ms, ...
+async fn backoff(attempt: u32) {
+    tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
 }
 
 /// An object found by [`Backend::list`]: its name relative to the listed
@@ -83,6 +140,8 @@ impl Backend {
             root: Path::default(),
             location: abs.display().to_string(),
             local_dir: Some(abs),
+            direct_reads: true,
+            retry: Retry::LOCAL,
         }
         .with_local_store_if_present())
     }
@@ -167,6 +226,8 @@ impl Backend {
             root: Path::from(prefix),
             location: format!("s3://{bucket}/{prefix}"),
             local_dir: None,
+            direct_reads: false,
+            retry: Retry::S3,
         })
     }
 
@@ -177,6 +238,51 @@ impl Backend {
             root: Path::default(),
             location: "memory:".into(),
             local_dir: None,
+            direct_reads: false,
+            retry: Retry::LOCAL,
+        }
+    }
+
+    /// This backend behind a [`faults::FaultyStore`] that injects failures
+    /// as `plan` says, counted in the returned [`faults::FaultCounts`]. For
+    /// tests: a call hung longer than `call_timeout` is abandoned and retried.
+    pub fn with_faults(
+        &self,
+        plan: faults::FaultPlan,
+        call_timeout: Duration,
+    ) -> (Backend, Arc<faults::FaultCounts>) {
+        let counts = Arc::new(faults::FaultCounts::default());
+        let store = faults::FaultyStore::new(Arc::clone(&self.store), plan, Arc::clone(&counts));
+        let mut b = self.clone();
+        b.store = Arc::new(store);
+        b.direct_reads = false;
+        b.retry.call_timeout = call_timeout;
+        (b, counts)
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or runs out of retries.
+    async fn retrying<T, F, Fut>(&self, what: &str, name: &str, mut call: F) -> Result<T>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let r = match tokio::time::timeout(self.retry.call_timeout, call(attempt)).await {
+                Ok(r) => r,
+                Err(_) => Err(self.err(object_store::Error::Generic {
+                    store: "backer",
+                    source: format!("{what} {name} took longer than {:?}", self.retry.call_timeout).into(),
+                })),
+            };
+            match r {
+                Err(e) if self.retry.allows(&e, attempt) => {
+                    attempt += 1;
+                    tracing::debug!("retrying {what} {name} (attempt {attempt}): {e}");
+                    backoff(attempt).await;
+                }
+                r => return r,
+            }
         }
     }
 
@@ -224,38 +330,73 @@ impl Backend {
 
     /// Creates `name`; fails with [`Error::AlreadyExists`] if it exists.
     pub async fn put_new(&self, name: &str, bytes: Bytes) -> Result<()> {
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&self.path(name), PutPayload::from_bytes(bytes), opts)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::AlreadyExists { .. }) => Err(Error::AlreadyExists(name.into())),
-            Err(e) => Err(self.err(e)),
-        }
+        self.retrying("write", name, |attempt| {
+            let bytes = bytes.clone();
+            async move {
+                let opts = PutOptions {
+                    mode: PutMode::Create,
+                    ..Default::default()
+                };
+                match self
+                    .store
+                    .put_opts(&self.path(name), PutPayload::from_bytes(bytes.clone()), opts)
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    // A retry finding the object may find our own write,
+                    // whose reply was lost: it is ours if it holds our bytes.
+                    Err(object_store::Error::AlreadyExists { .. })
+                        if attempt > 0 && self.get(name).await.is_ok_and(|b| b == bytes) =>
+                    {
+                        Ok(())
+                    }
+                    Err(object_store::Error::AlreadyExists { .. }) => Err(Error::AlreadyExists(name.into())),
+                    Err(e) => Err(self.err(e)),
+                }
+            }
+        })
+        .await
     }
 
     pub async fn get(&self, name: &str) -> Result<Bytes> {
-        let res = self.store.get(&self.path(name)).await;
-        match res {
-            Ok(r) => r.bytes().await.map_err(|e| self.err(e)),
-            Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound(name.into())),
-            Err(e) => Err(self.err(e)),
-        }
+        self.retrying("read", name, |_| async move {
+            let r = match self.store.get(&self.path(name)).await {
+                Ok(r) => r,
+                Err(object_store::Error::NotFound { .. }) => return Err(Error::NotFound(name.into())),
+                Err(e) => return Err(self.err(e)),
+            };
+            let want = r.meta.size;
+            let bytes = r.bytes().await.map_err(|e| self.err(e))?;
+            if (bytes.len() as u64) < want {
+                return Err(Error::Truncated {
+                    name: name.into(),
+                    wanted: want,
+                    got: bytes.len() as u64,
+                });
+            }
+            Ok(bytes)
+        })
+        .await
     }
 
     pub async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
         let want = range.end - range.start;
-        match self.store.get_range(&self.path(name), range).await {
-            Ok(b) if b.len() as u64 == want => Ok(b),
-            Ok(_) => Err(Error::corrupt(format!("{name} is shorter than its index says"))),
-            Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound(name.into())),
-            Err(e) => Err(self.err(e)),
-        }
+        self.retrying("read", name, |_| {
+            let range = range.clone();
+            async move {
+                match self.store.get_range(&self.path(name), range).await {
+                    Ok(b) if b.len() as u64 == want => Ok(b),
+                    Ok(b) => Err(Error::Truncated {
+                        name: name.into(),
+                        wanted: want,
+                        got: b.len() as u64,
+                    }),
+                    Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound(name.into())),
+                    Err(e) => Err(self.err(e)),
+                }
+            }
+        })
+        .await
     }
 
     /// [`Backend::get_range`] for a thread outside the async runtime. A
@@ -268,7 +409,7 @@ impl Backend {
         name: &str,
         range: Range<u64>,
     ) -> Result<Bytes> {
-        let Some(dir) = &self.local_dir else {
+        let Some(dir) = self.local_dir.as_ref().filter(|_| self.direct_reads) else {
             return handle.block_on(self.get_range(name, range));
         };
         let path = dir.join(name);
@@ -280,20 +421,28 @@ impl Backend {
         let mut buf = vec![0u8; (range.end - range.start) as usize];
         match std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, range.start) {
             Ok(()) => Ok(Bytes::from(buf)),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Err(Error::corrupt(format!("{name} is shorter than its index says")))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::Truncated {
+                name: name.into(),
+                wanted: range.end - range.start,
+                got: file
+                    .metadata()
+                    .map(|m| m.len().saturating_sub(range.start))
+                    .unwrap_or(0),
+            }),
             Err(e) => Err(Error::io("read", &path, e)),
         }
     }
 
     /// Size of `name`, or `None` if it does not exist.
     pub async fn head(&self, name: &str) -> Result<Option<u64>> {
-        match self.store.head(&self.path(name)).await {
-            Ok(m) => Ok(Some(m.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.err(e)),
-        }
+        self.retrying("look up", name, |_| async move {
+            match self.store.head(&self.path(name)).await {
+                Ok(m) => Ok(Some(m.size)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.err(e)),
+            }
+        })
+        .await
     }
 
     /// Every object under `folder` (recursively), with names relative to it.
@@ -310,11 +459,14 @@ impl Backend {
         };
         let strip = prefix.as_ref().map(|p| p.as_ref().len() + 1).unwrap_or(0);
         let metas: Vec<_> = self
-            .store
-            .list(prefix.as_ref())
-            .try_collect()
-            .await
-            .map_err(|e| self.err(e))?;
+            .retrying("list", folder, |_| async {
+                self.store
+                    .list(prefix.as_ref())
+                    .try_collect::<Vec<_>>()
+                    .await
+                    .map_err(|e| self.err(e))
+            })
+            .await?;
         Ok(metas
             .into_iter()
             .filter_map(|m| {
@@ -328,11 +480,15 @@ impl Backend {
             .collect())
     }
 
+    /// Removes `name`; one that is already gone is not an error.
     pub async fn delete(&self, name: &str) -> Result<()> {
-        match self.store.delete(&self.path(name)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.err(e)),
-        }
+        self.retrying("delete", name, |_| async move {
+            match self.store.delete(&self.path(name)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(self.err(e)),
+            }
+        })
+        .await
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::StreamExt;
 
 use crate::chunk;
-use crate::error::Result;
+use crate::error::{Chain, Result};
 use crate::id::{BlobId, PackId, storage_hash};
 use crate::pack::{self, pack_name};
 use crate::repository::Repository;
@@ -66,7 +66,9 @@ pub async fn check(
                 }
             }
         }
-        Err(e) => report.errors.push(format!("failed to read the index: {e}")),
+        Err(e) => report
+            .errors
+            .push(format!("failed to read the index: {}", Chain(&e))),
     }
 
     // Packs in storage against packs in the index.
@@ -104,7 +106,9 @@ pub async fn check(
     let snapshots = match repo.snapshots().await {
         Ok(s) => s,
         Err(e) => {
-            report.errors.push(format!("failed to read the snapshots: {e}"));
+            report
+                .errors
+                .push(format!("failed to read the snapshots: {}", Chain(&e)));
             Vec::new()
         }
     };
@@ -186,7 +190,7 @@ async fn read_data(
                 let name = pack_name(&id);
                 let bytes = match repo.backend().get(&name).await {
                     Ok(b) => b,
-                    Err(e) => return (vec![format!("pack {id}: failed to read: {e}")], 0),
+                    Err(e) => return (vec![format!("pack {id}: failed to read: {}", Chain(&e))], 0),
                 };
                 let key = Arc::clone(repo.key());
                 let r = tokio::task::spawn_blocking(move || verify_pack(&key, id, &bytes, expected)).await;

@@ -27,6 +27,10 @@ pub enum Error {
     NotEmpty(String),
     #[error("wrong password: no key in the repository opens with it")]
     WrongPassword,
+    #[error(
+        "{name} is shorter than expected: read {got} of {wanted} bytes (truncated, or the read was cut off)"
+    )]
+    Truncated { name: String, wanted: u64, got: u64 },
     #[error("data failed authentication ({what}): it was altered, truncated or belongs elsewhere")]
     Corrupt { what: String },
     #[error("unsupported repository format version {0}; upgrade backer")]
@@ -77,5 +81,22 @@ impl Error {
 
     pub(crate) fn corrupt(what: impl Into<String>) -> Self {
         Error::Corrupt { what: what.into() }
+    }
+}
+
+/// Shows an error with every cause behind it, `a: b: c`, for messages kept
+/// as text (a restore's or a check's list of problems), where the chain
+/// would otherwise be lost.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
     }
 }

@@ -8,7 +8,7 @@ use tokio::runtime::Handle;
 
 use crate::chunk;
 use crate::crypto::ChunkKeys;
-use crate::error::{Error, Result};
+use crate::error::{Chain, Error, Result};
 use crate::id::BlobId;
 use crate::index::Location;
 use crate::lock::Lock;
@@ -166,7 +166,7 @@ pub fn read_blobs(
         let bytes = repo
             .backend()
             .read_range_blocking(handle, &pack_name(&first.pack), start..end)
-            .map_err(|e| format!("failed to read pack {}: {e}", first.pack))?;
+            .map_err(|e| format!("failed to read pack {}: {}", first.pack, Chain(&e)))?;
         for loc in &run {
             let off = (u64::from(loc.entry.offset) - start) as usize;
             let sealed = bytes
