@@ -21,6 +21,10 @@ use serde::{Deserialize, Serialize};
 /// Renew the certificate when it has less than this fraction of 90 days left.
 const RENEW_WITHIN_DAYS: i64 = 30;
 
+/// How often a connected agent looks whether its certificate needs renewing
+/// or was renewed.
+const CERTIFICATE_CHECK: Duration = Duration::from_secs(5);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "backer-agent",
@@ -82,6 +86,9 @@ enum Command {
     },
     /// Show this agent's identity and certificate expiry
     Status,
+    /// Renew the certificate now, with a new key. A running agent reconnects
+    /// with it within seconds; backups under way finish on the old one
+    Renew,
     /// Back up paths of this host now, through the server (`backer-agent run` must be running)
     Backup {
         /// Absolute paths to back up; none means the backups configured for this client
@@ -176,6 +183,16 @@ fn main() -> ExitCode {
                 run(&cli.state_dir, policy, kube).await
             }
             Command::Status => status(&cli.state_dir),
+            Command::Renew => {
+                let mut st = load_state(&cli.state_dir)?;
+                renew(&cli.state_dir, &mut st).await?;
+                println!(
+                    "certificate of client {} renewed, valid until {}",
+                    st.client,
+                    chrono::DateTime::from_timestamp(st.not_after, 0).unwrap_or_default()
+                );
+                Ok(())
+            }
             Command::Backup { paths, exclude, tag } => {
                 let req = pb::request_job_request::Job::Backup(pb::StartBackupRequest {
                     client: String::new(),
@@ -336,11 +353,21 @@ async fn client(state_dir: &Path, st: &AgentState) -> Result<Client> {
         .max_encoding_message_size(backer_proto::MAX_MESSAGE))
 }
 
+fn renewal_due(st: &AgentState) -> bool {
+    st.not_after - chrono::Utc::now().timestamp() <= RENEW_WITHIN_DAYS * 86_400
+}
+
 /// Replaces the key and certificate when the certificate nears its end.
 async fn renew_if_due(state_dir: &Path, st: &mut AgentState) -> Result<()> {
-    if st.not_after - chrono::Utc::now().timestamp() > RENEW_WITHIN_DAYS * 86_400 {
-        return Ok(());
+    if renewal_due(st) {
+        renew(state_dir, st).await?;
     }
+    Ok(())
+}
+
+/// Replaces the key and certificate. The server keeps the old certificate
+/// working for a while, for the work already under way with it.
+async fn renew(state_dir: &Path, st: &mut AgentState) -> Result<()> {
     let (key_pem, csr_pem) = backer_proto::pki::new_csr()?;
     let resp = client(state_dir, st)
         .await?
@@ -413,9 +440,10 @@ async fn run(state_dir: &Path, policy: work::Policy, kube: Option<kubernetes::Id
             _ => kubernetes::enrol(state_dir, id).await?,
         }
     }
-    let mut st = load_state(state_dir)?;
     let mut backoff = Duration::from_secs(1);
     loop {
+        // Read again each time: `backer-agent renew` may have replaced it.
+        let mut st = load_state(state_dir)?;
         renew_if_due(state_dir, &mut st).await?;
         match session(state_dir, &st, &policy).await {
             Ok(()) => backoff = Duration::from_secs(1),
@@ -462,9 +490,27 @@ async fn session(state_dir: &Path, st: &AgentState, policy: &work::Policy) -> Re
         .map_err(anyhow::Error::from)?
         .into_inner();
     tracing::info!(client = %st.client, server = %st.server, "connected");
-    while let Some(item) = work.message().await.map_err(anyhow::Error::from)? {
-        tracing::info!(job = %item.job_id, "job received");
-        tokio::spawn(work::run(c.clone(), item, tx.clone(), policy.clone()));
+    // A connection may last months: it ends, to be made again with a new
+    // certificate, when renewal is due or the certificate was renewed by
+    // `backer-agent renew`. Jobs under way carry on over the old connection.
+    let cert = read(state_dir, "cert.pem").unwrap_or_default();
+    let mut tick = tokio::time::interval(CERTIFICATE_CHECK);
+    loop {
+        tokio::select! {
+            item = work.message() => match item.map_err(anyhow::Error::from)? {
+                Some(item) => {
+                    tracing::info!(job = %item.job_id, "job received");
+                    tokio::spawn(work::run(c.clone(), item, tx.clone(), policy.clone()));
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                if renewal_due(st) || read(state_dir, "cert.pem").is_ok_and(|now| now != cert) {
+                    tracing::info!("reconnecting with a new certificate");
+                    break;
+                }
+            }
+        }
     }
     drop(tx);
     Ok(())

@@ -55,7 +55,15 @@ pub struct ClientRecord {
     pub serial: Option<String>,
     pub cert_not_after: Option<i64>,
     pub agent_version: Option<String>,
+    /// After a renewal, the certificate it replaced stays good until this
+    /// time, so work the agent started with it can finish: (hex serial, until).
+    #[serde(default)]
+    pub previous: Option<(String, i64)>,
 }
+
+/// How long a renewed certificate keeps working for the work already under
+/// way with it (at most until it would have expired anyway).
+pub const RENEWAL_OVERLAP_SECS: i64 = 7 * 86_400;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Registry {
@@ -106,6 +114,7 @@ impl Registry {
                 serial: None,
                 cert_not_after: None,
                 agent_version: None,
+                previous: None,
             },
         );
         Ok(token)
@@ -129,9 +138,12 @@ impl Registry {
         Ok(name)
     }
 
+    /// Records the one certificate client `name` may use from now on. An
+    /// enrolment (`version` given) ends every earlier certificate at once.
     pub fn set_certificate(&mut self, name: &str, serial: &[u8], not_after: i64, version: Option<String>) {
         if let Some(r) = self.clients.get_mut(name) {
             r.state = ClientState::Enrolled;
+            r.previous = None;
             r.serial = Some(hex::encode(serial));
             r.cert_not_after = Some(not_after);
             if version.is_some() {
@@ -140,10 +152,26 @@ impl Registry {
         }
     }
 
+    /// A renewal by the certificate's own holder: the new certificate is the
+    /// current one, the old one keeps working for a while (see
+    /// [`RENEWAL_OVERLAP_SECS`]) so a backup running on it is not cut off.
+    pub fn renew_certificate(&mut self, name: &str, serial: &[u8], not_after: i64, now: i64) {
+        if let Some(r) = self.clients.get_mut(name) {
+            let old = r
+                .serial
+                .take()
+                .map(|s| (s, r.cert_not_after.unwrap_or(now).min(now + RENEWAL_OVERLAP_SECS)));
+            r.serial = Some(hex::encode(serial));
+            r.cert_not_after = Some(not_after);
+            r.previous = old;
+        }
+    }
+
     pub fn revoke(&mut self, name: &str) -> bool {
         match self.clients.get_mut(name) {
             Some(r) => {
                 r.state = ClientState::Revoked;
+                r.previous = None;
                 r.serial = None;
                 r.token_hash = None;
                 true
@@ -154,6 +182,10 @@ impl Registry {
 
     /// May this certificate act as client `name` now?
     pub fn check(&self, name: &str, serial: &[u8]) -> Result<(), Refusal> {
+        self.check_at(name, serial, chrono::Utc::now().timestamp())
+    }
+
+    pub fn check_at(&self, name: &str, serial: &[u8], now: i64) -> Result<(), Refusal> {
         let r = self
             .clients
             .get(name)
@@ -162,7 +194,10 @@ impl Registry {
             ClientState::Revoked => Err(Refusal::Revoked(name.into())),
             ClientState::Pending => Err(Refusal::NotEnrolled(name.into())),
             ClientState::Enrolled if r.serial.as_deref() == Some(hex::encode(serial).as_str()) => Ok(()),
-            ClientState::Enrolled => Err(Refusal::OldCertificate(name.into())),
+            ClientState::Enrolled => match &r.previous {
+                Some((old, until)) if *old == hex::encode(serial) && now < *until => Ok(()),
+                _ => Err(Refusal::OldCertificate(name.into())),
+            },
         }
     }
 }
@@ -306,5 +341,46 @@ mod tests {
         r.set_certificate("db", b"s2", 99, None);
         assert!(r.revoke("db"));
         assert_eq!(r.check("db", b"s2"), Err(Refusal::Revoked("db".into())));
+    }
+
+    #[test]
+    fn a_renewed_certificate_overlaps_its_successor_for_a_while() {
+        let mut r = Registry::default();
+        let t = r.add("db", false, 0).unwrap();
+        r.redeem(&t, 0).unwrap();
+        let week = RENEWAL_OVERLAP_SECS;
+        r.set_certificate("db", b"s1", 90 * 86_400, Some("v".into()));
+        r.renew_certificate("db", b"s2", 150 * 86_400, 60 * 86_400);
+        let now = 60 * 86_400;
+        assert_eq!(r.check_at("db", b"s2", now), Ok(()));
+        assert_eq!(
+            r.check_at("db", b"s1", now + week - 1),
+            Ok(()),
+            "work under way finishes"
+        );
+        assert_eq!(
+            r.check_at("db", b"s1", now + week),
+            Err(Refusal::OldCertificate("db".into())),
+            "not for ever"
+        );
+        // Never past the old certificate's own end.
+        r.renew_certificate("db", b"s3", 200 * 86_400, 149 * 86_400);
+        assert_eq!(
+            r.check_at("db", b"s1", 149 * 86_400),
+            Err(Refusal::OldCertificate("db".into()))
+        );
+        assert_eq!(r.check_at("db", b"s2", 150 * 86_400 - 1), Ok(()));
+        assert_eq!(
+            r.check_at("db", b"s2", 150 * 86_400),
+            Err(Refusal::OldCertificate("db".into()))
+        );
+        // Re-enrolment and revocation end the overlap at once.
+        let t = r.add("db", true, 0).unwrap();
+        r.redeem(&t, 0).unwrap();
+        r.set_certificate("db", b"s4", 300 * 86_400, Some("v".into()));
+        assert!(r.check_at("db", b"s3", 150 * 86_400).is_err());
+        r.renew_certificate("db", b"s5", 300 * 86_400, 150 * 86_400);
+        assert!(r.revoke("db"));
+        assert!(r.check_at("db", b"s4", 150 * 86_400).is_err());
     }
 }

@@ -76,9 +76,11 @@ impl Agent for Service {
             .ca
             .sign_client(&name, &req.into_inner().csr_pem)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        // From here on only the new certificate is accepted.
+        // The new certificate is the client's; the old one only finishes
+        // the work already under way with it.
+        let now = chrono::Utc::now().timestamp();
         self.shared
-            .update_registry(|reg| reg.set_certificate(&name, &issued.serial, issued.not_after, None))?;
+            .update_registry(|reg| reg.renew_certificate(&name, &issued.serial, issued.not_after, now))?;
         tracing::info!(client = %name, "certificate renewed");
         Ok(Response::new(CertificateResponse {
             certificate_pem: issued.cert_pem,
