@@ -872,6 +872,36 @@ fn operator_end_to_end() {
     op = operator.start();
     assert_eq!(settled_phase(&cp, "backupjob", "slow-1", NS, 120), "Succeeded");
 
+    // --- The API server crashes mid-job and comes back: the operator's
+    // watches resume and the job still ends Succeeded. An operator that lost
+    // its lease meanwhile stops (as client-go's leader election does) and,
+    // restarted as the kubelet would, takes over.
+    std::fs::write(big.join("c.bin"), backer_testkit::pseudo_random(6 << 20, 20)).unwrap();
+    cp.apply_ok(&slow_job("slow-api"));
+    eventually("slow-api running", 30, || {
+        cp.jsonpath("backupjob", "slow-api", Some(NS), "{.status.phase}") == "Running"
+    });
+    let away = cp.restart_apiserver();
+    let mut operator_restarted = false;
+    eventually("slow-api to finish after the API server's restart", 180, || {
+        if !operator_restarted && op.0.try_wait().unwrap().is_some() {
+            op = operator.start();
+            operator_restarted = true;
+        }
+        !cp.jsonpath("backupjob", "slow-api", Some(NS), "{.status.lastRun.finished}")
+            .is_empty()
+    });
+    assert_eq!(settled_phase(&cp, "backupjob", "slow-api", NS, 30), "Succeeded");
+    eprintln!(
+        "e2e: kube-apiserver away {:.1} s mid-job; operator {}; the job succeeded",
+        away.as_secs_f64(),
+        if operator_restarted {
+            "stopped on its lost lease and was restarted"
+        } else {
+            "rode it out"
+        }
+    );
+
     // --- A server restart mid-job: the job ends failed, with the reason.
     std::fs::write(big.join("b.bin"), backer_testkit::pseudo_random(6 << 20, 12)).unwrap();
     cp.apply_ok(&slow_job("slow-2"));
@@ -888,7 +918,7 @@ fn operator_end_to_end() {
     eventually("node-c connected again", 90, || {
         cp.jsonpath("backerclient", "node-c", None, "{.status.connected}") == "true"
     });
-    std::fs::write(big.join("c.bin"), backer_testkit::pseudo_random(6 << 20, 13)).unwrap();
+    std::fs::write(big.join("d.bin"), backer_testkit::pseudo_random(6 << 20, 24)).unwrap();
     cp.apply_ok(&slow_job("slow-3"));
     eventually("slow-3 running", 30, || {
         cp.jsonpath("backupjob", "slow-3", Some(NS), "{.status.phase}") == "Running"

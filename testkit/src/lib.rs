@@ -706,6 +706,36 @@ impl ControlPlane {
         }
     }
 
+    /// Kills the kube-apiserver as a crash would and starts it again on the
+    /// same port and etcd; returns once it is ready, with how long it was away.
+    pub fn restart_apiserver(&self) -> Duration {
+        let counter = self.dir.join("apiserver-restarts");
+        let count = || {
+            std::fs::read_to_string(&counter)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .unwrap_or(0)
+        };
+        let before = count();
+        let started = Instant::now();
+        let status = Command::new("kill")
+            .arg("-USR1")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "failed to signal e2e/control-plane");
+        let deadline = started + Duration::from_secs(180);
+        while count() == before {
+            assert!(
+                Instant::now() < deadline,
+                "the kube-apiserver did not come back (see {})",
+                self.dir.with_extension("log").display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        started.elapsed()
+    }
+
     /// `kubectl ARGS` as the cluster's admin.
     pub fn kubectl(&self, args: &[&str]) -> Output {
         self.kubectl_with_input(args, "")
