@@ -534,3 +534,68 @@ fn help_explains_commands() {
         .join(" ");
     assert!(text.contains("Nothing is written outside it"), "{text}");
 }
+
+/// A device node in a snapshot is made again only by root: restored by
+/// anyone else it is refused, named, and the rest of the snapshot restores.
+#[test]
+fn device_nodes_are_restored_by_root_only() {
+    if !is_root() {
+        eprintln!("device nodes: run as root to make one to back up; the refusal is the only path here");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let env = Env::dir(&tmp.path().join("repo"));
+    env.ok(&[&"init"]);
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("plain.txt"), b"plain").unwrap();
+    if !is_root() {
+        return;
+    }
+    let made = Command::new("mknod")
+        .arg(src.join("null"))
+        .args(["c", "1", "3"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    env.ok(&[&"backup", &src]);
+    // The user who restores takes a lock in the repository.
+    Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(tmp.path().join("repo"))
+        .status()
+        .unwrap();
+    let target = tmp.path().join("as-nobody");
+    std::fs::create_dir(&target).unwrap();
+    Command::new("chown")
+        .arg("65534:65534")
+        .arg(&target)
+        .status()
+        .unwrap();
+    let c = env.cmd(&[&"restore", &"latest", &"--target", &target]);
+    let mut as_nobody = Command::new("setpriv");
+    as_nobody
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(c.get_program());
+    as_nobody.args(c.get_args());
+    for (k, v) in c.get_envs() {
+        if let Some(v) = v {
+            as_nobody.env(k, v);
+        }
+    }
+    let out = as_nobody.output().unwrap();
+    assert!(!out.status.success(), "a refused entry makes the restore fail");
+    assert!(stderr(&out).contains("needs root"), "{}", stderr(&out));
+    let inside = target.join(src.strip_prefix("/").unwrap());
+    assert_eq!(std::fs::read(inside.join("plain.txt")).unwrap(), b"plain");
+    assert!(
+        !inside.join("null").exists(),
+        "no device made by a non-root restore"
+    );
+    // As root it is made again.
+    let target = tmp.path().join("as-root");
+    env.ok(&[&"restore", &"latest", &"--target", &target]);
+    let meta = std::fs::symlink_metadata(target.join(src.strip_prefix("/").unwrap()).join("null")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type()));
+    eprintln!("device nodes: refused for a non-root restore with its reason, made again by root");
+}

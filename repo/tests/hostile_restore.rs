@@ -97,11 +97,18 @@ async fn hostile_names_and_symlinks_never_escape() {
         .unwrap();
 
     // A directory whose tree tries `..`, absolute and slashed names.
-    let evil_child = {
-        let mut f = node(b"pwned", NodeKind::File);
+    // Its file is hard-linked (same dev and inode) to `linked` at the top:
+    // were the restore to link to wherever the first copy went, `linked`
+    // would be a way out.
+    let hardlinked = |name: &[u8]| {
+        let mut f = node(name, NodeKind::File);
         f.size = 0;
+        f.dev = 7;
+        f.inode = 7;
+        f.nlink = 2;
         f
     };
+    let evil_child = hardlinked(b"pwned");
     let evil_sub = subtree(&mut repo, vec![evil_child]).await;
     let mut dotdot = node(b"..", NodeKind::Dir);
     dotdot.subtree = Some(evil_sub);
@@ -122,9 +129,10 @@ async fn hostile_names_and_symlinks_never_escape() {
     let mut through = node(b"escape", NodeKind::Dir);
     through.subtree = Some(evil_sub);
     let fine = node(b"fine", NodeKind::File);
+    let linked = hardlinked(b"linked");
     let snap = snapshot_of(
         &mut repo,
-        vec![dotdot, slashed, absolute, empty, nul, link, through, fine],
+        vec![dotdot, slashed, absolute, empty, nul, link, through, fine, linked],
     )
     .await;
 
@@ -141,7 +149,10 @@ async fn hostile_names_and_symlinks_never_escape() {
     );
     assert!(!tmp.path().join("pwned").exists());
     assert!(!tmp.path().join("b").exists());
-    assert_eq!(entries(&target), vec!["escape", "fine"]);
+    assert_eq!(entries(&target), vec!["escape", "fine", "linked"]);
+    let linked = std::fs::symlink_metadata(target.join("linked")).unwrap();
+    assert!(linked.is_file(), "the hard link became a file of its own");
+    assert_eq!(std::os::unix::fs::MetadataExt::nlink(&linked), 1);
     assert!(
         std::fs::symlink_metadata(target.join("escape"))
             .unwrap()
@@ -153,6 +164,7 @@ async fn hostile_names_and_symlinks_never_escape() {
         "unsafe name \"a/../../b\"",
         "unsafe name \"/etc/passwd-copy\"",
         "unsafe name \"\"",
+        "unsafe name \"x\\0y\"",
         "refused /escape",
     ] {
         assert!(
@@ -160,6 +172,10 @@ async fn hostile_names_and_symlinks_never_escape() {
             "missing refusal {expected:?} in:\n{joined}"
         );
     }
+    eprintln!(
+        "hostile restore: 9 crafted entries, {} refused with a reason, 0 bytes written outside the target",
+        out.errors.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
