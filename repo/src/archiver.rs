@@ -10,10 +10,10 @@
 //! the parent snapshot (same size, mtime, ctime and inode) are not read again.
 
 use std::collections::{BTreeMap, HashSet};
-use std::ffi::OsString;
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use tokio::runtime::Handle;
 
 use crate::chunk::{self, ChunkError, Compressor};
@@ -33,7 +34,7 @@ use crate::pack::BlobType;
 use crate::repository::{Repository, encode};
 use crate::snapshot::{self, Snapshot, Summary};
 use crate::store::{BackupStore, LocalStore};
-use crate::tree::{Extent, Node, NodeKind, Tree};
+use crate::tree::{Extent, Node, NodeKind, Time, Tree};
 
 /// How many errors a snapshot records by name (all are counted).
 const MAX_RECORDED_ERRORS: usize = 100;
@@ -210,9 +211,19 @@ struct FileRead {
     changed: bool,
 }
 
+/// A file for a reader: opened from the directory the walker listed (held
+/// open meanwhile), so a path swapped above it cannot redirect the read.
 struct FileJob {
+    dir: Arc<OwnedFd>,
+    name: Vec<u8>,
+    /// For messages only.
     path: PathBuf,
-    md: Metadata,
+    /// What the walker found: the opened file must be the same one, and a
+    /// different size or mtime after reading means it changed meanwhile.
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: Time,
     reply: Sender<FileOutcome>,
 }
 
@@ -285,6 +296,8 @@ struct Shared<'a> {
     progress: Arc<Progress>,
     abort: AtomicBool,
     messages: Mutex<Vec<String>>,
+    /// Entries left out or recorded incompletely; any makes the snapshot partial.
+    errors: AtomicU64,
     changed: AtomicU64,
     files_read: AtomicU64,
 }
@@ -310,13 +323,21 @@ impl Shared<'_> {
         }
     }
 
-    fn report(&self, msg: String) {
-        self.progress.errors.fetch_add(1, Ordering::Relaxed);
+    /// Records a message for the user without counting it as an error.
+    fn warn(&self, msg: String) {
         tracing::warn!("{msg}");
         match self.messages.lock() {
             Ok(mut m) => m.push(msg),
             Err(p) => p.into_inner().push(msg),
         }
+    }
+
+    /// Records an entry that is missing from the snapshot or incomplete in
+    /// it: whichever stage meets it, the snapshot is marked partial.
+    fn report(&self, msg: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.progress.errors.fetch_add(1, Ordering::Relaxed);
+        self.warn(msg);
     }
 
     fn aborted(&self) -> bool {
@@ -408,6 +429,7 @@ pub fn archive(
         opts.threads
     };
     let selection = build_selection(&paths);
+    fsmeta::raise_fd_limit();
     let shared = Shared {
         store,
         asking: store.negotiates().then(|| Budget::new(ASKING_BYTES)),
@@ -417,6 +439,7 @@ pub fn archive(
         progress: Arc::clone(&progress),
         abort: AtomicBool::new(false),
         messages: Mutex::new(Vec::new()),
+        errors: AtomicU64::new(0),
         changed: AtomicU64::new(0),
         files_read: AtomicU64::new(0),
     };
@@ -428,12 +451,14 @@ pub fn archive(
 
     let Shared {
         messages,
+        errors,
         changed,
         files_read,
         seen,
         ..
     } = shared;
     let messages = messages.into_inner().unwrap_or_else(|p| p.into_inner());
+    let errors = errors.into_inner();
     let seen = seen.into_inner().unwrap_or_else(|p| p.into_inner());
     let new_blobs = seen.len() as u64;
     drop(seen);
@@ -446,11 +471,11 @@ pub fn archive(
         new_bytes: progress.new_bytes.load(Ordering::Relaxed),
         stored_bytes,
         new_blobs,
-        errors: counts.errors,
+        errors,
         changed_while_read: changed.into_inner(),
         duration_secs: started.elapsed().as_secs_f64(),
     };
-    let errors: Vec<String> = messages
+    let recorded: Vec<String> = messages
         .iter()
         .filter(|m| !m.contains("changed while"))
         .take(MAX_RECORDED_ERRORS)
@@ -465,9 +490,9 @@ pub fn archive(
         excludes: opts.excludes.clone(),
         parent: parent_id,
         tree: root_id,
-        partial: counts.errors > 0,
+        partial: errors > 0,
         summary,
-        errors,
+        errors: recorded,
         program_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     Ok((snap, messages))
@@ -479,7 +504,6 @@ struct Counts {
     dirs: u64,
     others: u64,
     bytes: u64,
-    errors: u64,
 }
 
 /// The root tree, the bytes stored, and what was counted.
@@ -513,14 +537,15 @@ fn run_pipeline(
         }
         let walker = std::thread::Builder::new()
             .name("walker".into())
-            .stack_size(64 << 20) // deep trees recurse
+            .stack_size(fsmeta::WALK_STACK) // deep trees recurse
             .spawn_scoped(s, move || {
                 let mut w = Walker {
                     shared,
                     items: item_tx,
                     jobs: job_tx,
+                    depth: 0,
                 };
-                w.walk_selection(&shared.root, selection, parent_root.as_ref())
+                w.walk_root(selection, parent_root.as_ref())
             });
         let mut readers = Vec::new();
         for _ in 0..threads {
@@ -623,6 +648,25 @@ struct Walker<'s, 'r> {
     shared: &'s Shared<'r>,
     items: Sender<Item>,
     jobs: Sender<FileJob>,
+    /// Directory levels below the root: bounded, for the stack.
+    depth: usize,
+}
+
+/// Why an entry could not be examined, as the user reads it.
+fn os_error(e: rustix::io::Errno) -> std::io::Error {
+    std::io::Error::from(e)
+}
+
+/// Opens the directory `name` in `dir`. `follow` allows a symlink on the
+/// way to a chosen path (a host's own `/var/run`); everywhere else a
+/// directory swapped for a symlink is refused, so the walk never leaves
+/// the directory it listed.
+fn open_dir_at(dir: &OwnedFd, name: &[u8], follow: bool) -> rustix::io::Result<OwnedFd> {
+    let mut flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
+    if !follow {
+        flags |= OFlags::NOFOLLOW;
+    }
+    rustix::fs::openat(dir, name, flags, Mode::empty())
 }
 
 impl Walker<'_, '_> {
@@ -643,37 +687,73 @@ impl Walker<'_, '_> {
         }
     }
 
-    /// Walks the directories above the chosen paths, entering only toward them.
-    fn walk_selection(&mut self, dir: &Path, sel: &Selection, parent: Option<&Tree>) -> Result<()> {
+    /// Walks from the root, whose descriptor is opened here.
+    fn walk_root(&mut self, sel: &Selection, parent: Option<&Tree>) -> Result<()> {
+        let root = &self.shared.root;
+        let fd = rustix::fs::open(
+            root.as_path(),
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open", root, os_error(e)))?;
+        self.walk_selection(&Arc::new(fd), root, sel, parent)
+    }
+
+    /// Walks the directories above the chosen paths, entering only toward
+    /// them. Everything is reached from the descriptor of the directory
+    /// above, never through a path: a path is only for messages.
+    fn walk_selection(
+        &mut self,
+        dir: &Arc<OwnedFd>,
+        dir_path: &Path,
+        sel: &Selection,
+        parent: Option<&Tree>,
+    ) -> Result<()> {
         match sel {
-            Selection::All => self.walk_dir(dir, parent),
+            Selection::All => self.walk_dir(dir, dir_path, parent),
             Selection::Some(children) => {
                 for (name, child_sel) in children {
-                    let path = dir.join(std::ffi::OsStr::from_bytes(name));
-                    let md = match std::fs::symlink_metadata(&path) {
-                        Ok(md) => md,
+                    let path = dir_path.join(std::ffi::OsStr::from_bytes(name));
+                    let st = match rustix::fs::statat(&**dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
+                        Ok(st) => st,
                         Err(e) => {
                             self.shared
-                                .report(format!("failed to read {}: {e}", path.display()));
+                                .report(format!("failed to read {}: {}", path.display(), os_error(e)));
                             continue;
                         }
                     };
+                    let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+                    // Under a root (a volume whose contents its users
+                    // control), a symlink on the way to a chosen path
+                    // could lead anywhere on the node: never follow one.
+                    let follow = self.shared.root == Path::new("/");
                     match child_sel {
-                        Selection::All => self.entry(&path, name.clone(), md, parent)?,
-                        // Under a root (a volume whose contents its users
-                        // control), a symlink on the way to a chosen path
-                        // could lead anywhere on the node: never follow one.
-                        Selection::Some(_) if !md.is_dir() && self.shared.root != Path::new("/") => {
+                        Selection::All => self.entry(dir, &path, name.clone(), st, parent)?,
+                        Selection::Some(_) if !is_dir && !follow => {
                             self.shared.report(format!(
                                 "refused {}: a symlink or a file on the way to a chosen path",
                                 path.display()
                             ));
                         }
                         Selection::Some(_) => {
-                            let node = fsmeta::node_from_metadata(name.clone(), &md);
-                            let sub = self.load_parent_subtree(parent, name);
+                            let sub = match open_dir_at(dir, name, follow) {
+                                Ok(fd) => Arc::new(fd),
+                                Err(e) => {
+                                    self.shared.report(format!(
+                                        "failed to open {}: {}",
+                                        path.display(),
+                                        os_error(e)
+                                    ));
+                                    continue;
+                                }
+                            };
+                            let node = fsmeta::node_from_stat(name.clone(), &st);
+                            let subtree = self.load_parent_subtree(parent, name);
                             self.send(Item::EnterDir(node))?;
-                            self.walk_selection(&path, child_sel, sub.as_ref())?;
+                            self.depth += 1;
+                            let walked = self.walk_selection(&sub, &path, child_sel, subtree.as_ref());
+                            self.depth -= 1;
+                            walked?;
                             self.send(Item::ExitDir)?;
                         }
                     }
@@ -683,51 +763,69 @@ impl Walker<'_, '_> {
         }
     }
 
-    fn walk_dir(&mut self, dir: &Path, parent: Option<&Tree>) -> Result<()> {
-        let mut names: Vec<OsString> = match std::fs::read_dir(dir) {
-            Ok(rd) => {
-                let mut v = Vec::new();
-                for e in rd {
+    fn walk_dir(&mut self, dir: &Arc<OwnedFd>, dir_path: &Path, parent: Option<&Tree>) -> Result<()> {
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        // A duplicate, not `Dir::read_from`: that opens "." and so needs
+        // search permission, which a listable directory may lack.
+        let listing = rustix::io::fcntl_dupfd_cloexec(&**dir, 0).and_then(rustix::fs::Dir::new);
+        match listing {
+            Ok(entries) => {
+                for e in entries {
                     match e {
-                        Ok(e) => v.push(e.file_name()),
+                        Ok(e) => {
+                            let name = e.file_name().to_bytes();
+                            if name != b"." && name != b".." {
+                                names.push(name.to_vec());
+                            }
+                        }
                         Err(e) => {
-                            self.shared
-                                .report(format!("failed to list {}: {e}", dir.display()));
+                            self.shared.report(format!(
+                                "failed to list {}: {}",
+                                dir_path.display(),
+                                os_error(e)
+                            ));
                             break;
                         }
                     }
                 }
-                v
             }
             Err(e) => {
                 self.shared
-                    .report(format!("failed to list {}: {e}", dir.display()));
+                    .report(format!("failed to list {}: {}", dir_path.display(), os_error(e)));
                 return Ok(());
             }
-        };
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        }
+        names.sort();
         for name in names {
             if self.shared.aborted() {
                 return Err(Error::Interrupted("the backup stopped".into()));
             }
-            let path = dir.join(&name);
-            let name = name.into_vec();
+            let path = dir_path.join(std::ffi::OsStr::from_bytes(&name));
             if self.shared.is_excluded(&path, &name) {
                 continue;
             }
-            match std::fs::symlink_metadata(&path) {
-                Ok(md) => self.entry(&path, name, md, parent)?,
+            match rustix::fs::statat(&**dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => self.entry(dir, &path, name, st, parent)?,
                 Err(e) => self
                     .shared
-                    .report(format!("failed to read {}: {e}", path.display())),
+                    .report(format!("failed to read {}: {}", path.display(), os_error(e))),
             }
         }
         Ok(())
     }
 
-    fn entry(&mut self, path: &Path, name: Vec<u8>, md: Metadata, parent: Option<&Tree>) -> Result<()> {
-        let mut node = fsmeta::node_from_metadata(name, &md);
-        match fsmeta::read_xattrs(path) {
+    /// Records the entry `name` of `dir` (found with `st`), and walks it
+    /// when it is a directory.
+    fn entry(
+        &mut self,
+        dir: &Arc<OwnedFd>,
+        path: &Path,
+        name: Vec<u8>,
+        st: Stat,
+        parent: Option<&Tree>,
+    ) -> Result<()> {
+        let mut node = fsmeta::node_from_stat(name, &st);
+        match fsmeta::read_xattrs_at(dir.as_fd(), &node.name, path) {
             Ok(x) => node.xattrs = x,
             Err(e) => self.shared.report(format!(
                 "failed to read extended attributes of {}: {e}",
@@ -736,9 +834,45 @@ impl Walker<'_, '_> {
         }
         match node.kind {
             NodeKind::Dir => {
-                let sub = self.load_parent_subtree(parent, &node.name);
+                if self.depth >= fsmeta::MAX_DEPTH {
+                    self.shared.report(format!(
+                        "refused {}: deeper than {} directory levels",
+                        path.display(),
+                        fsmeta::MAX_DEPTH
+                    ));
+                    return Ok(());
+                }
+                let sub = match open_dir_at(dir, &node.name, false) {
+                    Ok(fd) => fd,
+                    Err(e @ (rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR)) => {
+                        self.shared.report(format!(
+                            "skipped {}: it was replaced between listing and reading ({})",
+                            path.display(),
+                            os_error(e)
+                        ));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        // Recorded empty, with its own metadata, and reported.
+                        self.shared
+                            .report(format!("failed to list {}: {}", path.display(), os_error(e)));
+                        self.send(Item::EnterDir(node))?;
+                        return self.send(Item::ExitDir);
+                    }
+                };
+                // The directory's metadata from what was opened, so that it
+                // matches the content even if another took its name meanwhile.
+                if let Ok(now) = rustix::fs::fstat(&sub) {
+                    let xattrs = std::mem::take(&mut node.xattrs);
+                    node = fsmeta::node_from_stat(std::mem::take(&mut node.name), &now);
+                    node.xattrs = xattrs;
+                }
+                let subtree = self.load_parent_subtree(parent, &node.name);
                 self.send(Item::EnterDir(node))?;
-                self.walk_dir(path, sub.as_ref())?;
+                self.depth += 1;
+                let walked = self.walk_dir(&Arc::new(sub), path, subtree.as_ref());
+                self.depth -= 1;
+                walked?;
                 self.send(Item::ExitDir)
             }
             NodeKind::File => {
@@ -754,23 +888,29 @@ impl Walker<'_, '_> {
                     return self.send(Item::Leaf(node));
                 }
                 let (tx, rx) = bounded(1);
+                let job = FileJob {
+                    dir: Arc::clone(dir),
+                    name: node.name.clone(),
+                    path: path.to_path_buf(),
+                    dev: node.dev,
+                    ino: node.inode,
+                    size: node.size,
+                    mtime: node.mtime,
+                    reply: tx,
+                };
                 self.send(Item::File(node, rx))?;
                 self.jobs
-                    .send(FileJob {
-                        path: path.to_path_buf(),
-                        md,
-                        reply: tx,
-                    })
+                    .send(job)
                     .map_err(|_| Error::Interrupted("the backup stopped".into()))
             }
-            NodeKind::Symlink => match std::fs::read_link(path) {
+            NodeKind::Symlink => match rustix::fs::readlinkat(&**dir, node.name.as_slice(), Vec::new()) {
                 Ok(t) => {
-                    node.link_target = Some(serde_bytes::ByteBuf::from(t.into_os_string().into_vec()));
+                    node.link_target = Some(serde_bytes::ByteBuf::from(t.into_bytes()));
                     self.send(Item::Leaf(node))
                 }
                 Err(e) => {
                     self.shared
-                        .report(format!("failed to read link {}: {e}", path.display()));
+                        .report(format!("failed to read link {}: {}", path.display(), os_error(e)));
                     Ok(())
                 }
             },
@@ -840,24 +980,32 @@ fn scan_path(shared: &Shared<'_>, path: &Path) {
 fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf: &mut [u8]) -> FileOutcome {
     let path = &job.path;
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {}: {e}", path.display());
-    let fd = rustix::fs::open(
-        path,
-        rustix::fs::OFlags::RDONLY
-            | rustix::fs::OFlags::NOFOLLOW
-            | rustix::fs::OFlags::CLOEXEC
-            | rustix::fs::OFlags::NONBLOCK
-            | rustix::fs::OFlags::NOCTTY,
-        rustix::fs::Mode::empty(),
-    )
-    .map_err(|e| fail("open", &e))?;
-    let mut file = File::from(fd);
-    let md = file.metadata().map_err(|e| fail("stat", &e))?;
-    if !md.is_file() || md.ino() != job.md.ino() || md.dev() != job.md.dev() {
-        return Err(format!(
+    let replaced = || {
+        format!(
             "skipped {}: it was replaced between listing and reading",
             path.display()
-        ));
+        )
+    };
+    let fd = match rustix::fs::openat(
+        &*job.dir,
+        job.name.as_slice(),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        // NOFOLLOW met a symlink where the file was.
+        Err(rustix::io::Errno::LOOP) => return Err(replaced()),
+        Err(e) => return Err(fail("open", &os_error(e))),
+    };
+    let mut file = File::from(fd);
+    let md = file.metadata().map_err(|e| fail("stat", &e))?;
+    if !md.is_file() || md.ino() != job.ino || md.dev() != job.dev {
+        return Err(replaced());
     }
+    // Read no further than the size the file has now: a file growing faster
+    // than it is read would otherwise keep the backup reading forever. Any
+    // growth is reported below as a change.
+    let limit = md.size();
     let regions = fsmeta::data_regions(&file, &md).map_err(|e| fail("map the holes of", &e))?;
     let content = std::cell::RefCell::new(Vec::new());
     let mut sink = |data: &[u8]| -> Result<()> {
@@ -894,10 +1042,11 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf:
     };
     let keys = shared.store.chunk_keys();
     let size = match regions {
-        None => chunk::for_each_chunk(keys, &mut file, buf, &mut sink).map_err(map_err)?,
+        None => chunk::for_each_chunk(keys, (&mut file).take(limit), buf, &mut sink).map_err(map_err)?,
         Some(regions) => {
             // Holes are recorded, not read: a 1 TB sparse file costs its data only.
             let mut pos = 0u64;
+            let mut shrank = false;
             for (start, len) in regions {
                 if start > pos {
                     content.borrow_mut().push(Extent::Hole { len: start - pos });
@@ -907,8 +1056,14 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf:
                 let n =
                     chunk::for_each_chunk(keys, (&mut file).take(len), buf, &mut sink).map_err(map_err)?;
                 pos = start + n;
+                if n < len {
+                    // The file shrank while it was read: it ends here, and
+                    // no hole may stand for bytes it no longer has.
+                    shrank = true;
+                    break;
+                }
             }
-            if md.size() > pos {
+            if md.size() > pos && !shrank {
                 content.borrow_mut().push(Extent::Hole { len: md.size() - pos });
                 pos = md.size();
             }
@@ -917,12 +1072,12 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf:
     };
     let content = content.into_inner();
     let after = file.metadata().map_err(|e| fail("stat", &e))?;
-    let changed = after.size() != job.md.size()
-        || after.mtime() != job.md.mtime()
-        || after.mtime_nsec() != job.md.mtime_nsec();
+    let changed = after.size() != job.size
+        || after.mtime() != job.mtime.secs
+        || after.mtime_nsec() != i64::from(job.mtime.nanos);
     if changed {
         shared.changed.fetch_add(1, Ordering::Relaxed);
-        shared.report(format!(
+        shared.warn(format!(
             "{} changed while it was read; the snapshot holds what was read",
             path.display()
         ));
@@ -1012,10 +1167,7 @@ fn assemble(
                     counts.bytes += node.size;
                     top(&mut stack)?.push(node);
                 }
-                Ok(Err(msg)) => {
-                    counts.errors += 1;
-                    shared.report(msg);
-                }
+                Ok(Err(msg)) => shared.report(msg),
                 Err(_) => return Err(Error::Interrupted("a reader stopped".into())),
             },
         }

@@ -2,58 +2,70 @@
 //! on restore. Everything here works on paths without following a final
 //! symlink, or on already-opened descriptors.
 
+use std::ffi::OsStr;
 use std::fs::{File, Metadata};
 use std::io;
-use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use rustix::fs::{AtFlags, Gid, Mode, Timespec, Timestamps, Uid};
+use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Stat, Timespec, Timestamps, Uid};
 
 use crate::tree::{Node, NodeKind, Time, Xattr};
 
+/// Stack for the threads that walk a tree (backup and restore): they recurse
+/// once per directory level. Only what is touched is ever allocated.
+pub const WALK_STACK: usize = 64 << 20;
+
+/// Directory levels a backup reads and a restore writes at most. Far beyond
+/// real trees (and twice what paths allow with one-letter names), yet well
+/// inside [`WALK_STACK`], so a hostile tree is refused, not a crash.
+pub const MAX_DEPTH: usize = 4096;
+
 /// Builds a node from `lstat` data. Content, subtree and link target are
 /// filled in by the caller.
-pub fn node_from_metadata(name: Vec<u8>, md: &Metadata) -> Node {
-    let ft = md.file_type();
-    let kind = if ft.is_file() {
-        NodeKind::File
-    } else if ft.is_dir() {
-        NodeKind::Dir
-    } else if ft.is_symlink() {
-        NodeKind::Symlink
-    } else if ft.is_fifo() {
-        NodeKind::Fifo
-    } else if ft.is_char_device() {
-        NodeKind::CharDevice
-    } else if ft.is_block_device() {
-        NodeKind::BlockDevice
-    } else {
-        NodeKind::Socket
+// The field types of `Stat` differ between architectures: the casts are
+// needed on some and no-ops on others.
+#[allow(clippy::unnecessary_cast)]
+pub fn node_from_stat(name: Vec<u8>, st: &Stat) -> Node {
+    let kind = match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => NodeKind::File,
+        FileType::Directory => NodeKind::Dir,
+        FileType::Symlink => NodeKind::Symlink,
+        FileType::Fifo => NodeKind::Fifo,
+        FileType::CharacterDevice => NodeKind::CharDevice,
+        FileType::BlockDevice => NodeKind::BlockDevice,
+        _ => NodeKind::Socket,
     };
     Node {
         name,
         kind,
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        size: if kind == NodeKind::File { md.size() } else { 0 },
+        mode: st.st_mode as u32 & 0o7777,
+        uid: st.st_uid as u32,
+        gid: st.st_gid as u32,
+        size: if kind == NodeKind::File {
+            st.st_size as u64
+        } else {
+            0
+        },
         mtime: Time {
-            secs: md.mtime(),
-            nanos: md.mtime_nsec() as u32,
+            secs: st.st_mtime as i64,
+            nanos: st.st_mtime_nsec as u32,
         },
         atime: Time {
-            secs: md.atime(),
-            nanos: md.atime_nsec() as u32,
+            secs: st.st_atime as i64,
+            nanos: st.st_atime_nsec as u32,
         },
         ctime: Time {
-            secs: md.ctime(),
-            nanos: md.ctime_nsec() as u32,
+            secs: st.st_ctime as i64,
+            nanos: st.st_ctime_nsec as u32,
         },
-        inode: md.ino(),
-        dev: md.dev(),
-        nlink: md.nlink(),
-        rdev: md.rdev(),
+        inode: st.st_ino as u64,
+        dev: st.st_dev as u64,
+        nlink: st.st_nlink as u64,
+        rdev: st.st_rdev as u64,
         link_target: None,
         xattrs: Vec::new(),
         content: Vec::new(),
@@ -61,8 +73,37 @@ pub fn node_from_metadata(name: Vec<u8>, md: &Metadata) -> Node {
     }
 }
 
-/// Extended attributes of `path` (not following a symlink). File systems
-/// without xattr support give an empty list.
+/// True when `/proc/self/fd/N/` reaches the open directory N: /proc is not
+/// mounted in every container, nor readable by every process.
+fn proc_fd_works() -> bool {
+    static WORKS: OnceLock<bool> = OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let Ok(root) = rustix::fs::open("/", OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()) else {
+            return false;
+        };
+        let via_proc = format!("/proc/self/fd/{}/", root.as_raw_fd());
+        matches!(
+            (rustix::fs::stat(via_proc.as_str()), rustix::fs::fstat(&root)),
+            (Ok(a), Ok(b)) if a.st_dev == b.st_dev && a.st_ino == b.st_ino
+        )
+    })
+}
+
+/// Extended attributes of the entry `name` of the open directory `dir`, not
+/// following a final symlink. Read through `/proc/self/fd`, so the directory
+/// is the one opened whatever was renamed above it, and however long its
+/// path; through `path` where /proc is missing.
+pub fn read_xattrs_at(dir: BorrowedFd<'_>, name: &[u8], path: &Path) -> io::Result<Vec<Xattr>> {
+    if proc_fd_works() {
+        let at = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(OsStr::from_bytes(name));
+        read_xattrs(&at)
+    } else {
+        read_xattrs(path)
+    }
+}
+
+/// Extended attributes of `path` (not following a final symlink). File
+/// systems without xattr support give an empty list.
 pub fn read_xattrs(path: &Path) -> io::Result<Vec<Xattr>> {
     let names = match xattr::list(path) {
         Ok(n) => n,
@@ -169,4 +210,19 @@ pub fn apply_at(dir: impl AsFd, node: &Node) -> io::Result<()> {
     }
     rustix::fs::utimensat(dir, name, &timestamps(node), AtFlags::SYMLINK_NOFOLLOW)?;
     Ok(())
+}
+
+/// Walks and restores hold a descriptor per directory level; lift the soft
+/// limit to the hard one so deep trees do not run out.
+pub fn raise_fd_limit() {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if lim.current < lim.maximum {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        );
+    }
 }

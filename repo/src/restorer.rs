@@ -105,6 +105,16 @@ fn create_file(
         .map_err(|e| format!("failed to create {shown}: {e}"))
 }
 
+/// A restored directory. Its parent's index instead of its path keeps the
+/// list linear in size however deep the tree.
+struct DirToFinish {
+    parent: Option<usize>,
+    name: Vec<u8>,
+    /// `None` for a directory only on the way to an included path: created,
+    /// but its metadata is not part of what was asked for.
+    node: Option<Node>,
+}
+
 struct Ctx<'a> {
     source: &'a dyn RestoreSource,
     opts: &'a RestoreOptions,
@@ -115,8 +125,13 @@ struct Ctx<'a> {
     progress: Arc<RestoreProgress>,
     /// (dev, inode) of restored files with several links → where the first went.
     hardlinks: HashMap<(u64, u64), Vec<Vec<u8>>>,
-    /// Directories to finish (mode, times) once their content is written.
-    dirs: Vec<(Vec<Vec<u8>>, Node)>,
+    /// Directories created, in walk order, to finish (mode, times) once
+    /// their content is written.
+    dirs: Vec<DirToFinish>,
+    /// Where in `dirs` the directory being restored is; `None` for the target.
+    current_dir: Option<usize>,
+    /// Directory levels below the target: bounded, for the stack.
+    depth: usize,
     outcome: RestoreOutcome,
 }
 
@@ -220,7 +235,11 @@ impl Ctx<'_> {
         let tree = match self.source.load_tree(&tree) {
             Ok(t) => t,
             Err(e) => {
-                self.error(format!("failed to read the listing of {}: {e}", display(comps)));
+                self.error(format!(
+                    "failed to read the listing of {}: {}",
+                    display(comps),
+                    crate::error::Chain(&e)
+                ));
                 return Ok(());
             }
         };
@@ -263,6 +282,13 @@ impl Ctx<'_> {
         let name = node.name.as_slice();
         match node.kind {
             NodeKind::Dir => {
+                if self.depth >= fsmeta::MAX_DEPTH {
+                    self.error(format!(
+                        "refused {shown}: deeper than {} directory levels",
+                        fsmeta::MAX_DEPTH
+                    ));
+                    return Ok(());
+                }
                 match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => {
@@ -288,12 +314,23 @@ impl Ctx<'_> {
                         return Ok(());
                     }
                 };
+                let index = self.dirs.len();
+                self.dirs.push(DirToFinish {
+                    parent: self.current_dir,
+                    name: name.to_vec(),
+                    node: None,
+                });
                 if let Some(t) = node.subtree {
-                    self.restore_dir(&sub, comps, t, whole, jobs)?;
+                    let above = self.current_dir.replace(index);
+                    self.depth += 1;
+                    let restored = self.restore_dir(&sub, comps, t, whole, jobs);
+                    self.depth -= 1;
+                    self.current_dir = above;
+                    restored?;
                 }
                 self.outcome.dirs += 1;
                 if whole {
-                    self.dirs.push((comps.clone(), node));
+                    self.dirs[index].node = Some(node);
                 }
             }
             NodeKind::File => {
@@ -401,6 +438,71 @@ impl Ctx<'_> {
     }
 }
 
+/// Applies the recorded metadata of every directory in `dirs` (in walk
+/// order, each after its parent), children before parents. Each directory
+/// is opened once, from its parent's descriptor: linear in the number of
+/// directories, with one descriptor per level open.
+fn finish_dirs(ctx: &Ctx<'_>, dirs: &[DirToFinish]) {
+    // The open directories from the target down to the one last opened.
+    let mut open: Vec<(usize, Option<OwnedFd>)> = Vec::new();
+    let shown = |open: &[(usize, Option<OwnedFd>)]| {
+        let comps: Vec<Vec<u8>> = open.iter().map(|(i, _)| dirs[*i].name.clone()).collect();
+        display(&comps)
+    };
+    let finish = |open: &mut Vec<(usize, Option<OwnedFd>)>| {
+        let Some((i, fd)) = open.pop() else { return };
+        let (Some(fd), Some(node)) = (fd, &dirs[i].node) else {
+            return;
+        };
+        let mut xattr_errors = Vec::new();
+        let applied = fsmeta::apply_to_fd(&fd, node, &mut xattr_errors);
+        if applied.is_err() || !xattr_errors.is_empty() {
+            open.push((i, None));
+            let shown_path = shown(open);
+            open.pop();
+            if let Err(e) = applied {
+                ctx.error(format!("failed to set metadata of directory {shown_path}: {e}"));
+            }
+            for e in xattr_errors {
+                ctx.error(format!("directory {shown_path}: failed to set {e}"));
+            }
+        }
+    };
+    for (i, d) in dirs.iter().enumerate() {
+        // Finish what is not above this directory: walk order puts its
+        // parent on the stack, and everything below the parent is done.
+        while let Some((top, _)) = open.last()
+            && Some(*top) != d.parent
+        {
+            finish(&mut open);
+        }
+        let fd = match open.last() {
+            Some((_, Some(parent))) => Some(open_dir_path(parent, std::slice::from_ref(&d.name))),
+            // The parent could not be opened, and was reported.
+            Some((_, None)) => None,
+            None => Some(open_dir_path(&ctx.target, std::slice::from_ref(&d.name))),
+        };
+        open.push((i, None));
+        match fd {
+            Some(Ok(fd)) => {
+                if let Some(last) = open.last_mut() {
+                    last.1 = Some(fd);
+                }
+            }
+            Some(Err(e)) if d.node.is_some() => {
+                ctx.error(format!(
+                    "failed to set metadata of directory {}: {e}",
+                    shown(&open)
+                ));
+            }
+            _ => {}
+        }
+    }
+    while !open.is_empty() {
+        finish(&mut open);
+    }
+}
+
 /// Writes one file's content and metadata.
 fn write_file(
     source: &dyn RestoreSource,
@@ -501,7 +603,7 @@ pub fn restore_tree(
         Mode::empty(),
     )
     .map_err(|e| Error::io("open", target, e.into()))?;
-    raise_fd_limit();
+    fsmeta::raise_fd_limit();
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
     } else {
@@ -518,6 +620,8 @@ pub fn restore_tree(
         progress: Arc::clone(&progress),
         hardlinks: HashMap::new(),
         dirs: Vec::new(),
+        current_dir: None,
+        depth: 0,
         outcome: RestoreOutcome::default(),
     };
     {
@@ -542,9 +646,25 @@ pub fn restore_tree(
                 }));
             }
             drop(rx);
-            let target = Arc::clone(&ctx.target);
-            let walked = ctx.restore_dir(&target, &mut Vec::new(), root, false, &tx);
-            drop(tx);
+            let ctx = &mut ctx;
+            // On its own thread for the stack: deep trees recurse.
+            let walker = std::thread::Builder::new()
+                .name("restore-walker".into())
+                .stack_size(fsmeta::WALK_STACK)
+                .spawn_scoped(s, move || {
+                    let target = Arc::clone(&ctx.target);
+                    ctx.restore_dir(&target, &mut Vec::new(), root, false, &tx)
+                    // Dropping `tx` here lets the workers finish.
+                });
+            let walked = match walker {
+                Ok(h) => h
+                    .join()
+                    .map_err(|_| Error::Interrupted("the restore walker panicked".into()))
+                    .and_then(|r| r),
+                Err(e) => Err(Error::Interrupted(format!(
+                    "failed to start the restore walker: {e}"
+                ))),
+            };
             for w in workers {
                 w.join()
                     .map_err(|_| Error::Interrupted("a restore worker panicked".into()))?;
@@ -552,22 +672,10 @@ pub fn restore_tree(
             walked
         })?;
     }
-    // Directories last, deepest first, so their times and modes stick.
+    // Directories last, so their times stick, and each after everything
+    // inside it, so a mode that closes it cannot keep the restore out.
     let dirs = std::mem::take(&mut ctx.dirs);
-    for (comps, node) in dirs.iter().rev() {
-        let mut xattr_errors = Vec::new();
-        let r = open_dir_path(&ctx.target, comps)
-            .and_then(|fd| fsmeta::apply_to_fd(&fd, node, &mut xattr_errors));
-        if let Err(e) = r {
-            ctx.error(format!(
-                "failed to set metadata of directory {}: {e}",
-                display(comps)
-            ));
-        }
-        for e in xattr_errors {
-            ctx.error(format!("directory {}: failed to set {e}", display(comps)));
-        }
-    }
+    finish_dirs(&ctx, &dirs);
     for (inc, matched) in opts.includes.iter().zip(&ctx.matched) {
         if !matched {
             ctx.error(format!("{inc:?} is not in the snapshot"));
@@ -577,19 +685,4 @@ pub fn restore_tree(
     drop(ctx);
     outcome.errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
     Ok(outcome)
-}
-
-/// Restores hold a descriptor per directory level and per queued file; lift
-/// the soft limit to the hard one so deep trees do not run out.
-fn raise_fd_limit() {
-    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-    if lim.current < lim.maximum {
-        let _ = rustix::process::setrlimit(
-            rustix::process::Resource::Nofile,
-            rustix::process::Rlimit {
-                current: lim.maximum,
-                maximum: lim.maximum,
-            },
-        );
-    }
 }
