@@ -345,10 +345,13 @@ impl Backend {
                     Ok(_) => Ok(()),
                     // A retry finding the object may find our own write,
                     // whose reply was lost: it is ours if it holds our bytes.
-                    Err(object_store::Error::AlreadyExists { .. })
-                        if attempt > 0 && self.get(name).await.is_ok_and(|b| b == bytes) =>
-                    {
-                        Ok(())
+                    // If it cannot be read back, that failure is the answer.
+                    Err(object_store::Error::AlreadyExists { .. }) if attempt > 0 => {
+                        match self.get(name).await {
+                            Ok(stored) if stored == bytes => Ok(()),
+                            Ok(_) => Err(Error::AlreadyExists(name.into())),
+                            Err(e) => Err(e),
+                        }
                     }
                     Err(object_store::Error::AlreadyExists { .. }) => Err(Error::AlreadyExists(name.into())),
                     Err(e) => Err(self.err(e)),
