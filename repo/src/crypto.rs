@@ -187,8 +187,36 @@ impl Default for KdfParams {
     }
 }
 
+/// Bounds on what a key file may ask of key derivation. Key files are read
+/// before anything can be authenticated, so their parameters are untrusted:
+/// unbounded, one planted in `keys/` made `open` fill gigabytes of memory
+/// (`memory_kib`) or run for ever (`iterations`). The defaults sit far
+/// below: 64 MiB, 3 passes, 1 lane.
+const MAX_KDF_MEMORY_KIB: u32 = 1024 * 1024;
+/// Memory times passes, in KiB: a few seconds of work at most.
+const MAX_KDF_WORK_KIB: u64 = 4 * 1024 * 1024;
+const MAX_KDF_PARALLELISM: u32 = 16;
+
 impl KdfParams {
+    /// Refuses parameters beyond the bounds above, before any work is done.
+    pub fn check(&self) -> Result<()> {
+        let work = u64::from(self.memory_kib) * u64::from(self.iterations);
+        if self.memory_kib > MAX_KDF_MEMORY_KIB
+            || work > MAX_KDF_WORK_KIB
+            || self.parallelism > MAX_KDF_PARALLELISM
+        {
+            return Err(Error::Invalid(format!(
+                "key derivation parameters are out of range ({} KiB, {} iterations, parallelism {}; \
+                 at most 1 GiB, 4 GiB of memory times iterations, parallelism 16): \
+                 the key file is corrupt or was not written by backer",
+                self.memory_kib, self.iterations, self.parallelism
+            )));
+        }
+        Ok(())
+    }
+
     fn derive(&self, password: &[u8], salt: &[u8]) -> Result<DataKey> {
+        self.check()?;
         let params = argon2::Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
             .map_err(|e| Error::Invalid(format!("bad key derivation parameters: {e}")))?;
         let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
@@ -266,6 +294,30 @@ mod tests {
         let mut flipped = sealed.clone();
         flipped[15] ^= 1;
         assert!(mk.data.open(b"a", &flipped, &|| "x".into()).is_err());
+    }
+
+    #[test]
+    fn hostile_kdf_parameters_are_refused_before_any_work() {
+        let kf = MasterKey::generate().unwrap().wrap(b"pw", cheap()).unwrap();
+        for params in [
+            KdfParams {
+                memory_kib: 8 * 1024 * 1024,
+                ..cheap()
+            },
+            KdfParams {
+                iterations: u32::MAX,
+                ..cheap()
+            },
+            KdfParams {
+                parallelism: 0xFF_FFFF,
+                ..cheap()
+            },
+        ] {
+            let hostile = KeyFile { params, ..kf.clone() };
+            let err = hostile.unwrap_with(b"pw").unwrap_err().to_string();
+            assert!(err.contains("out of range"), "{err}");
+        }
+        assert!(KdfParams::default().check().is_ok());
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub struct Repository {
 
 /// Object kinds, each a folder and the associated data its objects are sealed with.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Kind {
+pub enum Kind {
     Index,
     Snapshot,
     Lock,
@@ -73,7 +73,7 @@ impl Kind {
 }
 
 /// Encodes, compresses and seals an object; returns its name (`dir/hash`) and bytes.
-pub(crate) fn seal_object<T: Serialize>(key: &MasterKey, kind: Kind, value: &T) -> Result<(String, Bytes)> {
+pub fn seal_object<T: Serialize>(key: &MasterKey, kind: Kind, value: &T) -> Result<(String, Bytes)> {
     let plain = zstd::bulk::compress(&encode(value)?, 3)
         .map_err(|e| Error::Invalid(format!("failed to compress an object: {e}")))?;
     let sealed = key.data.seal(kind.aad(), &plain);
@@ -81,13 +81,9 @@ pub(crate) fn seal_object<T: Serialize>(key: &MasterKey, kind: Kind, value: &T) 
     Ok((name, Bytes::from(sealed)))
 }
 
-/// Checks an object against its name, then opens and decodes it.
-pub(crate) fn open_object<T: DeserializeOwned>(
-    key: &MasterKey,
-    kind: Kind,
-    name: &str,
-    sealed: &[u8],
-) -> Result<T> {
+/// Checks an object against its name, then opens and decodes it. Public
+/// (with [`seal_object`]) so the fuzz targets reach it without a store.
+pub fn open_object<T: DeserializeOwned>(key: &MasterKey, kind: Kind, name: &str, sealed: &[u8]) -> Result<T> {
     let path = format!("{}/{}", kind.dir(), name);
     if hex::encode(storage_hash(sealed)) != name {
         return Err(Error::corrupt(format!("{path}: content does not match its name")));
@@ -98,6 +94,15 @@ pub(crate) fn open_object<T: DeserializeOwned>(
 }
 
 const CONFIG_AAD: &[u8] = b"backer config v1";
+
+/// Opens the sealed `config` object and checks its format version.
+pub fn open_config(key: &MasterKey, sealed: &[u8]) -> Result<Config> {
+    let config: Config = decode(&key.data.open(CONFIG_AAD, sealed, &|| "config".into())?, "config")?;
+    if config.version != FORMAT_VERSION {
+        return Err(Error::UnsupportedVersion(config.version));
+    }
+    Ok(config)
+}
 
 impl Repository {
     /// Creates a repository at `backend`, which must be empty.
@@ -162,13 +167,7 @@ impl Repository {
             }
         }
         let key = found.ok_or(Error::WrongPassword)?;
-        let config: Config = decode(
-            &key.data.open(CONFIG_AAD, &sealed_config, &|| "config".into())?,
-            "config",
-        )?;
-        if config.version != FORMAT_VERSION {
-            return Err(Error::UnsupportedVersion(config.version));
-        }
+        let config = open_config(&key, &sealed_config)?;
         let mut repo = Repository {
             backend,
             key: Arc::new(key),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 
 use backer_proto::v1 as pb;
+use backer_repo::crypto::ChunkKeys;
 use backer_repo::id::BlobId;
 use backer_repo::pack::BlobType;
 use backer_repo::packer::Packer;
@@ -77,10 +78,10 @@ pub fn ingest(
     Ok(stored)
 }
 
-/// Checks one chunk and packs it unless it is stored already; returns the
-/// bytes stored.
-fn ingest_one(active: &Active, packer: &mut Packer<'_>, m: pb::UploadChunk) -> Result<u64, Status> {
-    let repo = &active.repo;
+/// Checks an uploaded chunk without storing it: a known kind, a 32-byte id,
+/// a payload that decompresses to `raw_len` bytes hashing to that id, and
+/// for a tree, bytes that decode as one. Pure, so the fuzz targets reach it.
+pub fn check_upload(keys: &ChunkKeys, m: &pb::UploadChunk) -> Result<(BlobId, BlobType), Status> {
     let invalid = |e: backer_repo::Error| Status::invalid_argument(e.to_string());
     let id = blob_id(&m.id)?;
     let kind = match m.kind {
@@ -88,12 +89,21 @@ fn ingest_one(active: &Active, packer: &mut Packer<'_>, m: pb::UploadChunk) -> R
         1 => BlobType::Tree,
         k => return Err(Status::invalid_argument(format!("unknown blob kind {k}"))),
     };
-    let raw = verify_payload(&repo.key().chunk, kind, &id, &m.payload, m.raw_len).map_err(invalid)?;
+    let raw = verify_payload(keys, kind, &id, &m.payload, m.raw_len).map_err(invalid)?;
     if kind == BlobType::Tree {
         Tree::from_bytes(&raw, &format!("uploaded tree {id}")).map_err(invalid)?;
+    }
+    Ok((id, kind))
+}
+
+/// Checks one chunk and packs it unless it is stored already; returns the
+/// bytes stored.
+fn ingest_one(active: &Active, packer: &mut Packer<'_>, m: pb::UploadChunk) -> Result<u64, Status> {
+    let repo = &active.repo;
+    let (id, kind) = check_upload(&repo.key().chunk, &m)?;
+    if kind == BlobType::Tree {
         guard(&active.new_trees).insert(id);
     }
-    drop(raw);
     if repo.index().contains(&id) {
         return Ok(0);
     }

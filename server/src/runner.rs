@@ -45,7 +45,8 @@ fn check_client(shared: &Shared, client: &str) -> Result<(), Status> {
 }
 
 /// Lexically absolute, `..`-free paths, sorted, as the agent will record them.
-fn clean_paths(paths: &[String], what: &str) -> Result<Vec<String>, Status> {
+/// Public so the fuzz targets check it on decoded requests.
+pub fn clean_paths(paths: &[String], what: &str) -> Result<Vec<String>, Status> {
     let mut out = Vec::new();
     for p in paths {
         if !p.starts_with('/') {
