@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use backer_operator::crd::{
     BackerClient, BackerClientSpec, BackupJob, BackupJobSpec, OverwritePolicy, RestoreJob, RestoreJobSpec,
-    RestoreTarget, Run, Snapshot,
+    RestoreTarget, Run, Snapshot, SnapshotListing, SnapshotListingSpec,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -62,6 +62,13 @@ enum KubeCommand {
         /// All namespaces
         #[arg(short = 'A', long)]
         all_namespaces: bool,
+    },
+    /// List the files of a Snapshot of the namespace (at most 1000 entries: name a path inside to see more)
+    Ls {
+        /// The Snapshot's name (kubectl backer snapshots)
+        snapshot: String,
+        /// A directory or file inside the snapshot (default: all of it)
+        path: Option<String>,
     },
     /// Restore a Snapshot into a PVC of the namespace, or into a client's directory
     Restore(RestoreArgs),
@@ -159,6 +166,7 @@ pub async fn run(cli: KubectlCli) -> Result<()> {
         KubeCommand::Snapshots { all_namespaces } => {
             snapshots(&client, &ns, all_namespaces, cli.output).await
         }
+        KubeCommand::Ls { snapshot, path } => ls(&client, &ns, snapshot, path, cli.output).await,
         KubeCommand::Restore(a) => restore(&client, &ns, a).await,
         KubeCommand::Status => status(&client, cli.output).await,
         KubeCommand::Enroll { host, out } => enroll(&client, &host, out).await,
@@ -427,6 +435,68 @@ async fn snapshots(client: &Client, ns: &str, all: bool, format: Format) -> Resu
     }
     header.extend(["NAME", "CLIENT", "PVC", "TIME", "FILES", "BYTES", "PATHS"]);
     print(format, &list, &header, rows)
+}
+
+/// Asks the operator for the listing through a SnapshotListing (the user
+/// needs no access to the server), prints it and deletes the request.
+async fn ls(client: &Client, ns: &str, snapshot: String, path: Option<String>, format: Format) -> Result<()> {
+    let api: Api<SnapshotListing> = Api::namespaced(client.clone(), ns);
+    let req = SnapshotListing {
+        metadata: meta(None, "ls", ns),
+        spec: SnapshotListingSpec { snapshot, path },
+        status: None,
+    };
+    let created = api
+        .create(&PostParams::default(), &req)
+        .await
+        .map_err(|e| refusal(e, "ask for the listing"))?;
+    let name = created.name_any();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let answered = loop {
+        let got = api
+            .get(&name)
+            .await
+            .map_err(|e| forbidden_hint(e, "read the listing"))?;
+        if got.status.as_ref().is_some_and(|s| s.phase.is_some()) {
+            break got;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = api.delete(&name, &Default::default()).await;
+            bail!("the operator did not answer within 60 s (is it running? kubectl backer status)");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    // Read: the request has done its job.
+    let _ = api.delete(&name, &Default::default()).await;
+    let st = answered.status.unwrap_or_default();
+    if st.phase.as_deref() != Some("Ready") {
+        bail!("{}", st.message.unwrap_or_else(|| "the listing failed".into()));
+    }
+    let rows = st
+        .entries
+        .iter()
+        .map(|e| {
+            vec![
+                format!("{:o}", e.mode & 0o7777),
+                e.kind.clone(),
+                e.size.to_string(),
+                chrono::DateTime::from_timestamp(e.mtime, 0)
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                    .unwrap_or_default(),
+                e.path.clone(),
+            ]
+        })
+        .collect();
+    print(
+        format,
+        &st.entries,
+        &["MODE", "KIND", "SIZE", "MODIFIED", "PATH"],
+        rows,
+    )?;
+    if st.truncated {
+        eprintln!("{}", st.message.unwrap_or_default());
+    }
+    Ok(())
 }
 
 async fn restore(client: &Client, ns: &str, a: RestoreArgs) -> Result<()> {

@@ -362,3 +362,67 @@ pub struct SnapshotSpec {
     #[serde(default)]
     pub partial: bool,
 }
+
+/// A request to list the files of a Snapshot of this namespace: the
+/// operator answers in `status` (at most [`MAX_LISTED`] entries) and deletes
+/// the object some minutes later. `kubectl backer ls` makes one, reads it
+/// and deletes it.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "backer.dev",
+    version = "v1alpha1",
+    kind = "SnapshotListing",
+    namespaced,
+    status = "SnapshotListingStatus",
+    printcolumn = r#"{"name":"Snapshot","type":"string","jsonPath":".spec.snapshot"}"#,
+    printcolumn = r#"{"name":"Path","type":"string","jsonPath":".spec.path"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Entries","type":"integer","jsonPath":".status.count"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = kube::core::Rule::new("self.spec == oldSelf.spec").message("a SnapshotListing cannot change once created: create another")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotListingSpec {
+    /// The name of a Snapshot in this namespace.
+    #[x_kube(validation = kube::core::Rule::new("size(self) > 0").message("name the Snapshot to list"))]
+    #[schemars(length(max = 253))]
+    pub snapshot: String,
+    /// A directory or file inside the snapshot (default: all of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')").message("path must be absolute and must not contain `..`"))]
+    #[schemars(length(max = 1024))]
+    pub path: Option<String>,
+}
+
+/// The most entries one SnapshotListing holds (an object must stay well
+/// under etcd's size limit); `truncated` says when there were more.
+pub const MAX_LISTED: usize = 1000;
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotListingStatus {
+    /// `Ready` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Why it failed, or what to do when it was truncated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub count: u64,
+    #[serde(default)]
+    pub truncated: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<ListedEntry>,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedEntry {
+    pub path: String,
+    /// `file`, `dir`, `symlink`, ...
+    pub kind: String,
+    pub mode: u32,
+    pub size: u64,
+    /// Seconds since the epoch.
+    pub mtime: i64,
+}

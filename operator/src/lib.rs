@@ -27,6 +27,7 @@ pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
         crd::BackupJob::crd(),
         crd::RestoreJob::crd(),
         crd::Snapshot::crd(),
+        crd::SnapshotListing::crd(),
     ] {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&crd)?);

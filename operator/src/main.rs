@@ -174,11 +174,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        _ = futures::future::join4(
+        _ = futures::future::join5(
             controller::client::run(Arc::clone(&ctx)),
             controller::csr::run(Arc::clone(&ctx)),
             controller::backupjob::run(Arc::clone(&ctx)),
             controller::restorejob::run(Arc::clone(&ctx)),
+            controller::listing::run(Arc::clone(&ctx)),
         ) => {}
         _ = controller::snapshot::run(Arc::clone(&ctx)) => {}
         _ = renew => {}

@@ -386,6 +386,47 @@ fn operator_end_to_end() {
 
     // --- Invalid objects are refused by the API server, with the reason.
     cp.ok(&["create", "namespace", "apps"]);
+
+    // --- A namespace's user, given the chart's backer-user role there, may
+    // back up, list and restore in it, and nothing more.
+    cp.ok(&[
+        "create",
+        "rolebinding",
+        "alice-backer",
+        "-n",
+        "apps",
+        "--clusterrole=backer-user",
+        "--user=alice",
+    ]);
+    let alice = |args: &[&str]| {
+        let mut a = vec!["auth", "can-i"];
+        a.extend_from_slice(args);
+        a.extend(["--as", "alice"]);
+        String::from_utf8_lossy(&cp.kubectl(&a).stdout).trim() == "yes"
+    };
+    for args in [
+        vec!["create", "backupjobs.backer.dev", "-n", "apps"],
+        vec!["create", "restorejobs.backer.dev", "-n", "apps"],
+        vec!["create", "snapshotlistings.backer.dev", "-n", "apps"],
+        vec!["list", "snapshots.backer.dev", "-n", "apps"],
+    ] {
+        assert!(alice(&args), "alice should be allowed: {args:?}");
+    }
+    for args in [
+        vec!["create", "snapshots.backer.dev", "-n", "apps"],
+        vec![
+            "patch",
+            "snapshotlistings.backer.dev",
+            "--subresource=status",
+            "-n",
+            "apps",
+        ],
+        vec!["create", "snapshotlistings.backer.dev", "-n", NS],
+        vec!["list", "backerclients.backer.dev"],
+        vec!["get", "secrets", "-n", "apps"],
+    ] {
+        assert!(!alice(&args), "alice must not be allowed: {args:?}");
+    }
     let refused = [
         (
             "spec: {pvc: data, clients: [node-a], paths: [/x]}",
@@ -792,6 +833,36 @@ fn operator_end_to_end() {
         std::fs::read(vol.join("from-plugin/plugin.txt")).unwrap(),
         b"via kubectl backer\n"
     );
+    // ls: answered by the operator through a SnapshotListing, which the
+    // plugin deletes once read.
+    let out = backer_testkit::ok(plugin(&["-n", "apps", "ls", &plugin_snap_name]));
+    assert!(out.contains("/plugin.txt") && out.contains("MODE"), "{out}");
+    let out = backer_testkit::ok(plugin(&[
+        "-n",
+        "apps",
+        "ls",
+        &plugin_snap_name,
+        "/plugin.txt",
+        "-o",
+        "json",
+    ]));
+    let entries: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(entries[0]["path"], "/plugin.txt", "{entries}");
+    assert_eq!(entries[0]["size"], 19, "{entries}");
+    let bad = plugin(&["-n", "apps", "ls", &plugin_snap_name, "/nothing-here"]);
+    assert!(
+        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("is not in Snapshot"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let bad = plugin(&["-n", "apps", "ls", "forged"]);
+    assert!(
+        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not of this namespace"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let left = backer_testkit::ok(cp.kubectl(&["get", "snapshotlistings", "-n", "apps", "-o", "name"]));
+    assert!(left.trim().is_empty(), "the plugin deletes its requests: {left}");
     // Refusals come back in the API server's words.
     let bad = plugin(&["-n", "apps", "backup", "--pvc", "data", "--path", "relative"]);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("paths must be absolute"));

@@ -5,6 +5,7 @@
 pub mod backupjob;
 pub mod client;
 pub mod csr;
+pub mod listing;
 pub mod restorejob;
 pub mod snapshot;
 

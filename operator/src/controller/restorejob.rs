@@ -15,7 +15,7 @@ use backer_proto::v1 as pb;
 use crate::backer::status;
 use crate::context::Context;
 use crate::controller::backupjob::follow;
-use crate::crd::{OverwritePolicy, RestoreJob, Run, ServerJob, Snapshot};
+use crate::crd::{OverwritePolicy, RestoreJob, Run, ServerJob};
 use crate::error::Error;
 use crate::status::{apply_status, rfc3339, set_condition};
 
@@ -28,42 +28,7 @@ pub async fn run(ctx: Arc<Context>) {
 /// The server request this RestoreJob stands for.
 async fn plan(job: &RestoreJob, ctx: &Context) -> Result<pb::StartRestoreRequest, Error> {
     let ns = job.namespace().unwrap_or_default();
-    let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    let snap = snaps.get_opt(&job.spec.snapshot).await?.ok_or_else(|| {
-        Error::Invalid(format!(
-            "Snapshot {ns}/{} does not exist (kubectl get snapshots -n {ns})",
-            job.spec.snapshot
-        ))
-    })?;
-    // The object is only a pointer: the repository decides what the
-    // snapshot is and which namespace it belongs to, so a Snapshot object
-    // made by hand cannot reach another namespace's data or a node's files.
-    let real = ctx
-        .backer
-        .mgmt()
-        .await?
-        .list_snapshots(pb::ListSnapshotsRequest {
-            client: snap.spec.client.clone(),
-        })
-        .await
-        .map_err(status("list snapshots"))?
-        .into_inner()
-        .snapshots
-        .into_iter()
-        .find(|s| s.id == snap.spec.id)
-        .ok_or_else(|| {
-            Error::Invalid(format!(
-                "Snapshot {ns}/{} names no snapshot in the repository (forgotten by retention?)",
-                job.spec.snapshot
-            ))
-        })?;
-    let (home, _, _) = crate::controller::snapshot::mirror(&real, &ctx.settings.namespace);
-    if home != ns {
-        return Err(Error::Invalid(format!(
-            "Snapshot {ns}/{} is not of this namespace: it may be restored only from {home}",
-            job.spec.snapshot
-        )));
-    }
+    let real = crate::controller::snapshot::resolve(ctx, &ns, &job.spec.snapshot).await?;
     let t = &job.spec.target;
     let (to_client, target) = match (&t.client, &t.pvc) {
         (Some(client), None) => {

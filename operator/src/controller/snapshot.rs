@@ -153,3 +153,41 @@ pub async fn sync(ctx: &Context) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// The repository's snapshot behind the Snapshot object `name` of namespace
+/// `ns`. The object is only a pointer: the repository decides what the
+/// snapshot is and which namespace it belongs to, so a Snapshot object made
+/// by hand cannot reach another namespace's data or a node's files.
+pub async fn resolve(ctx: &Context, ns: &str, name: &str) -> Result<pb::Snapshot, Error> {
+    let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), ns);
+    let snap = snaps.get_opt(name).await?.ok_or_else(|| {
+        Error::Invalid(format!(
+            "Snapshot {ns}/{name} does not exist (kubectl get snapshots -n {ns})"
+        ))
+    })?;
+    let real = ctx
+        .backer
+        .mgmt()
+        .await?
+        .list_snapshots(pb::ListSnapshotsRequest {
+            client: snap.spec.client.clone(),
+        })
+        .await
+        .map_err(status("list snapshots"))?
+        .into_inner()
+        .snapshots
+        .into_iter()
+        .find(|s| s.id == snap.spec.id)
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "Snapshot {ns}/{name} names no snapshot in the repository (forgotten by retention?)"
+            ))
+        })?;
+    let (home, _, _) = mirror(&real, &ctx.settings.namespace);
+    if home != ns {
+        return Err(Error::Invalid(format!(
+            "Snapshot {ns}/{name} is not of this namespace: it may be used only from {home}"
+        )));
+    }
+    Ok(real)
+}
