@@ -32,11 +32,8 @@ use serde_json::Value;
 /// The exit code of a backup or restore that left something out.
 const EXIT_INCOMPLETE: i32 = 3;
 
-/// Writes a figures line to the real stderr: the harness captures
-/// `eprintln!`, not writes to the stream itself.
 fn figures(case: &str, line: String) {
-    let text = format!("hostile_backup figures | {case} | {line}\n");
-    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+    backer_testkit::figures("hostile_backup", format!("{case} | {line}"));
 }
 
 struct Env {

@@ -597,5 +597,8 @@ fn device_nodes_are_restored_by_root_only() {
     env.ok(&[&"restore", &"latest", &"--target", &target]);
     let meta = std::fs::symlink_metadata(target.join(src.strip_prefix("/").unwrap()).join("null")).unwrap();
     assert!(std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type()));
-    eprintln!("device nodes: refused for a non-root restore with its reason, made again by root");
+    backer_testkit::figures(
+        "local_mode",
+        "device nodes: refused for a non-root restore with its reason, made again by root",
+    );
 }

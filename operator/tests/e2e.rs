@@ -963,14 +963,17 @@ fn operator_end_to_end() {
             .is_empty()
     });
     assert_eq!(settled_phase(&cp, "backupjob", "slow-api", NS, 30), "Succeeded");
-    eprintln!(
-        "e2e: kube-apiserver away {:.1} s mid-job; operator {}; the job succeeded",
-        away.as_secs_f64(),
-        if operator_restarted {
-            "stopped on its lost lease and was restarted"
-        } else {
-            "rode it out"
-        }
+    backer_testkit::figures(
+        "e2e",
+        format!(
+            "kube-apiserver away {:.1} s mid-job; operator {}; the job succeeded",
+            away.as_secs_f64(),
+            if operator_restarted {
+                "stopped on its lost lease and was restarted"
+            } else {
+                "rode it out"
+            }
+        ),
     );
 
     // --- A server restart mid-job: the job ends failed, with the reason.
@@ -1031,16 +1034,7 @@ fn operator_end_to_end() {
     drop(op);
     // The Secret alone lost (by mistake): refused, and said why.
     let mut refused = operator.start();
-    let status = {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = refused.0.try_wait().unwrap() {
-                break st;
-            }
-            assert!(Instant::now() < deadline, "the operator minted a new CA silently");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let status = backer_testkit::wait_exit(&mut refused.0, "the operator minted a new CA silently");
     assert!(!status.success());
     let log = std::fs::read_to_string(&operator.log).unwrap();
     assert!(log.contains("shows a CA existed"), "the refusal says why");

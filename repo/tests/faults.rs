@@ -196,18 +196,19 @@ async fn verify(
     }
 }
 
+/// A new repository under `dir`; the backend that sees it through working storage.
+async fn new_repository(dir: &Path) -> Backend {
+    let at = dir.join("repo");
+    Repository::init(Backend::open(at.to_str().unwrap()).unwrap(), PASSWORD, cheap())
+        .await
+        .unwrap();
+    Backend::open(at.to_str().unwrap()).unwrap()
+}
+
 async fn one_seed(seed: u64, rate: f64, tally: &mut Tally, counts: &mut Vec<Arc<FaultCounts>>) {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    let repo_dir = tmp.path().join("repo");
-    Repository::init(
-        Backend::open(repo_dir.to_str().unwrap()).unwrap(),
-        PASSWORD,
-        cheap(),
-    )
-    .await
-    .unwrap();
-    let clean = Backend::open(repo_dir.to_str().unwrap()).unwrap();
+    let clean = new_repository(tmp.path()).await;
     let (faulty, c) = clean.with_faults(
         FaultPlan {
             hang: CALL_TIMEOUT * 3,
@@ -376,21 +377,24 @@ async fn campaign(seeds: std::ops::Range<u64>, rate: f64) -> (Tally, [u64; 6]) {
         sum(|c| &c.lost_replies),
         sum(|c| &c.broken_listings),
     ];
-    eprintln!(
-        "faults at rate {rate}: {n} seeds, {} faults injected ({} errors, {} hung calls, {} slow calls, {} short reads, {} lost write replies, {} listings broken part-way); {} operations: {} succeeded, {} failed with a reason; {} snapshots verified byte for byte ({} of them from a backup whose last reply was lost); {} locks left for `unlock`",
-        kinds.iter().sum::<u64>(),
-        kinds[0],
-        kinds[1],
-        kinds[2],
-        kinds[3],
-        kinds[4],
-        kinds[5],
-        tally.ops,
-        tally.ok,
-        tally.failed,
-        tally.snapshots_verified,
-        tally.reply_lost_snapshots,
-        tally.leftover_locks,
+    backer_testkit::figures(
+        "faults",
+        format!(
+            "faults at rate {rate}: {n} seeds, {} faults injected ({} errors, {} hung calls, {} slow calls, {} short reads, {} lost write replies, {} listings broken part-way); {} operations: {} succeeded, {} failed with a reason; {} snapshots verified byte for byte ({} of them from a backup whose last reply was lost); {} locks left for `unlock`",
+            kinds.iter().sum::<u64>(),
+            kinds[0],
+            kinds[1],
+            kinds[2],
+            kinds[3],
+            kinds[4],
+            kinds[5],
+            tally.ops,
+            tally.ok,
+            tally.failed,
+            tally.snapshots_verified,
+            tally.reply_lost_snapshots,
+            tally.leftover_locks,
+        ),
     );
     (tally, kinds)
 }
@@ -453,15 +457,7 @@ async fn storage_that_never_writes_fails_the_backup_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     write_source(&src, 7, 0);
-    let repo_dir = tmp.path().join("repo");
-    Repository::init(
-        Backend::open(repo_dir.to_str().unwrap()).unwrap(),
-        PASSWORD,
-        cheap(),
-    )
-    .await
-    .unwrap();
-    let clean = Backend::open(repo_dir.to_str().unwrap()).unwrap();
+    let clean = new_repository(tmp.path()).await;
     let (faulty, counts) = clean.with_faults(
         FaultPlan {
             only: "data/".into(),

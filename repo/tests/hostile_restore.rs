@@ -172,9 +172,12 @@ async fn hostile_names_and_symlinks_never_escape() {
             "missing refusal {expected:?} in:\n{joined}"
         );
     }
-    eprintln!(
-        "hostile restore: 9 crafted entries, {} refused with a reason, 0 bytes written outside the target",
-        out.errors.len()
+    backer_testkit::figures(
+        "hostile_restore",
+        format!(
+            "9 crafted entries, {} refused with a reason, 0 bytes written outside the target",
+            out.errors.len()
+        ),
     );
 }
 

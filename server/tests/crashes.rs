@@ -255,10 +255,13 @@ fn kills_at_random_moments_lose_nothing() {
         .iter()
         .map(|((v, o), (n, m))| format!("{v:?} in {o:?}: {n} ({m} mid-operation)"))
         .collect();
-    eprintln!(
-        "crashes: {total} SIGKILLs survived, {mid} of them mid-operation, in {:.0} s [{}]; after each, a backup and an exact restore succeeded and check --read-data passed",
-        started.elapsed().as_secs_f64(),
-        detail.join(", ")
+    backer_testkit::figures(
+        "crashes",
+        format!(
+            "{total} SIGKILLs survived, {mid} of them mid-operation, in {:.0} s [{}]; after each, a backup and an exact restore succeeded and check --read-data passed",
+            started.elapsed().as_secs_f64(),
+            detail.join(", ")
+        ),
     );
     assert!(
         mid * 2 >= total,

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backer_testkit::{Running, Server, agent, bin, err, ok, wait_for};
 use serde_json::Value;
@@ -164,16 +164,7 @@ fn enrolment_identity_and_revocation() {
 
     // Revocation is immediate: the connected agent is cut off and refused.
     ok(server.cli(&["clients", "remove", "web-1"]));
-    let status = {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = a1.0.try_wait().unwrap() {
-                break st;
-            }
-            assert!(Instant::now() < deadline, "the revoked agent kept running");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let status = backer_testkit::wait_exit(&mut a1.0, "the revoked agent kept running");
     assert!(!status.success());
     let mut msg = String::new();
     std::io::Read::read_to_string(a1.0.stderr.as_mut().unwrap(), &mut msg).unwrap();

@@ -118,7 +118,10 @@ fn wrong_certificates_are_refused() {
                 .expect_err(&format!("{what} must be refused"));
             assert!(e.contains(says), "{what}: {e}");
         }
-        eprintln!("identity: {n} wrong-certificate cases refused on the data port");
+        backer_testkit::figures(
+            "identity",
+            format!("{n} wrong-certificate cases refused on the data port"),
+        );
     });
     // The server is still serving.
     assert!(ok(server.cli(&["clients"])).contains("host"));
@@ -229,16 +232,7 @@ fn renewal_during_a_long_backup_and_revocation_in_the_middle_of_one() {
     ok(server.cli(&["clients", "remove", "host"]));
     let j = wait_done(&server, &id);
     assert_eq!(j["state"], "failed", "{j}");
-    let status = {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = agent_proc.0.try_wait().unwrap() {
-                break st;
-            }
-            assert!(Instant::now() < deadline, "the revoked agent kept running");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let status = backer_testkit::wait_exit(&mut agent_proc.0, "the revoked agent kept running");
     assert!(!status.success());
     assert!(
         std::fs::read_to_string(&log)
@@ -256,7 +250,8 @@ fn renewal_during_a_long_backup_and_revocation_in_the_middle_of_one() {
         agent_proc.0.try_wait().unwrap().is_some(),
         "a revoked agent cannot come back"
     );
-    eprintln!(
-        "identity: a renewal mid-backup let it finish; a revocation mid-backup failed it without a snapshot"
+    backer_testkit::figures(
+        "identity",
+        "a renewal mid-backup let it finish; a revocation mid-backup failed it without a snapshot",
     );
 }

@@ -639,6 +639,28 @@ pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Prints a test's figures (faults injected, kills survived, inputs
+/// refused) so that every run shows them: to the real stderr, which the test
+/// harness does not capture, unlike `eprintln!`.
+pub fn figures(suite: &str, line: impl std::fmt::Display) {
+    use std::io::Write;
+    let text = format!("{suite} figures | {line}\n");
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
+/// Waits up to 30 s for `child` to exit; `what` says what it means if it
+/// does not (the test fails with it).
+pub fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A child process killed when dropped.
 pub struct Running(pub Child);
 
