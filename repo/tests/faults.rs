@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use backer_repo::archiver::{BackupOptions, ParentChoice, Progress, backup};
 use backer_repo::backend::faults::{Fault, FaultCounts, FaultPlan};
-use backer_repo::check::{CheckOptions, CheckProgress, check};
+use backer_repo::check::{CheckOptions, CheckProgress, CheckReport, check};
 use backer_repo::crypto::KdfParams;
 use backer_repo::id::SnapshotId;
 use backer_repo::lock::{Lock, unlock};
@@ -145,16 +145,7 @@ async fn verify(
 ) {
     let repo = Repository::open(clean.clone(), PASSWORD).await.unwrap();
     tally.leftover_locks += unlock(&repo, true).await.unwrap().len() as u64;
-    let report = check(
-        &repo,
-        &CheckOptions {
-            read_data: true,
-            subset: None,
-        },
-        Arc::new(CheckProgress::default()),
-    )
-    .await
-    .unwrap();
+    let report = check_all(&repo).await.unwrap();
     assert!(report.ok(), "check --read-data found damage: {:?}", report.errors);
     for entry in repo.snapshots().await.unwrap() {
         let known = expected.get(&entry.id).cloned();
@@ -194,6 +185,15 @@ async fn verify(
         std::fs::remove_dir_all(&target).unwrap();
         tally.snapshots_verified += 1;
     }
+}
+
+/// `check --read-data`.
+async fn check_all(repo: &Repository) -> Result<CheckReport, Error> {
+    let opts = CheckOptions {
+        read_data: true,
+        subset: None,
+    };
+    check(repo, &opts, Arc::new(CheckProgress::default())).await
 }
 
 /// A new repository under `dir`; the backend that sees it through working storage.
@@ -338,15 +338,7 @@ async fn one_seed(seed: u64, rate: f64, tally: &mut Tally, counts: &mut Vec<Arc<
     // Check through failing storage: it may fail to read, but never calls a
     // sound repository damaged without saying the storage failed.
     if let Some(repo) = judge(tally, "open", Repository::open(faulty.clone(), PASSWORD).await) {
-        let r = check(
-            &repo,
-            &CheckOptions {
-                read_data: true,
-                subset: None,
-            },
-            Arc::new(CheckProgress::default()),
-        )
-        .await;
+        let r = check_all(&repo).await;
         if let Some(report) = judge(tally, "check", r) {
             for e in &report.errors {
                 assert!(
