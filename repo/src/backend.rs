@@ -394,55 +394,52 @@ impl Backend {
         self.retrying("write", name, |attempt| {
             let bytes = bytes.clone();
             async move {
-                if let Some(dir) = self
-                    .local_dir
-                    .clone()
-                    .filter(|_| self.direct && bytes.len() >= DIRECT_WRITE_MIN)
-                {
-                    let (owned, data) = (name.to_string(), bytes.clone());
-                    let written = tokio::task::spawn_blocking(move || write_direct(&dir, &owned, &data))
-                        .await
-                        .map_err(|e| Error::Interrupted(format!("write task failed: {e}")))?;
-                    match written {
-                        Ok(true) => return Ok(()),
-                        // The filesystem cannot write around its cache: the usual way.
-                        Ok(false) => {}
-                        Err(Error::AlreadyExists(_)) if attempt > 0 => {
-                            return match self.get(name).await {
-                                Ok(stored) if stored == bytes => Ok(()),
-                                Ok(_) => Err(Error::AlreadyExists(name.into())),
-                                Err(e) => Err(e),
-                            };
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                let opts = PutOptions {
-                    mode: PutMode::Create,
-                    ..Default::default()
-                };
-                match self
-                    .store
-                    .put_opts(&self.path(name), PutPayload::from_bytes(bytes.clone()), opts)
-                    .await
-                {
-                    Ok(_) => Ok(()),
+                match self.create(name, &bytes).await {
                     // A retry finding the object may find our own write,
                     // whose reply was lost: it is ours if it holds our bytes.
                     // If it cannot be read back, that failure is the answer.
-                    Err(object_store::Error::AlreadyExists { .. }) if attempt > 0 => {
-                        match self.get(name).await {
-                            Ok(stored) if stored == bytes => Ok(()),
-                            Ok(_) => Err(Error::AlreadyExists(name.into())),
-                            Err(e) => Err(e),
-                        }
-                    }
-                    Err(object_store::Error::AlreadyExists { .. }) => Err(Error::AlreadyExists(name.into())),
-                    Err(e) => Err(self.err(e)),
+                    Err(Error::AlreadyExists(_)) if attempt > 0 => match self.get(name).await {
+                        Ok(stored) if stored == bytes => Ok(()),
+                        Ok(_) => Err(Error::AlreadyExists(name.into())),
+                        Err(e) => Err(e),
+                    },
+                    r => r,
                 }
             }
         })
         .await
+    }
+
+    /// One attempt at creating `name`: around the page cache for a big
+    /// object in a local directory, through the store otherwise.
+    async fn create(&self, name: &str, bytes: &Bytes) -> Result<()> {
+        if let Some(dir) = self
+            .local_dir
+            .clone()
+            .filter(|_| self.direct && bytes.len() >= DIRECT_WRITE_MIN)
+        {
+            let (owned, data) = (name.to_string(), bytes.clone());
+            let written = tokio::task::spawn_blocking(move || write_direct(&dir, &owned, &data))
+                .await
+                .map_err(|e| Error::Interrupted(format!("write task failed: {e}")))?;
+            // Ok(false): the filesystem cannot write around its cache.
+            if written? {
+                return Ok(());
+            }
+        }
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.path(name), PutPayload::from_bytes(bytes.clone()), opts)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(Error::AlreadyExists(name.into())),
+            Err(e) => Err(self.err(e)),
+        }
     }
 
     pub async fn get(&self, name: &str) -> Result<Bytes> {

@@ -22,7 +22,8 @@ use backer_repo::crypto::KdfParams;
 use backer_repo::id::SnapshotId;
 use backer_repo::lock::{Lock, unlock};
 use backer_repo::prune::{DEFAULT_MAX_UNUSED, PruneOptions, prune};
-use backer_repo::restorer::{RestoreOptions, RestoreProgress, restore};
+use backer_repo::restorer::{RestoreOptions, RestoreOutcome, RestoreProgress, restore};
+use backer_repo::snapshot::Snapshot;
 use backer_repo::{Backend, Error, Repository};
 
 const PASSWORD: &[u8] = b"faults";
@@ -150,19 +151,7 @@ async fn verify(
     for entry in repo.snapshots().await.unwrap() {
         let known = expected.get(&entry.id).cloned();
         let target = tmp.join(format!("verify-{}", entry.id));
-        let out = restore(
-            &repo,
-            &entry.snapshot,
-            &RestoreOptions {
-                target: target.clone(),
-                includes: vec![],
-                overwrite: false,
-                threads: 2,
-            },
-            Arc::new(RestoreProgress::default()),
-        )
-        .await
-        .unwrap();
+        let out = restore_all(&repo, &entry.snapshot, &target).await.unwrap();
         assert!(
             out.errors.is_empty(),
             "snapshot {} lists but does not restore: {:?}",
@@ -185,6 +174,17 @@ async fn verify(
         std::fs::remove_dir_all(&target).unwrap();
         tally.snapshots_verified += 1;
     }
+}
+
+/// All of `snapshot` into the new directory `target`.
+async fn restore_all(repo: &Repository, snapshot: &Snapshot, target: &Path) -> Result<RestoreOutcome, Error> {
+    let opts = RestoreOptions {
+        target: target.to_path_buf(),
+        includes: vec![],
+        overwrite: false,
+        threads: 2,
+    };
+    restore(repo, snapshot, &opts, Arc::new(RestoreProgress::default())).await
 }
 
 /// `check --read-data`.
@@ -267,18 +267,7 @@ async fn one_seed(seed: u64, rate: f64, tally: &mut Tally, counts: &mut Vec<Arc<
             let target = tmp.path().join(format!("restore-{generation}"));
             let r = async {
                 let latest = repo.find_snapshot("latest").await?;
-                let out = restore(
-                    &repo,
-                    &latest.snapshot,
-                    &RestoreOptions {
-                        target: target.clone(),
-                        includes: vec![],
-                        overwrite: false,
-                        threads: 2,
-                    },
-                    Arc::new(RestoreProgress::default()),
-                )
-                .await?;
+                let out = restore_all(&repo, &latest.snapshot, &target).await?;
                 Ok((latest.id, out))
             }
             .await;

@@ -11,8 +11,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backer_testkit::{Running, Server, ServerSetup, agent, bin, compare_trees, ok, pseudo_random, wait_for};
-use serde_json::Value;
+use backer_testkit::{
+    Running, Server, ServerSetup, agent, bin, compare_trees, json, ok, pseudo_random, wait_for,
+};
 
 struct Rng(u64);
 impl Rng {
@@ -22,10 +23,6 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0 % n
     }
-}
-
-fn json(out: String) -> Value {
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
 }
 
 /// The agent, uploading at 12 MiB/s so that a backup lasts long enough to be

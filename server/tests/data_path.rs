@@ -11,14 +11,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use backer_testkit::{
-    Moto, Running, Server, ServerSetup, agent, build_rich_tree, compare_trees, err, ok, pseudo_random,
+    Moto, Running, Server, ServerSetup, agent, build_rich_tree, compare_trees, err, json, ok, pseudo_random,
     wait_for,
 };
 use serde_json::Value;
-
-fn json(out: String) -> Value {
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
-}
 
 fn run_agent(state: &Path, restore_roots: &[&Path]) -> Running {
     run_agent_with(state, restore_roots, &[])

@@ -10,12 +10,8 @@ use std::time::{Duration, Instant};
 
 use backer_proto::ca::Ca;
 use backer_proto::v1 as pb;
-use backer_testkit::{Running, Server, agent, ok, pseudo_random, wait_for};
+use backer_testkit::{Running, Server, agent, json, ok, pseudo_random, wait_for};
 use serde_json::Value;
-
-fn json(out: String) -> Value {
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
-}
 
 fn read(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap()

@@ -609,6 +609,11 @@ pub fn agent(state: &Path, args: &[&str]) -> Command {
     c
 }
 
+/// A command's output parsed as JSON; not JSON fails the test, showing it.
+pub fn json(out: String) -> serde_json::Value {
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
 /// The stdout of a command that must succeed.
 pub fn ok(o: Output) -> String {
     assert!(

@@ -252,39 +252,20 @@ impl ObjectStore for FaultyStore {
         }
         // The body ends early, as when a connection drops mid-transfer; the
         // metadata still claims the whole object.
-        let GetResult {
-            payload,
-            meta,
-            range,
-            attributes,
-            extensions,
-        } = r;
-        let full = GetResult {
-            payload,
-            meta: meta.clone(),
-            range: range.clone(),
-            attributes: attributes.clone(),
-            extensions: extensions.clone(),
-        }
-        .bytes()
-        .await?;
-        if full.is_empty() {
-            return Ok(GetResult {
-                payload: GetResultPayload::Stream(futures::stream::iter([Ok(full)]).boxed()),
-                meta,
-                range,
-                attributes,
-                extensions,
-            });
-        }
-        self.state.counts.short_reads.fetch_add(1, Ordering::Relaxed);
-        let cut = full.slice(..full.len() / 2);
+        let (meta, range, attributes) = (r.meta.clone(), r.range.clone(), r.attributes.clone());
+        let full = r.bytes().await?;
+        let kept = if full.is_empty() {
+            full
+        } else {
+            self.state.counts.short_reads.fetch_add(1, Ordering::Relaxed);
+            full.slice(..full.len() / 2)
+        };
         Ok(GetResult {
-            payload: GetResultPayload::Stream(futures::stream::iter([Ok(cut)]).boxed()),
+            payload: GetResultPayload::Stream(futures::stream::iter([Ok(kept)]).boxed()),
             meta,
             range,
             attributes,
-            extensions,
+            extensions: Default::default(),
         })
     }
 
