@@ -6,8 +6,10 @@
 //! ```
 //!
 //! Every channel is bounded, so memory depends on the number of threads and
-//! the depth of the tree, not on the number of files. Files unchanged since
-//! the parent snapshot (same size, mtime, ctime and inode) are not read again.
+//! the depth of the tree, not on the number of files. New chunks travel in
+//! batches of about [`BATCH_BYTES`], so a small file costs no hand-off of its
+//! own between threads. Files unchanged since the parent snapshot (same size,
+//! mtime, ctime and inode) are not read again.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
@@ -20,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use tokio::runtime::Handle;
@@ -38,6 +40,11 @@ use crate::tree::{Extent, Node, NodeKind, Time, Tree};
 
 /// How many errors a snapshot records by name (all are counted).
 const MAX_RECORDED_ERRORS: usize = 100;
+
+/// New chunks are passed on in batches of about this many bytes: on two
+/// cores, a hand-off between threads for each small file cost more time
+/// than compressing it (a first backup of /usr took 6 % longer).
+const BATCH_BYTES: usize = 256 << 10;
 
 #[derive(Debug, Clone, Default)]
 pub enum ParentChoice {
@@ -238,6 +245,39 @@ struct PackerMsg {
     id: BlobId,
     payload: Vec<u8>,
     raw_len: u32,
+}
+
+/// New chunks a reader holds until there are [`BATCH_BYTES`] of them, or
+/// until it has nothing else to do.
+#[derive(Default)]
+struct Batch {
+    chunks: Vec<NewChunk>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn push(&mut self, chunk: NewChunk, shared: &Shared<'_>, to: &Sender<Vec<NewChunk>>) -> Result<()> {
+        self.bytes += chunk.data.len();
+        self.chunks.push(chunk);
+        if self.bytes >= BATCH_BYTES {
+            self.flush(shared, to)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, shared: &Shared<'_>, to: &Sender<Vec<NewChunk>>) -> Result<()> {
+        if self.chunks.is_empty() {
+            return Ok(());
+        }
+        // Budget is taken for a whole batch as it leaves: a batch still held
+        // holds none, so readers cannot starve the stage that gives it back.
+        if let Some(b) = &shared.asking {
+            b.take(self.bytes, &shared.abort)?;
+        }
+        self.bytes = 0;
+        to.send(std::mem::take(&mut self.chunks))
+            .map_err(|_| Error::Interrupted("the backup stopped".into()))
+    }
 }
 
 /// Bytes waiting for the store's answer on which chunks it lacks. The queue
@@ -518,13 +558,13 @@ fn run_pipeline(
 ) -> Result<PipelineResult> {
     let (item_tx, item_rx) = bounded::<Item>(4096);
     let (job_tx, job_rx) = bounded::<FileJob>(64);
-    let (chunk_tx, chunk_rx) = bounded::<NewChunk>(threads * 2);
-    let (pack_tx, pack_rx) = bounded::<PackerMsg>(threads * 2);
+    let (chunk_tx, chunk_rx) = bounded::<Vec<NewChunk>>(threads * 2);
+    let (pack_tx, pack_rx) = bounded::<Vec<PackerMsg>>(threads * 2);
     let level = shared.store.zstd_level();
     // When the store must be asked which chunks it lacks, a dedup stage sits
     // between the readers and the compressors and asks in batches.
     let negotiates = shared.store.negotiates();
-    let (asked_tx, asked_rx) = bounded::<NewChunk>(NEGOTIATE_BATCH * 2);
+    let (asked_tx, asked_rx) = bounded::<Vec<NewChunk>>(NEGOTIATE_BATCH * 2);
 
     std::thread::scope(|s| {
         if scan {
@@ -557,15 +597,33 @@ fn run_pipeline(
             };
             readers.push(s.spawn(move || {
                 let mut buf = chunk::chunk_buffer();
-                for job in job_rx {
+                let mut batch = Batch::default();
+                loop {
+                    let job = match job_rx.try_recv() {
+                        Ok(job) => job,
+                        Err(TryRecvError::Empty) => {
+                            // Nothing to read yet: pass on what is held
+                            // rather than sit on it while waiting.
+                            if batch.flush(shared, &chunk_tx).is_err() {
+                                break;
+                            }
+                            match job_rx.recv() {
+                                Ok(job) => job,
+                                Err(_) => break,
+                            }
+                        }
+                        Err(TryRecvError::Disconnected) => break,
+                    };
                     if shared.aborted() {
                         break;
                     }
-                    let outcome = read_file(shared, &job, &chunk_tx, &mut buf);
+                    let outcome = read_file(shared, &job, &mut batch, &chunk_tx, &mut buf);
                     if job.reply.send(outcome).is_err() {
                         break;
                     }
                 }
+                // Fails only when the backup already stopped for another reason.
+                let _ = batch.flush(shared, &chunk_tx);
             }));
         }
         drop(job_rx);
@@ -582,15 +640,17 @@ fn run_pipeline(
             let pack_tx = pack_tx.clone();
             compressors.push(s.spawn(move || -> Result<()> {
                 let mut c = Compressor::new(level)?;
-                for ch in chunk_rx {
-                    let payload = c.compress(&ch.data);
-                    let msg = PackerMsg {
-                        kind: ch.kind,
-                        id: ch.id,
-                        payload,
-                        raw_len: ch.data.len() as u32,
-                    };
-                    if pack_tx.send(msg).is_err() {
+                for batch in chunk_rx {
+                    let msgs = batch
+                        .into_iter()
+                        .map(|ch| PackerMsg {
+                            kind: ch.kind,
+                            id: ch.id,
+                            payload: c.compress(&ch.data),
+                            raw_len: ch.data.len() as u32,
+                        })
+                        .collect();
+                    if pack_tx.send(msgs).is_err() {
                         break;
                     }
                 }
@@ -602,7 +662,7 @@ fn run_pipeline(
         drop(pack_tx);
         let packer = s.spawn(move || -> Result<u64> {
             let mut p = shared.store.writer()?;
-            for m in pack_rx {
+            for m in pack_rx.iter().flatten() {
                 if let Err(e) = p.add(m.kind, m.id, m.payload, m.raw_len) {
                     shared.abort.store(true, Ordering::Relaxed);
                     return Err(e);
@@ -977,7 +1037,13 @@ fn scan_path(shared: &Shared<'_>, path: &Path) {
 
 /// Reads one file: cut, hash, queue new chunks. Never follows a symlink and
 /// never blocks on a fifo put where a file was.
-fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf: &mut [u8]) -> FileOutcome {
+fn read_file(
+    shared: &Shared<'_>,
+    job: &FileJob,
+    batch: &mut Batch,
+    chunks: &Sender<Vec<NewChunk>>,
+    buf: &mut [u8],
+) -> FileOutcome {
     let path = &job.path;
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {}: {e}", path.display());
     let replaced = || {
@@ -1023,16 +1089,15 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf:
                 .progress
                 .new_bytes
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
-            if let Some(b) = &shared.asking {
-                b.take(data.len(), &shared.abort)?;
-            }
-            chunks
-                .send(NewChunk {
+            batch.push(
+                NewChunk {
                     kind: BlobType::Data,
                     id,
                     data: data.to_vec(),
-                })
-                .map_err(|_| Error::Interrupted("the backup stopped".into()))?;
+                },
+                shared,
+                chunks,
+            )?;
         }
         Ok(())
     };
@@ -1096,8 +1161,8 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, chunks: &Sender<NewChunk>, buf:
 fn assemble(
     shared: &Shared<'_>,
     items: Receiver<Item>,
-    packer: Sender<PackerMsg>,
-    asked: Option<Sender<NewChunk>>,
+    packer: Sender<Vec<PackerMsg>>,
+    asked: Option<Sender<Vec<NewChunk>>>,
     level: i32,
 ) -> Result<(BlobId, Counts)> {
     let mut compressor = Compressor::new(level)?;
@@ -1117,21 +1182,21 @@ fn assemble(
                 b.take(bytes.len(), &shared.abort)?;
             }
             asked
-                .send(NewChunk {
+                .send(vec![NewChunk {
                     kind: BlobType::Tree,
                     id,
                     data: bytes,
-                })
+                }])
                 .map_err(|_| Error::Interrupted("the backup stopped".into()))?;
         } else {
             let payload = compressor.compress(&bytes);
             packer
-                .send(PackerMsg {
+                .send(vec![PackerMsg {
                     kind: BlobType::Tree,
                     id,
                     payload,
                     raw_len: bytes.len() as u32,
-                })
+                }])
                 .map_err(|_| Error::Interrupted("the packer stopped".into()))?;
         }
         Ok(id)
@@ -1191,41 +1256,58 @@ const NEGOTIATE_BATCH: usize = 512;
 
 /// Asks the store which of the new chunks it lacks, in batches of what is
 /// waiting, and passes only those on to be compressed and sent.
-fn negotiate(shared: &Shared<'_>, asked: Receiver<NewChunk>, to_compress: Sender<NewChunk>) -> Result<()> {
-    let mut batch = Vec::with_capacity(NEGOTIATE_BATCH);
+fn negotiate(
+    shared: &Shared<'_>,
+    asked: Receiver<Vec<NewChunk>>,
+    to_compress: Sender<Vec<NewChunk>>,
+) -> Result<()> {
+    let failed = |e: Error| {
+        shared.abort.store(true, Ordering::Relaxed);
+        Err(e)
+    };
+    let mut waiting = Vec::with_capacity(NEGOTIATE_BATCH);
     while let Ok(first) = asked.recv() {
-        batch.push(first);
-        while batch.len() < NEGOTIATE_BATCH {
+        waiting.extend(first);
+        while waiting.len() < NEGOTIATE_BATCH {
             match asked.try_recv() {
-                Ok(c) => batch.push(c),
+                Ok(more) => waiting.extend(more),
                 Err(_) => break,
             }
         }
-        let ids: Vec<BlobId> = batch.iter().map(|c| c.id).collect();
-        let missing = match shared.store.missing(&ids) {
-            Ok(m) if m.len() == ids.len() => m,
-            Ok(_) => {
-                shared.abort.store(true, Ordering::Relaxed);
-                return Err(Error::Interrupted("the store answered for other chunks".into()));
+        let ids: Vec<BlobId> = waiting.iter().map(|c| c.id).collect();
+        let mut missing = Vec::with_capacity(ids.len());
+        // A reader's batch can take the queue past one question's worth.
+        for part in ids.chunks(NEGOTIATE_BATCH) {
+            match shared.store.missing(part) {
+                Ok(m) if m.len() == part.len() => missing.extend(m),
+                Ok(_) => return failed(Error::Interrupted("the store answered for other chunks".into())),
+                Err(e) => return failed(e),
             }
-            Err(e) => {
-                shared.abort.store(true, Ordering::Relaxed);
-                return Err(e);
-            }
-        };
-        for (chunk, lacks) in batch.drain(..).zip(missing) {
+        }
+        let (mut lacking, mut bytes) = (Vec::new(), 0);
+        for (chunk, lacks) in waiting.drain(..).zip(missing) {
             let len = chunk.data.len();
+            if let Some(b) = &shared.asking {
+                b.give(len);
+            }
             if !lacks {
                 // Counted as new when read (trees never were).
                 if chunk.kind == BlobType::Data {
                     shared.progress.new_bytes.fetch_sub(len as u64, Ordering::Relaxed);
                 }
-            } else if to_compress.send(chunk).is_err() {
-                return Ok(());
+                continue;
             }
-            if let Some(b) = &shared.asking {
-                b.give(len);
+            lacking.push(chunk);
+            bytes += len;
+            if bytes >= BATCH_BYTES {
+                bytes = 0;
+                if to_compress.send(std::mem::take(&mut lacking)).is_err() {
+                    return Ok(());
+                }
             }
+        }
+        if !lacking.is_empty() && to_compress.send(lacking).is_err() {
+            return Ok(());
         }
     }
     Ok(())
