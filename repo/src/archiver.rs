@@ -259,7 +259,10 @@ impl Batch {
     fn push(&mut self, chunk: NewChunk, shared: &Shared<'_>, to: &Sender<Vec<NewChunk>>) -> Result<()> {
         self.bytes += chunk.data.len();
         self.chunks.push(chunk);
-        if self.bytes >= BATCH_BYTES {
+        // The dedup stage batches on its own, and its queue's bound in
+        // chunks is what keeps millions of tiny files from piling up there:
+        // it gets each chunk at once.
+        if self.bytes >= BATCH_BYTES || shared.asking.is_some() {
             self.flush(shared, to)?;
         }
         Ok(())
@@ -1276,7 +1279,7 @@ fn negotiate(
         }
         let ids: Vec<BlobId> = waiting.iter().map(|c| c.id).collect();
         let mut missing = Vec::with_capacity(ids.len());
-        // A reader's batch can take the queue past one question's worth.
+        // In parts, whatever came in: a question names at most NEGOTIATE_BATCH ids.
         for part in ids.chunks(NEGOTIATE_BATCH) {
             match shared.store.missing(part) {
                 Ok(m) if m.len() == part.len() => missing.extend(m),
