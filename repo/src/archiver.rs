@@ -272,8 +272,7 @@ impl Batch {
         if self.chunks.is_empty() {
             return Ok(());
         }
-        // Budget is taken for a whole batch as it leaves: a batch still held
-        // holds none, so readers cannot starve the stage that gives it back.
+        // Budget for the store's answer is taken as chunks leave the reader.
         if let Some(b) = &shared.asking {
             b.take(self.bytes, &shared.abort)?;
         }
