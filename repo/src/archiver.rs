@@ -247,39 +247,51 @@ struct PackerMsg {
     raw_len: u32,
 }
 
-/// New chunks a reader holds until there are [`BATCH_BYTES`] of them, or
-/// until it has nothing else to do.
-#[derive(Default)]
+/// New chunks held until there are `limit` bytes of them.
 struct Batch {
     chunks: Vec<NewChunk>,
     bytes: usize,
+    limit: usize,
 }
 
 impl Batch {
-    fn push(&mut self, chunk: NewChunk, shared: &Shared<'_>, to: &Sender<Vec<NewChunk>>) -> Result<()> {
-        self.bytes += chunk.data.len();
-        self.chunks.push(chunk);
-        // The dedup stage batches on its own, and its queue's bound in
-        // chunks is what keeps millions of tiny files from piling up there:
-        // it gets each chunk at once.
-        if self.bytes >= BATCH_BYTES || shared.asking.is_some() {
-            self.flush(shared, to)?;
+    fn new(limit: usize) -> Batch {
+        Batch {
+            chunks: Vec::new(),
+            bytes: 0,
+            limit,
         }
-        Ok(())
     }
 
-    fn flush(&mut self, shared: &Shared<'_>, to: &Sender<Vec<NewChunk>>) -> Result<()> {
-        if self.chunks.is_empty() {
-            return Ok(());
+    /// Adds `chunk`; gives back the batch once it is full.
+    fn push(&mut self, chunk: NewChunk) -> Option<Vec<NewChunk>> {
+        self.bytes += chunk.data.len();
+        self.chunks.push(chunk);
+        if self.bytes >= self.limit {
+            self.take()
+        } else {
+            None
         }
-        // Budget for the store's answer is taken as chunks leave the reader.
-        if let Some(b) = &shared.asking {
-            b.take(self.bytes, &shared.abort)?;
-        }
-        self.bytes = 0;
-        to.send(std::mem::take(&mut self.chunks))
-            .map_err(|_| Error::Interrupted("the backup stopped".into()))
     }
+
+    /// What is held, if anything.
+    fn take(&mut self) -> Option<Vec<NewChunk>> {
+        self.bytes = 0;
+        (!self.chunks.is_empty()).then(|| std::mem::take(&mut self.chunks))
+    }
+}
+
+/// Sends a reader's new chunks on, first taking budget for the store's
+/// answer when it is asked.
+fn pass_on(shared: &Shared<'_>, to: &Sender<Vec<NewChunk>>, chunks: Option<Vec<NewChunk>>) -> Result<()> {
+    let Some(chunks) = chunks else {
+        return Ok(());
+    };
+    if let Some(b) = &shared.asking {
+        b.take(chunks.iter().map(|c| c.data.len()).sum(), &shared.abort)?;
+    }
+    to.send(chunks)
+        .map_err(|_| Error::Interrupted("the backup stopped".into()))
 }
 
 /// Bytes waiting for the store's answer on which chunks it lacks. The queue
@@ -599,14 +611,17 @@ fn run_pipeline(
             };
             readers.push(s.spawn(move || {
                 let mut buf = chunk::chunk_buffer();
-                let mut batch = Batch::default();
+                // The dedup stage batches its questions itself, and its
+                // queue's bound in messages is what keeps millions of tiny
+                // files from piling up there: it gets each chunk at once.
+                let mut batch = Batch::new(if negotiates { 0 } else { BATCH_BYTES });
                 loop {
                     let job = match job_rx.try_recv() {
                         Ok(job) => job,
                         Err(TryRecvError::Empty) => {
                             // Nothing to read yet: pass on what is held
                             // rather than sit on it while waiting.
-                            if batch.flush(shared, &chunk_tx).is_err() {
+                            if pass_on(shared, &chunk_tx, batch.take()).is_err() {
                                 break;
                             }
                             match job_rx.recv() {
@@ -625,7 +640,7 @@ fn run_pipeline(
                     }
                 }
                 // Fails only when the backup already stopped for another reason.
-                let _ = batch.flush(shared, &chunk_tx);
+                let _ = pass_on(shared, &chunk_tx, batch.take());
             }));
         }
         drop(job_rx);
@@ -1091,15 +1106,12 @@ fn read_file(
                 .progress
                 .new_bytes
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
-            batch.push(
-                NewChunk {
-                    kind: BlobType::Data,
-                    id,
-                    data: data.to_vec(),
-                },
-                shared,
-                chunks,
-            )?;
+            let full = batch.push(NewChunk {
+                kind: BlobType::Data,
+                id,
+                data: data.to_vec(),
+            });
+            pass_on(shared, chunks, full)?;
         }
         Ok(())
     };
@@ -1276,17 +1288,15 @@ fn negotiate(
                 Err(_) => break,
             }
         }
+        // Chunks come one to a message (see the readers), so this asks
+        // about at most NEGOTIATE_BATCH.
         let ids: Vec<BlobId> = waiting.iter().map(|c| c.id).collect();
-        let mut missing = Vec::with_capacity(ids.len());
-        // In parts, whatever came in: a question names at most NEGOTIATE_BATCH ids.
-        for part in ids.chunks(NEGOTIATE_BATCH) {
-            match shared.store.missing(part) {
-                Ok(m) if m.len() == part.len() => missing.extend(m),
-                Ok(_) => return failed(Error::Interrupted("the store answered for other chunks".into())),
-                Err(e) => return failed(e),
-            }
-        }
-        let (mut lacking, mut bytes) = (Vec::new(), 0);
+        let missing = match shared.store.missing(&ids) {
+            Ok(m) if m.len() == ids.len() => m,
+            Ok(_) => return failed(Error::Interrupted("the store answered for other chunks".into())),
+            Err(e) => return failed(e),
+        };
+        let mut lacking = Batch::new(BATCH_BYTES);
         for (chunk, lacks) in waiting.drain(..).zip(missing) {
             let len = chunk.data.len();
             if let Some(b) = &shared.asking {
@@ -1299,16 +1309,15 @@ fn negotiate(
                 }
                 continue;
             }
-            lacking.push(chunk);
-            bytes += len;
-            if bytes >= BATCH_BYTES {
-                bytes = 0;
-                if to_compress.send(std::mem::take(&mut lacking)).is_err() {
-                    return Ok(());
-                }
+            if let Some(full) = lacking.push(chunk)
+                && to_compress.send(full).is_err()
+            {
+                return Ok(());
             }
         }
-        if !lacking.is_empty() && to_compress.send(lacking).is_err() {
+        if let Some(rest) = lacking.take()
+            && to_compress.send(rest).is_err()
+        {
             return Ok(());
         }
     }
