@@ -39,7 +39,20 @@ pub struct Backend {
     /// Whether a local directory is read and written directly, bypassing
     /// `store` (off when `store` is wrapped, so the wrapper sees every call).
     direct: bool,
+    /// Whether local writes are made durable before they count as done.
+    /// Off only with `BACKER_UNSAFE_NO_FSYNC=1` (docs/FORMAT.md says why not).
+    durable: bool,
     retry: Retry,
+}
+
+/// `BACKER_UNSAFE_NO_FSYNC=1` skips making local writes durable: faster on
+/// some disks, and a power cut may then leave snapshots naming data that
+/// never reached the disk.
+fn durable_from_env() -> bool {
+    !matches!(
+        std::env::var("BACKER_UNSAFE_NO_FSYNC").as_deref(),
+        Ok("1") | Ok("true")
+    )
 }
 
 /// How calls that may pass on a second try are retried.
@@ -84,15 +97,53 @@ const DIRECT_ALIGN: usize = 4096;
 /// Written in pieces of this size (a multiple of [`DIRECT_ALIGN`]).
 const DIRECT_PIECE: usize = 1 << 20;
 
-/// Creates `dir/name` holding `data`, written with `O_DIRECT` to a temporary
-/// file that is then linked to its name (failing if the name exists, as
-/// object_store's create does). `Ok(false)`: this filesystem does not take
-/// `O_DIRECT`; write it the usual way.
-fn write_direct(dir: &std::path::Path, name: &str, data: &[u8]) -> Result<bool> {
+/// Key files hold the wrapped master key: readable by the owner only.
+/// Other objects are sealed, but none is writable by group or others.
+fn object_mode(name: &str) -> u32 {
+    if name.starts_with("keys/") { 0o600 } else { 0o644 }
+}
+
+/// Makes the directory durable: after an fsync of a directory, the names
+/// created or removed in it survive a power cut.
+fn sync_dir(dir: &std::path::Path) -> Result<()> {
+    let fd = std::fs::File::open(dir).map_err(|e| Error::io("open", dir, e))?;
+    fd.sync_all().map_err(|e| Error::io("sync", dir, e))
+}
+
+/// Creates `dir` and any missing parents below `root`, each made durable in
+/// its parent before anything is written into it.
+fn ensure_dir(root: &std::path::Path, dir: &std::path::Path, durable: bool) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent()
+        && parent != dir
+        && dir.starts_with(root)
+        && dir != root
+    {
+        ensure_dir(root, parent, durable)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(Error::io("create", dir, e)),
+    }
+    match dir.parent() {
+        Some(parent) if durable => sync_dir(parent),
+        _ => Ok(()),
+    }
+}
+
+/// Creates `dir/name` holding `data`: written to a temporary file, its data
+/// made durable (`fdatasync`), linked to its name (failing if the name
+/// exists, as object_store's create does), and the directory made durable,
+/// so an object that lists is whole on disk (docs/FORMAT.md). Big objects
+/// go around the page cache (`O_DIRECT`) where the file system allows it.
+fn write_local(dir: &std::path::Path, name: &str, data: &[u8], durable: bool) -> Result<()> {
     use rustix::fs::{Mode, OFlags};
     let path = dir.join(name);
-    let parent = path.parent().unwrap_or(dir);
-    std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
+    let parent = path.parent().unwrap_or(dir).to_path_buf();
+    ensure_dir(dir, &parent, durable)?;
     let mut nonce = [0u8; 8];
     crate::crypto::random_fill(&mut nonce);
     // `NAME#DIGITS` is object_store's own staging name, which its listings
@@ -102,35 +153,57 @@ fn write_direct(dir: &std::path::Path, name: &str, data: &[u8]) -> Result<bool> 
         path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
         u64::from_le_bytes(nonce)
     ));
-    let fd = match rustix::fs::open(
-        &tmp,
-        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::DIRECT | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o644),
-    ) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::INVAL) => return Ok(false),
-        Err(e) => return Err(Error::io("create", &tmp, e.into())),
+    let mode = Mode::from_raw_mode(object_mode(name));
+    let base = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC;
+    let open = |flags: OFlags| rustix::fs::open(&tmp, flags, mode);
+    let (fd, direct) = if data.len() >= DIRECT_WRITE_MIN {
+        match open(base | OFlags::DIRECT) {
+            Ok(fd) => (fd, true),
+            // This file system does not take O_DIRECT.
+            Err(rustix::io::Errno::INVAL) => (
+                open(base).map_err(|e| Error::io("create", &tmp, e.into()))?,
+                false,
+            ),
+            Err(e) => return Err(Error::io("create", &tmp, e.into())),
+        }
+    } else {
+        (
+            open(base).map_err(|e| Error::io("create", &tmp, e.into()))?,
+            false,
+        )
     };
     let mut file = std::fs::File::from(fd);
     let written = (|| {
-        // Through an aligned window of a plain buffer (no unsafe allocation),
-        // a piece at a time, so a pack is not held twice.
-        let mut buf = vec![0u8; DIRECT_PIECE + DIRECT_ALIGN];
-        let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        let window = &mut buf[off..off + DIRECT_PIECE];
-        for piece in data.chunks(DIRECT_PIECE) {
-            let blocks = piece.len().div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-            window[..piece.len()].copy_from_slice(piece);
-            window[piece.len()..blocks].fill(0);
-            std::io::Write::write_all(&mut file, &window[..blocks])?;
+        if direct {
+            // Through an aligned window of a plain buffer (no unsafe
+            // allocation), a piece at a time, so a pack is not held twice.
+            let mut buf = vec![0u8; DIRECT_PIECE + DIRECT_ALIGN];
+            let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
+            let window = &mut buf[off..off + DIRECT_PIECE];
+            for piece in data.chunks(DIRECT_PIECE) {
+                let blocks = piece.len().div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+                window[..piece.len()].copy_from_slice(piece);
+                window[piece.len()..blocks].fill(0);
+                std::io::Write::write_all(&mut file, &window[..blocks])?;
+            }
+            // The last block was padded: cut the file to the object's length.
+            file.set_len(data.len() as u64)?;
+        } else {
+            std::io::Write::write_all(&mut file, data)?;
         }
-        // The last block was padded: cut the file to the object's length.
-        file.set_len(data.len() as u64)
+        // The mode asked for at open is narrowed by the umask; set it exactly.
+        rustix::fs::fchmod(&file, mode)?;
+        if durable {
+            file.sync_data()?;
+        }
+        Ok::<(), std::io::Error>(())
     })();
+    drop(file);
     let linked = written.and_then(|()| std::fs::hard_link(&tmp, &path));
     let _ = std::fs::remove_file(&tmp);
     match linked {
-        Ok(()) => Ok(true),
+        Ok(()) if durable => sync_dir(&parent),
+        Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::AlreadyExists(name.into())),
         Err(e) => Err(Error::io("write", &path, e)),
     }
@@ -202,6 +275,7 @@ impl Backend {
             location: abs.display().to_string(),
             local_dir: Some(abs),
             direct: true,
+            durable: durable_from_env(),
             retry: Retry::LOCAL,
         }
         .with_local_store_if_present())
@@ -288,6 +362,7 @@ impl Backend {
             location: format!("s3://{bucket}/{prefix}"),
             local_dir: None,
             direct: false,
+            durable: true,
             retry: Retry::S3,
         })
     }
@@ -300,6 +375,7 @@ impl Backend {
             location: "memory:".into(),
             local_dir: None,
             direct: false,
+            durable: true,
             retry: Retry::LOCAL,
         }
     }
@@ -355,7 +431,12 @@ impl Backend {
     /// created if missing. Fails if anything is already there.
     pub async fn prepare_for_init(&mut self) -> Result<()> {
         if let Some(dir) = self.local_dir.clone() {
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+            if !dir.is_dir() {
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+                if let Some(parent) = dir.parent().filter(|_| self.durable) {
+                    sync_dir(parent)?;
+                }
+            }
             let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| self.err(e))?;
             self.store = Arc::new(fs.with_automatic_cleanup(true));
             let mut entries = std::fs::read_dir(&dir).map_err(|e| Error::io("read", &dir, e))?;
@@ -410,22 +491,14 @@ impl Backend {
         .await
     }
 
-    /// One attempt at creating `name`: around the page cache for a big
-    /// object in a local directory, through the store otherwise.
+    /// One attempt at creating `name`: written durably by this module in a
+    /// local directory, through the store otherwise.
     async fn create(&self, name: &str, bytes: &Bytes) -> Result<()> {
-        if let Some(dir) = self
-            .local_dir
-            .clone()
-            .filter(|_| self.direct && bytes.len() >= DIRECT_WRITE_MIN)
-        {
-            let (owned, data) = (name.to_string(), bytes.clone());
-            let written = tokio::task::spawn_blocking(move || write_direct(&dir, &owned, &data))
+        if let Some(dir) = self.local_dir.clone().filter(|_| self.direct) {
+            let (owned, data, durable) = (name.to_string(), bytes.clone(), self.durable);
+            return tokio::task::spawn_blocking(move || write_local(&dir, &owned, &data, durable))
                 .await
                 .map_err(|e| Error::Interrupted(format!("write task failed: {e}")))?;
-            // Ok(false): the filesystem cannot write around its cache.
-            if written? {
-                return Ok(());
-            }
         }
         let opts = PutOptions {
             mode: PutMode::Create,
@@ -564,7 +637,9 @@ impl Backend {
             .collect())
     }
 
-    /// Removes `name`; one that is already gone is not an error.
+    /// Removes `name`; one that is already gone is not an error. In a local
+    /// directory the removal is durable when this returns, so a forgotten
+    /// snapshot cannot come back after a power cut to name pruned data.
     pub async fn delete(&self, name: &str) -> Result<()> {
         self.retrying("delete", name, |_| async move {
             match self.store.delete(&self.path(name)).await {
@@ -572,7 +647,16 @@ impl Backend {
                 Err(e) => Err(self.err(e)),
             }
         })
-        .await
+        .await?;
+        if let Some(dir) = self.local_dir.as_ref().filter(|_| self.direct && self.durable) {
+            let parent = dir.join(name).parent().map(|p| p.to_path_buf());
+            if let Some(parent) = parent.filter(|p| p.is_dir()) {
+                tokio::task::spawn_blocking(move || sync_dir(&parent))
+                    .await
+                    .map_err(|e| Error::Interrupted(format!("sync task failed: {e}")))??;
+            }
+        }
+        Ok(())
     }
 }
 
