@@ -10,10 +10,14 @@ use anyhow::{Context, Result, anyhow, bail};
 use backer_repo::archiver::{self, BackupOptions, ParentChoice, Progress};
 use backer_repo::check::{self, CheckOptions, CheckProgress};
 use backer_repo::crypto::KdfParams;
+use backer_repo::id::SnapshotId;
 use backer_repo::lock::{self, Lock};
 use backer_repo::prune::{PruneOptions, PruneReport};
+use backer_repo::repository::Dir;
 use backer_repo::restorer::{self, RestoreOptions, RestoreProgress};
 use backer_repo::retention::{Grouping, RetentionPolicy};
+use backer_repo::snapshot::SnapshotFilter;
+use backer_repo::text::escape;
 use backer_repo::tree::{Node, NodeKind};
 use backer_repo::{Backend, Repository};
 use clap::{Args, Subcommand};
@@ -67,9 +71,14 @@ pub struct LsArgs {
     pub(crate) snapshot: String,
     /// Directory or file inside the snapshot to list (default: everything)
     pub(crate) path: Option<String>,
-    /// With --server: the client whose snapshot is meant (needed for `latest`)
+    /// The client whose snapshot is meant (needed for `latest` with --server;
+    /// in a repository, the same as --host)
     #[arg(long)]
     pub(crate) client: Option<String>,
+    /// Only this host's snapshots (for `latest`: default this machine's,
+    /// when the repository holds several hosts')
+    #[arg(long, conflicts_with = "client")]
+    pub(crate) host: Option<String>,
     /// Show type, permissions, owner, size and time
     #[arg(short, long)]
     pub(crate) long: bool,
@@ -89,9 +98,14 @@ pub struct RestoreArgs {
     /// Replace files that already exist in the target
     #[arg(long)]
     pub(crate) overwrite: bool,
-    /// With --server: the client whose snapshot is meant (needed for `latest`)
+    /// The client whose snapshot is meant (needed for `latest` with --server;
+    /// in a repository, the same as --host)
     #[arg(long)]
     pub(crate) client: Option<String>,
+    /// Only this host's snapshots (for `latest`: default this machine's,
+    /// when the repository holds several hosts')
+    #[arg(long, conflicts_with = "client")]
+    pub(crate) host: Option<String>,
     /// With --server: restore onto this client instead of the snapshot's
     #[arg(long)]
     pub(crate) to_client: Option<String>,
@@ -175,6 +189,32 @@ pub struct PruneArgs {
     dry_run: bool,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum RepairCommand {
+    /// Rebuild the index from the packs' own headers (after an index file was
+    /// damaged or deleted); with --read-data also verify every blob and copy
+    /// the good blobs out of damaged packs
+    Index {
+        /// Read every pack whole and verify every blob
+        #[arg(long)]
+        read_data: bool,
+        /// Say what would change; change nothing
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+    },
+    /// Remove snapshot files that cannot be read, and rewrite snapshots whose
+    /// files or directories lost data, leaving out only what is gone (run
+    /// `repair index` first)
+    Snapshots {
+        /// Say what would change; change nothing
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+    },
+    /// Write a new config object when it is damaged or missing (every field
+    /// but the repository's random id follows from the format)
+    Config,
+}
+
 #[derive(Args, Debug)]
 pub struct UnlockArgs {
     /// Remove every lock, not only stale ones (only when no backer process uses the repository)
@@ -201,8 +241,13 @@ pub enum KeyCommand {
         #[arg(long)]
         new_password_file: PathBuf,
     },
-    /// List the key files
+    /// List the key files (the one in use is marked, damaged ones are named)
     List,
+    /// Remove a key file (by id or unique prefix): its password no longer opens the repository
+    Remove {
+        /// Key id or unique prefix, as `key list` shows it
+        id: String,
+    },
 }
 
 fn location(g: &Global) -> Result<Backend> {
@@ -250,27 +295,84 @@ fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
     bail!("no password: set BACKER_PASSWORD, use --password-file, or run on a terminal to be asked")
 }
 
+/// Opens the repository with its index (for commands that take no lock).
 async fn open(g: &Global) -> Result<Repository> {
     let backend = location(g)?;
     let pw = password(g, false)?;
     Ok(Repository::open(backend, &pw).await?)
 }
 
-/// Runs `f` under a lock on `repo`, releasing it whatever `f` returns.
+/// Opens the repository without its index: [`locked`] reads it once the
+/// lock is held.
+async fn open_for_lock(g: &Global) -> Result<Repository> {
+    let backend = location(g)?;
+    let pw = password(g, false)?;
+    Ok(Repository::open_without_index(backend, &pw).await?)
+}
+
+/// Whether a command changes the repository (and so may not skip the lock).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
+/// Runs `f` under a lock on `repo` (none with --no-lock, for a command that
+/// only reads), with the index read after the lock is held, and releases
+/// the lock whatever `f` returns.
 async fn locked<T>(
     g: &Global,
-    repo: &Repository,
+    repo: &mut Repository,
     exclusive: bool,
+    access: Access,
     purpose: &str,
-    f: impl AsyncFnOnce(&Lock) -> Result<T>,
+    f: impl AsyncFnOnce(&mut Repository, Option<&Lock>) -> Result<T>,
 ) -> Result<T> {
+    if g.no_lock {
+        if access == Access::Write {
+            bail!(
+                "--no-lock is only for commands that read (snapshots, ls, restore, check, stats): {purpose} writes"
+            );
+        }
+        repo.reload_index().await?;
+        return f(repo, None).await;
+    }
     let wait = g.retry_lock.unwrap_or_default();
-    let lock = Lock::acquire(repo, exclusive, purpose, wait).await?;
-    let result = f(&lock).await;
+    let lock = match Lock::acquire(repo, exclusive, purpose, wait).await {
+        Ok(l) => l,
+        Err(e @ backer_repo::Error::Locked(_)) => return Err(e.into()),
+        Err(e) if access == Access::Read => {
+            return Err(anyhow::Error::from(e).context(format!(
+                "failed to lock the repository for {purpose}; on read-only or full storage, --no-lock reads without a lock"
+            )));
+        }
+        Err(e) => {
+            return Err(anyhow::Error::from(e).context(format!("failed to lock the repository for {purpose}")));
+        }
+    };
+    let result = match repo.reload_index().await {
+        Ok(()) => f(repo, Some(&lock)).await,
+        Err(e) => Err(e.into()),
+    };
     if let Err(e) = lock.release().await {
         tracing::warn!("failed to remove our lock: {e}; `backer unlock` clears it");
     }
     result
+}
+
+/// The lock a writing command was given (always, since [`locked`] refuses
+/// --no-lock for writes).
+fn held(lock: Option<&Lock>) -> Result<&Lock> {
+    lock.ok_or_else(|| anyhow!("this command needs a lock"))
+}
+
+/// Which snapshots `--host`/`--client` mean in a repository: in one a server
+/// writes, a client's snapshots carry its name as host.
+fn host_filter(host: Option<&String>, client: Option<&String>) -> SnapshotFilter {
+    SnapshotFilter {
+        host: host.or(client).cloned(),
+        ..Default::default()
+    }
 }
 
 fn print_json<T: Serialize>(v: &T) -> Result<()> {
@@ -333,10 +435,10 @@ impl Drop for Ticker {
 }
 
 pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
-    let repo = open(g).await?;
+    let mut repo = open_for_lock(g).await?;
     let parent = match (&a.parent, a.force) {
         (_, true) => ParentChoice::None,
-        (Some(p), _) => ParentChoice::Id(repo.find_snapshot(p).await?.id),
+        (Some(p), _) => ParentChoice::Id(repo.find_snapshot(p, &SnapshotFilter::default()).await?.id),
         (None, false) => ParentChoice::Auto,
     };
     let pb = bar(g, "backup");
@@ -369,9 +471,14 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
         threads: 0,
         scan: !pb.is_hidden(),
     };
-    let outcome = locked(g, &repo, false, "backup", async |lock| {
-        Ok(archiver::backup(&repo, lock, opts, progress).await?)
-    })
+    let outcome = locked(
+        g,
+        &mut repo,
+        false,
+        Access::Write,
+        "backup",
+        async |repo, lock| Ok(archiver::backup(repo, held(lock)?, opts, progress).await?),
+    )
     .await;
     drop(ticker);
     pb.finish_and_clear();
@@ -418,19 +525,33 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
 }
 
 pub async fn snapshots(g: &Global, a: SnapshotsArgs) -> Result<u8> {
-    let repo = open(g).await?;
-    // In a repository a server writes, a client's snapshots carry its name as host.
-    let host = a.host.or(a.client);
-    let list: Vec<_> = repo
-        .snapshots()
-        .await?
+    let backend = location(g)?;
+    let pw = password(g, false)?;
+    // Listing needs no index.
+    let repo = Repository::open_without_index(backend, &pw).await?;
+    let mut filter = host_filter(a.host.as_ref(), a.client.as_ref());
+    filter.tags.extend(a.tag);
+    let loaded = repo.load_snapshots().await?;
+    for d in &loaded.damaged {
+        eprintln!(
+            "warning: snapshot file {} is damaged and left out ({}); `backer repair snapshots` removes it",
+            d.name,
+            escape(&d.reason)
+        );
+    }
+    let code = if loaded.damaged.is_empty() {
+        0
+    } else {
+        EXIT_INCOMPLETE
+    };
+    let list: Vec<_> = loaded
+        .snapshots
         .into_iter()
-        .filter(|s| host.as_ref().is_none_or(|h| &s.snapshot.hostname == h))
-        .filter(|s| a.tag.as_ref().is_none_or(|t| s.snapshot.tags.contains(t)))
+        .filter(|s| filter.matches(&s.snapshot))
         .collect();
     if g.json {
         print_json(&list)?;
-        return Ok(0);
+        return Ok(code);
     }
     println!(
         "{:<10} {:<20} {:<16} {:>9} {:>11}  {:<12} paths",
@@ -442,16 +563,16 @@ pub async fn snapshots(g: &Global, a: SnapshotsArgs) -> Result<u8> {
             "{:<10} {:<20} {:<16} {:>9} {:>11}  {:<12} {}{}",
             s.id.short(),
             sn.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S"),
-            sn.hostname,
+            escape(&sn.hostname),
             sn.summary.files,
             size(sn.summary.bytes),
-            sn.tags.join(","),
-            sn.paths.join(" "),
+            escape(&sn.tags.join(",")),
+            escape(&sn.paths.join(" ")),
             if sn.partial { "  (partial)" } else { "" }
         );
     }
     println!("{} snapshots", list.len());
-    Ok(0)
+    Ok(code)
 }
 
 #[derive(Serialize)]
@@ -516,8 +637,9 @@ fn print_node(g: &Global, long: bool, path: &str, n: &Node) -> Result<()> {
             mtime
         )?;
     }
+    let path = escape(path);
     match target {
-        Some(t) if long => writeln!(out, "{path} -> {t}")?,
+        Some(t) if long => writeln!(out, "{path} -> {}", escape(&t))?,
         _ => writeln!(out, "{path}")?,
     }
     Ok(())
@@ -525,7 +647,9 @@ fn print_node(g: &Global, long: bool, path: &str, n: &Node) -> Result<()> {
 
 pub async fn ls(g: &Global, a: LsArgs) -> Result<u8> {
     let repo = open(g).await?;
-    let snap = repo.find_snapshot(&a.snapshot).await?;
+    let snap = repo
+        .find_snapshot(&a.snapshot, &host_filter(a.host.as_ref(), a.client.as_ref()))
+        .await?;
     let mut lister = backer_repo::listing::Lister::new(&repo, snap.snapshot.tree, a.path.as_deref()).await?;
     while let Some(batch) = lister.next_batch().await? {
         for (path, node) in &batch {
@@ -536,8 +660,21 @@ pub async fn ls(g: &Global, a: LsArgs) -> Result<u8> {
 }
 
 pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
-    let repo = open(g).await?;
-    let snap = repo.find_snapshot(&a.snapshot).await?;
+    let mut repo = open_for_lock(g).await?;
+    let snap = repo
+        .find_snapshot(&a.snapshot, &host_filter(a.host.as_ref(), a.client.as_ref()))
+        .await?;
+    if !g.quiet && !g.json {
+        eprintln!(
+            "restoring snapshot {} of {} from {}",
+            snap.id.short(),
+            escape(&snap.snapshot.hostname),
+            snap.snapshot
+                .time
+                .with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S")
+        );
+    }
     let pb = bar(g, "restore");
     let progress = Arc::new(RestoreProgress::default());
     let p = Arc::clone(&progress);
@@ -552,8 +689,8 @@ pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
         overwrite: a.overwrite,
         threads: 0,
     };
-    let outcome = locked(g, &repo, false, "restore", async |_| {
-        Ok(restorer::restore(&repo, &snap.snapshot, &opts, progress).await?)
+    let outcome = locked(g, &mut repo, false, Access::Read, "restore", async |repo, _| {
+        Ok(restorer::restore(repo, &snap.snapshot, &opts, progress).await?)
     })
     .await;
     drop(ticker);
@@ -568,10 +705,29 @@ pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
             "others": outcome.others,
             "bytes": outcome.bytes,
             "errors": outcome.errors,
+            "incomplete": outcome.incomplete,
         }))?;
     } else {
         for e in &outcome.errors {
             eprintln!("error: {e}");
+        }
+        if !outcome.incomplete.is_empty() {
+            eprintln!(
+                "{} files could not be restored whole and are not in the target: {}{}",
+                outcome.incomplete.len(),
+                outcome
+                    .incomplete
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if outcome.incomplete.len() > 10 {
+                    ", …"
+                } else {
+                    ""
+                }
+            );
         }
         if !g.quiet {
             println!(
@@ -590,6 +746,13 @@ pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
                 "{} entries were not restored (listed above)",
                 outcome.errors.len()
             );
+            if !repo.index_damage().is_empty() {
+                println!(
+                    "{} index files are damaged: `backer repair index` rebuilds the index from the packs, \
+                     which may bring what is missing back",
+                    repo.index_damage().len()
+                );
+            }
         }
     }
     Ok(if outcome.errors.is_empty() {
@@ -600,7 +763,7 @@ pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
 }
 
 pub async fn check(g: &Global, a: CheckArgs) -> Result<u8> {
-    let repo = open(g).await?;
+    let mut repo = open_for_lock(g).await?;
     let opts = CheckOptions {
         read_data: a.read_data || a.read_data_subset.is_some(),
         subset: a.read_data_subset,
@@ -620,8 +783,8 @@ pub async fn check(g: &Global, a: CheckArgs) -> Result<u8> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
     }
-    let report = locked(g, &repo, false, "check", async |_| {
-        Ok(check::check(&repo, &opts, progress).await?)
+    let report = locked(g, &mut repo, false, Access::Read, "check", async |repo, _| {
+        Ok(check::check(repo, &opts, progress).await?)
     })
     .await;
     drop(ticker);
@@ -687,7 +850,10 @@ pub async fn stats(g: &Global) -> Result<u8> {
 }
 
 pub async fn key(g: &Global, k: KeyCommand) -> Result<u8> {
-    let repo = open(g).await?;
+    let backend = location(g)?;
+    let pw = password(g, false)?;
+    // Keys need no index.
+    let repo = Repository::open_without_index(backend, &pw).await?;
     match k {
         KeyCommand::Add { new_password_file } => {
             let pw = read_password_file(&new_password_file)?;
@@ -695,10 +861,162 @@ pub async fn key(g: &Global, k: KeyCommand) -> Result<u8> {
             println!("added key {}", id.short());
         }
         KeyCommand::List => {
-            for l in repo.backend().list_all("keys").await? {
-                println!("{}", l.name);
+            let damaged: std::collections::HashMap<String, &str> = repo
+                .key_damage()
+                .iter()
+                .map(|d| (d.name.trim_start_matches("keys/").to_string(), d.reason.as_str()))
+                .collect();
+            let current = repo.key_id().map(|k| k.to_hex());
+            let mut rows = Vec::new();
+            for l in repo.list(Dir::Keys).await? {
+                let state = if current.as_deref() == Some(l.name.as_str()) {
+                    "in use".to_string()
+                } else if let Some(why) = damaged.get(&l.name) {
+                    format!("damaged: {why}")
+                } else {
+                    String::new()
+                };
+                rows.push(serde_json::json!({"id": l.name, "modified": l.modified, "state": state}));
+                if !g.json {
+                    println!(
+                        "{}  {}  {}",
+                        l.name,
+                        l.modified.format("%Y-%m-%d %H:%M:%S UTC"),
+                        escape(&state)
+                    );
+                }
+            }
+            if g.json {
+                print_json(&rows)?;
             }
         }
+        KeyCommand::Remove { id } => {
+            let prefix = id.to_ascii_lowercase();
+            let matches: Vec<String> = repo
+                .list(Dir::Keys)
+                .await?
+                .into_iter()
+                .map(|l| l.name)
+                .filter(|n| n.starts_with(&prefix))
+                .collect();
+            let name = match matches.as_slice() {
+                [one] if prefix.len() >= 4 => one.clone(),
+                [] => bail!("no key file matches {id:?}; `backer key list` shows them"),
+                [_] => bail!("give at least 4 hex digits of the key id"),
+                _ => bail!("key prefix {id:?} is ambiguous; give more characters"),
+            };
+            repo.remove_key(&name.parse()?).await?;
+            println!("removed key {}", &name[..8]);
+        }
+    }
+    Ok(0)
+}
+
+pub async fn repair(g: &Global, c: RepairCommand) -> Result<u8> {
+    if g.no_lock {
+        bail!("--no-lock is only for commands that read: repair writes");
+    }
+    if let RepairCommand::Config = c {
+        let backend = location(g)?;
+        let pw = password(g, false)?;
+        let (repo, current) = Repository::open_for_config_repair(backend, &pw).await?;
+        if current.is_some() {
+            println!("the config object is sound; nothing to repair");
+            return Ok(0);
+        }
+        repo.rewrite_config().await?;
+        println!(
+            "wrote a new config object (repository id {}); every other field follows from the format",
+            repo.config().id
+        );
+        return Ok(0);
+    }
+    let mut repo = open_for_lock(g).await?;
+    match c {
+        RepairCommand::Index { read_data, dry_run } => {
+            let opts = backer_repo::repair::RepairIndexOptions { read_data, dry_run };
+            let report = locked(
+                g,
+                &mut repo,
+                true,
+                Access::Write,
+                "repair index",
+                async |repo, lock| Ok(backer_repo::repair::repair_index(repo, held(lock)?, &opts).await?),
+            )
+            .await?;
+            if g.json {
+                print_json(&report)?;
+                return Ok(0);
+            }
+            for m in &report.messages {
+                println!("{m}");
+            }
+            let verb = if dry_run { "would" } else { "did" };
+            if !report.changed {
+                println!("the index matches the packs; nothing to repair");
+            } else {
+                println!(
+                    "repair {verb}: keep {} packs as indexed, add {} from their headers, salvage {} ({} blobs), \
+                     drop {} missing and {} unreadable; {} blobs lost; replace {} index files ({} damaged)",
+                    report.packs_kept,
+                    report.packs_added,
+                    report.packs_salvaged,
+                    report.blobs_salvaged,
+                    report.packs_missing,
+                    report.packs_unreadable,
+                    report.blobs_lost,
+                    report.index_files_replaced.max(report.index_files_damaged),
+                    report.index_files_damaged
+                );
+                if report.blobs_lost > 0 && !dry_run {
+                    println!(
+                        "next: `backer repair snapshots` rewrites the snapshots that used the lost blobs"
+                    );
+                }
+            }
+        }
+        RepairCommand::Snapshots { dry_run } => {
+            let opts = backer_repo::repair::RepairSnapshotsOptions { dry_run };
+            let report = locked(
+                g,
+                &mut repo,
+                true,
+                Access::Write,
+                "repair snapshots",
+                async |repo, lock| Ok(backer_repo::repair::repair_snapshots(repo, held(lock)?, &opts).await?),
+            )
+            .await?;
+            if g.json {
+                print_json(&report)?;
+                return Ok(0);
+            }
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for r in &report.removed {
+                println!("{verb} damaged snapshot file {}", escape(r));
+            }
+            for r in &report.rewritten {
+                match r.new {
+                    Some(new) => println!(
+                        "snapshot {} rewritten as {} (tag `repaired`):",
+                        r.old.short(),
+                        new.short()
+                    ),
+                    None => println!("snapshot {} would be rewritten:", r.old.short()),
+                }
+                for d in &r.dropped {
+                    println!("  {d}");
+                }
+            }
+            println!(
+                "{} snapshots: {} intact, {} {}, {} {verb}",
+                report.snapshots,
+                report.intact,
+                report.rewritten.len(),
+                if dry_run { "to rewrite" } else { "rewritten" },
+                report.removed.len()
+            );
+        }
+        RepairCommand::Config => {}
     }
     Ok(0)
 }
@@ -730,7 +1048,10 @@ fn print_prune(g: &Global, r: &PruneReport) -> Result<()> {
 }
 
 pub async fn prune(g: &Global, a: PruneArgs) -> Result<u8> {
-    let mut repo = open(g).await?;
+    if g.no_lock {
+        bail!("--no-lock is only for commands that read: prune writes");
+    }
+    let mut repo = open_for_lock(g).await?;
     let opts = PruneOptions {
         max_unused: a.max_unused,
         dry_run: a.dry_run,
@@ -751,7 +1072,7 @@ async fn run_prune(g: &Global, repo: &mut Repository, opts: &PruneOptions) -> Re
 }
 
 pub async fn forget(g: &Global, a: ForgetArgs) -> Result<u8> {
-    let mut repo = open(g).await?;
+    let mut repo = open_for_lock(g).await?;
     let policy = RetentionPolicy {
         keep_last: a.keep_last,
         keep_hourly: a.keep_hourly,
@@ -770,69 +1091,93 @@ pub async fn forget(g: &Global, a: ForgetArgs) -> Result<u8> {
         bail!("nothing to forget: give snapshot ids or a keep rule (--keep-last, --keep-daily, …)");
     }
     let grouping = Grouping::parse(&a.group_by)?;
-    let removed = locked(g, &repo, false, "forget", async |lock| {
-        let all: Vec<_> = repo
-            .snapshots()
-            .await?
-            .into_iter()
-            .filter(|s| a.host.as_ref().is_none_or(|h| &s.snapshot.hostname == h))
-            .collect();
-        let mut remove = Vec::new();
-        for spec in &a.snapshots {
-            remove.push(repo.find_snapshot(spec).await?.id);
-        }
-        let decisions = if policy.is_empty() {
-            Vec::new()
-        } else {
-            policy.apply(&all, grouping)?
-        };
-        for group in &decisions {
-            remove.extend(group.snapshots.iter().filter(|d| !d.keep).map(|d| d.id));
-        }
-        remove.sort();
-        remove.dedup();
-        if g.json {
-            print_json(&serde_json::json!({
-                "dry_run": a.dry_run,
-                "groups": decisions,
-                "remove": remove.iter().map(|id| id.to_hex()).collect::<Vec<_>>(),
-            }))?;
-        } else if !g.quiet {
-            for group in &decisions {
-                println!(
-                    "host {} paths {}:",
-                    group.group.host.as_deref().unwrap_or("*"),
-                    group
-                        .group
-                        .paths
-                        .as_ref()
-                        .map(|p| p.join(" "))
-                        .unwrap_or_else(|| "*".into())
-                );
-                for d in &group.snapshots {
-                    println!(
-                        "  {:<6} {}  {}  {}",
-                        if d.keep { "keep" } else { "remove" },
-                        d.id.short(),
-                        d.time.format("%Y-%m-%d %H:%M:%S"),
-                        d.reasons.join(", ")
-                    );
+    let removed = locked(
+        g,
+        &mut repo,
+        false,
+        Access::Write,
+        "forget",
+        async |repo, lock| {
+            let lock = held(lock)?;
+            let loaded = repo.load_snapshots().await?;
+            let filter = host_filter(a.host.as_ref(), None);
+            let mut remove = Vec::new();
+            for spec in &a.snapshots {
+                // A damaged snapshot file can be forgotten by its id too.
+                let damaged: Vec<SnapshotId> = loaded
+                    .damaged
+                    .iter()
+                    .filter_map(|d| d.name.strip_prefix("snapshots/"))
+                    .filter(|n| spec.len() >= 4 && n.starts_with(&spec.to_ascii_lowercase()))
+                    .filter_map(|n| n.parse().ok())
+                    .collect();
+                match (
+                    backer_repo::snapshot::find(loaded.snapshots.clone(), spec, &filter),
+                    damaged.as_slice(),
+                ) {
+                    (Ok(s), []) => remove.push(s.id),
+                    (Err(backer_repo::Error::NoSuchSnapshot(_)), [one]) => remove.push(*one),
+                    (Ok(_), _) | (Err(_), [_, ..]) => {
+                        return Err(backer_repo::Error::AmbiguousSnapshot(spec.clone()).into());
+                    }
+                    (Err(e), []) => return Err(e.into()),
                 }
             }
-            println!(
-                "{} {} snapshots",
-                if a.dry_run { "would remove" } else { "removing" },
-                remove.len()
-            );
-        }
-        if !a.dry_run {
-            lock.check_fresh().await?;
-            for id in &remove {
-                repo.backend().delete(&format!("snapshots/{id}")).await?;
+            let all: Vec<_> = loaded
+                .snapshots
+                .into_iter()
+                .filter(|s| filter.matches(&s.snapshot))
+                .collect();
+            let decisions = if policy.is_empty() {
+                Vec::new()
+            } else {
+                policy.apply(&all, grouping)?
+            };
+            for group in &decisions {
+                remove.extend(group.snapshots.iter().filter(|d| !d.keep).map(|d| d.id));
             }
-        }
-        Ok(remove)
-    })
+            remove.sort();
+            remove.dedup();
+            if g.json {
+                print_json(&serde_json::json!({
+                    "dry_run": a.dry_run,
+                    "groups": decisions,
+                    "remove": remove.iter().map(|id| id.to_hex()).collect::<Vec<_>>(),
+                }))?;
+            } else if !g.quiet {
+                for group in &decisions {
+                    println!(
+                        "host {} paths {}:",
+                        group.group.host.as_deref().unwrap_or("*"),
+                        group
+                            .group
+                            .paths
+                            .as_ref()
+                            .map(|p| p.join(" "))
+                            .unwrap_or_else(|| "*".into())
+                    );
+                    for d in &group.snapshots {
+                        println!(
+                            "  {:<6} {}  {}  {}",
+                            if d.keep { "keep" } else { "remove" },
+                            d.id.short(),
+                            d.time.format("%Y-%m-%d %H:%M:%S"),
+                            d.reasons.join(", ")
+                        );
+                    }
+                }
+                println!(
+                    "{} {} snapshots",
+                    if a.dry_run { "would remove" } else { "removing" },
+                    remove.len()
+                );
+            }
+            if !a.dry_run {
+                repo.forget(&remove, lock).await?;
+            }
+            Ok(remove)
+        },
+    )
     .await?;
     if a.prune && (!removed.is_empty() || !a.dry_run) {
         let opts = PruneOptions {

@@ -55,6 +55,10 @@ pub struct Global {
     /// Wait this long for a conflicting lock (e.g. a running prune) to go, instead of failing
     #[arg(long, value_name = "DURATION", global = true, value_parser = parse_wait)]
     pub retry_lock: Option<std::time::Duration>,
+    /// Read without taking a lock (restore, check, ls, snapshots, stats), for read-only or
+    /// full storage; a prune running meanwhile may make the command fail
+    #[arg(long, global = true)]
+    pub no_lock: bool,
 }
 
 fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
@@ -88,6 +92,9 @@ enum Command {
     /// Manage the passwords that open the repository
     #[command(subcommand)]
     Key(local::KeyCommand),
+    /// Mend a damaged repository: rebuild the index from the packs, drop or rewrite damaged snapshots
+    #[command(subcommand)]
+    Repair(local::RepairCommand),
     /// Clients of a backer-server: list, add (prints an enrolment token), reenroll, remove
     Clients {
         #[command(subcommand)]
@@ -110,6 +117,7 @@ fn kubectl_main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_target(false)
+        .without_time()
         .init();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -125,13 +133,56 @@ fn kubectl_main() -> ExitCode {
     }
 }
 
+/// Whether a command that works on a repository and through a server alike
+/// goes to the server: `--repo` on the command line means the repository,
+/// `--server` the server; when both are only set in the environment the
+/// choice is the user's to make, not ours to guess.
+fn through_server(
+    matches: &clap::ArgMatches,
+    g: &Global,
+    server: &remote::ServerArgs,
+) -> anyhow::Result<bool> {
+    use clap::parser::ValueSource;
+    let given = |id: &str| {
+        let mut m = Some(matches);
+        while let Some(cur) = m {
+            if cur.value_source(id) == Some(ValueSource::CommandLine) {
+                return true;
+            }
+            m = cur.subcommand().map(|(_, sub)| sub);
+        }
+        false
+    };
+    match (given("repo"), given("server")) {
+        (true, true) => {
+            anyhow::bail!("give either --repo (a repository) or --server (a backer-server), not both")
+        }
+        (true, false) => Ok(false),
+        (false, true) => Ok(true),
+        (false, false) => match (&g.repo, &server.server) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "both BACKER_REPO and BACKER_SERVER are set: pass --repo or --server to say which is meant, \
+                 or unset one"
+            ),
+            (_, s) => Ok(s.is_some()),
+        },
+    }
+}
+
 fn main() -> ExitCode {
+    // Output into a closed pipe (`backer snapshots | head -1`) ends the
+    // process quietly, as it does any Unix tool, instead of a panic.
+    sigpipe::reset();
     // One crypto provider for every TLS connection in the process.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     if kubectl::invoked_as_plugin() {
         return kubectl_main();
     }
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let filter = match cli.global.verbose {
         0 => "warn",
         1 => "info",
@@ -144,6 +195,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_target(false)
+        .without_time()
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -154,14 +206,21 @@ fn main() -> ExitCode {
     };
     let g = cli.global;
     let server = cli.server;
+    let remote = match &cli.command {
+        Command::Backup(_) | Command::Snapshots(_) | Command::Ls(_) | Command::Restore(_) => {
+            through_server(&matches, &g, &server)
+        }
+        _ => Ok(false),
+    };
     let result = runtime.block_on(async move {
+        let remote = remote?;
         match cli.command {
             Command::Init => local::init(&g).await,
             // With a server named, these act through it instead of on a repository.
-            Command::Backup(a) if server.server.is_some() => remote::backup(&g, &server, a).await,
-            Command::Snapshots(a) if server.server.is_some() => remote::snapshots(&g, &server, a).await,
-            Command::Ls(a) if server.server.is_some() => remote::ls(&g, &server, a).await,
-            Command::Restore(a) if server.server.is_some() => remote::restore(&g, &server, a).await,
+            Command::Backup(a) if remote => remote::backup(&g, &server, a).await,
+            Command::Snapshots(a) if remote => remote::snapshots(&g, &server, a).await,
+            Command::Ls(a) if remote => remote::ls(&g, &server, a).await,
+            Command::Restore(a) if remote => remote::restore(&g, &server, a).await,
             Command::Backup(a) => local::backup(&g, a).await,
             Command::Snapshots(a) => local::snapshots(&g, a).await,
             Command::Ls(a) => local::ls(&g, a).await,
@@ -172,6 +231,7 @@ fn main() -> ExitCode {
             Command::Prune(a) => local::prune(&g, a).await,
             Command::Unlock(a) => local::unlock(&g, a).await,
             Command::Key(k) => local::key(&g, k).await,
+            Command::Repair(c) => local::repair(&g, c).await,
             Command::Clients { command } => remote::clients(&g, &server, command).await,
             Command::Cert(c) => remote::cert(&g, &server, c).await,
             Command::Jobs(a) => remote::jobs(&g, &server, a).await,

@@ -140,7 +140,7 @@ pub fn lock(data: &[u8]) {
     let found = FoundLock {
         name: "fuzz".into(),
         modified: info.created,
-        info,
+        info: Some(info),
         stale: None,
     };
     let _ = found.describe();

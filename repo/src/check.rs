@@ -13,8 +13,9 @@ use futures::StreamExt;
 use crate::chunk;
 use crate::error::{Chain, Result};
 use crate::id::{BlobId, PackId, storage_hash};
+use crate::index::{Index, IndexFile, IndexedPack};
 use crate::pack::{self, pack_name};
-use crate::repository::Repository;
+use crate::repository::{Dir, Repository};
 use crate::tree::Extent;
 
 #[derive(Debug, Clone, Default)]
@@ -56,78 +57,120 @@ pub async fn check(
 ) -> Result<CheckReport> {
     let mut report = CheckReport::default();
 
-    // Index files: each must load and match its name.
-    let mut index_entries: HashMap<PackId, (u64, usize)> = HashMap::new();
-    match repo.load_index_files().await {
-        Ok(files) => {
-            for (_, f) in files {
-                for p in f.packs {
-                    index_entries.insert(p.id, (p.size, p.blobs.len()));
-                }
-            }
+    for d in repo.key_damage() {
+        report.errors.push(format!(
+            "key file {d}; `backer key remove {}` removes it",
+            d.name.trim_start_matches("keys/").get(..8).unwrap_or_default()
+        ));
+    }
+    for l in crate::lock::list_locks(repo, None, crate::lock::Timing::from_env()).await? {
+        if l.info.is_none() {
+            report.warnings.push(format!(
+                "{}: it counts as stale, and `backer unlock` removes it",
+                l.describe()
+            ));
         }
-        Err(e) => report
-            .errors
-            .push(format!("failed to read the index: {}", Chain(&e))),
+    }
+
+    // Index files: each must load and match its name.
+    let mut index_entries: HashMap<PackId, u64> = HashMap::new();
+    let (files, damaged) = repo.load_index_files().await?;
+    for d in &damaged {
+        report.errors.push(format!(
+            "index file {d}; `backer repair index` rebuilds the index from the packs"
+        ));
+    }
+    for (_, f) in files {
+        for p in f.packs {
+            index_entries.insert(p.id, p.size);
+        }
     }
 
     // Packs in storage against packs in the index.
-    let stored: HashMap<String, u64> = repo
-        .backend()
-        .list_all("data")
+    let stored: HashMap<PackId, u64> = repo
+        .list(Dir::Data)
         .await?
         .into_iter()
-        .map(|l| (format!("data/{}", l.name), l.size))
+        .filter_map(|l| l.name.parse().ok().map(|id| (id, l.size)))
         .collect();
     report.packs = stored.len();
     for (id, _) in repo.index().packs() {
-        let name = pack_name(&id);
-        let recorded = index_entries.get(&id).map(|e| e.0);
-        match (stored.get(&name), recorded) {
+        match (stored.get(&id), index_entries.get(&id)) {
             (None, _) => report.errors.push(format!(
-                "pack {id} is named by the index but missing from storage"
+                "pack {id} is named by the index but missing from storage; \
+                 `backer repair index` then `backer repair snapshots` drop what it held"
             )),
-            (Some(size), Some(rec)) if *size != rec => report.errors.push(format!(
+            (Some(size), Some(rec)) if size != rec => report.errors.push(format!(
                 "pack {id} has {size} bytes in storage, the index recorded {rec}"
             )),
             _ => {}
         }
     }
-    let indexed: HashSet<String> = repo.index().packs().map(|(id, _)| pack_name(&id)).collect();
-    for name in stored.keys() {
-        if !indexed.contains(name) {
-            report.warnings.push(format!(
-                "{name} is in no index (left by an interrupted backup); it is unused and safe to remove"
-            ));
+
+    // Packs no index names: their headers say what they hold, so none that
+    // holds what a snapshot uses is ever called unused.
+    let unindexed: Vec<(PackId, u64)> = stored
+        .iter()
+        .filter(|(id, _)| repo.index().get_pack(id).is_none())
+        .map(|(id, size)| (*id, *size))
+        .collect();
+    let headers: Vec<(PackId, u64, Result<Vec<pack::PackEntry>>)> = futures::stream::iter(unindexed)
+        .map(|(id, size)| async move { (id, size, repo.read_pack_header(&id, size).await) })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut found = IndexFile::default();
+    for (id, size, header) in headers {
+        match header {
+            Ok(blobs) => found.packs.push(IndexedPack { id, size, blobs }),
+            Err(e) if e.is_damage() => report.errors.push(format!(
+                "pack {id} is in no index and its header cannot be read ({}); what it holds is lost",
+                Chain(&e)
+            )),
+            Err(e) => return Err(e),
         }
     }
+    let found = Index::from_files([&found]);
+    let locate = |id: &BlobId| repo.index().get(id).or_else(|| found.get(id));
+    // Unindexed packs that snapshots need, with how many of their blobs.
+    let mut needed: HashMap<PackId, u64> = HashMap::new();
 
     // Snapshots, their trees and chunks.
-    let snapshots = match repo.snapshots().await {
-        Ok(s) => s,
-        Err(e) => {
-            report
-                .errors
-                .push(format!("failed to read the snapshots: {}", Chain(&e)));
-            Vec::new()
-        }
-    };
-    report.snapshots = snapshots.len();
+    let snapshots = repo.load_snapshots().await?;
+    for d in &snapshots.damaged {
+        report
+            .errors
+            .push(format!("snapshot file {d}; `backer repair snapshots` removes it"));
+    }
+    report.snapshots = snapshots.snapshots.len();
     let mut seen_trees: HashSet<BlobId> = HashSet::new();
-    let mut seen_missing: HashSet<BlobId> = HashSet::new();
-    for s in &snapshots {
+    let mut seen_data: HashSet<BlobId> = HashSet::new();
+    for s in &snapshots.snapshots {
         let mut stack = vec![(s.snapshot.tree, String::new())];
         while let Some((tree_id, path)) = stack.pop() {
             if !seen_trees.insert(tree_id) {
                 continue;
             }
-            let tree = match repo.load_tree(&tree_id).await {
+            let shown = if path.is_empty() { "/" } else { &path };
+            let Some(loc) = locate(&tree_id) else {
+                report.errors.push(format!(
+                    "snapshot {}: directory {}: tree {tree_id} is in no index and no pack",
+                    s.id.short(),
+                    crate::text::escape(shown)
+                ));
+                continue;
+            };
+            if repo.index().get(&tree_id).is_none() {
+                *needed.entry(loc.pack).or_default() += 1;
+            }
+            let tree = match repo.load_tree_at(&tree_id, &loc).await {
                 Ok(t) => t,
                 Err(e) => {
                     report.errors.push(format!(
-                        "snapshot {}: directory {}: failed to read tree {tree_id}: {e}",
+                        "snapshot {}: directory {}: failed to read tree {tree_id}: {}",
                         s.id.short(),
-                        if path.is_empty() { "/" } else { &path }
+                        crate::text::escape(shown),
+                        Chain(&e)
                     ));
                     continue;
                 }
@@ -138,23 +181,38 @@ pub async fn check(
                     stack.push((sub, child.clone()));
                 }
                 for e in &n.content {
-                    if let Extent::Data { id, .. } = e
-                        && !repo.index().contains(id)
-                        && seen_missing.insert(*id)
-                    {
-                        report.errors.push(format!(
-                            "snapshot {}: file {child}: chunk {id} is not in the index",
-                            s.id.short()
-                        ));
+                    let Extent::Data { id, .. } = e else { continue };
+                    if !seen_data.insert(*id) || repo.index().contains(id) {
+                        continue;
+                    }
+                    match found.get(id) {
+                        Some(loc) => *needed.entry(loc.pack).or_default() += 1,
+                        None => report.errors.push(format!(
+                            "snapshot {}: file {}: chunk {id} is in no index and no pack",
+                            s.id.short(),
+                            crate::text::escape(&child)
+                        )),
                     }
                 }
             }
         }
     }
     report.trees = seen_trees.len();
+    for (id, _) in found.packs() {
+        match needed.get(&id) {
+            Some(n) => report.errors.push(format!(
+                "pack {id} is in no index but holds {n} blobs that snapshots use: do not delete it; \
+                 `backer repair index` adds it back"
+            )),
+            None => report.warnings.push(format!(
+                "pack {id} is in no index and holds nothing a snapshot uses (left by an interrupted \
+                 backup, or written by one still running); `backer prune` removes it"
+            )),
+        }
+    }
 
     if opts.read_data {
-        read_data(repo, opts, &stored, &progress, &mut report).await;
+        read_data(repo, opts, &stored, &found, &progress, &mut report).await;
     }
     Ok(report)
 }
@@ -162,20 +220,22 @@ pub async fn check(
 async fn read_data(
     repo: &Repository,
     opts: &CheckOptions,
-    stored: &HashMap<String, u64>,
+    stored: &HashMap<PackId, u64>,
+    unindexed: &Index,
     progress: &CheckProgress,
     report: &mut CheckReport,
 ) {
     // Blobs the index places in each pack, to compare with the pack's header.
     let mut by_pack: HashMap<PackId, Vec<pack::PackEntry>> = HashMap::new();
-    for loc in repo.index().blobs() {
+    for loc in repo.index().blobs().chain(unindexed.blobs()) {
         by_pack.entry(loc.pack).or_default().push(loc.entry);
     }
     let packs: Vec<PackId> = repo
         .index()
         .packs()
+        .chain(unindexed.packs())
         .map(|(id, _)| id)
-        .filter(|id| stored.contains_key(&pack_name(id)))
+        .filter(|id| stored.contains_key(id))
         .filter(|id| match opts.subset {
             Some((part, of)) => u32::from(id.0[0]) % of == part - 1,
             None => true,

@@ -25,8 +25,11 @@ pub enum Error {
     RepositoryExists(String),
     #[error("{0} is not empty; `backer init` needs an empty or missing location")]
     NotEmpty(String),
-    #[error("wrong password: no key in the repository opens with it")]
-    WrongPassword,
+    #[error("wrong password: no key in the repository opens with it{}", damaged_keys_note(.damaged))]
+    WrongPassword {
+        /// Key files that could not be tried because they are damaged.
+        damaged: Vec<String>,
+    },
     #[error(
         "{name} is shorter than expected: read {got} of {wanted} bytes (truncated, or the read was cut off)"
     )]
@@ -50,8 +53,16 @@ pub enum Error {
     },
     #[error("no snapshot matches {0:?}")]
     NoSuchSnapshot(String),
+    #[error("there is no snapshot{0} to take as `latest`")]
+    NoLatest(String),
     #[error("snapshot prefix {0:?} is ambiguous; give more characters")]
     AmbiguousSnapshot(String),
+    #[error(
+        "`latest` is ambiguous: the repository holds snapshots of several hosts ({0}); name one with --host"
+    )]
+    AmbiguousLatest(String),
+    #[error("the repository needs repair: {0}")]
+    NeedsRepair(String),
     #[error("path {0:?} is not in the snapshot")]
     NoSuchPath(String),
     #[error("invalid exclude pattern {pattern:?}")]
@@ -81,6 +92,32 @@ impl Error {
 
     pub(crate) fn corrupt(what: impl Into<String>) -> Self {
         Error::Corrupt { what: what.into() }
+    }
+
+    /// Whether this says the object read is damaged (altered, truncated,
+    /// undecodable), rather than that storage could not be reached: damage
+    /// is reported and skipped where that is safe, a storage failure stops
+    /// the command.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            Error::Corrupt { .. }
+                | Error::Decode { .. }
+                | Error::Truncated { .. }
+                | Error::UnsupportedVersion(_)
+        )
+    }
+}
+
+fn damaged_keys_note(damaged: &[String]) -> String {
+    if damaged.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (damaged key files that could not be tried: {}; if your password was in one of them, \
+             open the repository with another password and `backer key remove` the damaged ones)",
+            damaged.join(", ")
+        )
     }
 }
 

@@ -152,6 +152,11 @@ impl Index {
         self.sorted.len()
     }
 
+    /// The size the index recorded for `pack`, if it names it.
+    pub fn get_pack(&self, pack: &PackId) -> Option<u64> {
+        self.pack_pos.get(pack).map(|p| self.packs[*p as usize].1)
+    }
+
     /// Every pack the index names, with the size it recorded.
     pub fn packs(&self) -> impl Iterator<Item = (PackId, u64)> + '_ {
         self.packs.iter().copied()

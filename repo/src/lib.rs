@@ -6,7 +6,8 @@
 //! - blobs are gathered into packs: [`pack`], and stored by [`packer`]
 //! - which pack holds a blob: [`index`]
 //! - directories and file metadata: [`tree`], read from disk by [`fsmeta`]
-//! - a backup runs: [`archiver`]; a restore: [`restorer`]; a check: [`check`]
+//! - a backup runs: [`archiver`]; a restore: [`restorer`]; a check: [`check`];
+//!   a damaged repository is mended: [`repair`]
 //! - objects reach storage: [`backend`] (object_store)
 //!
 //! The on-disk format and the order of writes are in `docs/FORMAT.md`.
@@ -25,12 +26,14 @@ pub mod lock;
 pub mod pack;
 pub mod packer;
 pub mod prune;
+pub mod repair;
 pub mod repository;
 pub mod restorer;
 pub mod retention;
 pub mod snapshot;
 pub mod stats;
 pub mod store;
+pub mod text;
 pub mod tree;
 
 pub use backend::Backend;

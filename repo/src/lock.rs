@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Backend;
 use crate::crypto::MasterKey;
 use crate::error::{Error, Result};
-use crate::repository::{Kind, Repository, open_object, seal_object};
+use crate::repository::{Dir, Kind, Repository, open_object, seal_object};
 use crate::snapshot;
 
 /// Lock lifetimes.
@@ -70,7 +70,9 @@ pub struct LockInfo {
 #[derive(Debug, Clone)]
 pub struct FoundLock {
     pub name: String,
-    pub info: LockInfo,
+    /// `None` for a lock that cannot be read (damaged, or not a lock at
+    /// all): it is stale, since no holder could refresh it either.
+    pub info: Option<LockInfo>,
     /// Last write as the store saw it.
     pub modified: DateTime<Utc>,
     pub stale: Option<String>,
@@ -78,19 +80,30 @@ pub struct FoundLock {
 
 impl FoundLock {
     pub fn describe(&self) -> String {
+        let Some(info) = &self.info else {
+            return format!(
+                "an unreadable lock locks/{} (written {})",
+                self.name,
+                self.modified.format("%Y-%m-%d %H:%M:%S UTC")
+            );
+        };
         format!(
             "{} lock held by {} (pid {}) on {} for {}, last refreshed {}",
-            if self.info.exclusive {
+            if info.exclusive {
                 "an exclusive"
             } else {
                 "a shared"
             },
-            self.info.username,
-            self.info.pid,
-            self.info.hostname,
-            self.info.purpose,
+            info.username,
+            info.pid,
+            info.hostname,
+            info.purpose,
             self.modified.format("%Y-%m-%d %H:%M:%S UTC")
         )
+    }
+
+    fn exclusive(&self) -> bool {
+        self.info.as_ref().is_some_and(|i| i.exclusive)
     }
 }
 
@@ -159,15 +172,22 @@ pub async fn list_locks(
     now: Option<DateTime<Utc>>,
     timing: Timing,
 ) -> Result<Vec<FoundLock>> {
-    let listed = repo.backend().list_all("locks").await?;
+    let listed = repo.list(Dir::Locks).await?;
     let mut out = Vec::new();
     for l in listed {
-        let bytes = match repo.backend().get(&lock_path(&l.name)).await {
-            Ok(b) => b,
+        let info = match repo.backend().get(&lock_path(&l.name)).await {
+            Ok(bytes) => match open_object::<LockInfo>(repo.key(), Kind::Lock, &l.name, &bytes) {
+                Ok(info) => Some(info),
+                Err(e) if e.is_damage() => {
+                    tracing::debug!("lock locks/{} cannot be read: {e}", l.name);
+                    None
+                }
+                Err(e) => return Err(e),
+            },
             Err(Error::NotFound(_)) => continue, // released meanwhile
+            Err(e) if e.is_damage() => None,
             Err(e) => return Err(e),
         };
-        let info: LockInfo = open_object(repo.key(), Kind::Lock, &l.name, &bytes)?;
         out.push(FoundLock {
             name: l.name,
             info,
@@ -182,8 +202,12 @@ pub async fn list_locks(
 fn judge(locks: &mut [FoundLock], now: DateTime<Utc>, timing: Timing) {
     for l in locks {
         let age = now.signed_duration_since(l.modified).to_std().unwrap_or_default();
-        l.stale = if process_gone(&l.info) {
-            Some(format!("process {} on this host is gone", l.info.pid))
+        let Some(info) = &l.info else {
+            l.stale = Some("it cannot be read".into());
+            continue;
+        };
+        l.stale = if process_gone(info) {
+            Some(format!("process {} on this host is gone", info.pid))
         } else if age > timing.stale {
             Some(format!("not refreshed for {} s", age.as_secs()))
         } else {
@@ -219,14 +243,22 @@ impl Lock {
             };
             let name = write_lock(repo.backend(), repo.key(), &info).await?;
             let acquired_at = Instant::now();
-            let mut all = list_locks(repo, None, timing).await?;
+            let mut all = match list_locks(repo, None, timing).await {
+                Ok(all) => all,
+                Err(e) => {
+                    // Not knowing who else holds the repository, we hold
+                    // nothing: take our lock back rather than leave it.
+                    let _ = repo.backend().delete(&lock_path(&name)).await;
+                    return Err(e);
+                }
+            };
             // Judge others by the store's clock: the time it gave our own lock.
             if let Some(now) = all.iter().find(|l| l.name == name).map(|l| l.modified) {
                 judge(&mut all, now, timing);
             }
             let conflicts: Vec<&FoundLock> = all
                 .iter()
-                .filter(|l| l.name != name && l.stale.is_none() && (exclusive || l.info.exclusive))
+                .filter(|l| l.name != name && l.stale.is_none() && (exclusive || l.exclusive()))
                 .collect();
             for l in all.iter().filter(|l| l.name != name && l.stale.is_some()) {
                 tracing::warn!(

@@ -150,6 +150,52 @@ pub fn read_header(key: &DataKey, pack: &[u8], name: &str) -> Result<Vec<PackEnt
     Ok(entries)
 }
 
+/// Reads the header of the stored pack `id` (`size` bytes, as listed) from
+/// its tail: one ranged read of the last few KiB, a second one only for a
+/// header longer than that. For rebuilding the index without reading packs
+/// whole.
+pub async fn read_header_from(
+    backend: &crate::backend::Backend,
+    key: &DataKey,
+    id: &PackId,
+    size: u64,
+) -> Result<Vec<PackEntry>> {
+    const TAIL: u64 = 16 * 1024;
+    let name = pack_name(id);
+    let what = || format!("header of pack {id}");
+    if size < 4 {
+        return Err(Error::corrupt(format!(
+            "{}: the pack has only {size} bytes",
+            what()
+        )));
+    }
+    let start = size.saturating_sub(TAIL);
+    let tail = backend.get_range(&name, start..size).await?;
+    let mut l = [0u8; 4];
+    l.copy_from_slice(&tail[tail.len() - 4..]);
+    let hlen = u64::from(u32::from_le_bytes(l));
+    if hlen + 4 > size {
+        return Err(Error::corrupt(what()));
+    }
+    let header_start = size - 4 - hlen;
+    let sealed = if header_start >= start {
+        tail.slice((header_start - start) as usize..tail.len() - 4)
+    } else {
+        backend.get_range(&name, header_start..size - 4).await?
+    };
+    let plain = key.open(HEADER_AAD, &sealed, &what)?;
+    let entries: Vec<PackEntry> = postcard::from_bytes(&plain).map_err(|e| Error::Decode {
+        what: what(),
+        source: e,
+    })?;
+    for e in &entries {
+        if u64::from(e.offset) + u64::from(e.len) > header_start {
+            return Err(Error::corrupt(what()));
+        }
+    }
+    Ok(entries)
+}
+
 /// The storage name of a pack: fanned out over 256 folders.
 pub fn pack_name(id: &PackId) -> String {
     let hex = id.to_hex();

@@ -27,7 +27,7 @@ use crate::index::{IndexFile, IndexedPack};
 use crate::lock::Lock;
 use crate::pack::{self, PackEntry, pack_name};
 use crate::packer::{INDEX_FLUSH_BLOBS, Packer};
-use crate::repository::Repository;
+use crate::repository::{Dir, Repository};
 
 #[derive(Debug, Clone)]
 pub struct PruneOptions {
@@ -82,8 +82,28 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
         ..Default::default()
     };
 
+    // The index as it is now that we hold the lock: one read before may
+    // predate another prune, or miss a backup that finished meanwhile.
+    repo.reload_index().await?;
+    // Deleting on incomplete knowledge loses data: a damaged index file
+    // hides which packs hold what, a damaged snapshot hides what it uses.
+    if !repo.index_damage().is_empty() {
+        return Err(Error::NeedsRepair(format!(
+            "damaged index files: {}; run `backer repair index` first",
+            names(repo.index_damage())
+        )));
+    }
+    let listed = repo.load_snapshots().await?;
+    if !listed.damaged.is_empty() {
+        return Err(Error::NeedsRepair(format!(
+            "damaged snapshot files: {}; run `backer repair snapshots` first (it removes them), \
+             or put back a good copy",
+            names(&listed.damaged)
+        )));
+    }
+    let snapshots = listed.snapshots;
+
     // 1. What is used.
-    let snapshots = repo.snapshots().await?;
     report.snapshots = snapshots.len();
     let (trees, data) = repo
         .reachable_blobs(snapshots.iter().map(|s| s.snapshot.tree))
@@ -92,14 +112,21 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
     for id in &used {
         if !repo.index().contains(id) {
             return Err(Error::corrupt(format!(
-                "blob {id} is used by a snapshot but in no index; run `backer check` before pruning"
+                "blob {id} is used by a snapshot but in no index; run `backer check`, and \
+                 `backer repair index` if it finds packs that no index names"
             )));
         }
     }
     report.blobs_used = used.len();
 
     // Packs as the index files describe them, first description wins.
-    let index_files = repo.load_index_files().await?;
+    let (index_files, damaged) = repo.load_index_files().await?;
+    if !damaged.is_empty() {
+        return Err(Error::NeedsRepair(format!(
+            "damaged index files: {}; run `backer repair index` first",
+            names(&damaged)
+        )));
+    }
     let old_index_ids: Vec<IndexId> = index_files.iter().map(|(id, _)| *id).collect();
     let mut stats: HashMap<PackId, PackStat> = HashMap::new();
     for (_, file) in index_files {
@@ -127,14 +154,14 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
             stats.insert(st.pack.id, st);
         }
     }
-    let stored = repo.backend().list_all("data").await?;
+    let stored = repo.list(Dir::Data).await?;
     report.packs_before = stored.len();
     report.bytes_before = stored.iter().map(|l| l.size).sum();
-    let indexed: HashSet<String> = stats.keys().map(pack_name).collect();
     let orphans: Vec<(String, u64)> = stored
         .iter()
-        .filter(|l| !indexed.contains(&format!("data/{}", l.name)))
-        .map(|l| (format!("data/{}", l.name), l.size))
+        .filter_map(|l| l.name.parse::<PackId>().ok().map(|id| (id, l.size)))
+        .filter(|(id, _)| !stats.contains_key(id))
+        .map(|(id, size)| (pack_name(&id), size))
         .collect();
     report.orphan_packs = orphans.len();
 
@@ -269,6 +296,14 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
     delete_all(repo, doomed).await?;
     repo.reload_index().await?;
     Ok(report)
+}
+
+fn names(damaged: &[crate::repository::Damaged]) -> String {
+    damaged
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn delete_all(repo: &Repository, names: Vec<String>) -> Result<()> {

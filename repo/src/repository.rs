@@ -9,17 +9,17 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Listed};
 use crate::chunk;
 use crate::crypto::{KdfParams, KeyFile, MasterKey};
-use crate::error::{Error, Result};
-use crate::id::{BlobId, IndexId, KeyId, SnapshotId, storage_hash};
-use crate::index::{Index, IndexFile};
+use crate::error::{Chain, Error, Result};
+use crate::id::{BlobId, IndexId, KeyId, PackId, SnapshotId, storage_hash};
+use crate::index::{Index, IndexFile, Location};
 use crate::pack;
-use crate::snapshot::{Snapshot, SnapshotEntry};
+use crate::snapshot::{Snapshot, SnapshotEntry, SnapshotFilter};
 use crate::tree::Tree;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -43,8 +43,102 @@ pub struct Config {
 pub struct Repository {
     backend: Backend,
     key: Arc<MasterKey>,
+    /// The key file that opened this repository.
+    key_id: Option<KeyId>,
     config: Config,
     index: Index,
+    /// Index files that could not be read when the index was last loaded.
+    index_damage: Vec<Damaged>,
+    /// Key files that could not be read when the repository was opened.
+    key_damage: Vec<Damaged>,
+}
+
+/// A stored object that could not be read, and why. Damaged objects are
+/// reported by name and skipped where skipping is safe (docs/FORMAT.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Damaged {
+    /// Its name in the repository, e.g. `snapshots/1a2b…`.
+    pub name: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Damaged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.name, self.reason)
+    }
+}
+
+/// Snapshots as loaded: the readable ones, oldest first, and the damaged.
+#[derive(Debug, Default)]
+pub struct SnapshotList {
+    pub snapshots: Vec<SnapshotEntry>,
+    pub damaged: Vec<Damaged>,
+}
+
+/// The folders of a repository whose objects are named by their id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    Keys,
+    Index,
+    Snapshots,
+    Locks,
+    /// Packs, fanned out as `data/<first two hex digits>/<id>`.
+    Data,
+}
+
+impl Dir {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dir::Keys => "keys",
+            Dir::Index => "index",
+            Dir::Snapshots => "snapshots",
+            Dir::Locks => "locks",
+            Dir::Data => "data",
+        }
+    }
+}
+
+fn is_id(name: &str) -> bool {
+    name.len() == 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The objects in `dir`, each with its bare id as `name`. Names that are not
+/// ids (a `.DS_Store`, a `README`, a sync tool's conflict copy) are no
+/// repository objects: they are skipped, and said so at `-v`. A listing that
+/// fails is an error, never a short list.
+pub async fn list_ids(backend: &Backend, dir: Dir) -> Result<Vec<Listed>> {
+    let mut listed = backend.list_all(dir.name()).await?;
+    let mut strays = Vec::new();
+    listed.retain_mut(|l| {
+        let id = match dir {
+            Dir::Data => match l.name.split_once('/') {
+                Some((fan, id)) if is_id(id) && id.starts_with(fan) && fan.len() == 2 => Some(id.to_string()),
+                _ => None,
+            },
+            _ => is_id(&l.name).then(|| l.name.clone()),
+        };
+        match id {
+            Some(id) => {
+                l.name = id;
+                true
+            }
+            None => {
+                strays.push(std::mem::take(&mut l.name));
+                false
+            }
+        }
+    });
+    if let Some(first) = strays.first() {
+        tracing::info!(
+            "ignoring {} name(s) in {}/ that are not repository objects (e.g. {first:?})",
+            strays.len(),
+            dir.name()
+        );
+    }
+    Ok(listed)
 }
 
 /// Object kinds, each a folder and the associated data its objects are sealed with.
@@ -57,10 +151,13 @@ pub enum Kind {
 
 impl Kind {
     pub(crate) fn dir(self) -> &'static str {
+        self.folder().name()
+    }
+    pub(crate) fn folder(self) -> Dir {
         match self {
-            Kind::Index => "index",
-            Kind::Snapshot => "snapshots",
-            Kind::Lock => "locks",
+            Kind::Index => Dir::Index,
+            Kind::Snapshot => Dir::Snapshots,
+            Kind::Lock => Dir::Locks,
         }
     }
     fn aad(self) -> &'static [u8] {
@@ -104,6 +201,34 @@ pub fn open_config(key: &MasterKey, sealed: &[u8]) -> Result<Config> {
     Ok(config)
 }
 
+/// Why one key file could not be tried, or the key it holds for `password`.
+async fn try_key(
+    backend: &Backend,
+    name: &str,
+    password: &[u8],
+) -> Result<std::result::Result<Option<MasterKey>, String>> {
+    let raw = match backend.get(&format!("keys/{name}")).await {
+        Ok(b) => b,
+        Err(Error::NotFound(_)) => return Ok(Ok(None)), // removed meanwhile
+        Err(e) if e.is_damage() => return Ok(Err(e.to_string())),
+        Err(e) => return Err(e),
+    };
+    if hex::encode(storage_hash(&raw)) != name {
+        return Ok(Err(
+            "content does not match its name (altered or truncated)".into()
+        ));
+    }
+    let kf: KeyFile = match serde_json::from_slice(&raw) {
+        Ok(k) => k,
+        Err(e) => return Ok(Err(format!("not a key file: {e}"))),
+    };
+    let pw = password.to_vec();
+    let opened = tokio::task::spawn_blocking(move || kf.unwrap_with(&pw))
+        .await
+        .map_err(|e| Error::Interrupted(e.to_string()))?;
+    Ok(opened.map_err(|e| e.to_string()))
+}
+
 impl Repository {
     /// Creates a repository at `backend`, which must be empty.
     pub async fn init(mut backend: Backend, password: &[u8], kdf: KdfParams) -> Result<Self> {
@@ -129,13 +254,16 @@ impl Repository {
         };
         // Key first, config last: a location with a config is a repository
         // that can be opened.
-        let repo = Repository {
+        let mut repo = Repository {
             backend,
             key: Arc::new(key),
+            key_id: None,
             config,
             index: Index::default(),
+            index_damage: Vec::new(),
+            key_damage: Vec::new(),
         };
-        repo.add_key(password, kdf).await?;
+        repo.key_id = Some(repo.add_key(password, kdf).await?);
         let sealed = repo.key.data.seal(CONFIG_AAD, &encode(&repo.config)?);
         repo.backend.put_new("config", Bytes::from(sealed)).await?;
         Ok(repo)
@@ -143,6 +271,16 @@ impl Repository {
 
     /// Opens the repository at `backend` with `password` and loads its index.
     pub async fn open(backend: Backend, password: &[u8]) -> Result<Self> {
+        let mut repo = Self::open_without_index(backend, password).await?;
+        repo.reload_index().await?;
+        Ok(repo)
+    }
+
+    /// Opens the repository without reading its index, for a caller that
+    /// takes a lock first: an index read before a lock may predate a prune
+    /// that finished while the caller waited. Call [`Repository::reload_index`]
+    /// once locked.
+    pub async fn open_without_index(backend: Backend, password: &[u8]) -> Result<Self> {
         if backend.missing_local_dir() {
             return Err(Error::NoRepository(backend.location().into()));
         }
@@ -151,31 +289,103 @@ impl Repository {
             Err(Error::NotFound(_)) => return Err(Error::NoRepository(backend.location().into())),
             Err(e) => return Err(e),
         };
-        let keys = backend.list_all("keys").await?;
+        // Every key file is tried until one opens; a damaged one is
+        // reported and passed over, so which password works never depends
+        // on the order of a listing.
         let mut found = None;
-        for k in keys {
-            let raw = backend.get(&format!("keys/{}", k.name)).await?;
-            let kf: KeyFile = serde_json::from_slice(&raw)
-                .map_err(|_| Error::corrupt(format!("key file keys/{}", k.name)))?;
-            let pw = password.to_vec();
-            let mk = tokio::task::spawn_blocking(move || kf.unwrap_with(&pw))
-                .await
-                .map_err(|e| Error::Interrupted(e.to_string()))??;
-            if let Some(mk) = mk {
-                found = Some(mk);
+        let mut key_damage = Vec::new();
+        for k in list_ids(&backend, Dir::Keys).await? {
+            match try_key(&backend, &k.name, password).await? {
+                Ok(Some(mk)) => {
+                    found = Some((mk, k.name.parse::<KeyId>()?));
+                    break;
+                }
+                Ok(None) => {}
+                Err(reason) => {
+                    tracing::warn!(
+                        "key file keys/{} is damaged and was skipped ({reason}); `backer key remove {}` removes it",
+                        k.name,
+                        &k.name[..8]
+                    );
+                    key_damage.push(Damaged {
+                        name: format!("keys/{}", k.name),
+                        reason,
+                    });
+                }
+            }
+        }
+        let (key, key_id) = found.ok_or_else(|| Error::WrongPassword {
+            damaged: key_damage.iter().map(|d| d.name.clone()).collect(),
+        })?;
+        let config = open_config(&key, &sealed_config).map_err(|e| match e {
+            e if e.is_damage() => Error::corrupt(
+                "the repository's config object is damaged; `backer repair config` writes a new one",
+            ),
+            e => e,
+        })?;
+        Ok(Repository {
+            backend,
+            key: Arc::new(key),
+            key_id: Some(key_id),
+            config,
+            index: Index::default(),
+            index_damage: Vec::new(),
+            key_damage,
+        })
+    }
+
+    /// Opens a repository whose config object is damaged, with the key
+    /// `password` unwraps, so `repair config` can write a new one.
+    pub async fn open_for_config_repair(backend: Backend, password: &[u8]) -> Result<(Self, Option<Config>)> {
+        let mut found = None;
+        for k in list_ids(&backend, Dir::Keys).await? {
+            if let Ok(Some(mk)) = try_key(&backend, &k.name, password).await? {
+                found = Some((mk, k.name.parse::<KeyId>()?));
                 break;
             }
         }
-        let key = found.ok_or(Error::WrongPassword)?;
-        let config = open_config(&key, &sealed_config)?;
-        let mut repo = Repository {
-            backend,
-            key: Arc::new(key),
-            config,
-            index: Index::default(),
+        let (key, key_id) = found.ok_or(Error::WrongPassword { damaged: Vec::new() })?;
+        let current = match backend.get("config").await {
+            Ok(sealed) => open_config(&key, &sealed).ok(),
+            Err(Error::NotFound(_)) => None,
+            Err(e) if e.is_damage() => None,
+            Err(e) => return Err(e),
         };
-        repo.reload_index().await?;
-        Ok(repo)
+        let config = current.clone().unwrap_or_else(|| Config {
+            version: FORMAT_VERSION,
+            id: {
+                let mut rid = [0u8; 16];
+                crate::crypto::random_fill(&mut rid);
+                hex::encode(rid)
+            },
+            chunker: "fastcdc-2020-seeded".into(),
+            min_chunk: chunk::MIN_CHUNK as u32,
+            avg_chunk: chunk::AVG_CHUNK as u32,
+            max_chunk: chunk::MAX_CHUNK as u32,
+            zstd_level: chunk::DEFAULT_ZSTD_LEVEL,
+            created: chrono::Utc::now(),
+        });
+        Ok((
+            Repository {
+                backend,
+                key: Arc::new(key),
+                key_id: Some(key_id),
+                config,
+                index: Index::default(),
+                index_damage: Vec::new(),
+                key_damage: Vec::new(),
+            },
+            current,
+        ))
+    }
+
+    /// Replaces the config object with this handle's config. Every field of
+    /// it but the random id follows from the format version, so a damaged
+    /// config loses nothing but that id.
+    pub async fn rewrite_config(&self) -> Result<()> {
+        let sealed = self.key.data.seal(CONFIG_AAD, &encode(&self.config)?);
+        self.backend.delete("config").await?;
+        self.backend.put_new("config", Bytes::from(sealed)).await
     }
 
     /// Adds another password that opens this repository.
@@ -190,11 +400,31 @@ impl Repository {
         Ok(id)
     }
 
+    /// Removes the key file `id`. The one this handle was opened with is
+    /// refused: removing it could leave no password that opens the repository.
+    pub async fn remove_key(&self, id: &KeyId) -> Result<()> {
+        if self.key_id.as_ref() == Some(id) {
+            return Err(Error::Invalid(
+                "refusing to remove the key this command was opened with; open with another password to remove it"
+                    .into(),
+            ));
+        }
+        let name = format!("keys/{id}");
+        if self.backend.head(&name).await?.is_none() {
+            return Err(Error::NotFound(name));
+        }
+        self.backend.delete(&name).await
+    }
+
     pub fn backend(&self) -> &Backend {
         &self.backend
     }
     pub fn key(&self) -> &Arc<MasterKey> {
         &self.key
+    }
+    /// The key file this handle was opened with.
+    pub fn key_id(&self) -> Option<KeyId> {
+        self.key_id
     }
     pub fn config(&self) -> &Config {
         &self.config
@@ -202,23 +432,57 @@ impl Repository {
     pub fn index(&self) -> &Index {
         &self.index
     }
+    /// Index files that could not be read at the last load: the blobs they
+    /// named look missing until `backer repair index` rebuilds them.
+    pub fn index_damage(&self) -> &[Damaged] {
+        &self.index_damage
+    }
+    /// Key files that could not be read when this handle was opened.
+    pub fn key_damage(&self) -> &[Damaged] {
+        &self.key_damage
+    }
 
-    /// Reads every index file again.
+    /// Every object in `dir`, by id; names that are not ids are skipped.
+    pub async fn list(&self, dir: Dir) -> Result<Vec<Listed>> {
+        list_ids(&self.backend, dir).await
+    }
+
+    /// Reads every index file again. A damaged one is reported (see
+    /// [`Repository::index_damage`]) and skipped: what the others name stays
+    /// readable.
     pub async fn reload_index(&mut self) -> Result<()> {
         // Each file is added and dropped as it arrives, so loading never holds
         // every index file and the index at once.
-        let listed = self.backend.list_all(Kind::Index.dir()).await?;
+        let listed = self.list(Dir::Index).await?;
         let mut index = Index::default();
+        let mut damage = Vec::new();
         let this = &*self;
         let mut files = futures::stream::iter(listed)
-            .map(|l| async move { this.load_object::<IndexFile>(Kind::Index, &l.name).await })
+            .map(|l| async move { (this.load_object::<IndexFile>(Kind::Index, &l.name).await, l.name) })
             .buffer_unordered(FETCH_CONCURRENCY);
-        while let Some(file) = files.next().await {
-            index.load(&file?);
+        while let Some((file, name)) = files.next().await {
+            match file {
+                Ok(f) => index.load(&f),
+                Err(Error::NotFound(_)) => {} // replaced by a prune meanwhile
+                Err(e) if e.is_damage() => damage.push(Damaged {
+                    name: format!("index/{name}"),
+                    reason: Chain(&e).to_string(),
+                }),
+                Err(e) => return Err(e),
+            }
         }
         drop(files);
         index.finish_loading();
+        for d in &damage {
+            tracing::warn!(
+                "index file {} is damaged and was skipped ({}); blobs only it names look missing until \
+                 `backer repair index` rebuilds the index from the packs",
+                d.name,
+                d.reason
+            );
+        }
         self.index = index;
+        self.index_damage = damage;
         Ok(())
     }
 
@@ -229,24 +493,38 @@ impl Repository {
         let mut r = Repository {
             backend: self.backend.clone(),
             key: Arc::clone(&self.key),
+            key_id: self.key_id,
             config: self.config.clone(),
             index: Index::default(),
+            index_damage: Vec::new(),
+            key_damage: self.key_damage.clone(),
         };
         r.reload_index().await?;
         Ok(r)
     }
 
-    pub async fn load_index_files(&self) -> Result<Vec<(IndexId, IndexFile)>> {
-        let listed = self.backend.list_all(Kind::Index.dir()).await?;
-        futures::stream::iter(listed)
-            .map(|l| async move {
-                let id: IndexId = l.name.parse()?;
-                let f: IndexFile = self.load_object(Kind::Index, &l.name).await?;
-                Ok::<_, Error>((id, f))
-            })
+    /// Every readable index file, and the damaged ones.
+    pub async fn load_index_files(&self) -> Result<(Vec<(IndexId, IndexFile)>, Vec<Damaged>)> {
+        let listed = self.list(Dir::Index).await?;
+        let loaded: Vec<(String, Result<IndexFile>)> = futures::stream::iter(listed)
+            .map(|l| async move { (l.name.clone(), self.load_object(Kind::Index, &l.name).await) })
             .buffer_unordered(FETCH_CONCURRENCY)
-            .try_collect()
-            .await
+            .collect()
+            .await;
+        let mut files = Vec::new();
+        let mut damaged = Vec::new();
+        for (name, f) in loaded {
+            match f {
+                Ok(f) => files.push((name.parse()?, f)),
+                Err(Error::NotFound(_)) => {}
+                Err(e) if e.is_damage() => damaged.push(Damaged {
+                    name: format!("index/{name}"),
+                    reason: Chain(&e).to_string(),
+                }),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((files, damaged))
     }
 
     async fn save_object<T: Serialize>(&self, kind: Kind, value: &T) -> Result<[u8; 32]> {
@@ -276,41 +554,66 @@ impl Repository {
         self.load_object(Kind::Snapshot, &id.to_hex()).await
     }
 
-    /// All snapshots, oldest first.
-    pub async fn snapshots(&self) -> Result<Vec<SnapshotEntry>> {
-        let listed = self.backend.list_all(Kind::Snapshot.dir()).await?;
-        let mut all: Vec<SnapshotEntry> = futures::stream::iter(listed)
-            .map(|l| async move {
-                let id: SnapshotId = l.name.parse()?;
-                let snapshot = self.load_snapshot(&id).await?;
-                Ok::<_, Error>(SnapshotEntry { id, snapshot })
-            })
-            .buffer_unordered(FETCH_CONCURRENCY)
-            .try_collect()
-            .await?;
-        all.sort_by(|a, b| a.snapshot.time.cmp(&b.snapshot.time).then(a.id.cmp(&b.id)));
-        Ok(all)
+    /// Removes these snapshots (their data stays until a prune). Checks the
+    /// lock first: a holder paused past its lock's life must not delete.
+    pub async fn forget(&self, ids: &[SnapshotId], lock: &crate::lock::Lock) -> Result<()> {
+        lock.check_fresh().await?;
+        for id in ids {
+            self.backend
+                .delete(&format!("{}/{id}", Dir::Snapshots.name()))
+                .await?;
+        }
+        Ok(())
     }
 
-    /// Resolves `latest`, a full id, or an unambiguous id prefix.
-    pub async fn find_snapshot(&self, spec: &str) -> Result<SnapshotEntry> {
-        let all = self.snapshots().await?;
-        if spec == "latest" {
-            return all
-                .into_iter()
-                .last()
-                .ok_or_else(|| Error::NoSuchSnapshot(spec.into()));
+    /// Every snapshot that can be read, oldest first, and the damaged ones
+    /// by name. Failing to reach storage is an error; one bad file is not.
+    pub async fn load_snapshots(&self) -> Result<SnapshotList> {
+        let listed = self.list(Dir::Snapshots).await?;
+        let loaded: Vec<(String, Result<Snapshot>)> = futures::stream::iter(listed)
+            .map(|l| async move { (l.name.clone(), self.load_object(Kind::Snapshot, &l.name).await) })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .collect()
+            .await;
+        let mut out = SnapshotList::default();
+        for (name, s) in loaded {
+            match s {
+                Ok(snapshot) => out.snapshots.push(SnapshotEntry {
+                    id: name.parse()?,
+                    snapshot,
+                }),
+                Err(Error::NotFound(_)) => {} // forgotten meanwhile
+                Err(e) if e.is_damage() => out.damaged.push(Damaged {
+                    name: format!("snapshots/{name}"),
+                    reason: Chain(&e).to_string(),
+                }),
+                Err(e) => return Err(e),
+            }
         }
-        if spec.is_empty() || !spec.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(Error::NoSuchSnapshot(spec.into()));
+        out.snapshots
+            .sort_by(|a, b| a.snapshot.time.cmp(&b.snapshot.time).then(a.id.cmp(&b.id)));
+        out.damaged.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// All readable snapshots, oldest first; damaged ones are logged and
+    /// left out (see [`Repository::load_snapshots`] to act on them).
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotEntry>> {
+        let list = self.load_snapshots().await?;
+        for d in &list.damaged {
+            tracing::warn!(
+                "snapshot file {} is damaged and was skipped ({}); `backer repair snapshots` removes it",
+                d.name,
+                d.reason
+            );
         }
-        let spec_l = spec.to_ascii_lowercase();
-        let mut matches = all.into_iter().filter(|s| s.id.to_hex().starts_with(&spec_l));
-        match (matches.next(), matches.next()) {
-            (Some(s), None) => Ok(s),
-            (Some(_), Some(_)) => Err(Error::AmbiguousSnapshot(spec.into())),
-            (None, _) => Err(Error::NoSuchSnapshot(spec.into())),
-        }
+        Ok(list.snapshots)
+    }
+
+    /// Resolves `latest`, a full id, or a unique id prefix among the
+    /// snapshots `filter` matches (see [`snapshot::find`]).
+    pub async fn find_snapshot(&self, spec: &str, filter: &SnapshotFilter) -> Result<SnapshotEntry> {
+        crate::snapshot::find(self.snapshots().await?, spec, filter)
     }
 
     /// Reads, decrypts and decompresses one blob.
@@ -319,6 +622,11 @@ impl Repository {
             .index
             .get(id)
             .ok_or_else(|| Error::corrupt(format!("blob {id} is not in the index")))?;
+        self.load_blob_at(&loc).await
+    }
+
+    /// Reads one blob from where `loc` says it is.
+    pub async fn load_blob_at(&self, loc: &Location) -> Result<Vec<u8>> {
         let e = loc.entry;
         let sealed = self
             .backend
@@ -332,12 +640,28 @@ impl Repository {
 
     pub async fn load_tree(&self, id: &BlobId) -> Result<Tree> {
         let raw = self.load_blob(id).await?;
-        if chunk::blob_id(&self.key.chunk, &raw) != *id {
+        self.decode_tree(id, &raw)
+    }
+
+    /// Reads the tree `id` from where `loc` says it is.
+    pub async fn load_tree_at(&self, id: &BlobId, loc: &Location) -> Result<Tree> {
+        let raw = self.load_blob_at(loc).await?;
+        self.decode_tree(id, &raw)
+    }
+
+    fn decode_tree(&self, id: &BlobId, raw: &[u8]) -> Result<Tree> {
+        if chunk::blob_id(&self.key.chunk, raw) != *id {
             return Err(Error::corrupt(format!(
                 "tree {id}: content does not match its id"
             )));
         }
-        decode(&raw, &format!("tree {id}"))
+        decode(raw, &format!("tree {id}"))
+    }
+
+    /// The header of the pack `id`: what it holds, read from its tail in
+    /// two ranged reads, not the whole pack.
+    pub async fn read_pack_header(&self, id: &PackId, size: u64) -> Result<Vec<pack::PackEntry>> {
+        pack::read_header_from(&self.backend, &self.key.data, id, size).await
     }
 
     /// Every blob reachable from these snapshots' trees: (trees, data).

@@ -47,19 +47,39 @@ pub struct RestoreProgress {
 
 #[derive(Debug, Default)]
 pub struct RestoreOutcome {
+    /// Files restored whole.
     pub files: u64,
     pub dirs: u64,
     pub others: u64,
     pub bytes: u64,
     /// Every entry that was refused or failed, with the reason.
     pub errors: Vec<String>,
+    /// Files whose content could not be read or written whole (a damaged or
+    /// missing pack, a full disk): none is left in the target, so nothing
+    /// there looks complete when it is not.
+    pub incomplete: Vec<String>,
 }
 
 /// A file the walker created, for a worker to fill.
 struct FileJob {
     file: File,
+    /// The directory it is in and its name there, to remove it if it
+    /// cannot be filled.
+    dir: Arc<OwnedFd>,
+    name: Vec<u8>,
     node: Node,
     display: String,
+}
+
+/// A file a worker could not fill whole, or whose metadata failed.
+struct Failed {
+    display: String,
+    /// Its hard-link key, when other names may share its inode.
+    link_key: Option<(u64, u64)>,
+    size: u64,
+    /// Whether its content was restored whole (only metadata failed).
+    content_whole: bool,
+    message: String,
 }
 
 /// Clears the way for a new entry after creating it found something there:
@@ -125,6 +145,9 @@ struct Ctx<'a> {
     progress: Arc<RestoreProgress>,
     /// (dev, inode) of restored files with several links → where the first went.
     hardlinks: HashMap<(u64, u64), Vec<Vec<u8>>>,
+    /// Further names linked to those files, to remove with the first if its
+    /// content cannot be restored.
+    more_links: HashMap<(u64, u64), Vec<Vec<Vec<u8>>>>,
     /// Directories created, in walk order, to finish (mode, times) once
     /// their content is written.
     dirs: Vec<DirToFinish>,
@@ -135,11 +158,13 @@ struct Ctx<'a> {
     outcome: RestoreOutcome,
 }
 
+/// A path for messages: every component escaped ([`crate::text`]), so a
+/// hostile name cannot forge a line or drive a terminal.
 fn display(comps: &[Vec<u8>]) -> String {
     let mut s = String::new();
     for c in comps {
         s.push('/');
-        s.push_str(&String::from_utf8_lossy(c));
+        s.push_str(&crate::text::escape_bytes(c));
     }
     if s.is_empty() { "/".into() } else { s }
 }
@@ -177,7 +202,7 @@ fn open_dir_path(root: &OwnedFd, comps: &[Vec<u8>]) -> std::io::Result<OwnedFd> 
 impl Ctx<'_> {
     fn error(&self, msg: String) {
         self.progress.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!("{msg}");
+        tracing::info!("{msg}");
         match self.errors.lock() {
             Ok(mut e) => e.push(msg),
             Err(p) => p.into_inner().push(msg),
@@ -226,7 +251,7 @@ impl Ctx<'_> {
 
     fn restore_dir(
         &mut self,
-        dir: &OwnedFd,
+        dir: &Arc<OwnedFd>,
         comps: &mut Vec<Vec<u8>>,
         tree: BlobId,
         full: bool,
@@ -272,7 +297,7 @@ impl Ctx<'_> {
 
     fn restore_node(
         &mut self,
-        dir: &OwnedFd,
+        dir: &Arc<OwnedFd>,
         comps: &mut Vec<Vec<u8>>,
         node: Node,
         whole: bool,
@@ -302,7 +327,7 @@ impl Ctx<'_> {
                     OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
                     Mode::empty(),
                 ) {
-                    Ok(fd) => fd,
+                    Ok(fd) => Arc::new(fd),
                     Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
                         self.error(format!(
                             "refused {shown}: the target holds a symlink or a file where this directory goes"
@@ -355,7 +380,10 @@ impl Ctx<'_> {
                                 })
                             });
                         match linked {
-                            Ok(()) => self.outcome.files += 1,
+                            Ok(()) => {
+                                self.outcome.files += 1;
+                                self.more_links.entry(key).or_default().push(comps.clone());
+                            }
                             Err(Some(e)) => {
                                 self.error(format!("failed to link {shown} to {}: {e}", display(&first)))
                             }
@@ -379,6 +407,8 @@ impl Ctx<'_> {
                 self.outcome.bytes += node.size;
                 jobs.send(FileJob {
                     file,
+                    dir: Arc::clone(dir),
+                    name: name.to_vec(),
                     node,
                     display: shown.to_string(),
                 })
@@ -503,13 +533,63 @@ fn finish_dirs(ctx: &Ctx<'_>, dirs: &[DirToFinish]) {
     }
 }
 
-/// Writes one file's content and metadata.
+/// Writes one file's content and metadata. A file whose content cannot be
+/// restored whole is removed again, and reported.
 fn write_file(
     source: &dyn RestoreSource,
     job: FileJob,
     progress: &RestoreProgress,
-) -> std::result::Result<(), String> {
-    let FileJob { file, node, display } = job;
+) -> std::result::Result<(), Failed> {
+    let FileJob {
+        file,
+        dir,
+        name,
+        node,
+        display,
+    } = job;
+    let link_key = (node.nlink > 1).then_some((node.dev, node.inode));
+    match fill_file(source, &file, &node, &display, progress) {
+        Ok(None) => {
+            progress.files_done.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        // The content is whole; only an attribute failed.
+        Ok(Some(msg)) => {
+            progress.files_done.fetch_add(1, Ordering::Relaxed);
+            Err(Failed {
+                display,
+                link_key: None,
+                size: node.size,
+                content_whole: true,
+                message: msg,
+            })
+        }
+        Err(msg) => {
+            drop(file);
+            let removed = match rustix::fs::unlinkat(&dir, name.as_slice(), AtFlags::empty()) {
+                Ok(()) => "the incomplete file was removed".to_string(),
+                Err(e) => format!("the incomplete file could not be removed ({e}): do not trust it"),
+            };
+            Err(Failed {
+                display,
+                link_key,
+                size: node.size,
+                content_whole: false,
+                message: format!("{msg}; {removed}"),
+            })
+        }
+    }
+}
+
+/// Fills an open file: `Err` when its content is not whole, `Ok(Some)`
+/// when only its metadata could not be set.
+fn fill_file(
+    source: &dyn RestoreSource,
+    file: &File,
+    node: &Node,
+    display: &str,
+    progress: &RestoreProgress,
+) -> std::result::Result<Option<String>, String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {display}: {e}");
     let mut pos = 0u64;
     let mut ids = Vec::new();
@@ -526,22 +606,24 @@ fn write_file(
                     ids.push(*id);
                     extents.next();
                 }
-                source
-                    .read_chunks(&ids, &mut |data| {
-                        file.write_all_at(data, pos).map_err(|e| fail("write", &e))?;
-                        pos += data.len() as u64;
-                        progress
-                            .bytes_done
-                            .fetch_add(data.len() as u64, Ordering::Relaxed);
-                        Ok(())
-                    })
-                    .map_err(|e| {
-                        if e.starts_with("failed to") {
-                            e
-                        } else {
-                            format!("failed to restore {display}: {e}")
-                        }
-                    })?;
+                let mut write_error = None;
+                let read = source.read_chunks(&ids, &mut |data| {
+                    if let Err(e) = file.write_all_at(data, pos) {
+                        let msg = fail("write", &e);
+                        write_error = Some(msg.clone());
+                        return Err(msg);
+                    }
+                    pos += data.len() as u64;
+                    progress
+                        .bytes_done
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    Ok(())
+                });
+                if let Err(e) = read {
+                    // A write error names the file already; a read error
+                    // is about the repository and gets the file's name.
+                    return Err(write_error.unwrap_or_else(|| format!("failed to restore {display}: {e}")));
+                }
             }
         }
     }
@@ -549,12 +631,12 @@ fn write_file(
         file.set_len(node.size).map_err(|e| fail("size", &e))?;
     }
     let mut xattr_errors = Vec::new();
-    fsmeta::apply_to_fd(file.as_fd(), &node, &mut xattr_errors).map_err(|e| fail("set metadata of", &e))?;
-    progress.files_done.fetch_add(1, Ordering::Relaxed);
-    if let Some(e) = xattr_errors.first() {
-        return Err(format!("restored {display}, but failed to set {e}"));
+    if let Err(e) = fsmeta::apply_to_fd(file.as_fd(), node, &mut xattr_errors) {
+        return Ok(Some(fail("set metadata of", &e)));
     }
-    Ok(())
+    Ok(xattr_errors
+        .first()
+        .map(|e| format!("restored {display}, but failed to set {e}")))
 }
 
 /// Restores `snapshot` (or the parts of it named in `opts.includes`) from
@@ -610,6 +692,7 @@ pub fn restore_tree(
         opts.threads
     };
     let errors = Mutex::new(Vec::new());
+    let failed: Mutex<Vec<Failed>> = Mutex::new(Vec::new());
     let mut ctx = Ctx {
         source,
         opts,
@@ -619,6 +702,7 @@ pub fn restore_tree(
         errors: &errors,
         progress: Arc::clone(&progress),
         hardlinks: HashMap::new(),
+        more_links: HashMap::new(),
         dirs: Vec::new(),
         current_dir: None,
         depth: 0,
@@ -632,15 +716,12 @@ pub fn restore_tree(
             for _ in 0..(threads * 2).max(2) {
                 let rx = rx.clone();
                 let progress = Arc::clone(&progress);
-                let ctx_errors = &errors;
+                let failed = &failed;
                 workers.push(s.spawn(move || {
                     for job in rx {
-                        if let Err(msg) = write_file(source, job, &progress) {
+                        if let Err(f) = write_file(source, job, &progress) {
                             progress.errors.fetch_add(1, Ordering::Relaxed);
-                            match ctx_errors.lock() {
-                                Ok(mut e) => e.push(msg),
-                                Err(p) => p.into_inner().push(msg),
-                            }
+                            failed.lock().unwrap_or_else(|p| p.into_inner()).push(f);
                         }
                     }
                 }));
@@ -681,8 +762,45 @@ pub fn restore_tree(
             ctx.error(format!("{inc:?} is not in the snapshot"));
         }
     }
+    // Files that could not be filled: their other names (hard links made
+    // while the content was still to come) go too.
+    let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut incomplete = Vec::new();
+    let mut messages = Vec::new();
+    for f in failed {
+        tracing::info!("{}", f.message);
+        messages.push(f.message);
+        if f.content_whole {
+            continue;
+        }
+        ctx.outcome.files = ctx.outcome.files.saturating_sub(1);
+        ctx.outcome.bytes = ctx.outcome.bytes.saturating_sub(f.size);
+        incomplete.push(f.display);
+        for comps in f
+            .link_key
+            .and_then(|k| ctx.more_links.remove(&k))
+            .unwrap_or_default()
+        {
+            let Some((name, parent)) = comps.split_last() else {
+                continue;
+            };
+            let shown = display(&comps);
+            match open_dir_path(&ctx.target, parent)
+                .and_then(|d| Ok(rustix::fs::unlinkat(&d, name.as_slice(), AtFlags::empty())?))
+            {
+                Ok(()) => messages.push(format!("removed {shown} too: it is a hard link to the incomplete file")),
+                Err(e) => messages.push(format!(
+                    "{shown} is a hard link to an incomplete file and could not be removed ({e}): do not trust it"
+                )),
+            }
+            ctx.outcome.files = ctx.outcome.files.saturating_sub(1);
+            incomplete.push(shown);
+        }
+    }
     let mut outcome = std::mem::take(&mut ctx.outcome);
     drop(ctx);
     outcome.errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
+    outcome.errors.extend(messages);
+    outcome.incomplete = incomplete;
     Ok(outcome)
 }

@@ -59,3 +59,176 @@ pub fn hostname() -> String {
 pub fn username() -> String {
     std::env::var("USER").unwrap_or_else(|_| format!("uid {}", rustix::process::getuid().as_raw()))
 }
+
+/// Which snapshots a command means: every field given must match. The one
+/// rule for `latest`, for `snapshots --host`, and for a client's snapshots
+/// on a server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotFilter {
+    pub host: Option<String>,
+    /// The snapshot's paths, exactly.
+    pub paths: Option<Vec<String>>,
+    /// Tags the snapshot must all carry (it may carry more).
+    pub tags: Vec<String>,
+}
+
+impl SnapshotFilter {
+    pub fn host(host: impl Into<String>) -> Self {
+        SnapshotFilter {
+            host: Some(host.into()),
+            ..Default::default()
+        }
+    }
+
+    pub fn matches(&self, s: &Snapshot) -> bool {
+        self.host.as_ref().is_none_or(|h| &s.hostname == h)
+            && self.paths.as_ref().is_none_or(|p| &s.paths == p)
+            && self.tags.iter().all(|t| s.tags.contains(t))
+    }
+}
+
+/// Resolves `spec` among `all` (oldest first): `latest`, a full id, or a
+/// unique prefix of at least 4 hex digits. Only snapshots `filter` matches
+/// count. `latest` without a host, in a repository holding several hosts'
+/// snapshots, means this machine's if it has any, and is refused as
+/// ambiguous otherwise: restoring another machine's files by accident is
+/// worse than asking.
+pub fn find(all: Vec<SnapshotEntry>, spec: &str, filter: &SnapshotFilter) -> crate::Result<SnapshotEntry> {
+    use crate::Error;
+    let spec = spec.trim();
+    let wanted = |s: &SnapshotEntry| filter.matches(&s.snapshot);
+    if spec == "latest" {
+        let mut mine: Vec<SnapshotEntry> = all.into_iter().filter(wanted).collect();
+        if filter.host.is_none() {
+            let mut hosts: Vec<&str> = mine.iter().map(|s| s.snapshot.hostname.as_str()).collect();
+            hosts.sort_unstable();
+            hosts.dedup();
+            if hosts.len() > 1 {
+                let this = hostname();
+                if !hosts.contains(&this.as_str()) {
+                    return Err(Error::AmbiguousLatest(hosts.join(", ")));
+                }
+                mine.retain(|s| s.snapshot.hostname == this);
+            }
+        }
+        return mine.pop().ok_or_else(|| {
+            Error::NoLatest(
+                filter
+                    .host
+                    .as_ref()
+                    .map(|h| format!(" of host {h}"))
+                    .unwrap_or_default(),
+            )
+        });
+    }
+    if spec.len() < 4 || spec.len() > 64 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::Invalid(format!(
+            "{spec:?} is not a snapshot: give `latest` or at least 4 hex digits of an id"
+        )));
+    }
+    let prefix = spec.to_ascii_lowercase();
+    // Another host's snapshot is not named: on a server, that would tell
+    // one client about another.
+    let mut found: Vec<SnapshotEntry> = all
+        .into_iter()
+        .filter(|s| s.id.to_hex().starts_with(&prefix) && wanted(s))
+        .collect();
+    match (found.pop(), found.is_empty()) {
+        (Some(s), true) => Ok(s),
+        (Some(_), false) => Err(Error::AmbiguousSnapshot(spec.into())),
+        (None, _) => Err(Error::NoSuchSnapshot(spec.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    fn entry(n: u8, host: &str, minute: u32, tags: &[&str]) -> SnapshotEntry {
+        SnapshotEntry {
+            id: SnapshotId([n; 32]),
+            snapshot: Snapshot {
+                time: chrono::DateTime::from_timestamp(1_700_000_000 + i64::from(minute) * 60, 0).unwrap(),
+                hostname: host.into(),
+                username: "u".into(),
+                paths: vec!["/data".into()],
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                excludes: vec![],
+                parent: None,
+                tree: BlobId([0; 32]),
+                summary: Summary::default(),
+                partial: false,
+                errors: vec![],
+                program_version: "test".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn latest_respects_the_host() {
+        let this = hostname();
+        let all = vec![
+            entry(0x11, &this, 1, &[]),
+            entry(0x22, "other", 2, &["nightly"]),
+            entry(0x33, "third", 3, &[]),
+        ];
+        // Several hosts, no --host: this machine's, never the newest overall.
+        let got = find(all.clone(), "latest", &SnapshotFilter::default()).unwrap();
+        assert_eq!(got.id, SnapshotId([0x11; 32]));
+        let got = find(all.clone(), "latest", &SnapshotFilter::host("other")).unwrap();
+        assert_eq!(got.id, SnapshotId([0x22; 32]));
+        // Without this machine's snapshots, several hosts are ambiguous.
+        let others: Vec<_> = all[1..].to_vec();
+        let e = find(others.clone(), "latest", &SnapshotFilter::default()).unwrap_err();
+        assert!(
+            matches!(e, Error::AmbiguousLatest(ref h) if h == "other, third"),
+            "{e}"
+        );
+        // One host only: that one.
+        let got = find(others[..1].to_vec(), "latest", &SnapshotFilter::default()).unwrap();
+        assert_eq!(got.id, SnapshotId([0x22; 32]));
+        let e = find(all.clone(), "latest", &SnapshotFilter::host("nobody")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "there is no snapshot of host nobody to take as `latest`"
+        );
+        let tagged = SnapshotFilter {
+            tags: vec!["nightly".into()],
+            ..Default::default()
+        };
+        assert_eq!(find(all, "latest", &tagged).unwrap().id, SnapshotId([0x22; 32]));
+    }
+
+    #[test]
+    fn ids_by_prefix_within_the_filter() {
+        let all = vec![entry(0xab, "a", 1, &[]), entry(0xac, "b", 2, &[])];
+        assert_eq!(
+            find(all.clone(), "abab", &SnapshotFilter::default()).unwrap().id,
+            SnapshotId([0xab; 32])
+        );
+        assert_eq!(
+            find(all.clone(), "ABAB", &SnapshotFilter::default()).unwrap().id,
+            SnapshotId([0xab; 32])
+        );
+        // Too short to be meant, or not hex.
+        assert!(matches!(
+            find(all.clone(), "ab", &SnapshotFilter::default()),
+            Err(Error::Invalid(_))
+        ));
+        assert!(matches!(
+            find(all.clone(), "zzzz", &SnapshotFilter::default()),
+            Err(Error::Invalid(_))
+        ));
+        // Another host's snapshot is not found, and not named.
+        let e = find(all.clone(), "abab", &SnapshotFilter::host("b")).unwrap_err();
+        assert_eq!(e.to_string(), "no snapshot matches \"abab\"");
+        let mut twins = all.clone();
+        twins.push(entry(0xab, "a", 3, &[]));
+        twins[2].id.0[31] = 0;
+        assert!(matches!(
+            find(twins, "abab", &SnapshotFilter::default()),
+            Err(Error::AmbiguousSnapshot(_))
+        ));
+    }
+}

@@ -266,7 +266,7 @@ async fn one_seed(seed: u64, rate: f64, tally: &mut Tally, counts: &mut Vec<Arc<
         if let Some(repo) = judge(tally, "open", Repository::open(faulty.clone(), PASSWORD).await) {
             let target = tmp.path().join(format!("restore-{generation}"));
             let r = async {
-                let latest = repo.find_snapshot("latest").await?;
+                let latest = repo.find_snapshot("latest", &Default::default()).await?;
                 let out = restore_all(&repo, &latest.snapshot, &target).await?;
                 Ok((latest.id, out))
             }

@@ -318,44 +318,33 @@ async fn lock_and_refresh(
 }
 
 /// A snapshot by id, unique prefix, or `latest` (of `client`); when `client`
-/// is given, the snapshot must be that client's.
+/// is given, the snapshot must be that client's. The rule itself is the
+/// repository's ([`backer_repo::snapshot::find`]), shared with `backer`.
 pub async fn find_snapshot(
     repo: &backer_repo::Repository,
     spec: &str,
     client: &str,
 ) -> Result<backer_repo::snapshot::SnapshotEntry, Status> {
+    if spec.trim() == "latest" && client.is_empty() {
+        return Err(Status::invalid_argument(
+            "`latest` needs a client: give --client NAME",
+        ));
+    }
+    let filter = if client.is_empty() {
+        backer_repo::snapshot::SnapshotFilter::default()
+    } else {
+        backer_repo::snapshot::SnapshotFilter::host(client)
+    };
     let all = repo
         .snapshots()
         .await
         .map_err(|e| Status::internal(format!("failed to list snapshots: {e}")))?;
-    let mine: Vec<_> = all
-        .into_iter()
-        .filter(|s| client.is_empty() || s.snapshot.hostname == client)
-        .collect();
-    if spec == "latest" {
-        if client.is_empty() {
-            return Err(Status::invalid_argument(
-                "`latest` needs a client: give --client NAME",
-            ));
+    backer_repo::snapshot::find(all, spec, &filter).map_err(|e| match e {
+        backer_repo::Error::NoSuchSnapshot(_) | backer_repo::Error::NoLatest(_) => {
+            Status::not_found(e.to_string())
         }
-        return mine
-            .into_iter()
-            .next_back()
-            .ok_or_else(|| Status::not_found(format!("client {client} has no snapshot yet")));
-    }
-    if spec.len() < 4 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Status::invalid_argument(format!(
-            "{spec:?} is not a snapshot id: give at least 4 hex digits of one, or `latest`"
-        )));
-    }
-    let mut found = mine.into_iter().filter(|s| s.id.to_hex().starts_with(spec));
-    match (found.next(), found.next()) {
-        (Some(s), None) => Ok(s),
-        (Some(_), Some(_)) => Err(Status::invalid_argument(format!(
-            "snapshot prefix {spec:?} is ambiguous; give more characters"
-        ))),
-        (None, _) => Err(Status::not_found(format!("no snapshot matches {spec:?}"))),
-    }
+        _ => Status::invalid_argument(e.to_string()),
+    })
 }
 
 /// Sends the job to the client's agent; a job that cannot be sent fails.
