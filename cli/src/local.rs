@@ -347,7 +347,9 @@ async fn locked<T>(
             )));
         }
         Err(e) => {
-            return Err(anyhow::Error::from(e).context(format!("failed to lock the repository for {purpose}")));
+            return Err(
+                anyhow::Error::from(e).context(format!("failed to lock the repository for {purpose}"))
+            );
         }
     };
     let result = match repo.reload_index().await {

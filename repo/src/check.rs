@@ -57,7 +57,7 @@ pub async fn check(
 ) -> Result<CheckReport> {
     let mut report = CheckReport::default();
 
-    for d in repo.key_damage() {
+    for d in &repo.damaged_keys().await? {
         report.errors.push(format!(
             "key file {d}; `backer key remove {}` removes it",
             d.name.trim_start_matches("keys/").get(..8).unwrap_or_default()

@@ -109,6 +109,9 @@ pub async fn repair_index(
     // Trust intact index files for packs still stored as they recorded.
     let mut plans: HashMap<PackId, PackPlan> = HashMap::new();
     let mut described: HashSet<PackId> = HashSet::new();
+    // What intact index files said of packs whose header must be read
+    // again: where their blobs are, should the header be gone.
+    let mut recorded: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
     for (_, f) in files {
         for p in f.packs {
             if !described.insert(p.id) {
@@ -124,10 +127,13 @@ pub async fn repair_index(
                         },
                     );
                 }
-                Some(size) => report.messages.push(format!(
-                    "pack {}: {size} bytes stored, {} recorded; described again from its header",
-                    p.id, p.size
-                )),
+                Some(size) => {
+                    report.messages.push(format!(
+                        "pack {}: {size} bytes stored, {} recorded; described again from its header",
+                        p.id, p.size
+                    ));
+                    recorded.insert(p.id, p.blobs);
+                }
                 None => {
                     report.packs_missing += 1;
                     report.blobs_lost += p.blobs.len() as u64;
@@ -149,6 +155,9 @@ pub async fn repair_index(
         .filter(|(id, _)| !plans.contains_key(id))
         .map(|(id, size)| (*id, *size))
         .collect();
+    // Packs that cannot be used (no readable header): no index will name
+    // them, and once the index is rebuilt they go, so check is clean after.
+    let mut unreadable: Vec<PackId> = Vec::new();
     let this: &Repository = repo;
     let headers: Vec<(PackId, u64, Result<Vec<PackEntry>>)> = futures::stream::iter(unread)
         .map(|(id, size)| async move { (id, size, this.read_pack_header(&id, size).await) })
@@ -171,24 +180,55 @@ pub async fn repair_index(
                     },
                 );
             }
-            Err(e) if e.is_damage() => {
-                report.packs_unreadable += 1;
-                report.messages.push(format!(
-                    "pack {id}: its header cannot be read ({}); what it holds is lost, and `backer prune` removes it",
-                    Chain(&e)
-                ));
-            }
+            Err(e) if e.is_damage() => match recorded.remove(&id) {
+                // The index said where its blobs are: keep those still whole.
+                Some(known) => {
+                    let (within, beyond): (Vec<PackEntry>, Vec<PackEntry>) = known
+                        .into_iter()
+                        .partition(|e| u64::from(e.offset) + u64::from(e.len) <= size);
+                    report.blobs_lost += beyond.len() as u64;
+                    report.packs_salvaged += 1;
+                    report.blobs_salvaged += within.len() as u64;
+                    report.messages.push(format!(
+                        "pack {id}: its header cannot be read ({}); the {} blobs the index placed in its \
+                         remaining {size} bytes are copied to new packs, {} beyond are lost",
+                        Chain(&e),
+                        within.len(),
+                        beyond.len()
+                    ));
+                    plans.insert(
+                        id,
+                        PackPlan {
+                            pack: IndexedPack {
+                                id,
+                                size,
+                                blobs: within.clone(),
+                            },
+                            salvage: Some(within),
+                        },
+                    );
+                }
+                None => {
+                    report.packs_unreadable += 1;
+                    unreadable.push(id);
+                    report.messages.push(format!(
+                        "pack {id}: its header cannot be read ({}); what it holds is lost, and the pack is removed",
+                        Chain(&e)
+                    ));
+                }
+            },
             Err(e) => return Err(e),
         }
     }
 
     if opts.read_data {
-        verify_packs(repo, &mut plans, &mut report).await?;
+        unreadable.extend(verify_packs(repo, &mut plans, &mut report).await?);
     }
     report.changed = !damaged.is_empty()
         || report.packs_missing > 0
         || report.packs_added > 0
         || report.packs_salvaged > 0
+        || !unreadable.is_empty()
         || plans.len() != report.packs_kept;
     if opts.dry_run || !report.changed {
         return Ok(report);
@@ -202,24 +242,48 @@ pub async fn repair_index(
     if !salvage.is_empty() {
         let handle = Handle::current();
         let repo_ref: &Repository = repo;
-        report.index_files_written += tokio::task::block_in_place(|| -> Result<usize> {
+        let (files, copied, lost) = tokio::task::block_in_place(|| -> Result<(usize, u64, u64)> {
             let mut packer = Packer::new(repo_ref, Some(lock), handle.clone());
+            let (mut copied, mut lost) = (0, 0);
             for (id, entries) in &salvage {
                 let name = pack_name(id);
                 for e in entries {
-                    let sealed = repo_ref.backend().read_range_blocking(
+                    // Each blob is authenticated as it is copied: one that
+                    // fails stays behind, counted lost.
+                    let sealed = match repo_ref.backend().read_range_blocking(
                         &handle,
                         &name,
                         u64::from(e.offset)..u64::from(e.offset) + u64::from(e.len),
-                    )?;
-                    let payload = pack::open_payload(&repo_ref.key().data, e, &sealed)?;
-                    packer.add(e.kind, e.id, &payload, e.raw_len)?;
+                    ) {
+                        Ok(b) => b,
+                        Err(err) if err.is_damage() => {
+                            lost += 1;
+                            continue;
+                        }
+                        Err(err) => return Err(err),
+                    };
+                    match pack::open_payload(&repo_ref.key().data, e, &sealed) {
+                        Ok(payload) => {
+                            packer.add(e.kind, e.id, &payload, e.raw_len)?;
+                            copied += 1;
+                        }
+                        Err(err) if err.is_damage() => lost += 1,
+                        Err(err) => return Err(err),
+                    }
                 }
             }
-            Ok(packer.finish()?.index_files)
+            Ok((packer.finish()?.index_files, copied, lost))
         })?;
+        report.index_files_written += files;
+        report.blobs_salvaged = copied;
+        report.blobs_lost += lost;
     }
-    let doomed: Vec<String> = salvage.iter().map(|(id, _)| pack_name(id)).collect();
+    let doomed: Vec<String> = salvage
+        .iter()
+        .map(|(id, _)| id)
+        .chain(&unreadable)
+        .map(pack_name)
+        .collect();
 
     // 2. The rebuilt index for every pack that stays; the last file
     //    declares the old ones redundant. 3. Then the old files go.
@@ -245,7 +309,8 @@ pub async fn repair_index(
         repo.backend().delete(name).await?;
     }
     report.index_files_replaced = old_files.len();
-    // 4. Packs whose good blobs moved: no index names them any more.
+    // 4. Packs whose good blobs moved, and packs nothing can be read from:
+    //    no index names them any more.
     lock.check_fresh().await?;
     for name in &doomed {
         repo.backend().delete(name).await?;
@@ -279,8 +344,12 @@ async fn verify_packs(
     repo: &Repository,
     plans: &mut HashMap<PackId, PackPlan>,
     report: &mut RepairIndexReport,
-) -> Result<()> {
+) -> Result<Vec<PackId>> {
+    let mut unreadable = Vec::new();
     let ids: Vec<PackId> = plans.keys().copied().collect();
+    let known: HashMap<PackId, Vec<PackEntry>> =
+        plans.iter().map(|(id, p)| (*id, p.pack.blobs.clone())).collect();
+    let known = &known;
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let results: Vec<(PackId, Result<PackVerdict>)> = futures::stream::iter(ids)
         .map(|id| async move {
@@ -289,7 +358,8 @@ async fn verify_packs(
                 Err(e) => return (id, Err(e)),
             };
             let key = Arc::clone(repo.key());
-            let verdict = tokio::task::spawn_blocking(move || verify_pack(&key, id, &bytes))
+            let known = known.get(&id).cloned().unwrap_or_default();
+            let verdict = tokio::task::spawn_blocking(move || verify_pack(&key, id, &bytes, known))
                 .await
                 .map_err(|e| Error::Interrupted(format!("verification failed: {e}")));
             (id, verdict)
@@ -315,9 +385,13 @@ async fn verify_packs(
                 report.blobs_salvaged += good.len() as u64;
                 report.blobs_lost += bad.len() as u64;
                 report.messages.push(format!(
-                    "pack {id}: {} damaged blobs ({}); its {} good blobs are copied to new packs and it is removed",
+                    "pack {id}: {} damaged blobs{}; its {} good blobs are copied to new packs and it is removed",
                     bad.len(),
-                    bad.iter().take(3).map(|b| b.to_string()).collect::<Vec<_>>().join(", "),
+                    if bad.is_empty() {
+                        " (its header or the bytes between blobs are damaged)".to_string()
+                    } else {
+                        format!(" ({})", bad.iter().take(3).map(|b| b.to_string()).collect::<Vec<_>>().join(", "))
+                    },
                     good.len()
                 ));
                 if let Some(plan) = plans.get_mut(&id) {
@@ -326,16 +400,17 @@ async fn verify_packs(
             }
             PackVerdict::Unreadable(why) => {
                 report.packs_unreadable += 1;
+                unreadable.push(id);
                 if let Some(plan) = plans.remove(&id) {
                     report.blobs_lost += plan.pack.blobs.len() as u64;
                 }
                 report.messages.push(format!(
-                    "pack {id}: its header cannot be read ({why}); what it holds is lost, and `backer prune` removes it"
+                    "pack {id}: its header cannot be read ({why}); what it holds is lost, and the pack is removed"
                 ));
             }
         }
     }
-    Ok(())
+    Ok(unreadable)
 }
 
 enum PackVerdict {
@@ -344,15 +419,27 @@ enum PackVerdict {
     Unreadable(String),
 }
 
-fn verify_pack(key: &crate::crypto::MasterKey, id: PackId, bytes: &[u8]) -> PackVerdict {
-    let header = match pack::read_header(&key.data, bytes, &id.to_hex()) {
-        Ok(h) => h,
+/// Verifies every byte of a pack. A pack whose header cannot be read is
+/// verified blob by blob where the index placed them (`known`), so what
+/// the index still locates can be salvaged.
+fn verify_pack(
+    key: &crate::crypto::MasterKey,
+    id: PackId,
+    bytes: &[u8],
+    known: Vec<PackEntry>,
+) -> PackVerdict {
+    let (header, header_ok) = match pack::read_header(&key.data, bytes, &id.to_hex()) {
+        Ok(h) => (h, true),
+        Err(_) if !known.is_empty() => (known, false),
         Err(e) => return PackVerdict::Unreadable(Chain(&e).to_string()),
     };
-    let whole = storage_hash(bytes) == id.0;
+    let whole = header_ok && storage_hash(bytes) == id.0;
     let (mut good, mut bad) = (Vec::new(), Vec::new());
     for e in &header {
-        let sealed = &bytes[e.offset as usize..(e.offset + e.len) as usize];
+        let Some(sealed) = bytes.get(e.offset as usize..(e.offset as usize + e.len as usize)) else {
+            bad.push(e.id);
+            continue;
+        };
         match pack::open_blob(&key.data, e, sealed) {
             Ok(data) if chunk::blob_id(&key.chunk, &data) == e.id => good.push(*e),
             _ => bad.push(e.id),

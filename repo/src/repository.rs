@@ -286,6 +286,13 @@ impl Repository {
         }
         let sealed_config = match backend.get("config").await {
             Ok(b) => b,
+            Err(Error::NotFound(_)) if !list_ids(&backend, Dir::Keys).await?.is_empty() => {
+                return Err(Error::NeedsRepair(
+                    "the config object is missing, though key files are there; `backer repair config` \
+                     writes a new one"
+                        .into(),
+                ));
+            }
             Err(Error::NotFound(_)) => return Err(Error::NoRepository(backend.location().into())),
             Err(e) => return Err(e),
         };
@@ -440,6 +447,30 @@ impl Repository {
     /// Key files that could not be read when this handle was opened.
     pub fn key_damage(&self) -> &[Damaged] {
         &self.key_damage
+    }
+
+    /// Every key file that is damaged: one whose bytes no longer hash to its
+    /// name, or that is not a key file at all. Found without any password,
+    /// so a damaged key is seen whichever password opened the repository.
+    pub async fn damaged_keys(&self) -> Result<Vec<Damaged>> {
+        let mut out = Vec::new();
+        for k in self.list(Dir::Keys).await? {
+            let name = format!("keys/{}", k.name);
+            let reason = match self.backend.get(&name).await {
+                Err(Error::NotFound(_)) => continue,
+                Err(e) if e.is_damage() => e.to_string(),
+                Err(e) => return Err(e),
+                Ok(raw) if hex::encode(storage_hash(&raw)) != k.name => {
+                    "content does not match its name (altered or truncated)".to_string()
+                }
+                Ok(raw) => match serde_json::from_slice::<KeyFile>(&raw) {
+                    Ok(_) => continue,
+                    Err(e) => format!("not a key file: {e}"),
+                },
+            };
+            out.push(Damaged { name, reason });
+        }
+        Ok(out)
     }
 
     /// Every object in `dir`, by id; names that are not ids are skipped.
