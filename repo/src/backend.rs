@@ -286,7 +286,7 @@ impl Backend {
             && dir.is_dir()
             && let Ok(fs) = LocalFileSystem::new_with_prefix(dir)
         {
-            self.store = Arc::new(fs.with_automatic_cleanup(true));
+            self.store = Arc::new(fs);
         }
         self
     }
@@ -438,7 +438,7 @@ impl Backend {
                 }
             }
             let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| self.err(e))?;
-            self.store = Arc::new(fs.with_automatic_cleanup(true));
+            self.store = Arc::new(fs);
             let mut entries = std::fs::read_dir(&dir).map_err(|e| Error::io("read", &dir, e))?;
             if entries.next().is_some() {
                 return Err(Error::NotEmpty(self.location.clone()));
