@@ -495,7 +495,7 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
         }))?;
     } else {
         for m in &outcome.messages {
-            eprintln!("warning: {m}");
+            eprintln!("warning: {}", escape(m));
         }
         if !g.quiet {
             println!(
@@ -711,7 +711,7 @@ pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
         }))?;
     } else {
         for e in &outcome.errors {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", escape(e));
         }
         if !outcome.incomplete.is_empty() {
             eprintln!(
@@ -805,10 +805,10 @@ pub async fn check(g: &Global, a: CheckArgs) -> Result<u8> {
         }))?;
     } else {
         for w in &report.warnings {
-            eprintln!("warning: {w}");
+            eprintln!("warning: {}", escape(w));
         }
         for e in &report.errors {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", escape(e));
         }
         println!(
             "checked {} snapshots, {} trees, {} packs{}",
