@@ -43,6 +43,8 @@ pub struct Shared {
     clock_offset: chrono::TimeDelta,
     /// No TLS: agents name themselves (development only).
     pub insecure_plaintext: bool,
+    /// Failed Login/Password attempts per peer, for both ports that take them.
+    pub logins: crate::login::Throttle,
 }
 
 impl std::fmt::Debug for Shared {
@@ -169,6 +171,7 @@ pub async fn run(
     let (cert, key, not_after) = server_certificate(&state, &ca, &config)?;
     let registry = state.load_registry()?;
     let tls = crate::tls::server_config(&ca.cert_pem, &cert, &key)?;
+    let rest_tls = crate::tls::rest_config(&cert, &key)?;
     let storage = Storage::open(&config.repository, &state).await?;
     let jobs = Jobs::load(state.dir.join("jobs.json"), chrono::Utc::now().timestamp())?;
     let clock_offset = opts
@@ -215,6 +218,7 @@ pub async fn run(
         jobs,
         clock_offset,
         insecure_plaintext: opts.insecure_plaintext,
+        logins: crate::login::Throttle::default(),
     });
     spawn_reload_on_hangup(Arc::clone(&shared), config_path);
     tokio::spawn(crate::runner::run_schedules(Arc::clone(&shared)));
@@ -266,8 +270,12 @@ pub async fn run(
             }
         });
     }
-    let rest =
-        axum::serve(rest_listener, crate::rest::router(Arc::clone(&shared))).with_graceful_shutdown(shutdown);
+    let rest = crate::rest::serve(
+        Arc::clone(&shared),
+        rest_listener,
+        (!shared.insecure_plaintext).then_some(rest_tls),
+        shutdown,
+    );
     on_bound(bound);
     tracing::info!(mgmt = %bound.mgmt, data = %bound.data, rest = %bound.rest, tls = !shared.insecure_plaintext, "backer-server listening");
     let (a, b, c) = tokio::join!(mgmt, data, rest);
@@ -282,9 +290,10 @@ pub async fn run(
 
 fn warn_plaintext() {
     tracing::warn!(
-        "INSECURE: --insecure-plaintext is on. Management and data travel in clear text, \
-         agents are identified by what they claim, and anyone who can reach these ports can \
-         act as any client. For development only; never on a network you do not own."
+        "INSECURE: --insecure-plaintext is on. Management, data and the REST port (with the \
+         Login/Password its JSON views take) travel in clear text, agents are identified by \
+         what they claim, and anyone who can reach these ports can act as any client. For \
+         development only; never on a network you do not own."
     );
 }
 

@@ -2,9 +2,9 @@
 //! for management, the configured Login/Password): never from anything the
 //! caller merely claims.
 
-use base64::Engine;
 use tonic::{Request, Status};
 
+use crate::login::LoginError;
 use crate::server::Shared;
 use backer_proto::ca::{Identity, identity_of};
 
@@ -71,41 +71,22 @@ pub fn admin<T>(shared: &Shared, req: &Request<T>) -> Result<String, Status> {
         Some(Err(e)) => return Err(e),
         None => {}
     }
-    let Some((login, password)) = shared.login() else {
-        return Err(Status::unauthenticated(
+    let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+    crate::login::check(
+        &shared.logins,
+        shared.login().as_ref(),
+        req.remote_addr(),
+        header,
+        "management",
+    )
+    .map_err(|e| match e {
+        LoginError::NotConfigured => Status::unauthenticated(
             "management needs an admin certificate (this server has no Login/Password configured)",
-        ));
-    };
-    let header = req
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
-        .ok_or_else(|| {
+        ),
+        LoginError::Missing => {
             Status::unauthenticated("management needs an admin certificate or the server's login")
-        })?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(header)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| Status::unauthenticated("malformed authorization header"))?;
-    let (l, p) = decoded.split_once(':').unwrap_or((&decoded, ""));
-    let ok_login = same_secret(l, &login);
-    let ok_password = same_secret(p, &password);
-    if ok_login && ok_password {
-        Ok(l.to_string())
-    } else {
-        Err(Status::unauthenticated("wrong login or password"))
-    }
-}
-
-/// Compares secrets without leaking through timing where they differ.
-pub fn same_secret(a: &str, b: &str) -> bool {
-    constant_time_eq(a.as_bytes(), b.as_bytes())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    // Compare digests, so neither length nor content leaks through timing.
-    let (ha, hb) = (blake3::hash(a), blake3::hash(b));
-    ha == hb
+        }
+        LoginError::Throttled { .. } => Status::resource_exhausted(e.to_string()),
+        LoginError::Malformed | LoginError::Wrong => Status::unauthenticated(e.to_string()),
+    })
 }
