@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow, bail};
 use backer_proto::v1::management_client::ManagementClient;
 use backer_proto::v1::{
-    AddClientRequest, CertStatusRequest, Client, Job, ListClientsRequest, ListFilesRequest, ListJobsRequest,
-    ListSnapshotsRequest, RemoveClientRequest, StartBackupRequest, StartRestoreRequest, WatchJobRequest,
+    AddClientRequest, CertStatusRequest, Client, Job, ListAdminCertsRequest, ListClientsRequest,
+    ListFilesRequest, ListJobsRequest, ListSnapshotsRequest, RemoveClientRequest, RevokeAdminCertRequest,
+    StartBackupRequest, StartRestoreRequest, WatchJobRequest,
 };
 use base64::Engine;
 use clap::{Args, Subcommand};
@@ -65,6 +66,13 @@ pub struct AddArgs {
 pub enum CertCommand {
     /// Expiry of the CA, the server's and every client's certificate
     Status,
+    /// The admin certificates the server issued (`backer-server admin-cert`), revoked or not
+    Admins,
+    /// Revoke every certificate of an admin: the server refuses them from their next call
+    RevokeAdmin {
+        /// The admin's name, as `backer cert admins` lists it
+        name: String,
+    },
 }
 
 #[derive(Clone)]
@@ -270,8 +278,31 @@ fn write_secret(path: &std::path::Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-pub async fn cert(g: &Global, s: &ServerArgs, _cmd: CertCommand) -> Result<u8> {
+pub async fn cert(g: &Global, s: &ServerArgs, cmd: CertCommand) -> Result<u8> {
     let mut m = connect(s).await?;
+    match cmd {
+        CertCommand::Status => cert_status(g, &mut m).await,
+        CertCommand::Admins => admin_certs(g, &mut m).await,
+        CertCommand::RevokeAdmin { name } => {
+            let r = m
+                .revoke_admin_cert(RevokeAdminCertRequest { name: name.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if g.json {
+                println!("{}", serde_json::json!({"admin": name, "revoked": r.revoked}));
+            } else {
+                println!(
+                    "revoked {} admin certificate(s) of {name}: the server refuses them from their next call",
+                    r.revoked
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+async fn cert_status(g: &Global, m: &mut Mgmt) -> Result<u8> {
     let r = m
         .cert_status(CertStatusRequest {})
         .await
@@ -287,6 +318,43 @@ pub async fn cert(g: &Global, s: &ServerArgs, _cmd: CertCommand) -> Result<u8> {
     println!("CA certificate expires:     {}", when(r.ca_not_after));
     println!("server certificate expires: {}", when(r.server_not_after));
     print_clients(g, &r.clients)?;
+    Ok(0)
+}
+
+async fn admin_certs(g: &Global, m: &mut Mgmt) -> Result<u8> {
+    let r = m
+        .list_admin_certs(ListAdminCertsRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if g.json {
+        let v: Vec<_> = r
+            .certs
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "name": c.name, "serial": c.serial, "issued": c.issued,
+                    "not_after": c.not_after, "revoked": (c.revoked != 0).then_some(c.revoked),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<24} {:<34} {:<17} {:<17} revoked",
+        "admin", "serial", "issued", "expires"
+    );
+    for c in &r.certs {
+        println!(
+            "{:<24} {:<34} {:<17} {:<17} {}",
+            c.name,
+            c.serial,
+            when(c.issued),
+            when(c.not_after),
+            when(c.revoked)
+        );
+    }
     Ok(0)
 }
 

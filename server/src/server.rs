@@ -11,7 +11,7 @@ use tonic::Status;
 
 use crate::config::Config;
 use crate::jobs::Jobs;
-use crate::state::{Registry, StateDir};
+use crate::state::{AdminCertFile, AdminRefusal, Registry, StateDir};
 use crate::storage::Storage;
 use backer_proto::ca::Ca;
 
@@ -45,7 +45,17 @@ pub struct Shared {
     pub insecure_plaintext: bool,
     /// Failed Login/Password attempts per peer, for both ports that take them.
     pub logins: crate::login::Throttle,
+    /// The admin certificates issued, checked on every management call.
+    pub admin_certs: AdminCertFile,
 }
+
+/// The operator's admin identity. It mints its certificate in memory from
+/// the CA it keeps (operator/src/backer.rs, `ADMIN_DAYS`), so the server has
+/// no record of it; see [`Shared::check_admin`].
+pub const OPERATOR_ADMIN: &str = "backer-operator";
+/// The longest an operator's certificate lives: its 2 days and the 5 minutes
+/// of clock slack every certificate starts with, and a little more.
+const OPERATOR_ADMIN_MAX_SECS: i64 = 2 * 86_400 + 600;
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,6 +88,25 @@ impl Shared {
 
     pub fn login(&self) -> Option<(String, String)> {
         self.config().login
+    }
+
+    /// May this admin certificate (verified by TLS against the CA) be used
+    /// now? Only if the server recorded it when `backer-server admin-cert`
+    /// issued it and it was not revoked since, with one exception: with the
+    /// operator's PKI (`--pki-dir`), the operator's own unrecorded
+    /// certificate, which lives at most two days. `admin-cert` refuses to
+    /// issue that name, so no record ever stands for it.
+    pub fn check_admin(&self, name: &str, serial: &[u8], lifetime_secs: i64) -> Result<(), AdminRefusal> {
+        match self.admin_certs.check(name, serial) {
+            Err(AdminRefusal::Unrecorded(_) | AdminRefusal::Unreadable(_))
+                if self.state.pki.is_some()
+                    && name == OPERATOR_ADMIN
+                    && lifetime_secs <= OPERATOR_ADMIN_MAX_SECS =>
+            {
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     /// The server's clock, which schedules follow.
@@ -206,6 +235,7 @@ pub async fn run(
         })?,
     };
     let config_path = opts.config.clone();
+    let admin_certs = AdminCertFile::new(state.clone());
     let shared = Arc::new(Shared {
         config: RwLock::new(config),
         state,
@@ -219,6 +249,7 @@ pub async fn run(
         clock_offset,
         insecure_plaintext: opts.insecure_plaintext,
         logins: crate::login::Throttle::default(),
+        admin_certs,
     });
     spawn_reload_on_hangup(Arc::clone(&shared), config_path);
     tokio::spawn(crate::runner::run_schedules(Arc::clone(&shared)));

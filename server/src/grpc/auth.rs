@@ -8,14 +8,26 @@ use crate::login::LoginError;
 use crate::server::Shared;
 use backer_proto::ca::{Identity, identity_of};
 
-fn peer_identity<T>(req: &Request<T>) -> Option<Result<(Identity, Vec<u8>), Status>> {
+/// The identity a verified peer certificate names, its raw serial and its
+/// whole lifetime in seconds (not after minus not before).
+type Peer = (Identity, Vec<u8>, i64);
+
+fn peer_identity<T>(req: &Request<T>) -> Option<Result<Peer, Status>> {
     let certs = req.peer_certs()?;
     let leaf = certs.first()?;
     Some(
         identity_of(leaf.as_ref())
-            .map(|(id, serial, _)| (id, serial))
+            .map(|(id, serial, _)| (id, serial, lifetime(leaf.as_ref())))
             .map_err(|e| Status::unauthenticated(e.to_string())),
     )
+}
+
+/// Seconds from a certificate's not-before to its not-after; `i64::MAX`
+/// when unreadable, so nothing that depends on a short life is granted.
+fn lifetime(der: &[u8]) -> i64 {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c.validity().not_after.timestamp() - c.validity().not_before.timestamp())
+        .unwrap_or(i64::MAX)
 }
 
 /// Where an agent names itself when the server runs with `--insecure-plaintext`.
@@ -45,10 +57,10 @@ pub fn client<T>(shared: &Shared, req: &Request<T>) -> Result<String, Status> {
             "no client certificate: enrol this host first (backer-agent enroll)",
         )),
         Some(Err(e)) => Err(e),
-        Some(Ok((Identity::Admin(_), _))) => Err(Status::permission_denied(
+        Some(Ok((Identity::Admin(_), _, _))) => Err(Status::permission_denied(
             "an admin certificate cannot act as an agent",
         )),
-        Some(Ok((Identity::Client(name), serial))) => {
+        Some(Ok((Identity::Client(name), serial, _))) => {
             shared
                 .registry()
                 .check(&name, &serial)
@@ -58,12 +70,22 @@ pub fn client<T>(shared: &Shared, req: &Request<T>) -> Result<String, Status> {
     }
 }
 
-/// An administrator: an admin certificate, or the server's Login/Password
-/// as HTTP basic authorization. Client certificates are refused.
+/// An administrator: an admin certificate the server recorded and did not
+/// revoke, or the server's Login/Password as HTTP basic authorization.
+/// Client certificates are refused.
 pub fn admin<T>(shared: &Shared, req: &Request<T>) -> Result<String, Status> {
     match peer_identity(req) {
-        Some(Ok((Identity::Admin(name), _))) => return Ok(name),
-        Some(Ok((Identity::Client(name), _))) => {
+        Some(Ok((Identity::Admin(name), serial, lifetime))) => {
+            return match shared.check_admin(&name, &serial, lifetime) {
+                Ok(()) => Ok(name),
+                Err(r) => {
+                    let peer = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                    tracing::warn!(admin = %name, serial = %hex::encode(&serial), %peer, "refused an admin certificate: {r}");
+                    Err(Status::permission_denied(r.to_string()))
+                }
+            };
+        }
+        Some(Ok((Identity::Client(name), _, _))) => {
             return Err(Status::permission_denied(format!(
                 "client {name} may not call management methods"
             )));
