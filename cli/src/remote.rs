@@ -89,11 +89,14 @@ impl Interceptor for BasicAuth {
 
 type Mgmt = ManagementClient<tonic::service::interceptor::InterceptedService<Channel, BasicAuth>>;
 
-async fn connect(s: &ServerArgs) -> Result<Mgmt> {
-    let server = s
-        .server
+fn server_address(s: &ServerArgs) -> Result<&str> {
+    s.server
         .as_deref()
-        .ok_or_else(|| anyhow!("no server given: use --server HOST:PORT or set BACKER_SERVER"))?;
+        .ok_or_else(|| anyhow!("no server given: use --server HOST:PORT or set BACKER_SERVER"))
+}
+
+async fn connect(s: &ServerArgs) -> Result<Mgmt> {
+    let server = server_address(s)?;
     if s.insecure_plaintext {
         eprintln!("warning: INSECURE plain-text connection (--insecure-plaintext); development only");
         let channel = backer_proto::connect_plain(server)
@@ -141,7 +144,42 @@ fn basic_auth(s: &ServerArgs) -> Result<BasicAuth> {
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
+    if lost_connection(&s) {
+        return anyhow!("lost the connection to the server ({})", s.message());
+    }
     anyhow!("the server said: {}", s.message())
+}
+
+/// Whether a failed call means the connection broke (the server restarted
+/// or the network failed) rather than that the server refused: a status the
+/// server sends carries no source error, one made here from a broken
+/// connection carries the transport's error.
+fn lost_connection(s: &tonic::Status) -> bool {
+    std::error::Error::source(s).is_some()
+        || s.message().starts_with("h2 protocol error")
+        || s.message().starts_with("transport error")
+}
+
+/// What to say when the connection breaks while a job is followed: the job
+/// itself goes on (or was failed by a restart), so say where to look.
+fn lost_job(server: &str, job: &str) -> anyhow::Error {
+    anyhow!(
+        "lost the connection to the server at {server} while following job {job} (it may have restarted); \
+         `backer jobs` shows how the job ended"
+    )
+}
+
+/// Why a job did not succeed, from its record.
+fn failure(j: &Job) -> anyhow::Error {
+    match j.messages.as_slice() {
+        [] => anyhow!(
+            "job {} {}: the server recorded no reason (`backer jobs --json` shows the job)",
+            j.id,
+            j.state
+        ),
+        [one] => anyhow!("job {} {}: {one}", j.id, j.state),
+        many => anyhow!("job {} {}:\n  {}", j.id, j.state, many.join("\n  ")),
+    }
 }
 
 fn when(t: i64) -> String {
@@ -426,8 +464,9 @@ pub async fn jobs(g: &Global, s: &ServerArgs, a: JobsArgs) -> Result<u8> {
 }
 
 /// Prints a started job, or follows it to its end with a progress bar.
-/// Exit code: 0 succeeded, EXIT_INCOMPLETE partial, an error when failed.
-async fn follow(g: &Global, m: &mut Mgmt, job: Job, wait: bool) -> Result<u8> {
+/// Exit code: 0 succeeded, EXIT_INCOMPLETE partial, an error that gives the
+/// reason when failed or when the connection to `server` broke.
+async fn follow(g: &Global, server: &str, m: &mut Mgmt, job: Job, wait: bool) -> Result<u8> {
     if !wait {
         if g.json {
             println!("{}", job_json(&job));
@@ -440,24 +479,48 @@ async fn follow(g: &Global, m: &mut Mgmt, job: Job, wait: bool) -> Result<u8> {
         return Ok(0);
     }
     let pb = output::bar(g, &job.kind);
+    let id = job.id.clone();
+    let lost = |s: tonic::Status| {
+        if lost_connection(&s) {
+            lost_job(server, &id)
+        } else {
+            status_err(s)
+        }
+    };
     let mut updates = m
         .watch_job(WatchJobRequest { id: job.id.clone() })
         .await
-        .map_err(status_err)?
+        .map_err(lost)?
         .into_inner();
     let mut last = job;
-    while let Some(j) = updates.message().await.map_err(status_err)? {
+    loop {
+        let next = updates.message().await;
+        let j = match next {
+            Ok(Some(j)) => j,
+            Ok(None) => break,
+            Err(s) => {
+                pb.finish_and_clear();
+                return Err(lost(s));
+            }
+        };
         pb.set_length(j.bytes_total.max(j.bytes_done));
         pb.set_position(j.bytes_done);
         pb.set_message(format!("{} files", j.files_done));
         last = j;
     }
     pb.finish_and_clear();
+    if !matches!(last.state.as_str(), "succeeded" | "partial" | "failed") {
+        // The stream ended before the job did: the server went away cleanly.
+        return Err(lost_job(server, &last.id));
+    }
     if g.json {
         println!("{}", job_json(&last));
     } else {
-        for msg in &last.messages {
-            eprintln!("  {msg}");
+        // A failure's reasons are the error itself, below.
+        if last.state != "failed" {
+            for msg in &last.messages {
+                eprintln!("  {msg}");
+            }
         }
         println!(
             "job {} {}: {} files, {}{}",
@@ -475,7 +538,7 @@ async fn follow(g: &Global, m: &mut Mgmt, job: Job, wait: bool) -> Result<u8> {
     match last.state.as_str() {
         "succeeded" => Ok(0),
         "partial" => Ok(crate::EXIT_INCOMPLETE),
-        s => bail!("job {} {s}", last.id),
+        _ => Err(failure(&last)),
     }
 }
 
@@ -496,7 +559,7 @@ pub async fn backup(g: &Global, s: &ServerArgs, a: crate::local::BackupArgs) -> 
         .await
         .map_err(status_err)?
         .into_inner();
-    follow(g, &mut m, job, a.wait).await
+    follow(g, server_address(s)?, &mut m, job, a.wait).await
 }
 
 pub async fn restore(g: &Global, s: &ServerArgs, a: crate::local::RestoreArgs) -> Result<u8> {
@@ -513,7 +576,7 @@ pub async fn restore(g: &Global, s: &ServerArgs, a: crate::local::RestoreArgs) -
         .await
         .map_err(status_err)?
         .into_inner();
-    follow(g, &mut m, job, a.wait).await
+    follow(g, server_address(s)?, &mut m, job, a.wait).await
 }
 
 pub async fn snapshots(g: &Global, s: &ServerArgs, a: crate::local::SnapshotsArgs) -> Result<u8> {
