@@ -147,11 +147,12 @@ pub fn check(
     };
     let header = header.ok_or(LoginError::Missing)?;
     let key = bucket(peer);
+    let shown_peer = peer.map_or_else(|| "unknown".to_string(), |p| p.ip().to_string());
     let now = Instant::now();
     // Refused unchecked while blocked, so even the right password tells the
     // guesser nothing until the window ends.
     if let Some(retry_after) = throttle.blocked(key, now) {
-        tracing::debug!(peer = %key, port, "login refused: too many failures");
+        tracing::debug!(peer = %shown_peer, port, "login refused: too many failures");
         return Err(LoginError::Throttled { retry_after });
     }
     let (given, error) = match parse_basic(header) {
@@ -164,10 +165,10 @@ pub fn check(
         Err(e) => (String::new(), e),
     };
     let shown: String = given.chars().take(LOGGED_LOGIN_CHARS).collect();
-    tracing::warn!(peer = %key, login = ?shown, port, "failed login: {error}");
+    tracing::warn!(peer = %shown_peer, login = ?shown, port, "failed login: {error}");
     if let Some(window) = throttle.fail(key, now) {
         tracing::warn!(
-            peer = %key,
+            peer = %shown_peer,
             port,
             "too many failed logins: this address is refused for {} s",
             window.as_secs()
