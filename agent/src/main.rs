@@ -25,6 +25,11 @@ const RENEW_WITHIN_DAYS: i64 = 30;
 /// or was renewed.
 const CERTIFICATE_CHECK: Duration = Duration::from_secs(5);
 
+/// The first wait before reconnecting, doubled on each failure in a row up
+/// to `MAX_RECONNECT_WAIT`.
+const FIRST_RECONNECT_WAIT: Duration = Duration::from_millis(500);
+const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(60);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "backer-agent",
@@ -440,40 +445,52 @@ async fn run(state_dir: &Path, policy: work::Policy, kube: Option<kubernetes::Id
             _ => kubernetes::enrol(state_dir, id).await?,
         }
     }
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = FIRST_RECONNECT_WAIT;
     loop {
         // Read again each time: `backer-agent renew` may have replaced it.
         let mut st = load_state(state_dir)?;
         renew_if_due(state_dir, &mut st).await?;
-        match session(state_dir, &st, &policy).await {
-            Ok(()) => backoff = Duration::from_secs(1),
-            Err(e) => {
-                // Refusals are final: a revoked client must not hammer the server.
-                if let Some(s) = e.downcast_ref::<tonic::Status>()
-                    && matches!(
-                        s.code(),
-                        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
-                    )
-                {
-                    if kube.is_some() {
-                        // A refused identity is dead: the next start asks for a new one.
-                        let _ = std::fs::remove_file(state_dir.join("agent.json"));
-                    }
-                    bail!("the server refused this agent: {}", s.message());
+        let mut registered = false;
+        let ended = session(state_dir, &st, &policy, &mut registered).await;
+        // The server took this agent's connection: whatever ended it is a
+        // new outage (a restart, say), not more of the last one, so the wait
+        // starts again from the shortest. Without this, an agent whose server
+        // restarted a few times waited half a minute to come back.
+        if registered {
+            backoff = FIRST_RECONNECT_WAIT;
+        }
+        if let Err(e) = ended {
+            // Refusals are final: a revoked client must not hammer the server.
+            if let Some(s) = e.downcast_ref::<tonic::Status>()
+                && matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                )
+            {
+                if kube.is_some() {
+                    // A refused identity is dead: the next start asks for a new one.
+                    let _ = std::fs::remove_file(state_dir.join("agent.json"));
                 }
-                tracing::warn!(
-                    "connection to the server lost: {e:#}; retrying in {} s",
-                    backoff.as_secs()
-                );
+                bail!("the server refused this agent: {}", s.message());
             }
+            tracing::warn!(
+                "connection to the server lost: {e:#}; retrying in {:.1} s",
+                backoff.as_secs_f32()
+            );
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(60));
+        backoff = (backoff * 2).min(MAX_RECONNECT_WAIT);
     }
 }
 
 /// One connection: say hello, then take work until the server hangs up.
-async fn session(state_dir: &Path, st: &AgentState, policy: &work::Policy) -> Result<()> {
+/// `registered` turns true once the server has accepted the connection.
+async fn session(
+    state_dir: &Path,
+    st: &AgentState,
+    policy: &work::Policy,
+    registered: &mut bool,
+) -> Result<()> {
     let mut c = client(state_dir, st).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(AgentReport {
@@ -489,6 +506,7 @@ async fn session(state_dir: &Path, st: &AgentState, policy: &work::Policy) -> Re
         .await
         .map_err(anyhow::Error::from)?
         .into_inner();
+    *registered = true;
     tracing::info!(client = %st.client, server = %st.server, "connected");
     // A connection may last months: it ends, to be made again with a new
     // certificate, when renewal is due or the certificate was renewed by

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow, bail};
 use backer_proto::v1::management_client::ManagementClient;
 use backer_proto::v1::{
-    AddClientRequest, CertStatusRequest, Client, Job, ListClientsRequest, ListFilesRequest, ListJobsRequest,
-    ListSnapshotsRequest, RemoveClientRequest, StartBackupRequest, StartRestoreRequest, WatchJobRequest,
+    AddClientRequest, CertStatusRequest, Client, Job, ListAdminCertsRequest, ListClientsRequest,
+    ListFilesRequest, ListJobsRequest, ListSnapshotsRequest, RemoveClientRequest, RevokeAdminCertRequest,
+    StartBackupRequest, StartRestoreRequest, WatchJobRequest,
 };
 use base64::Engine;
 use clap::{Args, Subcommand};
@@ -65,6 +66,13 @@ pub struct AddArgs {
 pub enum CertCommand {
     /// Expiry of the CA, the server's and every client's certificate
     Status,
+    /// The admin certificates the server issued (`backer-server admin-cert`), revoked or not
+    Admins,
+    /// Revoke every certificate of an admin: the server refuses them from their next call
+    RevokeAdmin {
+        /// The admin's name, as `backer cert admins` lists it
+        name: String,
+    },
 }
 
 #[derive(Clone)]
@@ -81,11 +89,14 @@ impl Interceptor for BasicAuth {
 
 type Mgmt = ManagementClient<tonic::service::interceptor::InterceptedService<Channel, BasicAuth>>;
 
-async fn connect(s: &ServerArgs) -> Result<Mgmt> {
-    let server = s
-        .server
+fn server_address(s: &ServerArgs) -> Result<&str> {
+    s.server
         .as_deref()
-        .ok_or_else(|| anyhow!("no server given: use --server HOST:PORT or set BACKER_SERVER"))?;
+        .ok_or_else(|| anyhow!("no server given: use --server HOST:PORT or set BACKER_SERVER"))
+}
+
+async fn connect(s: &ServerArgs) -> Result<Mgmt> {
+    let server = server_address(s)?;
     if s.insecure_plaintext {
         eprintln!("warning: INSECURE plain-text connection (--insecure-plaintext); development only");
         let channel = backer_proto::connect_plain(server)
@@ -133,7 +144,42 @@ fn basic_auth(s: &ServerArgs) -> Result<BasicAuth> {
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
+    if lost_connection(&s) {
+        return anyhow!("lost the connection to the server ({})", s.message());
+    }
     anyhow!("the server said: {}", s.message())
+}
+
+/// Whether a failed call means the connection broke (the server restarted
+/// or the network failed) rather than that the server refused: a status the
+/// server sends carries no source error, one made here from a broken
+/// connection carries the transport's error.
+fn lost_connection(s: &tonic::Status) -> bool {
+    std::error::Error::source(s).is_some()
+        || s.message().starts_with("h2 protocol error")
+        || s.message().starts_with("transport error")
+}
+
+/// What to say when the connection breaks while a job is followed: the job
+/// itself goes on (or was failed by a restart), so say where to look.
+fn lost_job(server: &str, job: &str) -> anyhow::Error {
+    anyhow!(
+        "lost the connection to the server at {server} while following job {job} (it may have restarted); \
+         `backer jobs` shows how the job ended"
+    )
+}
+
+/// Why a job did not succeed, from its record.
+fn failure(j: &Job) -> anyhow::Error {
+    match j.messages.as_slice() {
+        [] => anyhow!(
+            "job {} {}: the server recorded no reason (`backer jobs --json` shows the job)",
+            j.id,
+            j.state
+        ),
+        [one] => anyhow!("job {} {}: {one}", j.id, j.state),
+        many => anyhow!("job {} {}:\n  {}", j.id, j.state, many.join("\n  ")),
+    }
 }
 
 fn when(t: i64) -> String {
@@ -270,8 +316,31 @@ fn write_secret(path: &std::path::Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-pub async fn cert(g: &Global, s: &ServerArgs, _cmd: CertCommand) -> Result<u8> {
+pub async fn cert(g: &Global, s: &ServerArgs, cmd: CertCommand) -> Result<u8> {
     let mut m = connect(s).await?;
+    match cmd {
+        CertCommand::Status => cert_status(g, &mut m).await,
+        CertCommand::Admins => admin_certs(g, &mut m).await,
+        CertCommand::RevokeAdmin { name } => {
+            let r = m
+                .revoke_admin_cert(RevokeAdminCertRequest { name: name.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if g.json {
+                println!("{}", serde_json::json!({"admin": name, "revoked": r.revoked}));
+            } else {
+                println!(
+                    "revoked {} admin certificate(s) of {name}: the server refuses them from their next call",
+                    r.revoked
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+async fn cert_status(g: &Global, m: &mut Mgmt) -> Result<u8> {
     let r = m
         .cert_status(CertStatusRequest {})
         .await
@@ -287,6 +356,43 @@ pub async fn cert(g: &Global, s: &ServerArgs, _cmd: CertCommand) -> Result<u8> {
     println!("CA certificate expires:     {}", when(r.ca_not_after));
     println!("server certificate expires: {}", when(r.server_not_after));
     print_clients(g, &r.clients)?;
+    Ok(0)
+}
+
+async fn admin_certs(g: &Global, m: &mut Mgmt) -> Result<u8> {
+    let r = m
+        .list_admin_certs(ListAdminCertsRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if g.json {
+        let v: Vec<_> = r
+            .certs
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "name": c.name, "serial": c.serial, "issued": c.issued,
+                    "not_after": c.not_after, "revoked": (c.revoked != 0).then_some(c.revoked),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<24} {:<34} {:<17} {:<17} revoked",
+        "admin", "serial", "issued", "expires"
+    );
+    for c in &r.certs {
+        println!(
+            "{:<24} {:<34} {:<17} {:<17} {}",
+            c.name,
+            c.serial,
+            when(c.issued),
+            when(c.not_after),
+            when(c.revoked)
+        );
+    }
     Ok(0)
 }
 
@@ -358,8 +464,9 @@ pub async fn jobs(g: &Global, s: &ServerArgs, a: JobsArgs) -> Result<u8> {
 }
 
 /// Prints a started job, or follows it to its end with a progress bar.
-/// Exit code: 0 succeeded, EXIT_INCOMPLETE partial, an error when failed.
-async fn follow(g: &Global, m: &mut Mgmt, job: Job, wait: bool) -> Result<u8> {
+/// Exit code: 0 succeeded, EXIT_INCOMPLETE partial, an error that gives the
+/// reason when failed or when the connection to `server` broke.
+async fn follow(g: &Global, server: &str, m: &mut Mgmt, job: Job, wait: bool) -> Result<u8> {
     if !wait {
         if g.json {
             println!("{}", job_json(&job));
@@ -372,24 +479,48 @@ async fn follow(g: &Global, m: &mut Mgmt, job: Job, wait: bool) -> Result<u8> {
         return Ok(0);
     }
     let pb = output::bar(g, &job.kind);
+    let id = job.id.clone();
+    let lost = |s: tonic::Status| {
+        if lost_connection(&s) {
+            lost_job(server, &id)
+        } else {
+            status_err(s)
+        }
+    };
     let mut updates = m
         .watch_job(WatchJobRequest { id: job.id.clone() })
         .await
-        .map_err(status_err)?
+        .map_err(lost)?
         .into_inner();
     let mut last = job;
-    while let Some(j) = updates.message().await.map_err(status_err)? {
+    loop {
+        let next = updates.message().await;
+        let j = match next {
+            Ok(Some(j)) => j,
+            Ok(None) => break,
+            Err(s) => {
+                pb.finish_and_clear();
+                return Err(lost(s));
+            }
+        };
         pb.set_length(j.bytes_total.max(j.bytes_done));
         pb.set_position(j.bytes_done);
         pb.set_message(format!("{} files", j.files_done));
         last = j;
     }
     pb.finish_and_clear();
+    if !matches!(last.state.as_str(), "succeeded" | "partial" | "failed") {
+        // The stream ended before the job did: the server went away cleanly.
+        return Err(lost_job(server, &last.id));
+    }
     if g.json {
         println!("{}", job_json(&last));
     } else {
-        for msg in &last.messages {
-            eprintln!("  {msg}");
+        // A failure's reasons are the error itself, below.
+        if last.state != "failed" {
+            for msg in &last.messages {
+                eprintln!("  {msg}");
+            }
         }
         println!(
             "job {} {}: {} files, {}{}",
@@ -407,7 +538,7 @@ async fn follow(g: &Global, m: &mut Mgmt, job: Job, wait: bool) -> Result<u8> {
     match last.state.as_str() {
         "succeeded" => Ok(0),
         "partial" => Ok(crate::EXIT_INCOMPLETE),
-        s => bail!("job {} {s}", last.id),
+        _ => Err(failure(&last)),
     }
 }
 
@@ -428,7 +559,7 @@ pub async fn backup(g: &Global, s: &ServerArgs, a: crate::local::BackupArgs) -> 
         .await
         .map_err(status_err)?
         .into_inner();
-    follow(g, &mut m, job, a.wait).await
+    follow(g, server_address(s)?, &mut m, job, a.wait).await
 }
 
 pub async fn restore(g: &Global, s: &ServerArgs, a: crate::local::RestoreArgs) -> Result<u8> {
@@ -445,7 +576,7 @@ pub async fn restore(g: &Global, s: &ServerArgs, a: crate::local::RestoreArgs) -
         .await
         .map_err(status_err)?
         .into_inner();
-    follow(g, &mut m, job, a.wait).await
+    follow(g, server_address(s)?, &mut m, job, a.wait).await
 }
 
 pub async fn snapshots(g: &Global, s: &ServerArgs, a: crate::local::SnapshotsArgs) -> Result<u8> {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod datapath;
 pub mod grpc;
 pub mod jobs;
+pub mod login;
 pub mod rest;
 pub mod runner;
 pub mod schedule;

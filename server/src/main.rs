@@ -48,17 +48,26 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Issue an admin certificate for the `backer` CLI (run on the server host)
+    /// Issue an admin certificate for the `backer` CLI, or revoke or list
+    /// them (run on the server host; a running server sees the change at
+    /// the next call)
     AdminCert {
-        /// Administrator's name, recorded in the certificate
-        #[arg(long)]
-        name: String,
+        /// Administrator's name, recorded in the certificate and in the
+        /// server's record of admin certificates
+        #[arg(long, required_unless_present_any = ["revoke", "list"])]
+        name: Option<String>,
         /// Directory to write admin.pem, admin-key.pem and ca.pem into
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, required_unless_present_any = ["revoke", "list"])]
+        out: Option<PathBuf>,
         /// Lifetime in days
         #[arg(long, default_value_t = 90)]
         days: i64,
+        /// Revoke every certificate issued to this admin instead
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["name", "out", "list"])]
+        revoke: Option<String>,
+        /// List the admin certificates issued, revoked or not, instead
+        #[arg(long, conflicts_with_all = ["name", "out"])]
+        list: bool,
     },
 }
 
@@ -74,9 +83,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Some(Command::AdminCert { name, out, days }) => {
-            admin_cert(&cli.state_dir, cli.pki_dir, &name, &out, days)
-        }
+        Some(Command::AdminCert {
+            revoke: Some(name), ..
+        }) => revoke_admin_certs(&cli.state_dir, &name),
+        Some(Command::AdminCert { list: true, .. }) => list_admin_certs(&cli.state_dir),
+        Some(Command::AdminCert {
+            name: Some(name),
+            out: Some(out),
+            days,
+            ..
+        }) => admin_cert(&cli.state_dir, cli.pki_dir, &name, &out, days),
+        Some(Command::AdminCert { .. }) => Err(anyhow::anyhow!(
+            "admin-cert needs --name and --out (or --revoke NAME, or --list)"
+        )),
         None => serve(Options {
             config: cli.config,
             state_dir: cli.state_dir,
@@ -136,17 +155,72 @@ fn admin_cert(
     out: &std::path::Path,
     days: i64,
 ) -> anyhow::Result<()> {
+    if !backer_server::config::valid_client_name(name) {
+        anyhow::bail!(
+            "{name:?} is not a valid admin name: use a DNS name (lower-case letters, digits, '-' and '.')"
+        );
+    }
+    if name == backer_server::server::OPERATOR_ADMIN {
+        anyhow::bail!("{name} is the operator's own identity; choose another name");
+    }
     let state = StateDir::new(state_dir)?.with_pki(pki_dir);
     let ca = state.ca()?;
     let issued = ca.issue_admin(name, days)?;
+    // Recorded before it is handed out: the server refuses what it has no record of.
+    let now = chrono::Utc::now().timestamp();
+    state
+        .update_admin_certs(now, |a| a.record(name, &issued.serial, issued.not_after, now))
+        .context("failed to record the admin certificate")?;
     std::fs::create_dir_all(out).with_context(|| format!("failed to create {}", out.display()))?;
     let key = issued.key_pem.unwrap_or_default();
     backer_server::state::write_atomic(&out.join("admin-key.pem"), key.as_bytes(), true)?;
     backer_server::state::write_atomic(&out.join("admin.pem"), issued.cert_pem.as_bytes(), false)?;
     backer_server::state::write_atomic(&out.join("ca.pem"), ca.cert_pem.as_bytes(), false)?;
     println!(
-        "wrote {}/admin.pem, admin-key.pem and ca.pem (valid {days} days)",
-        out.display()
+        "wrote {}/admin.pem, admin-key.pem and ca.pem (valid {days} days, serial {})",
+        out.display(),
+        hex::encode(&issued.serial)
     );
+    Ok(())
+}
+
+fn revoke_admin_certs(state_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    let state = StateDir::new(state_dir)?;
+    let now = chrono::Utc::now().timestamp();
+    let (known, revoked) = state
+        .update_admin_certs(now, |a| {
+            (a.certs.iter().any(|c| c.name == name), a.revoke(name, now))
+        })
+        .context("failed to revoke")?;
+    if !known {
+        anyhow::bail!("no admin certificate of {name} is recorded (`admin-cert --list` lists them)");
+    }
+    println!(
+        "revoked {revoked} admin certificate(s) of {name}; a running server refuses them from their next call"
+    );
+    Ok(())
+}
+
+fn list_admin_certs(state_dir: &std::path::Path) -> anyhow::Result<()> {
+    let state = StateDir::new(state_dir)?;
+    let when = |t: i64| {
+        chrono::DateTime::from_timestamp(t, 0)
+            .map(|d| d.format("%Y-%m-%d %H:%M").to_string())
+            .unwrap_or_default()
+    };
+    println!(
+        "{:<24} {:<34} {:<17} {:<17} revoked",
+        "admin", "serial", "issued", "expires"
+    );
+    for c in state.load_admin_certs()?.certs {
+        println!(
+            "{:<24} {:<34} {:<17} {:<17} {}",
+            c.name,
+            c.serial,
+            when(c.issued),
+            when(c.not_after),
+            c.revoked.map_or("-".to_string(), when)
+        );
+    }
     Ok(())
 }

@@ -11,7 +11,7 @@ use tonic::Status;
 
 use crate::config::Config;
 use crate::jobs::Jobs;
-use crate::state::{Registry, StateDir};
+use crate::state::{AdminCertFile, AdminRefusal, Registry, StateDir};
 use crate::storage::Storage;
 use backer_proto::ca::Ca;
 
@@ -43,7 +43,19 @@ pub struct Shared {
     clock_offset: chrono::TimeDelta,
     /// No TLS: agents name themselves (development only).
     pub insecure_plaintext: bool,
+    /// Failed Login/Password attempts per peer, for both ports that take them.
+    pub logins: crate::login::Throttle,
+    /// The admin certificates issued, checked on every management call.
+    pub admin_certs: AdminCertFile,
 }
+
+/// The operator's admin identity. It mints its certificate in memory from
+/// the CA it keeps (operator/src/backer.rs, `ADMIN_DAYS`), so the server has
+/// no record of it; see [`Shared::check_admin`].
+pub const OPERATOR_ADMIN: &str = "backer-operator";
+/// The longest an operator's certificate lives: its 2 days and the 5 minutes
+/// of clock slack every certificate starts with, and a little more.
+const OPERATOR_ADMIN_MAX_SECS: i64 = 2 * 86_400 + 600;
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -76,6 +88,25 @@ impl Shared {
 
     pub fn login(&self) -> Option<(String, String)> {
         self.config().login
+    }
+
+    /// May this admin certificate (verified by TLS against the CA) be used
+    /// now? Only if the server recorded it when `backer-server admin-cert`
+    /// issued it and it was not revoked since, with one exception: with the
+    /// operator's PKI (`--pki-dir`), the operator's own unrecorded
+    /// certificate, which lives at most two days. `admin-cert` refuses to
+    /// issue that name, so no record ever stands for it.
+    pub fn check_admin(&self, name: &str, serial: &[u8], lifetime_secs: i64) -> Result<(), AdminRefusal> {
+        match self.admin_certs.check(name, serial) {
+            Err(AdminRefusal::Unrecorded(_) | AdminRefusal::Unreadable(_))
+                if self.state.pki.is_some()
+                    && name == OPERATOR_ADMIN
+                    && lifetime_secs <= OPERATOR_ADMIN_MAX_SECS =>
+            {
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     /// The server's clock, which schedules follow.
@@ -169,6 +200,7 @@ pub async fn run(
     let (cert, key, not_after) = server_certificate(&state, &ca, &config)?;
     let registry = state.load_registry()?;
     let tls = crate::tls::server_config(&ca.cert_pem, &cert, &key)?;
+    let rest_tls = crate::tls::rest_config(&cert, &key)?;
     let storage = Storage::open(&config.repository, &state).await?;
     let jobs = Jobs::load(state.dir.join("jobs.json"), chrono::Utc::now().timestamp())?;
     let clock_offset = opts
@@ -203,6 +235,7 @@ pub async fn run(
         })?,
     };
     let config_path = opts.config.clone();
+    let admin_certs = AdminCertFile::new(state.clone());
     let shared = Arc::new(Shared {
         config: RwLock::new(config),
         state,
@@ -215,6 +248,8 @@ pub async fn run(
         jobs,
         clock_offset,
         insecure_plaintext: opts.insecure_plaintext,
+        logins: crate::login::Throttle::default(),
+        admin_certs,
     });
     spawn_reload_on_hangup(Arc::clone(&shared), config_path);
     tokio::spawn(crate::runner::run_schedules(Arc::clone(&shared)));
@@ -266,8 +301,12 @@ pub async fn run(
             }
         });
     }
-    let rest =
-        axum::serve(rest_listener, crate::rest::router(Arc::clone(&shared))).with_graceful_shutdown(shutdown);
+    let rest = crate::rest::serve(
+        Arc::clone(&shared),
+        rest_listener,
+        (!shared.insecure_plaintext).then_some(rest_tls),
+        shutdown,
+    );
     on_bound(bound);
     tracing::info!(mgmt = %bound.mgmt, data = %bound.data, rest = %bound.rest, tls = !shared.insecure_plaintext, "backer-server listening");
     let (a, b, c) = tokio::join!(mgmt, data, rest);
@@ -282,9 +321,10 @@ pub async fn run(
 
 fn warn_plaintext() {
     tracing::warn!(
-        "INSECURE: --insecure-plaintext is on. Management and data travel in clear text, \
-         agents are identified by what they claim, and anyone who can reach these ports can \
-         act as any client. For development only; never on a network you do not own."
+        "INSECURE: --insecure-plaintext is on. Management, data and the REST port (with the \
+         Login/Password its JSON views take) travel in clear text, agents are identified by \
+         what they claim, and anyone who can reach these ports can act as any client. For \
+         development only; never on a network you do not own."
     );
 }
 

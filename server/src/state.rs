@@ -1,6 +1,7 @@
-//! The server's own state, on its disk: the CA, its certificate, and the
+//! The server's own state, on its disk: the CA, its certificate, the
 //! registry of clients (enrolment tokens, the serial of each client's current
-//! certificate, revocations). Written atomically (temporary file, rename).
+//! certificate, revocations) and the record of admin certificates. Written
+//! atomically (temporary file, rename).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -202,6 +203,153 @@ impl Registry {
     }
 }
 
+/// An admin certificate `backer-server admin-cert` issued.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AdminCert {
+    pub name: String,
+    /// Hex serial.
+    pub serial: String,
+    pub issued: i64,
+    pub not_after: i64,
+    /// When it was revoked, if it was.
+    #[serde(default)]
+    pub revoked: Option<i64>,
+}
+
+/// Every admin certificate issued, so one can be revoked before it expires.
+/// Kept in its own file, which both the server and `backer-server
+/// admin-cert` (another process, on the same host) write under a lock.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AdminCerts {
+    pub certs: Vec<AdminCert>,
+}
+
+/// Records of certificates that expired this long ago are dropped: TLS
+/// refuses them anyway.
+const ADMIN_RECORD_KEEP_SECS: i64 = 30 * 86_400;
+
+/// Why an admin certificate is refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum AdminRefusal {
+    #[error(
+        "the admin certificate of {0} was revoked; an admin can issue a new one with \
+         `backer-server admin-cert --name {0}` on the server host"
+    )]
+    Revoked(String),
+    #[error(
+        "this admin certificate of {0} is not in the server's record of admin certificates \
+         (it was issued before they were recorded, or not by this server's `admin-cert`); \
+         issue a new one with `backer-server admin-cert --name {0}` on the server host"
+    )]
+    Unrecorded(String),
+    #[error("admin certificates are refused until the record of them is readable: {0}")]
+    Unreadable(String),
+}
+
+impl AdminCerts {
+    pub fn record(&mut self, name: &str, serial: &[u8], not_after: i64, now: i64) {
+        self.certs.push(AdminCert {
+            name: name.to_string(),
+            serial: hex::encode(serial),
+            issued: now,
+            not_after,
+            revoked: None,
+        });
+    }
+
+    /// Revokes every certificate of `name` still in force: how many.
+    pub fn revoke(&mut self, name: &str, now: i64) -> usize {
+        let mut n = 0;
+        for c in self
+            .certs
+            .iter_mut()
+            .filter(|c| c.name == name && c.revoked.is_none())
+        {
+            c.revoked = Some(now);
+            n += 1;
+        }
+        n
+    }
+
+    /// May this certificate (verified by TLS against the CA) act as admin `name`?
+    pub fn check(&self, name: &str, serial: &[u8]) -> Result<(), AdminRefusal> {
+        let serial = hex::encode(serial);
+        match self.certs.iter().find(|c| c.serial == serial && c.name == name) {
+            Some(c) if c.revoked.is_some() => Err(AdminRefusal::Revoked(name.into())),
+            Some(_) => Ok(()),
+            None => Err(AdminRefusal::Unrecorded(name.into())),
+        }
+    }
+
+    fn prune(&mut self, now: i64) {
+        self.certs.retain(|c| c.not_after + ADMIN_RECORD_KEEP_SECS > now);
+    }
+}
+
+/// The record of admin certificates as the running server sees it: read
+/// again whenever the file changed, so `backer-server admin-cert` (issue or
+/// revoke) takes effect at the next call without a restart.
+#[derive(Debug)]
+pub struct AdminCertFile {
+    state: StateDir,
+    cached: std::sync::Mutex<Option<(Option<FileStamp>, AdminCerts)>>,
+}
+
+/// What tells one version of a file from the next: every write is a new
+/// file renamed into place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+fn stamp(path: &Path) -> Result<Option<FileStamp>, StateError> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(Some(FileStamp {
+            inode: m.ino(),
+            len: m.len(),
+            modified: m.modified().ok(),
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("read", path)(e)),
+    }
+}
+
+impl AdminCertFile {
+    pub fn new(state: StateDir) -> AdminCertFile {
+        AdminCertFile {
+            state,
+            cached: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The record now.
+    pub fn current(&self) -> Result<AdminCerts, StateError> {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let now = stamp(&self.state.admin_certs_path())?;
+        if let Some((seen, certs)) = cached.as_ref()
+            && *seen == now
+        {
+            return Ok(certs.clone());
+        }
+        let certs = self.state.load_admin_certs()?;
+        *cached = Some((now, certs.clone()));
+        Ok(certs)
+    }
+
+    /// [`AdminCerts::check`] against the record now. An unreadable record
+    /// refuses every admin certificate: failing open would undo revocations.
+    pub fn check(&self, name: &str, serial: &[u8]) -> Result<(), AdminRefusal> {
+        let certs = self.current().map_err(|e| {
+            tracing::error!("failed to read the record of admin certificates: {e}");
+            AdminRefusal::Unreadable(e.to_string())
+        })?;
+        certs.check(name, serial)
+    }
+}
+
 /// The state directory's files.
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -294,6 +442,51 @@ impl StateDir {
         write_atomic(&self.path("clients.json"), &data, true)
     }
 
+    pub fn admin_certs_path(&self) -> PathBuf {
+        self.path("admin-certs.json")
+    }
+
+    pub fn load_admin_certs(&self) -> Result<AdminCerts, StateError> {
+        let p = self.admin_certs_path();
+        let raw = match std::fs::read(&p) {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(AdminCerts::default()),
+            Err(e) => return Err(io("read", &p)(e)),
+        };
+        serde_json::from_slice(&raw).map_err(|e| StateError::Damaged {
+            path: p,
+            detail: e.to_string(),
+        })
+    }
+
+    /// Changes the record of admin certificates under an exclusive lock, so
+    /// the server and `backer-server admin-cert` never lose each other's
+    /// writes.
+    pub fn update_admin_certs<R>(
+        &self,
+        now: i64,
+        f: impl FnOnce(&mut AdminCerts) -> R,
+    ) -> Result<R, StateError> {
+        let lock_path = self.path("admin-certs.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("open", &lock_path))?;
+        // Released when `lock` is dropped, after the rename.
+        lock.lock().map_err(io("lock", &lock_path))?;
+        let mut certs = self.load_admin_certs()?;
+        let r = f(&mut certs);
+        certs.prune(now);
+        let data = serde_json::to_vec_pretty(&certs).map_err(|e| StateError::Damaged {
+            path: self.admin_certs_path(),
+            detail: e.to_string(),
+        })?;
+        write_atomic(&self.admin_certs_path(), &data, false)?;
+        Ok(r)
+    }
+
     pub fn write(&self, name: &str, data: &str, secret: bool) -> Result<PathBuf, StateError> {
         let p = self.path(name);
         write_atomic(&p, data.as_bytes(), secret)?;
@@ -341,6 +534,51 @@ mod tests {
         r.set_certificate("db", b"s2", 99, None);
         assert!(r.revoke("db"));
         assert_eq!(r.check("db", b"s2"), Err(Refusal::Revoked("db".into())));
+    }
+
+    #[test]
+    fn admin_certificates_are_recorded_revoked_and_pruned() {
+        let mut a = AdminCerts::default();
+        a.record("ops", b"s1", 1000, 0);
+        a.record("ops", b"s2", 1000, 0);
+        a.record("dev", b"s3", 1000, 0);
+        assert_eq!(a.check("ops", b"s1"), Ok(()));
+        assert_eq!(a.check("ops", b"s9"), Err(AdminRefusal::Unrecorded("ops".into())));
+        assert_eq!(
+            a.check("dev", b"s1"),
+            Err(AdminRefusal::Unrecorded("dev".into())),
+            "a serial counts only under the name it was issued to"
+        );
+        assert_eq!(a.revoke("ops", 10), 2, "every certificate of the name");
+        assert_eq!(a.revoke("ops", 11), 0, "once");
+        assert_eq!(a.check("ops", b"s2"), Err(AdminRefusal::Revoked("ops".into())));
+        assert_eq!(a.check("dev", b"s3"), Ok(()), "others keep working");
+        a.prune(1000 + ADMIN_RECORD_KEEP_SECS - 1);
+        assert_eq!(a.certs.len(), 3);
+        a.prune(1000 + ADMIN_RECORD_KEEP_SECS);
+        assert!(a.certs.is_empty());
+    }
+
+    #[test]
+    fn the_admin_record_file_is_read_again_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path()).unwrap();
+        let file = AdminCertFile::new(state.clone());
+        assert_eq!(
+            file.check("ops", b"s1"),
+            Err(AdminRefusal::Unrecorded("ops".into()))
+        );
+        state
+            .update_admin_certs(0, |a| a.record("ops", b"s1", i64::MAX / 2, 0))
+            .unwrap();
+        assert_eq!(file.check("ops", b"s1"), Ok(()));
+        state.update_admin_certs(0, |a| a.revoke("ops", 1)).unwrap();
+        assert_eq!(file.check("ops", b"s1"), Err(AdminRefusal::Revoked("ops".into())));
+        std::fs::write(state.admin_certs_path(), b"{ damaged").unwrap();
+        assert!(matches!(
+            file.check("ops", b"s1"),
+            Err(AdminRefusal::Unreadable(_))
+        ));
     }
 
     #[test]

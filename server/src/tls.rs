@@ -63,13 +63,28 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-/// Accepts TLS connections on `listener` and yields them to tonic. A failed
-/// handshake (wrong CA, expired certificate, plain TCP) is logged and dropped;
-/// it never stops the server.
-pub fn incoming(
+/// The REST port's side: our certificate, TLS 1.3 only, HTTP/1.1, no client
+/// certificates (probes and scrapers have none; the JSON views take the
+/// Login/Password, which TLS now keeps out of sight).
+pub fn rest_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut cfg = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_no_client_auth()
+        .with_single_cert(
+            certs(cert_pem, "the server certificate")?,
+            key(key_pem, "the server key")?,
+        )?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Accepts TLS connections on `listener`, each handshake in its own task so
+/// a slow or silent peer holds up nobody else. A failed handshake (wrong CA,
+/// expired certificate, plain TCP) is logged and dropped; it never stops the
+/// server. Ends when the receiver is dropped.
+pub fn accept(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
-) -> impl futures::Stream<Item = Result<TlsStream<tokio::net::TcpStream>, std::io::Error>> {
+) -> tokio::sync::mpsc::Receiver<(TlsStream<tokio::net::TcpStream>, std::net::SocketAddr)> {
     let acceptor = TlsAcceptor::from(config);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -95,7 +110,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let _ = tx.send((tls, peer)).await;
                     }
                     Ok(Err(e)) => tracing::info!(%peer, "refused a TLS handshake: {e}"),
                     Err(_) => tracing::info!(%peer, "a TLS handshake timed out"),
@@ -103,7 +118,18 @@ pub fn incoming(
             });
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    rx
+}
+
+/// [`accept`] as the stream of connections tonic serves.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> impl futures::Stream<Item = Result<TlsStream<tokio::net::TcpStream>, std::io::Error>> {
+    futures::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(accept(listener, config)),
+        |(tls, _)| Ok(tls),
+    )
 }
 
 /// Plain TCP connections, for `--insecure-plaintext` (development only).

@@ -82,7 +82,7 @@ fn enrolment_identity_and_revocation() {
             && state_of(&l, "web-2") == ("enrolled".into(), true)
     });
 
-    // The REST port: probes and metrics, plain HTTP, nothing secret.
+    // The REST port: probes and metrics over HTTPS, nothing secret.
     assert_eq!(server.http_get("/healthz"), (200, "ok\n".to_string()));
     assert_eq!(server.http_get("/readyz").0, 200);
     let (code, metrics) = server.http_get("/metrics");

@@ -392,9 +392,12 @@ pub struct Server {
     pub child: Child,
     pub mgmt: String,
     pub data: String,
-    /// Plain-HTTP REST port, `127.0.0.1:port`.
+    /// REST port, `127.0.0.1:port`: HTTPS with the server's certificate, or
+    /// plain HTTP when the server runs with `--insecure-plaintext`.
     pub rest: String,
     pub dir: PathBuf,
+    /// The CA the REST port's certificate chains to; `None` for plain HTTP.
+    pub rest_ca: Option<PathBuf>,
 }
 
 /// How to start a server beyond the defaults.
@@ -502,12 +505,26 @@ impl Server {
             }
         }
         assert!(!mgmt.is_empty(), "backer-server did not start: {line:?}");
+        let arg_after = |flag: &str| {
+            let i = setup.args.iter().position(|a| a == flag)?;
+            setup.args.get(i + 1).map(PathBuf::from)
+        };
+        let rest_ca = if setup.args.iter().any(|a| a == "--insecure-plaintext") {
+            None
+        } else {
+            Some(
+                arg_after("--pki-dir")
+                    .unwrap_or_else(|| dir.join("state"))
+                    .join("ca.pem"),
+            )
+        };
         Server {
             child,
             mgmt,
             data,
             rest,
             dir: dir.to_path_buf(),
+            rest_ca,
         }
     }
 
@@ -549,25 +566,49 @@ impl Server {
 
     /// GETs `path` from the REST port: (status code, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        self.http_request(path, "")
+        self.http_request(None, path, "")
     }
 
     /// GETs `path` with HTTP basic authorization.
     pub fn http_get_auth(&self, path: &str, login: &str, password: &str) -> (u16, String) {
-        use base64::Engine;
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("{login}:{password}"));
-        self.http_request(path, &format!("Authorization: Basic {token}\r\n"))
+        self.http_get_auth_from(None, path, login, password)
     }
 
-    fn http_request(&self, path: &str, headers: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(&self.rest).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
+    /// [`Server::http_get_auth`] from the local address `source` (another
+    /// loopback address, e.g. 127.0.0.2, is another peer to the server).
+    pub fn http_get_auth_from(
+        &self,
+        source: Option<std::net::Ipv4Addr>,
+        path: &str,
+        login: &str,
+        password: &str,
+    ) -> (u16, String) {
+        use base64::Engine;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{login}:{password}"));
+        self.http_request(source, path, &format!("Authorization: Basic {token}\r\n"))
+    }
+
+    fn http_request(&self, source: Option<std::net::Ipv4Addr>, path: &str, headers: &str) -> (u16, String) {
+        let tcp = connect_from(source, &self.rest);
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n");
+        let mut resp = Vec::new();
+        match &self.rest_ca {
+            None => {
+                let mut s = tcp;
+                s.write_all(request.as_bytes()).unwrap();
+                s.read_to_end(&mut resp).unwrap();
+            }
+            Some(ca) => {
+                let mut s = rustls::StreamOwned::new(tls_client(ca), tcp);
+                s.write_all(request.as_bytes()).unwrap();
+                // A peer that closes without close_notify still said all it had to.
+                if let Err(e) = s.read_to_end(&mut resp) {
+                    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+                }
+            }
+        }
+        let resp = String::from_utf8_lossy(&resp);
         let code = resp
             .split_whitespace()
             .nth(1)
@@ -593,6 +634,36 @@ impl Server {
         assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
         out
     }
+}
+
+/// A TCP connection to `address`, from `source` when given.
+fn connect_from(source: Option<std::net::Ipv4Addr>, address: &str) -> TcpStream {
+    let Some(source) = source else {
+        return TcpStream::connect(address).unwrap();
+    };
+    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
+    let target: std::net::SocketAddr = address.parse().unwrap();
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    bind(&fd, &std::net::SocketAddr::from((source, 0))).unwrap();
+    connect(&fd, &target).unwrap();
+    TcpStream::from(fd)
+}
+
+/// A TLS 1.3 client that trusts only the CA in `ca` and expects the name
+/// `localhost`, as the server's certificate has it.
+fn tls_client(ca: &Path) -> rustls::ClientConnection {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    rustls::ClientConnection::new(std::sync::Arc::new(config), "localhost".try_into().unwrap()).unwrap()
 }
 
 impl Drop for Server {

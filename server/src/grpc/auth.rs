@@ -2,20 +2,32 @@
 //! for management, the configured Login/Password): never from anything the
 //! caller merely claims.
 
-use base64::Engine;
 use tonic::{Request, Status};
 
+use crate::login::LoginError;
 use crate::server::Shared;
 use backer_proto::ca::{Identity, identity_of};
 
-fn peer_identity<T>(req: &Request<T>) -> Option<Result<(Identity, Vec<u8>), Status>> {
+/// The identity a verified peer certificate names, its raw serial and its
+/// whole lifetime in seconds (not after minus not before).
+type Peer = (Identity, Vec<u8>, i64);
+
+fn peer_identity<T>(req: &Request<T>) -> Option<Result<Peer, Status>> {
     let certs = req.peer_certs()?;
     let leaf = certs.first()?;
     Some(
         identity_of(leaf.as_ref())
-            .map(|(id, serial, _)| (id, serial))
+            .map(|(id, serial, _)| (id, serial, lifetime(leaf.as_ref())))
             .map_err(|e| Status::unauthenticated(e.to_string())),
     )
+}
+
+/// Seconds from a certificate's not-before to its not-after; `i64::MAX`
+/// when unreadable, so nothing that depends on a short life is granted.
+fn lifetime(der: &[u8]) -> i64 {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c.validity().not_after.timestamp() - c.validity().not_before.timestamp())
+        .unwrap_or(i64::MAX)
 }
 
 /// Where an agent names itself when the server runs with `--insecure-plaintext`.
@@ -45,10 +57,10 @@ pub fn client<T>(shared: &Shared, req: &Request<T>) -> Result<String, Status> {
             "no client certificate: enrol this host first (backer-agent enroll)",
         )),
         Some(Err(e)) => Err(e),
-        Some(Ok((Identity::Admin(_), _))) => Err(Status::permission_denied(
+        Some(Ok((Identity::Admin(_), _, _))) => Err(Status::permission_denied(
             "an admin certificate cannot act as an agent",
         )),
-        Some(Ok((Identity::Client(name), serial))) => {
+        Some(Ok((Identity::Client(name), serial, _))) => {
             shared
                 .registry()
                 .check(&name, &serial)
@@ -58,12 +70,22 @@ pub fn client<T>(shared: &Shared, req: &Request<T>) -> Result<String, Status> {
     }
 }
 
-/// An administrator: an admin certificate, or the server's Login/Password
-/// as HTTP basic authorization. Client certificates are refused.
+/// An administrator: an admin certificate the server recorded and did not
+/// revoke, or the server's Login/Password as HTTP basic authorization.
+/// Client certificates are refused.
 pub fn admin<T>(shared: &Shared, req: &Request<T>) -> Result<String, Status> {
     match peer_identity(req) {
-        Some(Ok((Identity::Admin(name), _))) => return Ok(name),
-        Some(Ok((Identity::Client(name), _))) => {
+        Some(Ok((Identity::Admin(name), serial, lifetime))) => {
+            return match shared.check_admin(&name, &serial, lifetime) {
+                Ok(()) => Ok(name),
+                Err(r) => {
+                    let peer = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                    tracing::warn!(admin = %name, serial = %hex::encode(&serial), %peer, "refused an admin certificate: {r}");
+                    Err(Status::permission_denied(r.to_string()))
+                }
+            };
+        }
+        Some(Ok((Identity::Client(name), _, _))) => {
             return Err(Status::permission_denied(format!(
                 "client {name} may not call management methods"
             )));
@@ -71,41 +93,22 @@ pub fn admin<T>(shared: &Shared, req: &Request<T>) -> Result<String, Status> {
         Some(Err(e)) => return Err(e),
         None => {}
     }
-    let Some((login, password)) = shared.login() else {
-        return Err(Status::unauthenticated(
+    let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+    crate::login::check(
+        &shared.logins,
+        shared.login().as_ref(),
+        req.remote_addr(),
+        header,
+        "management",
+    )
+    .map_err(|e| match e {
+        LoginError::NotConfigured => Status::unauthenticated(
             "management needs an admin certificate (this server has no Login/Password configured)",
-        ));
-    };
-    let header = req
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
-        .ok_or_else(|| {
+        ),
+        LoginError::Missing => {
             Status::unauthenticated("management needs an admin certificate or the server's login")
-        })?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(header)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| Status::unauthenticated("malformed authorization header"))?;
-    let (l, p) = decoded.split_once(':').unwrap_or((&decoded, ""));
-    let ok_login = same_secret(l, &login);
-    let ok_password = same_secret(p, &password);
-    if ok_login && ok_password {
-        Ok(l.to_string())
-    } else {
-        Err(Status::unauthenticated("wrong login or password"))
-    }
-}
-
-/// Compares secrets without leaking through timing where they differ.
-pub fn same_secret(a: &str, b: &str) -> bool {
-    constant_time_eq(a.as_bytes(), b.as_bytes())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    // Compare digests, so neither length nor content leaks through timing.
-    let (ha, hb) = (blake3::hash(a), blake3::hash(b));
-    ha == hb
+        }
+        LoginError::Throttled { .. } => Status::resource_exhausted(e.to_string()),
+        LoginError::Malformed | LoginError::Wrong => Status::unauthenticated(e.to_string()),
+    })
 }

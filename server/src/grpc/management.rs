@@ -266,4 +266,51 @@ impl Management for Service {
             clients: self.clients(),
         }))
     }
+
+    async fn list_admin_certs(
+        &self,
+        req: Request<ListAdminCertsRequest>,
+    ) -> Result<Response<ListAdminCertsResponse>, Status> {
+        auth::admin(&self.shared, &req)?;
+        let certs = self
+            .shared
+            .admin_certs
+            .current()
+            .map_err(|e| Status::internal(format!("failed to read the record of admin certificates: {e}")))?
+            .certs
+            .into_iter()
+            .map(|c| AdminCert {
+                name: c.name,
+                serial: c.serial,
+                issued: c.issued,
+                not_after: c.not_after,
+                revoked: c.revoked.unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(ListAdminCertsResponse { certs }))
+    }
+
+    async fn revoke_admin_cert(
+        &self,
+        req: Request<RevokeAdminCertRequest>,
+    ) -> Result<Response<RevokeAdminCertResponse>, Status> {
+        let admin = auth::admin(&self.shared, &req)?;
+        let name = req.into_inner().name;
+        let (known, revoked) = self
+            .shared
+            .state
+            .update_admin_certs(now(), |a| {
+                (a.certs.iter().any(|c| c.name == name), a.revoke(&name, now()))
+            })
+            .map_err(|e| Status::internal(format!("failed to revoke: {e}")))?;
+        if !known {
+            return Err(Status::not_found(format!(
+                "no admin certificate of {name} is recorded (`backer cert admins` lists them)"
+            )));
+        }
+        tracing::warn!(admin = %name, by = %admin, revoked, "admin certificates revoked");
+        Ok(Response::new(RevokeAdminCertResponse {
+            revoked: u32::try_from(revoked).unwrap_or(u32::MAX),
+        }))
+    }
 }
