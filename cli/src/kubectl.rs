@@ -177,8 +177,8 @@ pub async fn run(cli: KubectlCli) -> Result<()> {
 /// Prints `rows` as a table, or `value` as JSON or YAML.
 fn print<T: Serialize>(format: Format, value: &T, header: &[&str], rows: Vec<Vec<String>>) -> Result<()> {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Format::Yaml => print!("{}", serde_yaml::to_string(value)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(value)?)?,
+        Format::Yaml => crate::output::write_out(format_args!("{}", serde_yaml::to_string(value)?))?,
         Format::Table => {
             let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
             for r in &rows {
@@ -192,11 +192,11 @@ fn print<T: Serialize>(format: Format, value: &T, header: &[&str], rows: Vec<Vec
                     .enumerate()
                     .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
                     .collect();
-                println!("{}", s.join("   ").trim_end());
+                outln!("{}", s.join("   ").trim_end())
             };
-            line(header.to_vec());
+            line(header.to_vec())?;
             for r in &rows {
-                line(r.iter().map(String::as_str).collect());
+                line(r.iter().map(String::as_str).collect())?;
             }
         }
     }
@@ -305,7 +305,7 @@ async fn backup(client: &Client, ns: &str, a: BackupArgs) -> Result<()> {
     finish(&run, "backup")?;
     for j in &run.jobs {
         if let Some(s) = &j.snapshot {
-            println!("{}: snapshot {}", j.client, &s[..s.len().min(10)]);
+            outln!("{}: snapshot {}", j.client, &s[..s.len().min(10)])?;
         }
     }
     Ok(())
@@ -391,7 +391,7 @@ where
 fn finish(run: &Run, what: &str) -> Result<()> {
     let line = format!("{what} {}", run.summary());
     if run.phase == "Succeeded" {
-        println!("{line}");
+        outln!("{line}")?;
         Ok(())
     } else {
         bail!("{line}")
@@ -691,10 +691,10 @@ async fn enroll(client: &Client, host: &str, out: Option<PathBuf>) -> Result<()>
     let out = out.unwrap_or_else(|| PathBuf::from(format!("{host}.json")));
     backer_proto::pki::write_atomic(&out, &bundle, true)
         .with_context(|| format!("failed to write {}", out.display()))?;
-    println!(
+    outln!(
         "wrote {} (secret: a one-time token): on the host run `backer-agent enroll --bundle {}`",
         out.display(),
         out.display()
-    );
+    )?;
     Ok(())
 }

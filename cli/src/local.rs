@@ -391,12 +391,12 @@ pub async fn init(g: &Global) -> Result<u8> {
     if g.json {
         print_json(&serde_json::json!({"id": repo.config().id, "location": repo.backend().location()}))?;
     } else if !g.quiet {
-        println!(
+        outln!(
             "created repository {} at {}",
             repo.config().id,
             repo.backend().location()
-        );
-        println!("keep the password safe: without it the data cannot be read");
+        )?;
+        outln!("keep the password safe: without it the data cannot be read")?;
     }
     Ok(0)
 }
@@ -498,29 +498,29 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
             eprintln!("warning: {}", escape(m));
         }
         if !g.quiet {
-            println!(
+            outln!(
                 "files: {} ({} read, {} unchanged), dirs: {}, other: {}",
                 sum.files,
                 sum.files_read,
                 sum.files.saturating_sub(sum.files_read),
                 sum.dirs,
                 sum.others
-            );
-            println!(
+            )?;
+            outln!(
                 "added: {} of new data, {} stored after compression and encryption",
                 size(sum.new_bytes),
                 size(sum.stored_bytes)
-            );
-            println!("processed {} in {}", size(sum.bytes), duration(sum.duration_secs));
+            )?;
+            outln!("processed {} in {}", size(sum.bytes), duration(sum.duration_secs))?;
         }
         if s.partial {
-            println!(
+            outln!(
                 "snapshot {} saved, but partial: {} entries could not be read (listed above)",
                 outcome.id.short(),
                 sum.errors
-            );
+            )?;
         } else {
-            println!("snapshot {} saved", outcome.id.short());
+            outln!("snapshot {} saved", outcome.id.short())?;
         }
     }
     Ok(if s.partial { EXIT_INCOMPLETE } else { 0 })
@@ -555,13 +555,18 @@ pub async fn snapshots(g: &Global, a: SnapshotsArgs) -> Result<u8> {
         print_json(&list)?;
         return Ok(code);
     }
-    println!(
+    outln!(
         "{:<10} {:<20} {:<16} {:>9} {:>11}  {:<12} paths",
-        "id", "time", "host", "files", "size", "tags"
-    );
+        "id",
+        "time",
+        "host",
+        "files",
+        "size",
+        "tags"
+    )?;
     for s in &list {
         let sn = &s.snapshot;
-        println!(
+        outln!(
             "{:<10} {:<20} {:<16} {:>9} {:>11}  {:<12} {}{}",
             s.id.short(),
             sn.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S"),
@@ -571,9 +576,9 @@ pub async fn snapshots(g: &Global, a: SnapshotsArgs) -> Result<u8> {
             escape(&sn.tags.join(",")),
             escape(&sn.paths.join(" ")),
             if sn.partial { "  (partial)" } else { "" }
-        );
+        )?;
     }
-    println!("{} snapshots", list.len());
+    outln!("{} snapshots", list.len())?;
     Ok(code)
 }
 
@@ -732,7 +737,7 @@ pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
             );
         }
         if !g.quiet {
-            println!(
+            outln!(
                 "restored snapshot {} into {}: {} files, {} dirs, {} other, {} in {}",
                 snap.id.short(),
                 a.target.display(),
@@ -741,19 +746,19 @@ pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
                 outcome.others,
                 size(outcome.bytes),
                 duration(started.elapsed().as_secs_f64())
-            );
+            )?;
         }
         if !outcome.errors.is_empty() {
-            println!(
+            outln!(
                 "{} entries were not restored (listed above)",
                 outcome.errors.len()
-            );
+            )?;
             if !repo.index_damage().is_empty() {
-                println!(
+                outln!(
                     "{} index files are damaged: `backer repair index` rebuilds the index from the packs, \
                      which may bring what is missing back",
                     repo.index_damage().len()
-                );
+                )?;
             }
         }
     }
@@ -810,7 +815,7 @@ pub async fn check(g: &Global, a: CheckArgs) -> Result<u8> {
         for e in &report.errors {
             eprintln!("error: {}", escape(e));
         }
-        println!(
+        outln!(
             "checked {} snapshots, {} trees, {} packs{}",
             report.snapshots,
             report.trees,
@@ -820,11 +825,11 @@ pub async fn check(g: &Global, a: CheckArgs) -> Result<u8> {
             } else {
                 String::new()
             }
-        );
+        )?;
         if report.ok() {
-            println!("no errors found");
+            outln!("no errors found")?;
         } else {
-            println!("{} errors found", report.errors.len());
+            outln!("{} errors found", report.errors.len())?;
         }
     }
     Ok(if report.ok() { 0 } else { 1 })
@@ -836,17 +841,17 @@ pub async fn stats(g: &Global) -> Result<u8> {
     if g.json {
         print_json(&s)?;
     } else {
-        println!("snapshots:          {}", s.snapshots);
-        println!("packs:              {} ({})", s.packs, size(s.stored_bytes));
-        println!(
+        outln!("snapshots:          {}", s.snapshots)?;
+        outln!("packs:              {} ({})", s.packs, size(s.stored_bytes))?;
+        outln!(
             "chunks:             {} ({} unique bytes)",
             s.data_blobs,
             size(s.unique_bytes)
-        );
-        println!("trees:              {}", s.tree_blobs);
-        println!("all snapshots hold: {}", size(s.snapshot_bytes));
-        println!("dedup ratio:        {:.2}x", s.dedup_ratio);
-        println!("compression ratio:  {:.2}x", s.compression_ratio);
+        )?;
+        outln!("trees:              {}", s.tree_blobs)?;
+        outln!("all snapshots hold: {}", size(s.snapshot_bytes))?;
+        outln!("dedup ratio:        {:.2}x", s.dedup_ratio)?;
+        outln!("compression ratio:  {:.2}x", s.compression_ratio)?;
     }
     Ok(0)
 }
@@ -860,7 +865,7 @@ pub async fn key(g: &Global, k: KeyCommand) -> Result<u8> {
         KeyCommand::Add { new_password_file } => {
             let pw = read_password_file(&new_password_file)?;
             let id = repo.add_key(&pw, KdfParams::default()).await?;
-            println!("added key {}", id.short());
+            outln!("added key {}", id.short())?;
         }
         KeyCommand::List => {
             let damaged: std::collections::HashMap<String, &str> = repo
@@ -880,12 +885,12 @@ pub async fn key(g: &Global, k: KeyCommand) -> Result<u8> {
                 };
                 rows.push(serde_json::json!({"id": l.name, "modified": l.modified, "state": state}));
                 if !g.json {
-                    println!(
+                    outln!(
                         "{}  {}  {}",
                         l.name,
                         l.modified.format("%Y-%m-%d %H:%M:%S UTC"),
                         escape(&state)
-                    );
+                    )?;
                 }
             }
             if g.json {
@@ -908,7 +913,7 @@ pub async fn key(g: &Global, k: KeyCommand) -> Result<u8> {
                 _ => bail!("key prefix {id:?} is ambiguous; give more characters"),
             };
             repo.remove_key(&name.parse()?).await?;
-            println!("removed key {}", &name[..8]);
+            outln!("removed key {}", &name[..8])?;
         }
     }
     Ok(0)
@@ -923,14 +928,14 @@ pub async fn repair(g: &Global, c: RepairCommand) -> Result<u8> {
         let pw = password(g, false)?;
         let (repo, current) = Repository::open_for_config_repair(backend, &pw).await?;
         if current.is_some() {
-            println!("the config object is sound; nothing to repair");
+            outln!("the config object is sound; nothing to repair")?;
             return Ok(0);
         }
         repo.rewrite_config().await?;
-        println!(
+        outln!(
             "wrote a new config object (repository id {}); every other field follows from the format",
             repo.config().id
-        );
+        )?;
         return Ok(0);
     }
     let mut repo = open_for_lock(g).await?;
@@ -951,13 +956,13 @@ pub async fn repair(g: &Global, c: RepairCommand) -> Result<u8> {
                 return Ok(0);
             }
             for m in &report.messages {
-                println!("{m}");
+                outln!("{m}")?;
             }
             let verb = if dry_run { "would" } else { "did" };
             if !report.changed {
-                println!("the index matches the packs; nothing to repair");
+                outln!("the index matches the packs; nothing to repair")?;
             } else {
-                println!(
+                outln!(
                     "repair {verb}: keep {} packs as indexed, add {} from their headers, salvage {} ({} blobs), \
                      drop {} missing and {} unreadable; {} blobs lost; replace {} index files ({} damaged)",
                     report.packs_kept,
@@ -969,11 +974,11 @@ pub async fn repair(g: &Global, c: RepairCommand) -> Result<u8> {
                     report.blobs_lost,
                     report.index_files_replaced.max(report.index_files_damaged),
                     report.index_files_damaged
-                );
+                )?;
                 if report.blobs_lost > 0 && !dry_run {
-                    println!(
+                    outln!(
                         "next: `backer repair snapshots` rewrites the snapshots that used the lost blobs"
-                    );
+                    )?;
                 }
             }
         }
@@ -994,29 +999,29 @@ pub async fn repair(g: &Global, c: RepairCommand) -> Result<u8> {
             }
             let verb = if dry_run { "would remove" } else { "removed" };
             for r in &report.removed {
-                println!("{verb} damaged snapshot file {}", escape(r));
+                outln!("{verb} damaged snapshot file {}", escape(r))?;
             }
             for r in &report.rewritten {
                 match r.new {
-                    Some(new) => println!(
+                    Some(new) => outln!(
                         "snapshot {} rewritten as {} (tag `repaired`):",
                         r.old.short(),
                         new.short()
-                    ),
-                    None => println!("snapshot {} would be rewritten:", r.old.short()),
+                    )?,
+                    None => outln!("snapshot {} would be rewritten:", r.old.short())?,
                 }
                 for d in &r.dropped {
-                    println!("  {d}");
+                    outln!("  {d}")?;
                 }
             }
-            println!(
+            outln!(
                 "{} snapshots: {} intact, {} {}, {} {verb}",
                 report.snapshots,
                 report.intact,
                 report.rewritten.len(),
                 if dry_run { "to rewrite" } else { "rewritten" },
                 report.removed.len()
-            );
+            )?;
         }
         RepairCommand::Config => {}
     }
@@ -1031,21 +1036,21 @@ fn print_prune(g: &Global, r: &PruneReport) -> Result<()> {
         return Ok(());
     }
     let verb = if r.dry_run { "would" } else { "did" };
-    println!(
+    outln!(
         "prune {verb}: delete {} unused packs and {} orphaned ones, repack {} ({} of used data moved)",
         r.packs_deleted,
         r.orphan_packs,
         r.packs_repacked,
         size(r.bytes_repacked)
-    );
-    println!(
+    )?;
+    outln!(
         "space: {} before, {} freed, {} unused left in partly used packs; {} blobs used by {} snapshots",
         size(r.bytes_before),
         size(r.bytes_freed),
         size(r.unused_bytes_kept),
         r.blobs_used,
         r.snapshots
-    );
+    )?;
     Ok(())
 }
 
@@ -1148,7 +1153,7 @@ pub async fn forget(g: &Global, a: ForgetArgs) -> Result<u8> {
                 }))?;
             } else if !g.quiet {
                 for group in &decisions {
-                    println!(
+                    outln!(
                         "host {} paths {}:",
                         group.group.host.as_deref().unwrap_or("*"),
                         group
@@ -1157,22 +1162,22 @@ pub async fn forget(g: &Global, a: ForgetArgs) -> Result<u8> {
                             .as_ref()
                             .map(|p| p.join(" "))
                             .unwrap_or_else(|| "*".into())
-                    );
+                    )?;
                     for d in &group.snapshots {
-                        println!(
+                        outln!(
                             "  {:<6} {}  {}  {}",
                             if d.keep { "keep" } else { "remove" },
                             d.id.short(),
                             d.time.format("%Y-%m-%d %H:%M:%S"),
                             d.reasons.join(", ")
-                        );
+                        )?;
                     }
                 }
-                println!(
+                outln!(
                     "{} {} snapshots",
                     if a.dry_run { "would remove" } else { "removing" },
                     remove.len()
-                );
+                )?;
             }
             if !a.dry_run {
                 repo.forget(&remove, lock).await?;
@@ -1198,13 +1203,13 @@ pub async fn unlock(g: &Global, a: UnlockArgs) -> Result<u8> {
         print_json(&removed.iter().map(|l| l.describe()).collect::<Vec<_>>())?;
     } else {
         for l in &removed {
-            println!(
+            outln!(
                 "removed {} ({})",
                 l.describe(),
                 l.stale.as_deref().unwrap_or("removed on request")
-            );
+            )?;
         }
-        println!("{} locks removed", removed.len());
+        outln!("{} locks removed", removed.len())?;
     }
     Ok(0)
 }

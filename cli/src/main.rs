@@ -1,9 +1,10 @@
 //! `backer`: the command line, for local repositories and a backer-server;
 //! installed as `kubectl-backer`, the kubectl plugin (`kubectl.rs`).
 
+#[macro_use]
+mod output;
 mod kubectl;
 mod local;
-mod output;
 mod remote;
 
 use std::path::PathBuf;
@@ -126,6 +127,8 @@ fn kubectl_main() -> ExitCode {
         .and_then(|rt| rt.block_on(kubectl::run(cli)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away: nothing is wrong.
+        Err(e) if output::closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -170,9 +173,6 @@ fn through_server(
 }
 
 fn main() -> ExitCode {
-    // Output into a closed pipe (`backer snapshots | head -1`) ends the
-    // process quietly, as it does any Unix tool, instead of a panic.
-    sigpipe::reset();
     // One crypto provider for every TLS connection in the process.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     if kubectl::invoked_as_plugin() {
@@ -239,6 +239,8 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(code) => ExitCode::from(code),
+        // The reader of our output went away: nothing is wrong.
+        Err(e) if output::closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -212,22 +212,25 @@ fn print_clients(g: &Global, clients: &[Client]) -> Result<()> {
                 agent_version: &c.agent_version,
             })
             .collect();
-        println!("{}", serde_json::to_string(&v)?);
+        outln!("{}", serde_json::to_string(&v)?)?;
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<24} {:<11} {:<10} {:<17} version",
-        "client", "state", "connected", "cert expires"
-    );
+        "client",
+        "state",
+        "connected",
+        "cert expires"
+    )?;
     for c in clients {
-        println!(
+        outln!(
             "{:<24} {:<11} {:<10} {:<17} {}",
             c.name,
             c.state,
             if c.connected { "yes" } else { "no" },
             when(c.cert_not_after),
             c.agent_version
-        );
+        )?;
     }
     Ok(())
 }
@@ -249,7 +252,7 @@ pub async fn clients(g: &Global, s: &ServerArgs, cmd: Option<ClientsCommand>) ->
             m.remove_client(RemoveClientRequest { name: name.clone() })
                 .await
                 .map_err(status_err)?;
-            println!("removed {name}: its certificate is refused from now on");
+            outln!("removed {name}: its certificate is refused from now on")?;
         }
     }
     Ok(0)
@@ -275,27 +278,27 @@ async fn add(g: &Global, m: &mut Mgmt, a: AddArgs, reenroll: bool) -> Result<()>
         write_secret(path, &data)?;
     }
     if g.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"client": a.name, "token": r.token, "server": r.server_address, "expires": r.token_expires})
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "enrolment token for {} (single use, expires {}):",
             a.name,
             when(r.token_expires)
-        );
-        println!("{}", r.token);
+        )?;
+        outln!("{}", r.token)?;
         match &a.bundle_out {
-            Some(p) => println!(
+            Some(p) => outln!(
                 "bundle written to {}; on the host: backer-agent enroll --bundle {}",
                 p.display(),
                 p.display()
-            ),
-            None => println!(
+            )?,
+            None => outln!(
                 "server: {} (use --bundle-out FILE for a file the agent reads)",
                 r.server_address
-            ),
+            )?,
         }
     }
     Ok(())
@@ -328,12 +331,12 @@ pub async fn cert(g: &Global, s: &ServerArgs, cmd: CertCommand) -> Result<u8> {
                 .map_err(status_err)?
                 .into_inner();
             if g.json {
-                println!("{}", serde_json::json!({"admin": name, "revoked": r.revoked}));
+                outln!("{}", serde_json::json!({"admin": name, "revoked": r.revoked}))?;
             } else {
-                println!(
+                outln!(
                     "revoked {} admin certificate(s) of {name}: the server refuses them from their next call",
                     r.revoked
-                );
+                )?;
             }
             Ok(0)
         }
@@ -347,14 +350,14 @@ async fn cert_status(g: &Global, m: &mut Mgmt) -> Result<u8> {
         .map_err(status_err)?
         .into_inner();
     if g.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"ca_not_after": r.ca_not_after, "server_not_after": r.server_not_after})
-        );
+        )?;
         return Ok(0);
     }
-    println!("CA certificate expires:     {}", when(r.ca_not_after));
-    println!("server certificate expires: {}", when(r.server_not_after));
+    outln!("CA certificate expires:     {}", when(r.ca_not_after))?;
+    outln!("server certificate expires: {}", when(r.server_not_after))?;
     print_clients(g, &r.clients)?;
     Ok(0)
 }
@@ -376,22 +379,25 @@ async fn admin_certs(g: &Global, m: &mut Mgmt) -> Result<u8> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string(&v)?);
+        outln!("{}", serde_json::to_string(&v)?)?;
         return Ok(0);
     }
-    println!(
+    outln!(
         "{:<24} {:<34} {:<17} {:<17} revoked",
-        "admin", "serial", "issued", "expires"
-    );
+        "admin",
+        "serial",
+        "issued",
+        "expires"
+    )?;
     for c in &r.certs {
-        println!(
+        outln!(
             "{:<24} {:<34} {:<17} {:<17} {}",
             c.name,
             c.serial,
             when(c.issued),
             when(c.not_after),
             when(c.revoked)
-        );
+        )?;
     }
     Ok(0)
 }
@@ -402,7 +408,7 @@ pub struct JobsArgs {
     client: Option<String>,
 }
 
-fn print_job_line(j: &Job) {
+fn print_job_line(j: &Job) -> std::io::Result<()> {
     let progress = if j.bytes_total > 0 {
         format!(
             "{} files, {} of {}",
@@ -413,7 +419,7 @@ fn print_job_line(j: &Job) {
     } else {
         format!("{} files, {}", j.files_done, output::size(j.bytes_done))
     };
-    println!(
+    outln!(
         "{:<20} {:<8} {:<16} {:<10} {:<17} {:<10} {}",
         j.id,
         j.kind,
@@ -422,7 +428,7 @@ fn print_job_line(j: &Job) {
         when(j.created),
         short(&j.snapshot_id),
         progress
-    );
+    )
 }
 
 fn short(id: &str) -> &str {
@@ -450,15 +456,20 @@ pub async fn jobs(g: &Global, s: &ServerArgs, a: JobsArgs) -> Result<u8> {
         .into_inner();
     if g.json {
         let v: Vec<_> = r.jobs.iter().map(job_json).collect();
-        println!("{}", serde_json::to_string(&v)?);
+        outln!("{}", serde_json::to_string(&v)?)?;
         return Ok(0);
     }
-    println!(
+    outln!(
         "{:<20} {:<8} {:<16} {:<10} {:<17} {:<10} progress",
-        "job", "kind", "client", "state", "created", "snapshot"
-    );
+        "job",
+        "kind",
+        "client",
+        "state",
+        "created",
+        "snapshot"
+    )?;
     for j in &r.jobs {
-        print_job_line(j);
+        print_job_line(j)?;
     }
     Ok(0)
 }
@@ -469,12 +480,14 @@ pub async fn jobs(g: &Global, s: &ServerArgs, a: JobsArgs) -> Result<u8> {
 async fn follow(g: &Global, server: &str, m: &mut Mgmt, job: Job, wait: bool) -> Result<u8> {
     if !wait {
         if g.json {
-            println!("{}", job_json(&job));
+            outln!("{}", job_json(&job))?;
         } else {
-            println!(
+            outln!(
                 "job {} started: {} of {} (follow it with `backer jobs` or use --wait)",
-                job.id, job.kind, job.client
-            );
+                job.id,
+                job.kind,
+                job.client
+            )?;
         }
         return Ok(0);
     }
@@ -514,7 +527,7 @@ async fn follow(g: &Global, server: &str, m: &mut Mgmt, job: Job, wait: bool) ->
         return Err(lost_job(server, &last.id));
     }
     if g.json {
-        println!("{}", job_json(&last));
+        outln!("{}", job_json(&last))?;
     } else {
         // A failure's reasons are the error itself, below.
         if last.state != "failed" {
@@ -522,7 +535,7 @@ async fn follow(g: &Global, server: &str, m: &mut Mgmt, job: Job, wait: bool) ->
                 eprintln!("  {msg}");
             }
         }
-        println!(
+        outln!(
             "job {} {}: {} files, {}{}",
             last.id,
             last.state,
@@ -533,7 +546,7 @@ async fn follow(g: &Global, server: &str, m: &mut Mgmt, job: Job, wait: bool) ->
             } else {
                 format!(", snapshot {}", short(&last.snapshot_id))
             }
-        );
+        )?;
     }
     match last.state.as_str() {
         "succeeded" => Ok(0),
@@ -599,15 +612,19 @@ pub async fn snapshots(g: &Global, s: &ServerArgs, a: crate::local::SnapshotsArg
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string(&v)?);
+        outln!("{}", serde_json::to_string(&v)?)?;
         return Ok(0);
     }
-    println!(
+    outln!(
         "{:<10} {:<17} {:<16} {:>8} {:>11}  paths",
-        "id", "time", "client", "files", "size"
-    );
+        "id",
+        "time",
+        "client",
+        "files",
+        "size"
+    )?;
     for s in &r.snapshots {
-        println!(
+        outln!(
             "{:<10} {:<17} {:<16} {:>8} {:>11}  {}{}",
             short(&s.id),
             when(s.time),
@@ -616,7 +633,7 @@ pub async fn snapshots(g: &Global, s: &ServerArgs, a: crate::local::SnapshotsArg
             output::size(s.bytes),
             s.paths.join(" "),
             if s.partial { " (partial)" } else { "" }
-        );
+        )?;
     }
     Ok(0)
 }

@@ -7,7 +7,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -221,12 +220,9 @@ fn output_into_a_closed_pipe_ends_quietly() {
             !err.contains("panicked") && !err.contains("Broken pipe"),
             "{args:?}: {err}"
         );
-        assert!(
-            o.status.success() || o.status.signal() == Some(13),
-            "{args:?}: ended with {:?}: {err}",
-            o.status
-        );
-        assert_ne!(o.status.code(), Some(101), "{args:?} panicked");
+        // Quietly and successfully: the reader wanted no more. Not by
+        // SIGPIPE either, which would also kill a client whose server hung up.
+        assert!(o.status.success(), "{args:?}: ended with {:?}: {err}", o.status);
     }
 }
 
