@@ -451,6 +451,7 @@ fn failed_commands_leave_no_lock_and_damaged_restores_say_which_files() {
     repo.backup_as(&src, None);
     let before: Vec<PathBuf> = packs(&repo.path);
     std::fs::write(src.join("lost.bin"), pseudo_random(3 << 20, 11)).unwrap();
+    std::fs::hard_link(src.join("lost.bin"), src.join("keep/link-to-lost.bin")).unwrap();
     let id = repo.backup_as(&src, None);
     let locks = |r: &Repo| {
         std::fs::read_dir(r.path.join("locks"))
@@ -482,21 +483,42 @@ fn failed_commands_leave_no_lock_and_damaged_restores_say_which_files() {
     ]);
     assert_eq!(o.status.code(), Some(3), "{}", all(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let incomplete: Vec<&str> = v["incomplete"]
+    let mut incomplete: Vec<&str> = v["incomplete"]
         .as_array()
         .unwrap()
         .iter()
         .map(|x| x.as_str().unwrap())
         .collect();
-    assert_eq!(incomplete.len(), 1, "{v}");
-    assert!(incomplete[0].ends_with("/lost.bin"), "{v}");
-    let errors = v["errors"].as_array().unwrap();
-    assert_eq!(errors.len(), 1, "one line per damaged file, not per chunk: {v}");
-    assert!(errors[0].as_str().unwrap().contains("lost.bin"), "{v}");
+    incomplete.sort();
+    assert_eq!(incomplete.len(), 2, "{v}");
+    assert!(incomplete[0].ends_with("/keep/link-to-lost.bin"), "{v}");
+    assert!(incomplete[1].ends_with("/lost.bin"), "{v}");
+    let errors: Vec<&str> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        errors.len(),
+        2,
+        "one line per damaged file and per link to it, not per chunk: {v}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("failed to restore") && e.contains("lost.bin")),
+        "{v}"
+    );
+    assert!(errors.iter().any(|e| e.contains("hard link")), "{v}");
     let restored = target.join(src.strip_prefix("/").unwrap());
     assert!(
         !restored.join("lost.bin").exists(),
         "an incomplete file was left looking whole"
+    );
+    assert!(
+        !restored.join("keep/link-to-lost.bin").exists(),
+        "a link to an incomplete file was left"
     );
     assert_eq!(
         std::fs::read(restored.join("keep/small.txt")).unwrap(),
@@ -529,4 +551,35 @@ fn packs(repo: &Path) -> Vec<PathBuf> {
     }
     v.sort();
     v
+}
+
+#[test]
+fn a_hard_link_is_never_made_to_a_file_the_restore_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::new(tmp.path());
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), b"from the snapshot").unwrap();
+    std::fs::hard_link(src.join("a"), src.join("b")).unwrap();
+    let id = repo.backup_as(&src, None);
+    // The target already holds an `a` of the user's.
+    let target = tmp.path().join("r");
+    let at = target.join(src.strip_prefix("/").unwrap());
+    std::fs::create_dir_all(&at).unwrap();
+    std::fs::write(at.join("a"), b"the user's own file").unwrap();
+    let o = repo.run(&["restore", &id[..8], "--target", target.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "refusing to overwrite `a` is partial: {}",
+        all(&o)
+    );
+    assert_eq!(std::fs::read(at.join("a")).unwrap(), b"the user's own file");
+    // `b` holds the snapshot's content, not a link to the user's file.
+    assert_eq!(std::fs::read(at.join("b")).unwrap(), b"from the snapshot");
+    use std::os::unix::fs::MetadataExt;
+    assert_ne!(
+        std::fs::metadata(at.join("a")).unwrap().ino(),
+        std::fs::metadata(at.join("b")).unwrap().ino()
+    );
 }

@@ -74,8 +74,9 @@ struct FileJob {
 /// A file a worker could not fill whole, or whose metadata failed.
 struct Failed {
     display: String,
-    /// Its hard-link key, when other names may share its inode.
-    link_key: Option<(u64, u64)>,
+    /// When other names may share its inode: its key in the snapshot and
+    /// the (device, inode) it was given in the target.
+    link_key: Option<((u64, u64), (u64, u64))>,
     size: u64,
     /// Whether its content was restored whole (only metadata failed).
     content_whole: bool,
@@ -145,9 +146,8 @@ struct Ctx<'a> {
     progress: Arc<RestoreProgress>,
     /// (dev, inode) of restored files with several links → where the first went.
     hardlinks: HashMap<(u64, u64), Vec<Vec<u8>>>,
-    /// Further names linked to those files, to remove with the first if its
-    /// content cannot be restored.
-    more_links: HashMap<(u64, u64), Vec<Vec<Vec<u8>>>>,
+    /// Links not made because the file they share was removed, incomplete.
+    unlinked: Vec<String>,
     /// Directories created, in walk order, to finish (mode, times) once
     /// their content is written.
     dirs: Vec<DirToFinish>,
@@ -380,9 +380,15 @@ impl Ctx<'_> {
                                 })
                             });
                         match linked {
-                            Ok(()) => {
-                                self.outcome.files += 1;
-                                self.more_links.entry(key).or_default().push(comps.clone());
+                            Ok(()) => self.outcome.files += 1,
+                            // The first name is gone: a worker removed it
+                            // because its content could not be restored.
+                            Err(Some(Errno::NOENT)) => {
+                                self.error(format!(
+                                    "{shown} was not restored: it is a hard link to {}, whose content could not be restored",
+                                    display(&first)
+                                ));
+                                self.unlinked.push(shown.to_string());
                             }
                             Err(Some(e)) => {
                                 self.error(format!("failed to link {shown} to {}: {e}", display(&first)))
@@ -391,7 +397,6 @@ impl Ctx<'_> {
                         }
                         return Ok(());
                     }
-                    self.hardlinks.insert(key, comps.clone());
                 }
                 // Created here, one at a time: creating files in parallel in
                 // the same directory makes the file system's locks the
@@ -403,6 +408,11 @@ impl Ctx<'_> {
                         return Ok(());
                     }
                 };
+                // Only a file this restore created may be linked to: never
+                // one that was in the target and refused.
+                if node.nlink > 1 {
+                    self.hardlinks.insert((node.dev, node.inode), comps.clone());
+                }
                 self.outcome.files += 1;
                 self.outcome.bytes += node.size;
                 jobs.send(FileJob {
@@ -547,7 +557,10 @@ fn write_file(
         node,
         display,
     } = job;
-    let link_key = (node.nlink > 1).then_some((node.dev, node.inode));
+    let link_key = (node.nlink > 1)
+        .then(|| rustix::fs::fstat(&file).ok())
+        .flatten()
+        .map(|st| ((node.dev, node.inode), (st.st_dev, st.st_ino)));
     match fill_file(source, &file, &node, &display, progress) {
         Ok(None) => {
             progress.files_done.fetch_add(1, Ordering::Relaxed);
@@ -639,6 +652,47 @@ fn fill_file(
         .map(|e| format!("restored {display}, but failed to set {e}")))
 }
 
+/// Finds, below `root`, the names of files whose snapshot link key is in
+/// `linked` and that are, in the target, the inode given there; removes
+/// them. Depth first with an explicit stack (trees may be deep).
+fn remove_links(
+    source: &dyn RestoreSource,
+    root: BlobId,
+    target: &OwnedFd,
+    linked: &HashMap<(u64, u64), (u64, u64)>,
+) -> Vec<(String, std::io::Result<()>)> {
+    let mut out = Vec::new();
+    let mut stack: Vec<(BlobId, Vec<Vec<u8>>)> = vec![(root, Vec::new())];
+    while let Some((id, comps)) = stack.pop() {
+        let Ok(tree) = source.load_tree(&id) else { continue };
+        let Ok(dir) = open_dir_path(target, &comps) else {
+            continue;
+        };
+        for node in tree.nodes {
+            if !node.has_safe_name() {
+                continue;
+            }
+            let mut path = comps.clone();
+            path.push(node.name.clone());
+            if let Some(sub) = node.subtree {
+                stack.push((sub, path));
+                continue;
+            }
+            let Some(inode) = linked.get(&(node.dev, node.inode)) else {
+                continue;
+            };
+            let same = rustix::fs::statat(&dir, node.name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| (st.st_dev, st.st_ino) == *inode);
+            if same {
+                let removed =
+                    rustix::fs::unlinkat(&dir, node.name.as_slice(), AtFlags::empty()).map_err(Into::into);
+                out.push((display(&path), removed));
+            }
+        }
+    }
+    out
+}
+
 /// Restores `snapshot` (or the parts of it named in `opts.includes`) from
 /// the local repository under `opts.target`. Must run on a multi-thread tokio
 /// runtime.
@@ -702,7 +756,7 @@ pub fn restore_tree(
         errors: &errors,
         progress: Arc::clone(&progress),
         hardlinks: HashMap::new(),
-        more_links: HashMap::new(),
+        unlinked: Vec::new(),
         dirs: Vec::new(),
         current_dir: None,
         depth: 0,
@@ -765,8 +819,9 @@ pub fn restore_tree(
     // Files that could not be filled: their other names (hard links made
     // while the content was still to come) go too.
     let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
-    let mut incomplete = Vec::new();
+    let mut incomplete = std::mem::take(&mut ctx.unlinked);
     let mut messages = Vec::new();
+    let mut linked: HashMap<(u64, u64), (u64, u64)> = HashMap::new();
     for f in failed {
         tracing::info!("{}", f.message);
         messages.push(f.message);
@@ -776,24 +831,24 @@ pub fn restore_tree(
         ctx.outcome.files = ctx.outcome.files.saturating_sub(1);
         ctx.outcome.bytes = ctx.outcome.bytes.saturating_sub(f.size);
         incomplete.push(f.display);
-        for comps in f
-            .link_key
-            .and_then(|k| ctx.more_links.remove(&k))
-            .unwrap_or_default()
-        {
-            let Some((name, parent)) = comps.split_last() else {
-                continue;
-            };
-            let shown = display(&comps);
-            match open_dir_path(&ctx.target, parent)
-                .and_then(|d| Ok(rustix::fs::unlinkat(&d, name.as_slice(), AtFlags::empty())?))
-            {
-                Ok(()) => messages.push(format!("removed {shown} too: it is a hard link to the incomplete file")),
+        if let Some((key, inode)) = f.link_key {
+            linked.insert(key, inode);
+        }
+    }
+    // Hard links made to a file whose content then failed share its
+    // inode: found again by walking the snapshot (only in this rare case,
+    // so a restore of many links keeps no list of them), and removed.
+    if !linked.is_empty() {
+        for (shown, removed) in remove_links(source, root, &ctx.target, &linked) {
+            match removed {
+                Ok(()) => {
+                    ctx.outcome.files = ctx.outcome.files.saturating_sub(1);
+                    messages.push(format!("removed {shown} too: it is a hard link to an incomplete file"));
+                }
                 Err(e) => messages.push(format!(
                     "{shown} is a hard link to an incomplete file and could not be removed ({e}): do not trust it"
                 )),
             }
-            ctx.outcome.files = ctx.outcome.files.saturating_sub(1);
             incomplete.push(shown);
         }
     }
