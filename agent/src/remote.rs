@@ -2,7 +2,7 @@
 //! through the server, and a restore reads through it. The engine's
 //! pipelines run unchanged; only where blobs go differs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use backer_proto::v1 as pb;
@@ -18,6 +18,9 @@ use tokio::sync::mpsc;
 
 /// Ids per ReadChunks request (the server accepts up to 4096).
 const READ_BATCH: usize = 1024;
+/// ReadChunks requests a restore keeps open at once: while one waits on
+/// the server's disk or storage, another's chunks are decompressed here.
+const READS_IN_FLIGHT: usize = 4;
 
 /// Chunks travel in batches of about this many bytes: most chunks of a
 /// system tree are small files, and a message each would cost more than
@@ -314,57 +317,92 @@ impl BlobWriter for Uploader {
     }
 }
 
+impl RemoteStore {
+    /// One ReadChunks request: every chunk in `batch` is delivered to `each`
+    /// once, checked end to end against its id, or returned with why not.
+    async fn fetch_batch(&self, batch: &[BlobId], each: &ChunkSink<'_>) -> Vec<(BlobId, String)> {
+        let mut wanted: HashSet<BlobId> = batch.iter().copied().collect();
+        let all =
+            |why: String, wanted: &HashSet<BlobId>| wanted.iter().map(|id| (*id, why.clone())).collect();
+        let req = pb::ReadChunksRequest {
+            job_id: self.job.clone(),
+            ids: batch
+                .iter()
+                .map(|i| bytes::Bytes::copy_from_slice(&i.0))
+                .collect(),
+        };
+        let mut stream = match self.client.clone().read_chunks(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                return all(
+                    format!("failed to read chunks: the server said: {}", s.message()),
+                    &wanted,
+                );
+            }
+        };
+        let mut lost = Vec::new();
+        loop {
+            let c = match stream.message().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(s) => {
+                    lost.extend(all(
+                        format!("failed to read chunks: the server said: {}", s.message()),
+                        &wanted,
+                    ));
+                    return lost;
+                }
+            };
+            // Only what was asked for, once: anything else is the server's error.
+            let Some(id) = BlobId::from_slice(&c.id).filter(|id| wanted.remove(id)) else {
+                lost.extend(all(
+                    "the server sent a chunk that was not asked for".into(),
+                    &wanted,
+                ));
+                return lost;
+            };
+            if !c.error.is_empty() {
+                lost.push((id, c.error));
+                continue;
+            }
+            if c.raw_len as usize > chunk::MAX_CHUNK {
+                lost.push((id, format!("the server sent an oversized chunk for {id}")));
+                continue;
+            }
+            // Checked end to end: the data must hash to the id the snapshot names.
+            match chunk::decompress(&c.payload, c.raw_len as usize) {
+                Ok(data) if chunk::blob_id(&self.keys, &data) == id => each(&id, &data),
+                Ok(_) => lost.push((id, format!("chunk {id} from the server does not match its id"))),
+                Err(e) => lost.push((id, format!("chunk {id} from the server: {e}"))),
+            }
+        }
+        lost.extend(all("the server did not send it".into(), &wanted));
+        lost
+    }
+}
+
 impl RestoreSource for RemoteStore {
     fn load_tree(&self, id: &BlobId) -> Result<Tree, Error> {
         self.walk_tree(id)
     }
 
-    fn read_chunks(&self, ids: &[BlobId], write: &mut ChunkSink<'_>) -> Result<(), String> {
-        for batch in ids.chunks(READ_BATCH) {
-            self.handle.block_on(async {
-                let req = pb::ReadChunksRequest {
-                    job_id: self.job.clone(),
-                    ids: batch
-                        .iter()
-                        .map(|i| bytes::Bytes::copy_from_slice(&i.0))
-                        .collect(),
-                };
-                let mut stream = self
-                    .client
-                    .clone()
-                    .read_chunks(req)
-                    .await
-                    .map_err(|s| format!("failed to read chunks: the server said: {}", s.message()))?
-                    .into_inner();
-                let mut expected = batch.iter();
-                loop {
-                    let c = match stream.message().await {
-                        Ok(Some(c)) => c,
-                        Ok(None) => break,
-                        Err(s) => {
-                            return Err(format!("failed to read chunks: the server said: {}", s.message()));
-                        }
-                    };
-                    let Some(want) = expected.next() else {
-                        return Err("the server sent more chunks than asked for".into());
-                    };
-                    if c.raw_len as usize > chunk::MAX_CHUNK {
-                        return Err(format!("the server sent an oversized chunk for {want}"));
+    fn fetch_chunks(&self, ids: &[BlobId], each: &ChunkSink<'_>) -> Vec<(BlobId, String)> {
+        // Requests of READ_BATCH ids, several in flight, each answered pack
+        // by pack by the server; decompressed and checked here, in parallel.
+        let queue = Mutex::new(ids.chunks(READ_BATCH));
+        let lost = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..READS_IN_FLIGHT {
+                s.spawn(|| {
+                    loop {
+                        let next = lock(&queue).next();
+                        let Some(batch) = next else { break };
+                        let failed = self.handle.block_on(self.fetch_batch(batch, each));
+                        lock(&lost).extend(failed);
                     }
-                    // Checked end to end: the data must hash to the id the snapshot names.
-                    let data = chunk::decompress(&c.payload, c.raw_len as usize)
-                        .map_err(|e| format!("chunk {want} from the server: {e}"))?;
-                    if chunk::blob_id(&self.keys, &data) != *want {
-                        return Err(format!("chunk {want} from the server does not match its id"));
-                    }
-                    write(&data)?;
-                }
-                if expected.next().is_some() {
-                    return Err("the server sent fewer chunks than asked for".into());
-                }
-                Ok(())
-            })?;
-        }
-        Ok(())
+                });
+            }
+        });
+        lost.into_inner().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -82,10 +82,6 @@ fn real_path(p: &Path) -> Option<PathBuf> {
 
 type Reports = mpsc::Sender<pb::AgentReport>;
 
-/// Restore worker threads when reading through the server (the engine runs
-/// two writers per thread).
-const REMOTE_RESTORE_THREADS: usize = 8;
-
 async fn report(tx: &Reports, r: Report) {
     let _ = tx.send(pb::AgentReport { report: Some(r) }).await;
 }
@@ -251,9 +247,6 @@ async fn restore(
         target,
         includes: work.includes,
         overwrite: work.overwrite,
-        // Each file is a round trip to the server: more workers than cores
-        // keep the link busy while others wait for their answer.
-        threads: REMOTE_RESTORE_THREADS,
     };
     let progress = Arc::new(RestoreProgress::default());
     progress.files_total.store(work.files_total, Ordering::Relaxed);

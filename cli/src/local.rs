@@ -317,6 +317,16 @@ enum Access {
     Write,
 }
 
+/// Which index a command works with once locked.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IndexOf {
+    /// Every pack the index files name (check reports the missing ones).
+    AllPacks,
+    /// Only packs storage still holds: a backup stores again what lost
+    /// packs held, a restore reads a blob stored twice from the copy left.
+    StoredPacks,
+}
+
 /// Runs `f` under a lock on `repo` (none with --no-lock, for a command that
 /// only reads), with the index read after the lock is held, and releases
 /// the lock whatever `f` returns.
@@ -325,16 +335,21 @@ async fn locked<T>(
     repo: &mut Repository,
     exclusive: bool,
     access: Access,
+    index: IndexOf,
     purpose: &str,
     f: impl AsyncFnOnce(&mut Repository, Option<&Lock>) -> Result<T>,
 ) -> Result<T> {
+    let load = async |repo: &mut Repository| match index {
+        IndexOf::AllPacks => repo.reload_index().await,
+        IndexOf::StoredPacks => repo.reload_index_of_stored_packs().await.map(|_| ()),
+    };
     if g.no_lock {
         if access == Access::Write {
             bail!(
                 "--no-lock is only for commands that read (snapshots, ls, restore, check, stats): {purpose} writes"
             );
         }
-        repo.reload_index().await?;
+        load(repo).await?;
         return f(repo, None).await;
     }
     let wait = g.retry_lock.unwrap_or_default();
@@ -352,7 +367,7 @@ async fn locked<T>(
             );
         }
     };
-    let result = match repo.reload_index().await {
+    let result = match load(repo).await {
         Ok(()) => f(repo, Some(&lock)).await,
         Err(e) => Err(e.into()),
     };
@@ -385,6 +400,7 @@ fn print_json<T: Serialize>(v: &T) -> Result<()> {
 }
 
 pub async fn init(g: &Global) -> Result<u8> {
+    refuse_no_lock(g, "init")?;
     let backend = location(g)?;
     let pw = password(g, true)?;
     let repo = Repository::init(backend, &pw, KdfParams::default()).await?;
@@ -478,6 +494,7 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
         &mut repo,
         false,
         Access::Write,
+        IndexOf::StoredPacks,
         "backup",
         async |repo, lock| Ok(archiver::backup(repo, held(lock)?, opts, progress).await?),
     )
@@ -694,11 +711,16 @@ pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
         target: a.target.clone(),
         includes: a.includes,
         overwrite: a.overwrite,
-        threads: 0,
     };
-    let outcome = locked(g, &mut repo, false, Access::Read, "restore", async |repo, _| {
-        Ok(restorer::restore(repo, &snap.snapshot, &opts, progress).await?)
-    })
+    let outcome = locked(
+        g,
+        &mut repo,
+        false,
+        Access::Read,
+        IndexOf::StoredPacks,
+        "restore",
+        async |repo, _| Ok(restorer::restore(repo, &snap.snapshot, &opts, progress).await?),
+    )
     .await;
     drop(ticker);
     pb.finish_and_clear();
@@ -790,9 +812,15 @@ pub async fn check(g: &Global, a: CheckArgs) -> Result<u8> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
     }
-    let report = locked(g, &mut repo, false, Access::Read, "check", async |repo, _| {
-        Ok(check::check(repo, &opts, progress).await?)
-    })
+    let report = locked(
+        g,
+        &mut repo,
+        false,
+        Access::Read,
+        IndexOf::AllPacks,
+        "check",
+        async |repo, _| Ok(check::check(repo, &opts, progress).await?),
+    )
     .await;
     drop(ticker);
     pb.finish_and_clear();
@@ -856,7 +884,21 @@ pub async fn stats(g: &Global) -> Result<u8> {
     Ok(0)
 }
 
+/// Commands that write without taking a lock refuse --no-lock rather than
+/// ignore it.
+fn refuse_no_lock(g: &Global, what: &str) -> Result<()> {
+    if g.no_lock {
+        bail!(
+            "--no-lock is only for commands that read (snapshots, ls, restore, check, stats): {what} writes"
+        );
+    }
+    Ok(())
+}
+
 pub async fn key(g: &Global, k: KeyCommand) -> Result<u8> {
+    if !matches!(k, KeyCommand::List) {
+        refuse_no_lock(g, "key")?;
+    }
     let backend = location(g)?;
     let pw = password(g, false)?;
     // Keys need no index.
@@ -920,9 +962,7 @@ pub async fn key(g: &Global, k: KeyCommand) -> Result<u8> {
 }
 
 pub async fn repair(g: &Global, c: RepairCommand) -> Result<u8> {
-    if g.no_lock {
-        bail!("--no-lock is only for commands that read: repair writes");
-    }
+    refuse_no_lock(g, "repair")?;
     if let RepairCommand::Config = c {
         let backend = location(g)?;
         let pw = password(g, false)?;
@@ -931,7 +971,14 @@ pub async fn repair(g: &Global, c: RepairCommand) -> Result<u8> {
             outln!("the config object is sound; nothing to repair")?;
             return Ok(0);
         }
-        repo.rewrite_config().await?;
+        // Exclusive: no other process may be using the repository while its
+        // config is replaced.
+        let lock = Lock::acquire(&repo, true, "repair config", g.retry_lock.unwrap_or_default()).await?;
+        let written = repo.rewrite_config().await;
+        if let Err(e) = lock.release().await {
+            tracing::warn!("failed to remove our lock: {e}; `backer unlock` clears it");
+        }
+        written?;
         outln!(
             "wrote a new config object (repository id {}); every other field follows from the format",
             repo.config().id
@@ -947,12 +994,16 @@ pub async fn repair(g: &Global, c: RepairCommand) -> Result<u8> {
                 &mut repo,
                 true,
                 Access::Write,
+                IndexOf::AllPacks,
                 "repair index",
                 async |repo, lock| Ok(backer_repo::repair::repair_index(repo, held(lock)?, &opts).await?),
             )
             .await?;
             if g.json {
                 print_json(&report)?;
+                return Ok(0);
+            }
+            if g.quiet {
                 return Ok(0);
             }
             for m in &report.messages {
@@ -989,12 +1040,16 @@ pub async fn repair(g: &Global, c: RepairCommand) -> Result<u8> {
                 &mut repo,
                 true,
                 Access::Write,
+                IndexOf::AllPacks,
                 "repair snapshots",
                 async |repo, lock| Ok(backer_repo::repair::repair_snapshots(repo, held(lock)?, &opts).await?),
             )
             .await?;
             if g.json {
                 print_json(&report)?;
+                return Ok(0);
+            }
+            if g.quiet {
                 return Ok(0);
             }
             let verb = if dry_run { "would remove" } else { "removed" };
@@ -1103,6 +1158,7 @@ pub async fn forget(g: &Global, a: ForgetArgs) -> Result<u8> {
         &mut repo,
         false,
         Access::Write,
+        IndexOf::AllPacks,
         "forget",
         async |repo, lock| {
             let lock = held(lock)?;
@@ -1197,6 +1253,7 @@ pub async fn forget(g: &Global, a: ForgetArgs) -> Result<u8> {
 }
 
 pub async fn unlock(g: &Global, a: UnlockArgs) -> Result<u8> {
+    refuse_no_lock(g, "unlock")?;
     let repo = open(g).await?;
     let removed = lock::unlock(&repo, a.remove_all).await?;
     if g.json {

@@ -119,6 +119,7 @@ fn kubectl_main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -130,7 +131,8 @@ fn kubectl_main() -> ExitCode {
         // The reader of our output went away: nothing is wrong.
         Err(e) if output::closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors quote names and hosts: escaped, like all text output.
+            eprintln!("error: {}", backer_repo::text::escape(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -196,6 +198,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -242,7 +245,8 @@ fn main() -> ExitCode {
         // The reader of our output went away: nothing is wrong.
         Err(e) if output::closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors quote names and hosts: escaped, like all text output.
+            eprintln!("error: {}", backer_repo::text::escape(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

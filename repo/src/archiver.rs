@@ -424,8 +424,20 @@ pub async fn backup(
             .find(|s| s.snapshot.hostname == hostname && s.snapshot.paths == path_strings)
             .map(|s| (s.id, s.snapshot)),
     };
+    // A parent whose root cannot be read (a damaged index or pack) only
+    // costs speed: every file is read again, and the backup still runs.
     let parent = match parent {
-        Some((id, s)) => Some((id, repo.load_tree(&s.tree).await?)),
+        Some((id, s)) => match repo.load_tree(&s.tree).await {
+            Ok(tree) => Some((id, tree)),
+            Err(e) if e.is_damage() => {
+                tracing::warn!(
+                    "the parent snapshot {} cannot be read ({e}); every file is read again",
+                    id.short()
+                );
+                None
+            }
+            Err(e) => return Err(e),
+        },
         None => None,
     };
     let store = LocalStore {

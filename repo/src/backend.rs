@@ -209,6 +209,66 @@ fn write_local(dir: &std::path::Path, name: &str, data: &[u8], durable: bool) ->
     }
 }
 
+/// Every regular file below `dir/folder`, names relative to `dir/folder`
+/// with `/` between components. Read directly, not through object_store,
+/// whose listing fails as a whole on one name it cannot represent (a
+/// control character, bytes that are not UTF-8): such names cannot be
+/// objects and are skipped, as are staging names (`#`), symlinks (never
+/// followed, so a loop cannot hang a listing) and anything not a file. A
+/// directory that cannot be read is an error, never a short listing.
+fn list_local(dir: &std::path::Path, folder: &str) -> Result<Vec<Listed>> {
+    let base = if folder.is_empty() {
+        dir.to_path_buf()
+    } else {
+        dir.join(folder)
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![(base.clone(), String::new())];
+    while let Some((path, rel)) = stack.pop() {
+        let entries = match std::fs::read_dir(&path) {
+            Ok(e) => e,
+            // A folder no object was ever written to.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == base => return Ok(out),
+            Err(e) => return Err(Error::io("list", &path, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list", &path, e))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                tracing::debug!("ignoring a name that is not UTF-8 in {}", path.display());
+                continue;
+            };
+            if name.contains('#') || name.chars().any(char::is_control) {
+                continue;
+            }
+            let file_type = entry
+                .file_type()
+                .map_err(|e| Error::io("inspect", entry.path(), e))?;
+            let child = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            if file_type.is_dir() {
+                stack.push((entry.path(), child));
+            } else if file_type.is_file() {
+                let md = entry
+                    .metadata()
+                    .map_err(|e| Error::io("inspect", entry.path(), e))?;
+                let modified = md
+                    .modified()
+                    .map(chrono::DateTime::<chrono::Utc>::from)
+                    .unwrap_or_default();
+                out.push(Listed {
+                    name: child,
+                    size: md.len(),
+                    modified,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Failures that say nothing about the object itself: the next try may work.
 fn transient(e: &object_store::Error) -> bool {
     matches!(
@@ -427,6 +487,26 @@ impl Backend {
         &self.location
     }
 
+    /// Whether this is an object store across a network (each request
+    /// costs a round trip), rather than a local directory or memory.
+    pub fn is_remote(&self) -> bool {
+        self.local_dir.is_none() && self.location != "memory:"
+    }
+
+    /// Blobs of one pack this close together are read in one request: over
+    /// a network a request costs far more than the bytes between them.
+    pub fn read_merge_gap(&self) -> u64 {
+        if self.is_remote() { 1 << 20 } else { 64 << 10 }
+    }
+
+    /// How many reads a restore keeps in flight: more over a network, where
+    /// each waits on a round trip, than on a disk, where each costs a core
+    /// to decrypt and decompress.
+    pub fn read_parallelism(&self) -> usize {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        if self.is_remote() { 8 } else { (cores * 2).max(2) }
+    }
+
     /// Makes sure the location can hold a new repository: a local directory is
     /// created if missing. Fails if anything is already there.
     pub async fn prepare_for_init(&mut self) -> Result<()> {
@@ -516,6 +596,17 @@ impl Backend {
     }
 
     pub async fn get(&self, name: &str) -> Result<Bytes> {
+        if let Some(dir) = self.local_dir.as_ref().filter(|_| self.direct) {
+            let path = dir.join(name);
+            let owned = name.to_string();
+            return tokio::task::spawn_blocking(move || match std::fs::read(&path) {
+                Ok(b) => Ok(Bytes::from(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound(owned)),
+                Err(e) => Err(Error::io("read", &path, e)),
+            })
+            .await
+            .map_err(|e| Error::Interrupted(format!("read task failed: {e}")))?;
+        }
         self.retrying("read", name, |_| async move {
             let r = match self.store.get(&self.path(name)).await {
                 Ok(r) => r,
@@ -537,6 +628,13 @@ impl Backend {
     }
 
     pub async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
+        if self.local_dir.is_some() && self.direct {
+            let this = self.clone();
+            let owned = name.to_string();
+            return tokio::task::spawn_blocking(move || this.pread(&owned, range))
+                .await
+                .map_err(|e| Error::Interrupted(format!("read task failed: {e}")))?;
+        }
         let want = range.end - range.start;
         self.retrying("read", name, |_| {
             let range = range.clone();
@@ -566,9 +664,18 @@ impl Backend {
         name: &str,
         range: Range<u64>,
     ) -> Result<Bytes> {
-        let Some(dir) = self.local_dir.as_ref().filter(|_| self.direct) else {
+        if self.local_dir.is_none() || !self.direct {
             return handle.block_on(self.get_range(name, range));
-        };
+        }
+        self.pread(name, range)
+    }
+
+    /// One `pread` of a local object's range.
+    fn pread(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
+        let dir = self
+            .local_dir
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("not a local directory".into()))?;
         let path = dir.join(name);
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
@@ -592,6 +699,15 @@ impl Backend {
 
     /// Size of `name`, or `None` if it does not exist.
     pub async fn head(&self, name: &str) -> Result<Option<u64>> {
+        if let Some(dir) = self.local_dir.as_ref().filter(|_| self.direct) {
+            let path = dir.join(name);
+            return match std::fs::symlink_metadata(&path) {
+                Ok(md) if md.is_file() => Ok(Some(md.len())),
+                Ok(_) => Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::io("inspect", &path, e)),
+            };
+        }
         self.retrying("look up", name, |_| async move {
             match self.store.head(&self.path(name)).await {
                 Ok(m) => Ok(Some(m.size)),
@@ -605,6 +721,12 @@ impl Backend {
     /// Every object under `folder` (recursively), with names relative to it.
     /// A listing that fails part-way is an error, never a short list.
     pub async fn list_all(&self, folder: &str) -> Result<Vec<Listed>> {
+        if let Some(dir) = self.local_dir.clone().filter(|_| self.direct) {
+            let folder = folder.to_string();
+            return tokio::task::spawn_blocking(move || list_local(&dir, &folder))
+                .await
+                .map_err(|e| Error::Interrupted(format!("list task failed: {e}")))?;
+        }
         let prefix = if folder.is_empty() {
             if self.root.as_ref().is_empty() {
                 None
@@ -641,22 +763,29 @@ impl Backend {
     /// directory the removal is durable when this returns, so a forgotten
     /// snapshot cannot come back after a power cut to name pruned data.
     pub async fn delete(&self, name: &str) -> Result<()> {
+        if let Some(dir) = self.local_dir.as_ref().filter(|_| self.direct) {
+            let path = dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(Error::io("remove", &path, e)),
+            }
+            if self.durable
+                && let Some(parent) = path.parent().map(|p| p.to_path_buf())
+            {
+                tokio::task::spawn_blocking(move || sync_dir(&parent))
+                    .await
+                    .map_err(|e| Error::Interrupted(format!("sync task failed: {e}")))??;
+            }
+            return Ok(());
+        }
         self.retrying("delete", name, |_| async move {
             match self.store.delete(&self.path(name)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                 Err(e) => Err(self.err(e)),
             }
         })
-        .await?;
-        if let Some(dir) = self.local_dir.as_ref().filter(|_| self.direct && self.durable) {
-            let parent = dir.join(name).parent().map(|p| p.to_path_buf());
-            if let Some(parent) = parent.filter(|p| p.is_dir()) {
-                tokio::task::spawn_blocking(move || sync_dir(&parent))
-                    .await
-                    .map_err(|e| Error::Interrupted(format!("sync task failed: {e}")))??;
-            }
-        }
-        Ok(())
+        .await
     }
 }
 

@@ -144,6 +144,7 @@ pub async fn check(
     }
     report.snapshots = snapshots.snapshots.len();
     let mut seen_trees: HashSet<BlobId> = HashSet::new();
+    let mut trees_unread = 0usize;
     let mut seen_data: HashSet<BlobId> = HashSet::new();
     for s in &snapshots.snapshots {
         let mut stack = vec![(s.snapshot.tree, String::new())];
@@ -153,6 +154,7 @@ pub async fn check(
             }
             let shown = if path.is_empty() { "/" } else { &path };
             let Some(loc) = locate(&tree_id) else {
+                trees_unread += 1;
                 report.errors.push(format!(
                     "snapshot {}: directory {}: tree {tree_id} is in no index and no pack",
                     s.id.short(),
@@ -166,6 +168,7 @@ pub async fn check(
             let tree = match repo.load_tree_at(&tree_id, &loc).await {
                 Ok(t) => t,
                 Err(e) => {
+                    trees_unread += 1;
                     report.errors.push(format!(
                         "snapshot {}: directory {}: failed to read tree {tree_id}: {}",
                         s.id.short(),
@@ -198,11 +201,18 @@ pub async fn check(
         }
     }
     report.trees = seen_trees.len();
+    let blind = trees_unread > 0 || !snapshots.damaged.is_empty();
     for (id, _) in found.packs() {
         match needed.get(&id) {
             Some(n) => report.errors.push(format!(
                 "pack {id} is in no index but holds {n} blobs that snapshots use: do not delete it; \
                  `backer repair index` adds it back"
+            )),
+            // What unreadable trees or snapshot files reference is unknown:
+            // the pack may be theirs.
+            None if blind => report.errors.push(format!(
+                "pack {id} is in no index; whether a snapshot needs it cannot be told while some trees or \
+                 snapshot files cannot be read: do not delete it; `backer repair index` adds it back"
             )),
             None => report.warnings.push(format!(
                 "pack {id} is in no index and holds nothing a snapshot uses (left by an interrupted \

@@ -36,6 +36,11 @@ pub enum Error {
     Truncated { name: String, wanted: u64, got: u64 },
     #[error("data failed authentication ({what}): it was altered, truncated or belongs elsewhere")]
     Corrupt { what: String },
+    #[error(
+        "blob {0} is in no index: an index file may be damaged or missing (`backer check` says; \
+         `backer repair index` rebuilds the index from the packs)"
+    )]
+    NotIndexed(crate::id::BlobId),
     #[error("unsupported repository format version {0}; upgrade backer")]
     UnsupportedVersion(u32),
     #[error("failed to decode {what}")]
@@ -97,15 +102,22 @@ impl Error {
     /// Whether this says the object read is damaged (altered, truncated,
     /// undecodable), rather than that storage could not be reached: damage
     /// is reported and skipped where that is safe, a storage failure stops
-    /// the command.
+    /// the command. A read that came back short is not damage: an object
+    /// cut short at rest reads whole at its new size and fails its hash;
+    /// a short read is storage cutting a transfer off (after retries).
     pub fn is_damage(&self) -> bool {
         matches!(
             self,
-            Error::Corrupt { .. }
-                | Error::Decode { .. }
-                | Error::Truncated { .. }
-                | Error::UnsupportedVersion(_)
+            Error::Corrupt { .. } | Error::Decode { .. } | Error::UnsupportedVersion(_) | Error::NotIndexed(_)
         )
+    }
+
+    /// Damaged, or not readable by this user (its permissions): an object
+    /// that is passed over where that is safe (a key file, a lock), as a
+    /// damaged one is.
+    pub fn is_unreadable(&self) -> bool {
+        self.is_damage()
+            || matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied)
     }
 }
 
@@ -114,7 +126,7 @@ fn damaged_keys_note(damaged: &[String]) -> String {
         String::new()
     } else {
         format!(
-            " (damaged key files that could not be tried: {}; if your password was in one of them, \
+            " (key files that could not be read: {}; if your password was in one of them, \
              open the repository with another password and `backer key remove` the damaged ones)",
             damaged.join(", ")
         )

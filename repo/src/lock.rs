@@ -185,7 +185,7 @@ pub async fn list_locks(
                 Err(e) => return Err(e),
             },
             Err(Error::NotFound(_)) => continue, // released meanwhile
-            Err(e) if e.is_damage() => None,
+            Err(e) if e.is_unreadable() => None,
             Err(e) => return Err(e),
         };
         out.push(FoundLock {

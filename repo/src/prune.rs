@@ -93,6 +93,17 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
             names(repo.index_damage())
         )));
     }
+    // A pack the index names but storage lacks: the index may place a blob
+    // there that another pack still holds, and that copy would then count
+    // as unused. Nothing is deleted until the index is rebuilt.
+    let missing = repo.missing_packs().await?;
+    if !missing.is_empty() {
+        return Err(Error::NeedsRepair(format!(
+            "the index names {} packs missing from storage (e.g. {}); run `backer repair index` first",
+            missing.len(),
+            missing[0]
+        )));
+    }
     let listed = repo.load_snapshots().await?;
     if !listed.damaged.is_empty() {
         return Err(Error::NeedsRepair(format!(
@@ -298,12 +309,9 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
     Ok(report)
 }
 
+/// The damaged objects and why, for a message.
 fn names(damaged: &[crate::repository::Damaged]) -> String {
-    damaged
-        .iter()
-        .map(|d| d.name.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+    damaged.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("; ")
 }
 
 async fn delete_all(repo: &Repository, names: Vec<String>) -> Result<()> {

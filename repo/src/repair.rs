@@ -109,6 +109,9 @@ pub async fn repair_index(
     // Trust intact index files for packs still stored as they recorded.
     let mut plans: HashMap<PackId, PackPlan> = HashMap::new();
     let mut described: HashSet<PackId> = HashSet::new();
+    // Blobs that were in packs now gone or damaged: lost unless another
+    // pack that stays holds them too.
+    let mut lost_ids: HashSet<BlobId> = HashSet::new();
     // What intact index files said of packs whose header must be read
     // again: where their blobs are, should the header be gone.
     let mut recorded: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
@@ -136,10 +139,10 @@ pub async fn repair_index(
                 }
                 None => {
                     report.packs_missing += 1;
-                    report.blobs_lost += p.blobs.len() as u64;
+                    lost_ids.extend(p.blobs.iter().map(|b| b.id));
                     report.messages.push(format!(
-                        "pack {} is gone from storage: the {} blobs it held are lost \
-                         (`backer repair snapshots` then drops what needed them)",
+                        "pack {} is gone from storage: the {} blobs it held are lost unless another pack \
+                         holds them too (`backer repair snapshots` then drops what needed them)",
                         p.id,
                         p.blobs.len()
                     ));
@@ -186,7 +189,7 @@ pub async fn repair_index(
                     let (within, beyond): (Vec<PackEntry>, Vec<PackEntry>) = known
                         .into_iter()
                         .partition(|e| u64::from(e.offset) + u64::from(e.len) <= size);
-                    report.blobs_lost += beyond.len() as u64;
+                    lost_ids.extend(beyond.iter().map(|b| b.id));
                     report.packs_salvaged += 1;
                     report.blobs_salvaged += within.len() as u64;
                     report.messages.push(format!(
@@ -212,7 +215,8 @@ pub async fn repair_index(
                     report.packs_unreadable += 1;
                     unreadable.push(id);
                     report.messages.push(format!(
-                        "pack {id}: its header cannot be read ({}); what it holds is lost, and the pack is removed",
+                        "pack {id}: its header cannot be read ({}); what it holds cannot be located, and the pack \
+                         goes to lost+found/",
                         Chain(&e)
                     ));
                 }
@@ -222,8 +226,22 @@ pub async fn repair_index(
     }
 
     if opts.read_data {
-        unreadable.extend(verify_packs(repo, &mut plans, &mut report).await?);
+        unreadable.extend(verify_packs(repo, &mut plans, &mut report, &mut lost_ids).await?);
     }
+    // Nothing at all opens: the key does not belong to these packs (a key
+    // file copied in from elsewhere), not a repository damaged throughout.
+    if plans.is_empty() && unreadable.len() >= 2 {
+        return Err(Error::Invalid(format!(
+            "none of the {} packs opens with this repository's key: refusing to rebuild an empty index; \
+             is a key file or config from another repository here?",
+            unreadable.len()
+        )));
+    }
+    let kept: HashSet<BlobId> = plans
+        .values()
+        .flat_map(|p| p.salvage.as_ref().unwrap_or(&p.pack.blobs).iter().map(|b| b.id))
+        .collect();
+    report.blobs_lost = lost_ids.iter().filter(|id| !kept.contains(id)).count() as u64;
     report.changed = !damaged.is_empty()
         || report.packs_missing > 0
         || report.packs_added > 0
@@ -278,12 +296,7 @@ pub async fn repair_index(
         report.blobs_salvaged = copied;
         report.blobs_lost += lost;
     }
-    let doomed: Vec<String> = salvage
-        .iter()
-        .map(|(id, _)| id)
-        .chain(&unreadable)
-        .map(pack_name)
-        .collect();
+    let doomed: Vec<String> = salvage.iter().map(|(id, _)| pack_name(id)).collect();
 
     // 2. The rebuilt index for every pack that stays; the last file
     //    declares the old ones redundant. 3. Then the old files go.
@@ -309,14 +322,39 @@ pub async fn repair_index(
         repo.backend().delete(name).await?;
     }
     report.index_files_replaced = old_files.len();
-    // 4. Packs whose good blobs moved, and packs nothing can be read from:
-    //    no index names them any more.
+    // 4. Packs whose good blobs moved: no index names them any more.
+    //    Packs nothing can be read from go aside to `lost+found/`, where no
+    //    command looks, instead of away: what they hold may yet be saved.
     lock.check_fresh().await?;
     for name in &doomed {
         repo.backend().delete(name).await?;
     }
+    for id in &unreadable {
+        move_aside(repo, id).await?;
+    }
     repo.reload_index().await?;
     Ok(report)
+}
+
+/// Where packs that cannot be read are kept: a folder no listing of the
+/// engine reads, so check is clean and prune never touches them.
+pub const LOST_AND_FOUND: &str = "lost+found";
+
+/// Copies the pack to `lost+found/` (read back to be sure), then removes it.
+async fn move_aside(repo: &Repository, id: &PackId) -> Result<()> {
+    let from = pack_name(id);
+    let to = format!("{LOST_AND_FOUND}/{id}");
+    let bytes = repo.backend().get(&from).await?;
+    match repo.backend().put_new(&to, bytes.clone()).await {
+        Ok(()) | Err(Error::AlreadyExists(_)) => {}
+        Err(e) => return Err(e),
+    }
+    if repo.backend().get(&to).await? != bytes {
+        return Err(Error::Invalid(format!(
+            "{to} exists and differs from {from}; both are left as they are"
+        )));
+    }
+    repo.backend().delete(&from).await
 }
 
 /// Index files of at most [`INDEX_FLUSH_BLOBS`] blobs each (one, at least).
@@ -344,6 +382,7 @@ async fn verify_packs(
     repo: &Repository,
     plans: &mut HashMap<PackId, PackPlan>,
     report: &mut RepairIndexReport,
+    lost_ids: &mut HashSet<BlobId>,
 ) -> Result<Vec<PackId>> {
     let mut unreadable = Vec::new();
     let ids: Vec<PackId> = plans.keys().copied().collect();
@@ -383,7 +422,7 @@ async fn verify_packs(
             PackVerdict::Damaged { good, bad } => {
                 report.packs_salvaged += 1;
                 report.blobs_salvaged += good.len() as u64;
-                report.blobs_lost += bad.len() as u64;
+                lost_ids.extend(bad.iter().copied());
                 report.messages.push(format!(
                     "pack {id}: {} damaged blobs{}; its {} good blobs are copied to new packs and it is removed",
                     bad.len(),
@@ -402,10 +441,11 @@ async fn verify_packs(
                 report.packs_unreadable += 1;
                 unreadable.push(id);
                 if let Some(plan) = plans.remove(&id) {
-                    report.blobs_lost += plan.pack.blobs.len() as u64;
+                    lost_ids.extend(plan.pack.blobs.iter().map(|b| b.id));
                 }
                 report.messages.push(format!(
-                    "pack {id}: its header cannot be read ({why}); what it holds is lost, and the pack is removed"
+                    "pack {id}: its header cannot be read ({why}); what it holds cannot be located, and the pack \
+                     goes to lost+found/"
                 ));
             }
         }
@@ -479,18 +519,20 @@ pub struct RewrittenSnapshot {
     pub dropped: Vec<String>,
 }
 
+/// The first error line of a repaired snapshot, before the original's id.
+const REPAIRED_FROM: &str = "repaired from snapshot ";
+
 /// What rewriting snapshots shares: trees already rewritten (by old id),
 /// the new trees to store, and which packs are still stored.
 struct Rewriter<'r> {
     repo: &'r Repository,
     stored: HashSet<PackId>,
     memo: HashMap<BlobId, BlobId>,
+    /// What each rewritten tree (by old id) lost, for every snapshot holding it.
+    losses: HashMap<BlobId, Losses>,
     new_trees: Vec<(BlobId, Vec<u8>)>,
     empty_id: BlobId,
     used_empty: bool,
-    /// Files left out so far, and their bytes, to correct summaries.
-    files_dropped: u64,
-    bytes_dropped: u64,
 }
 
 impl Rewriter<'_> {
@@ -524,6 +566,17 @@ pub async fn repair_snapshots(
                 .join(", ")
         )));
     }
+    // Packs the index names that are gone may have copies elsewhere that
+    // only a rebuilt index finds: dropping files for them now would lose
+    // data that is still there.
+    let missing = repo.missing_packs().await?;
+    if !missing.is_empty() {
+        return Err(Error::NeedsRepair(format!(
+            "the index names {} packs missing from storage (e.g. {}); run `backer repair index` first",
+            missing.len(),
+            missing[0]
+        )));
+    }
     let listed = repo.load_snapshots().await?;
     report.snapshots = listed.snapshots.len() + listed.damaged.len();
     let empty = encode(&Tree::default())?;
@@ -536,33 +589,37 @@ pub async fn repair_snapshots(
             .filter_map(|l| l.name.parse().ok())
             .collect(),
         memo: HashMap::new(),
+        losses: HashMap::new(),
         new_trees: Vec::new(),
         empty_id: chunk::blob_id(&repo.key().chunk, &empty),
         used_empty: false,
-        files_dropped: 0,
-        bytes_dropped: 0,
     };
     let mut plans = Vec::new();
+    // A snapshot repaired by a run that died before removing its original
+    // is not repaired twice: the original just goes.
+    let done: HashSet<String> = listed
+        .snapshots
+        .iter()
+        .flat_map(|s| s.snapshot.errors.iter())
+        .filter_map(|e| e.strip_prefix(REPAIRED_FROM).map(str::to_string))
+        .collect();
     for s in &listed.snapshots {
-        let mut dropped = Vec::new();
-        let (files, bytes) = (rw.files_dropped, rw.bytes_dropped);
-        let root = rewrite_tree(&mut rw, s.snapshot.tree, &mut dropped).await?;
+        let (root, lost) = rewrite_tree(&mut rw, s.snapshot.tree).await?;
         if root == s.snapshot.tree {
             report.intact += 1;
             continue;
         }
-        // Trees shared with a snapshot rewritten before are not walked
-        // again: their losses are counted for the first one only.
         let mut snap = s.snapshot.clone();
-        snap.summary.files = snap.summary.files.saturating_sub(rw.files_dropped - files);
-        snap.summary.bytes = snap.summary.bytes.saturating_sub(rw.bytes_dropped - bytes);
-        plans.push((s.id, snap, root, dropped));
+        snap.summary.files = snap.summary.files.saturating_sub(lost.files);
+        snap.summary.bytes = snap.summary.bytes.saturating_sub(lost.bytes);
+        let already = done.contains(&s.id.to_hex());
+        plans.push((s.id, snap, root, lost.into_lines(), already));
     }
     if opts.dry_run {
         report.removed = listed.damaged.iter().map(|d| d.to_string()).collect();
         report.rewritten = plans
             .into_iter()
-            .map(|(old, _, _, dropped)| RewrittenSnapshot {
+            .map(|(old, _, _, dropped, _)| RewrittenSnapshot {
                 old,
                 new: None,
                 dropped,
@@ -602,16 +659,27 @@ pub async fn repair_snapshots(
             Ok(())
         })?;
     }
-    for (old, mut snap, root, dropped) in plans {
+    for (old, mut snap, root, dropped, already) in plans {
+        lock.check_fresh().await?;
+        if already {
+            repo.backend().delete(&format!("snapshots/{old}")).await?;
+            report.rewritten.push(RewrittenSnapshot {
+                old,
+                new: None,
+                dropped,
+            });
+            continue;
+        }
         snap.tree = root;
         snap.partial = true;
         snap.summary.errors += dropped.len() as u64;
+        // Where it came from first: a rerun knows it was done.
+        snap.errors.insert(0, format!("{REPAIRED_FROM}{old}"));
         snap.errors
             .extend(dropped.iter().take(20).map(|d| format!("repaired: {d}")));
         if !snap.tags.iter().any(|t| t == "repaired") {
             snap.tags.push("repaired".into());
         }
-        lock.check_fresh().await?;
         let new = repo.save_snapshot(&snap).await?;
         repo.backend().delete(&format!("snapshots/{old}")).await?;
         report.rewritten.push(RewrittenSnapshot {
@@ -629,6 +697,44 @@ pub async fn repair_snapshots(
     Ok(report)
 }
 
+/// What a rewrite left out below one directory: a line for each loss (the
+/// first [`LOSS_LINES`]), and how many files and bytes went.
+#[derive(Debug, Clone, Default)]
+struct Losses {
+    lines: Vec<String>,
+    more: u64,
+    files: u64,
+    bytes: u64,
+}
+
+const LOSS_LINES: usize = 100;
+
+impl Losses {
+    fn line(&mut self, l: String) {
+        if self.lines.len() < LOSS_LINES {
+            self.lines.push(l);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn merge(&mut self, other: &Losses) {
+        for l in &other.lines {
+            self.line(l.clone());
+        }
+        self.more += other.more;
+        self.files += other.files;
+        self.bytes += other.bytes;
+    }
+
+    fn into_lines(mut self) -> Vec<String> {
+        if self.more > 0 {
+            self.lines.push(format!("… and {} more", self.more));
+        }
+        self.lines
+    }
+}
+
 /// One directory being rewritten: its old id, where it is, its entries as
 /// kept so far, and the next entry to look at.
 struct Frame {
@@ -639,20 +745,23 @@ struct Frame {
     changed: bool,
     /// The entry waiting for its subtree's rewrite.
     waiting: Option<Node>,
+    lost: Losses,
 }
 
 /// Rewrites the tree `root` without what is gone, depth first with an
 /// explicit stack (trees may be thousands of levels deep). Trees met before
-/// (in this or another snapshot) are not read again. Returns the new id
-/// (the old one when nothing changed).
-async fn rewrite_tree(rw: &mut Rewriter<'_>, root: BlobId, dropped: &mut Vec<String>) -> Result<BlobId> {
-    if let Some(r) = rw.memo.get(&root) {
-        return Ok(*r);
+/// (in this or another snapshot) are not read again, and what they lost is
+/// counted again for each snapshot that holds them. Returns the new id (the
+/// old one when nothing changed) and what was lost.
+async fn rewrite_tree(rw: &mut Rewriter<'_>, root: BlobId) -> Result<(BlobId, Losses)> {
+    if let Some(id) = rw.memo.get(&root) {
+        return Ok((*id, rw.losses.get(&root).cloned().unwrap_or_default()));
     }
     let mut stack: Vec<Frame> = Vec::new();
-    match open_frame(rw, root, String::new(), dropped).await? {
+    let mut lost_root = Losses::default();
+    match open_frame(rw, root, String::new(), &mut lost_root).await? {
         Some(f) => stack.push(f),
-        None => return Ok(rw.empty_id),
+        None => return Ok((rw.empty_id, lost_root)),
     }
     loop {
         let Some(top) = stack.last_mut() else {
@@ -665,6 +774,7 @@ async fn rewrite_tree(rw: &mut Rewriter<'_>, root: BlobId, dropped: &mut Vec<Str
                 let bytes = encode(&Tree { nodes: frame.kept })?;
                 let id = chunk::blob_id(&rw.repo.key().chunk, &bytes);
                 rw.new_trees.push((id, bytes));
+                rw.losses.insert(frame.old, frame.lost.clone());
                 id
             } else {
                 frame.old
@@ -672,33 +782,40 @@ async fn rewrite_tree(rw: &mut Rewriter<'_>, root: BlobId, dropped: &mut Vec<Str
             rw.memo.insert(frame.old, id);
             match stack.last_mut() {
                 Some(parent) => {
+                    parent.lost.merge(&frame.lost);
                     if let Some(mut n) = parent.waiting.take() {
                         parent.changed |= Some(id) != n.subtree;
                         n.subtree = Some(id);
                         parent.kept.push(n);
                     }
                 }
-                None => return Ok(id),
+                None => return Ok((id, frame.lost)),
             }
             continue;
         };
         let path = format!("{}/{}", top.path, node.name_lossy());
         if let Some(sub) = node.subtree {
-            if let Some(id) = rw.memo.get(&sub) {
-                top.changed |= *id != sub;
-                node.subtree = Some(*id);
+            if let Some(id) = rw.memo.get(&sub).copied() {
+                top.changed |= id != sub;
+                if let Some(l) = rw.losses.get(&sub) {
+                    top.lost.merge(l);
+                }
+                node.subtree = Some(id);
                 top.kept.push(node);
                 continue;
             }
             top.waiting = Some(node);
-            match open_frame(rw, sub, path, dropped).await? {
+            let mut lost = Losses::default();
+            match open_frame(rw, sub, path, &mut lost).await? {
                 Some(f) => stack.push(f),
                 None => {
                     let empty = rw.empty_id;
                     rw.memo.insert(sub, empty);
+                    rw.losses.insert(sub, lost.clone());
                     if let Some(top) = stack.last_mut()
                         && let Some(mut n) = top.waiting.take()
                     {
+                        top.lost.merge(&lost);
                         n.subtree = Some(empty);
                         top.changed = true;
                         top.kept.push(n);
@@ -713,9 +830,10 @@ async fn rewrite_tree(rw: &mut Rewriter<'_>, root: BlobId, dropped: &mut Vec<Str
                 _ => None,
             });
             if let Some(id) = missing {
-                dropped.push(format!("file {} left out: its chunk {id} is gone", escape(&path)));
-                rw.files_dropped += 1;
-                rw.bytes_dropped += node.size;
+                top.lost
+                    .line(format!("file {} left out: its chunk {id} is gone", escape(&path)));
+                top.lost.files += 1;
+                top.lost.bytes += node.size;
                 top.changed = true;
                 continue;
             }
@@ -724,26 +842,26 @@ async fn rewrite_tree(rw: &mut Rewriter<'_>, root: BlobId, dropped: &mut Vec<Str
     }
 }
 
-/// Reads a directory's tree; `None` (and a note) when it is gone.
+/// Reads a directory's tree; `None` (and a note in `lost`) when it is gone.
 async fn open_frame(
     rw: &mut Rewriter<'_>,
     id: BlobId,
     path: String,
-    dropped: &mut Vec<String>,
+    lost: &mut Losses,
 ) -> Result<Option<Frame>> {
     let shown = if path.is_empty() {
         "/".to_string()
     } else {
         path.clone()
     };
-    let gone = |why: String, dropped: &mut Vec<String>| {
-        dropped.push(format!(
+    let mut gone = |why: String| {
+        lost.line(format!(
             "directory {} emptied: its listing (tree {id}) is lost: {why}",
             escape(&shown)
         ));
     };
     if !rw.present(&id) {
-        gone("it is in no index or its pack is gone".into(), dropped);
+        gone("it is in no index or its pack is gone".into());
         rw.used_empty = true;
         return Ok(None);
     }
@@ -755,9 +873,10 @@ async fn open_frame(
             kept: Vec::new(),
             changed: false,
             waiting: None,
+            lost: Losses::default(),
         })),
         Err(e) if e.is_damage() || matches!(e, Error::NotFound(_)) => {
-            gone(Chain(&e).to_string(), dropped);
+            gone(Chain(&e).to_string());
             rw.used_empty = true;
             Ok(None)
         }

@@ -210,7 +210,7 @@ async fn try_key(
     let raw = match backend.get(&format!("keys/{name}")).await {
         Ok(b) => b,
         Err(Error::NotFound(_)) => return Ok(Ok(None)), // removed meanwhile
-        Err(e) if e.is_damage() => return Ok(Err(e.to_string())),
+        Err(e) if e.is_unreadable() => return Ok(Err(e.to_string())),
         Err(e) => return Err(e),
     };
     if hex::encode(storage_hash(&raw)) != name {
@@ -299,14 +299,21 @@ impl Repository {
         // Every key file is tried until one opens; a damaged one is
         // reported and passed over, so which password works never depends
         // on the order of a listing.
+        // A key must also open the config: a key file copied in from
+        // another repository may unwrap with the same password.
         let mut found = None;
+        let mut unwrapped_elsewhere = None;
         let mut key_damage = Vec::new();
         for k in list_ids(&backend, Dir::Keys).await? {
             match try_key(&backend, &k.name, password).await? {
-                Ok(Some(mk)) => {
-                    found = Some((mk, k.name.parse::<KeyId>()?));
-                    break;
-                }
+                Ok(Some(mk)) => match open_config(&mk, &sealed_config) {
+                    Ok(config) => {
+                        found = Some((mk, k.name.parse::<KeyId>()?, config));
+                        break;
+                    }
+                    Err(e) if e.is_damage() => unwrapped_elsewhere = Some(k.name.clone()),
+                    Err(e) => return Err(e),
+                },
                 Ok(None) => {}
                 Err(reason) => {
                     tracing::warn!(
@@ -321,15 +328,21 @@ impl Repository {
                 }
             }
         }
-        let (key, key_id) = found.ok_or_else(|| Error::WrongPassword {
-            damaged: key_damage.iter().map(|d| d.name.clone()).collect(),
-        })?;
-        let config = open_config(&key, &sealed_config).map_err(|e| match e {
-            e if e.is_damage() => Error::corrupt(
-                "the repository's config object is damaged; `backer repair config` writes a new one",
-            ),
-            e => e,
-        })?;
+        let (key, key_id, config) = match (found, unwrapped_elsewhere) {
+            (Some(f), _) => f,
+            (None, Some(k)) => {
+                return Err(Error::NeedsRepair(format!(
+                    "the key file keys/{k} opens with this password, but not the config object: either \
+                     the config is damaged (`backer repair config` checks which, and writes a new one if \
+                     so) or that key file belongs to another repository"
+                )));
+            }
+            (None, None) => {
+                return Err(Error::WrongPassword {
+                    damaged: key_damage.iter().map(|d| d.to_string()).collect(),
+                });
+            }
+        };
         Ok(Repository {
             backend,
             key: Arc::new(key),
@@ -341,49 +354,93 @@ impl Repository {
         })
     }
 
-    /// Opens a repository whose config object is damaged, with the key
-    /// `password` unwraps, so `repair config` can write a new one.
+    /// Opens a repository whose config object is damaged or missing, for
+    /// `repair config`. Returns the handle and the config as it is now when
+    /// some key opens it (then nothing needs repair). A key that unwraps
+    /// with `password` but opens none of the repository's index or
+    /// snapshot files belongs to another repository: refused, since a
+    /// config sealed with it would make every object look damaged.
     pub async fn open_for_config_repair(backend: Backend, password: &[u8]) -> Result<(Self, Option<Config>)> {
-        let mut found = None;
-        for k in list_ids(&backend, Dir::Keys).await? {
-            if let Ok(Some(mk)) = try_key(&backend, &k.name, password).await? {
-                found = Some((mk, k.name.parse::<KeyId>()?));
-                break;
-            }
-        }
-        let (key, key_id) = found.ok_or(Error::WrongPassword { damaged: Vec::new() })?;
-        let current = match backend.get("config").await {
-            Ok(sealed) => open_config(&key, &sealed).ok(),
+        let sealed = match backend.get("config").await {
+            Ok(b) => Some(b),
             Err(Error::NotFound(_)) => None,
             Err(e) if e.is_damage() => None,
             Err(e) => return Err(e),
         };
-        let config = current.clone().unwrap_or_else(|| Config {
-            version: FORMAT_VERSION,
-            id: {
-                let mut rid = [0u8; 16];
-                crate::crypto::random_fill(&mut rid);
-                hex::encode(rid)
-            },
-            chunker: "fastcdc-2020-seeded".into(),
-            min_chunk: chunk::MIN_CHUNK as u32,
-            avg_chunk: chunk::AVG_CHUNK as u32,
-            max_chunk: chunk::MAX_CHUNK as u32,
-            zstd_level: chunk::DEFAULT_ZSTD_LEVEL,
-            created: chrono::Utc::now(),
-        });
-        Ok((
-            Repository {
-                backend,
-                key: Arc::new(key),
-                key_id: Some(key_id),
-                config,
-                index: Index::default(),
-                index_damage: Vec::new(),
-                key_damage: Vec::new(),
-            },
-            current,
-        ))
+        let mut keys = Vec::new();
+        for k in list_ids(&backend, Dir::Keys).await? {
+            if let Ok(Some(mk)) = try_key(&backend, &k.name, password).await? {
+                if let Some(config) = sealed.as_ref().and_then(|c| open_config(&mk, c).ok()) {
+                    let repo = Self::with_key(backend, mk, k.name.parse()?, config.clone());
+                    return Ok((repo, Some(config)));
+                }
+                keys.push((mk, k.name));
+            }
+        }
+        let mut last_foreign = None;
+        for (mk, name) in keys {
+            let config = Config {
+                version: FORMAT_VERSION,
+                id: {
+                    let mut rid = [0u8; 16];
+                    crate::crypto::random_fill(&mut rid);
+                    hex::encode(rid)
+                },
+                chunker: "fastcdc-2020-seeded".into(),
+                min_chunk: chunk::MIN_CHUNK as u32,
+                avg_chunk: chunk::AVG_CHUNK as u32,
+                max_chunk: chunk::MAX_CHUNK as u32,
+                zstd_level: chunk::DEFAULT_ZSTD_LEVEL,
+                created: chrono::Utc::now(),
+            };
+            let repo = Self::with_key(backend.clone(), mk, name.parse()?, config);
+            if repo.key_opens_objects().await? {
+                return Ok((repo, None));
+            }
+            last_foreign = Some(name);
+        }
+        Err(match last_foreign {
+            Some(k) => Error::Invalid(format!(
+                "the key file keys/{k} opens with this password but none of this repository's index or \
+                 snapshot files: it belongs to another repository; remove it rather than repair the config"
+            )),
+            None => Error::WrongPassword { damaged: Vec::new() },
+        })
+    }
+
+    fn with_key(backend: Backend, key: MasterKey, key_id: KeyId, config: Config) -> Self {
+        Repository {
+            backend,
+            key: Arc::new(key),
+            key_id: Some(key_id),
+            config,
+            index: Index::default(),
+            index_damage: Vec::new(),
+            key_damage: Vec::new(),
+        }
+    }
+
+    /// Whether this handle's key opens the repository's objects: true when
+    /// one of a few index or snapshot files opens with it, or when there
+    /// are none yet (nothing to tell by).
+    async fn key_opens_objects(&self) -> Result<bool> {
+        let mut tried = 0;
+        for kind in [Kind::Index, Kind::Snapshot] {
+            for l in self.list(kind.folder()).await?.into_iter().take(3) {
+                let sealed = match self.backend.get(&format!("{}/{}", kind.dir(), l.name)).await {
+                    Ok(b) => b,
+                    Err(e) if e.is_unreadable() || matches!(e, Error::NotFound(_)) => continue,
+                    Err(e) => return Err(e),
+                };
+                tried += 1;
+                if hex::encode(storage_hash(&sealed)) == l.name
+                    && self.key.data.open(kind.aad(), &sealed, &String::new).is_ok()
+                {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(tried == 0)
     }
 
     /// Replaces the config object with this handle's config. Every field of
@@ -459,6 +516,11 @@ impl Repository {
             let reason = match self.backend.get(&name).await {
                 Err(Error::NotFound(_)) => continue,
                 Err(e) if e.is_damage() => e.to_string(),
+                // Another user's key (keys are 0600): not damage.
+                Err(e) if e.is_unreadable() => {
+                    tracing::info!("key file {name} cannot be read by this user: {e}");
+                    continue;
+                }
                 Err(e) => return Err(e),
                 Ok(raw) if hex::encode(storage_hash(&raw)) != k.name => {
                     "content does not match its name (altered or truncated)".to_string()
@@ -482,18 +544,73 @@ impl Repository {
     /// [`Repository::index_damage`]) and skipped: what the others name stays
     /// readable.
     pub async fn reload_index(&mut self) -> Result<()> {
+        self.load_index(None).await.map(|_| ())
+    }
+
+    /// [`Repository::reload_index`], leaving out packs that storage no
+    /// longer holds (one listing of `data/`): their blobs count as missing,
+    /// so a backup stores them again instead of naming lost data, and a
+    /// blob stored twice is read from the copy that is still there. Returns
+    /// the missing packs, each reported.
+    pub async fn reload_index_of_stored_packs(&mut self) -> Result<Vec<PackId>> {
+        let stored: HashSet<PackId> = self
+            .list(Dir::Data)
+            .await?
+            .into_iter()
+            .filter_map(|l| l.name.parse().ok())
+            .collect();
+        let missing = self.load_index(Some(&stored)).await?;
+        if !missing.is_empty() {
+            tracing::warn!(
+                "{} packs the index names are missing from storage (e.g. {}); what only they held is \
+                 lost, a backup stores it again, and `backer repair index` drops them from the index",
+                missing.len(),
+                missing[0]
+            );
+        }
+        Ok(missing)
+    }
+
+    /// Packs the index names that storage does not hold.
+    pub async fn missing_packs(&self) -> Result<Vec<PackId>> {
+        let stored: HashSet<PackId> = self
+            .list(Dir::Data)
+            .await?
+            .into_iter()
+            .filter_map(|l| l.name.parse().ok())
+            .collect();
+        let mut missing: Vec<PackId> = self
+            .index
+            .packs()
+            .map(|(id, _)| id)
+            .filter(|id| !stored.contains(id))
+            .collect();
+        missing.sort();
+        Ok(missing)
+    }
+
+    /// Loads the index, keeping only packs in `stored` when given; returns
+    /// the packs left out.
+    async fn load_index(&mut self, stored: Option<&HashSet<PackId>>) -> Result<Vec<PackId>> {
         // Each file is added and dropped as it arrives, so loading never holds
         // every index file and the index at once.
         let listed = self.list(Dir::Index).await?;
         let mut index = Index::default();
         let mut damage = Vec::new();
+        let mut missing = HashSet::new();
         let this = &*self;
         let mut files = futures::stream::iter(listed)
             .map(|l| async move { (this.load_object::<IndexFile>(Kind::Index, &l.name).await, l.name) })
             .buffer_unordered(FETCH_CONCURRENCY);
         while let Some((file, name)) = files.next().await {
             match file {
-                Ok(f) => index.load(&f),
+                Ok(mut f) => {
+                    if let Some(stored) = stored {
+                        missing.extend(f.packs.iter().map(|p| p.id).filter(|id| !stored.contains(id)));
+                        f.packs.retain(|p| stored.contains(&p.id));
+                    }
+                    index.load(&f)
+                }
                 Err(Error::NotFound(_)) => {} // replaced by a prune meanwhile
                 Err(e) if e.is_damage() => damage.push(Damaged {
                     name: format!("index/{name}"),
@@ -514,12 +631,14 @@ impl Repository {
         }
         self.index = index;
         self.index_damage = damage;
-        Ok(())
+        let mut missing: Vec<PackId> = missing.into_iter().collect();
+        missing.sort();
+        Ok(missing)
     }
 
-    /// A second handle on this repository with the index as stored now, so a
-    /// long-running process can take in other writers' blobs while readers
-    /// of the old handle carry on.
+    /// A second handle on this repository with the index as stored now (of
+    /// packs still stored), so a long-running process can take in other
+    /// writers' blobs while readers of the old handle carry on.
     pub async fn refreshed(&self) -> Result<Repository> {
         let mut r = Repository {
             backend: self.backend.clone(),
@@ -530,7 +649,7 @@ impl Repository {
             index_damage: Vec::new(),
             key_damage: self.key_damage.clone(),
         };
-        r.reload_index().await?;
+        r.reload_index_of_stored_packs().await?;
         Ok(r)
     }
 
@@ -649,10 +768,7 @@ impl Repository {
 
     /// Reads, decrypts and decompresses one blob.
     pub async fn load_blob(&self, id: &BlobId) -> Result<Vec<u8>> {
-        let loc = self
-            .index
-            .get(id)
-            .ok_or_else(|| Error::corrupt(format!("blob {id} is not in the index")))?;
+        let loc = self.index.get(id).ok_or(Error::NotIndexed(*id))?;
         self.load_blob_at(&loc).await
     }
 

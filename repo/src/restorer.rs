@@ -32,8 +32,6 @@ pub struct RestoreOptions {
     pub includes: Vec<String>,
     /// Replace files that exist in the target (never directories).
     pub overwrite: bool,
-    /// Worker threads; 0 means one per core.
-    pub threads: usize,
 }
 
 #[derive(Debug, Default)]
@@ -60,15 +58,87 @@ pub struct RestoreOutcome {
     pub incomplete: Vec<String>,
 }
 
-/// A file the walker created, for a worker to fill.
-struct FileJob {
+/// A file the walker created, waiting for its content.
+struct PlannedFile {
     file: File,
     /// The directory it is in and its name there, to remove it if it
     /// cannot be filled.
     dir: Arc<OwnedFd>,
     name: Vec<u8>,
+    /// The name it replaces once whole, when it was written under a
+    /// temporary one (`--overwrite` of an existing file).
+    replaces: Option<Vec<u8>>,
     node: Node,
     display: String,
+    /// Chunks still to be written; the file is finished at zero.
+    remaining: AtomicU64,
+    /// Why its content cannot be whole, once that is known.
+    failed: Mutex<Option<String>>,
+}
+
+/// Files created by the walker and the chunks they need: fetched together,
+/// pack by pack, so a pack is read once for many files however they are
+/// spread. Bounded ([`BATCH_FILES`], [`BATCH_CHUNKS`]) so memory and open
+/// files do not grow with the size of the snapshot.
+#[derive(Default)]
+struct Batch {
+    files: Vec<PlannedFile>,
+    /// Chunk → (file, offset) of every place it goes.
+    targets: HashMap<BlobId, Vec<(u32, u64)>>,
+    chunks: usize,
+}
+
+/// A batch is fetched once it holds this many files…
+const BATCH_FILES: usize = 4096;
+/// …or this many chunk placements (about 64 GiB of average chunks).
+const BATCH_CHUNKS: usize = 65_536;
+
+impl Batch {
+    fn add(
+        &mut self,
+        file: File,
+        dir: &Arc<OwnedFd>,
+        name: Vec<u8>,
+        replaces: Option<Vec<u8>>,
+        node: Node,
+        display: &str,
+    ) {
+        let index = self.files.len() as u32;
+        let mut pos = 0u64;
+        let mut chunks = 0;
+        for e in &node.content {
+            if let Extent::Data { id, .. } = e {
+                self.targets.entry(*id).or_default().push((index, pos));
+                chunks += 1;
+            }
+            pos += e.len();
+        }
+        self.chunks += chunks;
+        self.files.push(PlannedFile {
+            file,
+            dir: Arc::clone(dir),
+            name,
+            replaces,
+            node,
+            display: display.to_string(),
+            remaining: AtomicU64::new(chunks as u64),
+            failed: Mutex::new(None),
+        });
+    }
+
+    fn full(&self) -> bool {
+        self.files.len() >= BATCH_FILES || self.chunks >= BATCH_CHUNKS
+    }
+}
+
+/// A name written under a temporary one, to be renamed over an existing
+/// entry once the restore knows its content is whole.
+struct Deferred {
+    dir: Arc<OwnedFd>,
+    temp: Vec<u8>,
+    name: Vec<u8>,
+    key: (u64, u64),
+    shown: String,
 }
 
 /// A file a worker could not fill whole, or whose metadata failed.
@@ -100,29 +170,86 @@ fn make_room(dir: &OwnedFd, name: &[u8], overwrite: bool, shown: &str) -> std::r
     }
 }
 
+/// A name for a file that will replace an existing one once it is whole:
+/// hidden, short (whatever the length of the name it stands in for), and
+/// unique.
+fn temp_name() -> Vec<u8> {
+    let mut r = [0u8; 8];
+    crate::crypto::random_fill(&mut r);
+    format!(".backer-restore-{}", hex::encode(r)).into_bytes()
+}
+
+/// Whether `name` in `dir` is an existing entry that `--overwrite` may
+/// replace (never a directory); `Err` when it is refused.
+fn replaceable(
+    dir: &OwnedFd,
+    name: &[u8],
+    overwrite: bool,
+    shown: &str,
+) -> std::result::Result<bool, String> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Err(Errno::NOENT) => Ok(false),
+        Err(e) => Err(format!("failed to inspect {shown} in the target: {e}")),
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => Err(format!(
+            "refused {shown}: a directory is in the way in the target"
+        )),
+        Ok(_) if !overwrite => Err(format!(
+            "refused {shown}: it exists in the target; use --overwrite to replace it"
+        )),
+        Ok(_) => Ok(true),
+    }
+}
+
+/// A created file, and the temporary name it has when it is to replace an
+/// existing one: written there, renamed over the old one only once whole,
+/// so a file that cannot be restored leaves the old one as it was.
+struct Created {
+    file: File,
+    temp: Option<Vec<u8>>,
+}
+
 /// Creates `name` in `dir` exclusively and without following links; an
-/// existing entry is replaced only with `overwrite`, and never a directory.
+/// existing entry is replaced (by rename, once whole) only with
+/// `overwrite`, and never a directory.
 fn create_file(
     dir: &OwnedFd,
     name: &[u8],
     overwrite: bool,
     shown: &str,
-) -> std::result::Result<File, String> {
-    let create = || {
+) -> std::result::Result<Created, String> {
+    let create = |n: &[u8]| {
         rustix::fs::openat(
             dir,
-            name,
+            n,
             OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )
     };
-    match create() {
-        Ok(fd) => return Ok(File::from(fd)),
-        Err(Errno::EXIST) => make_room(dir, name, overwrite, shown)?,
+    match create(name) {
+        Ok(fd) => {
+            return Ok(Created {
+                file: File::from(fd),
+                temp: None,
+            });
+        }
+        Err(Errno::EXIST) => {}
         Err(e) => return Err(format!("failed to create {shown}: {e}")),
     }
-    create()
-        .map(File::from)
+    if !replaceable(dir, name, overwrite, shown)? {
+        // Gone meanwhile: create it after all.
+        return create(name)
+            .map(|fd| Created {
+                file: File::from(fd),
+                temp: None,
+            })
+            .map_err(|e| format!("failed to create {shown}: {e}"));
+    }
+    let temp = temp_name();
+    create(&temp)
+        .map(|fd| Created {
+            file: File::from(fd),
+            temp: Some(temp),
+        })
         .map_err(|e| format!("failed to create {shown}: {e}"))
 }
 
@@ -148,6 +275,9 @@ struct Ctx<'a> {
     hardlinks: HashMap<(u64, u64), Vec<Vec<u8>>>,
     /// Links not made because the file they share was removed, incomplete.
     unlinked: Vec<String>,
+    /// Hard-linked files and links written under temporary names to replace
+    /// existing ones: renamed over them at the end, if their content is whole.
+    deferred: Vec<Deferred>,
     /// Directories created, in walk order, to finish (mode, times) once
     /// their content is written.
     dirs: Vec<DirToFinish>,
@@ -155,6 +285,8 @@ struct Ctx<'a> {
     current_dir: Option<usize>,
     /// Directory levels below the target: bounded, for the stack.
     depth: usize,
+    /// Files created and not yet handed to the writer.
+    batch: Batch,
     outcome: RestoreOutcome,
 }
 
@@ -255,7 +387,7 @@ impl Ctx<'_> {
         comps: &mut Vec<Vec<u8>>,
         tree: BlobId,
         full: bool,
-        jobs: &crossbeam_channel::Sender<FileJob>,
+        batches: &crossbeam_channel::Sender<Batch>,
     ) -> Result<()> {
         let tree = match self.source.load_tree(&tree) {
             Ok(t) => t,
@@ -289,7 +421,7 @@ impl Ctx<'_> {
                 comps.pop();
                 continue;
             }
-            self.restore_node(dir, comps, node, whole, &shown, jobs)?;
+            self.restore_node(dir, comps, node, whole, &shown, batches)?;
             comps.pop();
         }
         Ok(())
@@ -302,7 +434,7 @@ impl Ctx<'_> {
         node: Node,
         whole: bool,
         shown: &str,
-        jobs: &crossbeam_channel::Sender<FileJob>,
+        batches: &crossbeam_channel::Sender<Batch>,
     ) -> Result<()> {
         let name = node.name.as_slice();
         match node.kind {
@@ -348,7 +480,7 @@ impl Ctx<'_> {
                 if let Some(t) = node.subtree {
                     let above = self.current_dir.replace(index);
                     self.depth += 1;
-                    let restored = self.restore_dir(&sub, comps, t, whole, jobs);
+                    let restored = self.restore_dir(&sub, comps, t, whole, batches);
                     self.depth -= 1;
                     self.current_dir = above;
                     restored?;
@@ -366,19 +498,37 @@ impl Ctx<'_> {
                             Some(x) => x,
                             None => return Ok(()),
                         };
+                        // An existing name is replaced by rename at the end,
+                        // and only if the file it links to was restored whole.
+                        let replace = match replaceable(dir, name, self.opts.overwrite, shown) {
+                            Ok(r) => r,
+                            Err(msg) => {
+                                self.error(msg);
+                                return Ok(());
+                            }
+                        };
+                        let link_name = if replace { temp_name() } else { name.to_vec() };
                         let linked = open_dir_path(&self.target, first_dir)
                             .map_err(|e| Some(Errno::from_io_error(&e).unwrap_or(Errno::IO)))
                             .and_then(|fd| {
-                                self.create_with(dir, name, shown, || {
-                                    rustix::fs::linkat(
-                                        &fd,
-                                        first_name.as_slice(),
-                                        dir,
-                                        name,
-                                        AtFlags::empty(),
-                                    )
-                                })
+                                rustix::fs::linkat(
+                                    &fd,
+                                    first_name.as_slice(),
+                                    dir,
+                                    link_name.as_slice(),
+                                    AtFlags::empty(),
+                                )
+                                .map_err(Some)
                             });
+                        if linked.is_ok() && replace {
+                            self.deferred.push(Deferred {
+                                dir: Arc::clone(dir),
+                                temp: link_name,
+                                name: name.to_vec(),
+                                key,
+                                shown: shown.to_string(),
+                            });
+                        }
                         match linked {
                             Ok(()) => self.outcome.files += 1,
                             // The first name is gone: a worker removed it
@@ -401,28 +551,45 @@ impl Ctx<'_> {
                 // Created here, one at a time: creating files in parallel in
                 // the same directory makes the file system's locks the
                 // bottleneck (measured: twice the system time).
-                let file = match create_file(dir, name, self.opts.overwrite, shown) {
-                    Ok(f) => f,
+                let Created { file, temp } = match create_file(dir, name, self.opts.overwrite, shown) {
+                    Ok(c) => c,
                     Err(msg) => {
                         self.error(msg);
                         return Ok(());
                     }
                 };
                 // Only a file this restore created may be linked to: never
-                // one that was in the target and refused.
+                // one that was in the target and refused. One created under
+                // a temporary name keeps it until the whole restore is done,
+                // so later links can always reach it by that name.
+                let mut replaces = None;
                 if node.nlink > 1 {
-                    self.hardlinks.insert((node.dev, node.inode), comps.clone());
+                    let mut at = comps.clone();
+                    if let Some(temp) = &temp {
+                        if let Some(last) = at.last_mut() {
+                            *last = temp.clone();
+                        }
+                        self.deferred.push(Deferred {
+                            dir: Arc::clone(dir),
+                            temp: temp.clone(),
+                            name: name.to_vec(),
+                            key: (node.dev, node.inode),
+                            shown: shown.to_string(),
+                        });
+                    }
+                    self.hardlinks.insert((node.dev, node.inode), at);
+                } else {
+                    replaces = temp.as_ref().map(|_| name.to_vec());
                 }
+                let written_as = temp.unwrap_or_else(|| name.to_vec());
                 self.outcome.files += 1;
                 self.outcome.bytes += node.size;
-                jobs.send(FileJob {
-                    file,
-                    dir: Arc::clone(dir),
-                    name: name.to_vec(),
-                    node,
-                    display: shown.to_string(),
-                })
-                .map_err(|_| Error::Interrupted("restore workers stopped".into()))?;
+                self.batch.add(file, dir, written_as, replaces, node, shown);
+                if self.batch.full() {
+                    batches
+                        .send(std::mem::take(&mut self.batch))
+                        .map_err(|_| Error::Interrupted("the restore's writer stopped".into()))?;
+                }
             }
             NodeKind::Symlink => {
                 let Some(target) = node.link_target.as_ref() else {
@@ -543,113 +710,118 @@ fn finish_dirs(ctx: &Ctx<'_>, dirs: &[DirToFinish]) {
     }
 }
 
-/// Writes one file's content and metadata. A file whose content cannot be
-/// restored whole is removed again, and reported.
-fn write_file(
-    source: &dyn RestoreSource,
-    job: FileJob,
-    progress: &RestoreProgress,
-) -> std::result::Result<(), Failed> {
-    let FileJob {
-        file,
-        dir,
-        name,
-        node,
-        display,
-    } = job;
-    let link_key = (node.nlink > 1)
-        .then(|| rustix::fs::fstat(&file).ok())
-        .flatten()
-        .map(|st| ((node.dev, node.inode), (st.st_dev, st.st_ino)));
-    match fill_file(source, &file, &node, &display, progress) {
-        Ok(None) => {
-            progress.files_done.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        }
-        // The content is whole; only an attribute failed.
-        Ok(Some(msg)) => {
-            progress.files_done.fetch_add(1, Ordering::Relaxed);
-            Err(Failed {
-                display,
+/// Fills every file of a batch: the chunks are fetched pack by pack and
+/// each is written wherever it goes; a file is finished (size, metadata)
+/// when its last chunk is written. Files whose content cannot be whole are
+/// removed again and reported.
+fn fill_batch(source: &dyn RestoreSource, batch: Batch, progress: &RestoreProgress) -> Vec<Failed> {
+    let Batch { files, targets, .. } = batch;
+    let mut failed = Vec::new();
+    let fail = |f: &PlannedFile, why: String| {
+        let mut slot = f.failed.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(why);
+    };
+    let finish = |f: &PlannedFile, failed_meta: &Mutex<Vec<Failed>>| match finish_file(f, progress) {
+        Ok(None) => {}
+        Ok(Some(msg)) => failed_meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Failed {
+                display: f.display.clone(),
                 link_key: None,
-                size: node.size,
+                size: f.node.size,
                 content_whole: true,
                 message: msg,
-            })
-        }
-        Err(msg) => {
-            drop(file);
-            let removed = match rustix::fs::unlinkat(&dir, name.as_slice(), AtFlags::empty()) {
-                Ok(()) => "the incomplete file was removed".to_string(),
-                Err(e) => format!("the incomplete file could not be removed ({e}): do not trust it"),
-            };
-            Err(Failed {
-                display,
-                link_key,
-                size: node.size,
-                content_whole: false,
-                message: format!("{msg}; {removed}"),
-            })
-        }
+            }),
+        Err(msg) => fail(f, msg),
+    };
+    let meta_failures = Mutex::new(Vec::new());
+    for f in files.iter().filter(|f| f.remaining.load(Ordering::Relaxed) == 0) {
+        finish(f, &meta_failures);
     }
-}
-
-/// Fills an open file: `Err` when its content is not whole, `Ok(Some)`
-/// when only its metadata could not be set.
-fn fill_file(
-    source: &dyn RestoreSource,
-    file: &File,
-    node: &Node,
-    display: &str,
-    progress: &RestoreProgress,
-) -> std::result::Result<Option<String>, String> {
-    let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {display}: {e}");
-    let mut pos = 0u64;
-    let mut ids = Vec::new();
-    let mut extents = node.content.iter().peekable();
-    while let Some(e) = extents.next() {
-        match e {
-            Extent::Hole { len } => pos += len,
-            Extent::Data { id, .. } => {
-                // A run of chunks up to the next hole is asked for at once,
-                // so a source can merge neighbours into one read.
-                ids.clear();
-                ids.push(*id);
-                while let Some(Extent::Data { id, .. }) = extents.peek() {
-                    ids.push(*id);
-                    extents.next();
-                }
-                let mut write_error = None;
-                let read = source.read_chunks(&ids, &mut |data| {
-                    if let Err(e) = file.write_all_at(data, pos) {
-                        let msg = fail("write", &e);
-                        write_error = Some(msg.clone());
-                        return Err(msg);
-                    }
-                    pos += data.len() as u64;
-                    progress
-                        .bytes_done
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    Ok(())
-                });
-                if let Err(e) = read {
-                    // A write error names the file already; a read error
-                    // is about the repository and gets the file's name.
-                    return Err(write_error.unwrap_or_else(|| format!("failed to restore {display}: {e}")));
-                }
+    let ids: Vec<BlobId> = targets.keys().copied().collect();
+    let lost = source.fetch_chunks(&ids, &|id, data| {
+        for &(index, offset) in targets.get(id).map(Vec::as_slice).unwrap_or_default() {
+            let f = &files[index as usize];
+            if f.failed.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                continue;
+            }
+            if let Err(e) = f.file.write_all_at(data, offset) {
+                fail(f, format!("failed to write {}: {e}", f.display));
+                continue;
+            }
+            progress
+                .bytes_done
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            if f.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                finish(f, &meta_failures);
             }
         }
+    });
+    for (id, why) in lost {
+        for &(index, _) in targets.get(&id).map(Vec::as_slice).unwrap_or_default() {
+            let f = &files[index as usize];
+            fail(f, format!("failed to restore {}: {why}", f.display));
+        }
     }
-    if pos != node.size || node.content.iter().any(|e| matches!(e, Extent::Hole { .. })) {
-        file.set_len(node.size).map_err(|e| fail("size", &e))?;
+    failed.extend(meta_failures.into_inner().unwrap_or_else(|p| p.into_inner()));
+    for f in files {
+        let why = f.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let why = match (why, f.remaining.load(Ordering::Relaxed)) {
+            (Some(why), _) => why,
+            (None, 0) => continue,
+            (None, n) => format!("failed to restore {}: {n} of its chunks never arrived", f.display),
+        };
+        let link_key = (f.node.nlink > 1)
+            .then(|| rustix::fs::fstat(&f.file).ok())
+            .flatten()
+            .map(|st| ((f.node.dev, f.node.inode), (st.st_dev, st.st_ino)));
+        drop(f.file);
+        let removed = match (
+            rustix::fs::unlinkat(&f.dir, f.name.as_slice(), AtFlags::empty()),
+            &f.replaces,
+        ) {
+            (Ok(()), Some(_)) => "the file that was in the target is kept as it was".to_string(),
+            (Ok(()), None) => "the incomplete file was removed".to_string(),
+            (Err(e), _) => format!("the incomplete file could not be removed ({e}): do not trust it"),
+        };
+        progress.errors.fetch_add(1, Ordering::Relaxed);
+        failed.push(Failed {
+            display: f.display,
+            link_key,
+            size: f.node.size,
+            content_whole: false,
+            message: format!("{why}; {removed}"),
+        });
+    }
+    failed
+}
+
+/// Sets a file's size (holes at its end) and metadata once its content is
+/// written, and renames it over the file it replaces. `Ok(Some)`: only
+/// its metadata failed; `Err`: it is not whole or not in place.
+fn finish_file(f: &PlannedFile, progress: &RestoreProgress) -> std::result::Result<Option<String>, String> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {}: {e}", f.display);
+    let written: u64 = f.node.content.iter().map(Extent::len).sum();
+    let holes = f.node.content.iter().any(|e| matches!(e, Extent::Hole { .. }));
+    if (written != f.node.size || holes)
+        && let Err(e) = f.file.set_len(f.node.size)
+    {
+        return Err(fail("size", &e));
     }
     let mut xattr_errors = Vec::new();
-    if let Err(e) = fsmeta::apply_to_fd(file.as_fd(), node, &mut xattr_errors) {
+    let meta = fsmeta::apply_to_fd(f.file.as_fd(), &f.node, &mut xattr_errors);
+    if let Some(to) = &f.replaces {
+        rustix::fs::renameat(&f.dir, f.name.as_slice(), &f.dir, to.as_slice())
+            .map_err(|e| fail("replace", &e))?;
+    }
+    progress.files_done.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = meta {
         return Ok(Some(fail("set metadata of", &e)));
     }
     Ok(xattr_errors
         .first()
-        .map(|e| format!("restored {display}, but failed to set {e}")))
+        .map(|e| format!("restored {}, but failed to set {e}", f.display)))
 }
 
 /// Finds, below `root`, the names of files whose snapshot link key is in
@@ -739,12 +911,8 @@ pub fn restore_tree(
         Mode::empty(),
     )
     .map_err(|e| Error::io("open", target, e.into()))?;
+    // A batch keeps its files open until they are filled.
     fsmeta::raise_fd_limit();
-    let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
-    } else {
-        opts.threads
-    };
     let errors = Mutex::new(Vec::new());
     let failed: Mutex<Vec<Failed>> = Mutex::new(Vec::new());
     let mut ctx = Ctx {
@@ -757,30 +925,25 @@ pub fn restore_tree(
         progress: Arc::clone(&progress),
         hardlinks: HashMap::new(),
         unlinked: Vec::new(),
+        deferred: Vec::new(),
         dirs: Vec::new(),
         current_dir: None,
         depth: 0,
+        batch: Batch::default(),
         outcome: RestoreOutcome::default(),
     };
     {
-        let (tx, rx) = bounded::<FileJob>(64);
+        // One batch being filled while the walker builds the next.
+        let (tx, rx) = bounded::<Batch>(1);
         std::thread::scope(|s| -> Result<()> {
-            let mut workers = Vec::new();
-            // More workers than cores: much of a restore is waiting on the file system.
-            for _ in 0..(threads * 2).max(2) {
-                let rx = rx.clone();
-                let progress = Arc::clone(&progress);
-                let failed = &failed;
-                workers.push(s.spawn(move || {
-                    for job in rx {
-                        if let Err(f) = write_file(source, job, &progress) {
-                            progress.errors.fetch_add(1, Ordering::Relaxed);
-                            failed.lock().unwrap_or_else(|p| p.into_inner()).push(f);
-                        }
-                    }
-                }));
-            }
-            drop(rx);
+            let failed = &failed;
+            let progress = &progress;
+            let writer = s.spawn(move || {
+                for batch in rx {
+                    let lost = fill_batch(source, batch, progress);
+                    failed.lock().unwrap_or_else(|p| p.into_inner()).extend(lost);
+                }
+            });
             let ctx = &mut ctx;
             // On its own thread for the stack: deep trees recurse.
             let walker = std::thread::Builder::new()
@@ -788,8 +951,10 @@ pub fn restore_tree(
                 .stack_size(fsmeta::WALK_STACK)
                 .spawn_scoped(s, move || {
                     let target = Arc::clone(&ctx.target);
-                    ctx.restore_dir(&target, &mut Vec::new(), root, false, &tx)
-                    // Dropping `tx` here lets the workers finish.
+                    ctx.restore_dir(&target, &mut Vec::new(), root, false, &tx)?;
+                    tx.send(std::mem::take(&mut ctx.batch))
+                        .map_err(|_| Error::Interrupted("the restore's writer stopped".into()))
+                    // Dropping `tx` here lets the writer finish.
                 });
             let walked = match walker {
                 Ok(h) => h
@@ -800,10 +965,9 @@ pub fn restore_tree(
                     "failed to start the restore walker: {e}"
                 ))),
             };
-            for w in workers {
-                w.join()
-                    .map_err(|_| Error::Interrupted("a restore worker panicked".into()))?;
-            }
+            writer
+                .join()
+                .map_err(|_| Error::Interrupted("the restore's writer panicked".into()))?;
             walked
         })?;
     }
@@ -833,6 +997,24 @@ pub fn restore_tree(
         incomplete.push(f.display);
         if let Some((key, inode)) = f.link_key {
             linked.insert(key, inode);
+        }
+    }
+    // Names written under temporary ones replace what was in the target
+    // now, unless what they share could not be restored.
+    for d in std::mem::take(&mut ctx.deferred) {
+        if linked.contains_key(&d.key) {
+            let _ = rustix::fs::unlinkat(&d.dir, d.temp.as_slice(), AtFlags::empty());
+            messages.push(format!(
+                "kept {} as it was in the target: what was to replace it could not be restored",
+                d.shown
+            ));
+            continue;
+        }
+        if let Err(e) = rustix::fs::renameat(&d.dir, d.temp.as_slice(), &d.dir, d.name.as_slice()) {
+            let _ = rustix::fs::unlinkat(&d.dir, d.temp.as_slice(), AtFlags::empty());
+            messages.push(format!("failed to replace {}: {e}", d.shown));
+            ctx.outcome.files = ctx.outcome.files.saturating_sub(1);
+            incomplete.push(d.shown);
         }
     }
     // Hard links made to a file whose content then failed share its

@@ -180,9 +180,14 @@ impl RetentionPolicy {
             }
         }
         if let (Some(secs), Some(newest)) = (self.keep_within_secs, list.first()) {
-            let limit = newest.snapshot.time - chrono::Duration::seconds(secs.min(i64::MAX as u64) as i64);
+            // A duration reaching back before any representable time keeps
+            // everything (and must not overflow).
+            let limit = i64::try_from(secs)
+                .ok()
+                .and_then(chrono::Duration::try_seconds)
+                .and_then(|d| newest.snapshot.time.checked_sub_signed(d));
             for (i, s) in list.iter().enumerate() {
-                if s.snapshot.time >= limit {
+                if limit.is_none_or(|limit| s.snapshot.time >= limit) {
                     reasons[i].push(format!("within {}", format_duration(secs)));
                 }
             }

@@ -4,12 +4,14 @@
 //! `backer-agent` implements both over gRPC to a server that holds the
 //! repository, so the same pipeline code runs on either side.
 
+use std::collections::{HashMap, HashSet};
+
 use tokio::runtime::Handle;
 
 use crate::chunk;
 use crate::crypto::ChunkKeys;
 use crate::error::{Chain, Error, Result};
-use crate::id::BlobId;
+use crate::id::{BlobId, PackId};
 use crate::index::Location;
 use crate::lock::Lock;
 use crate::pack::{self, BlobType, pack_name};
@@ -17,8 +19,10 @@ use crate::packer::Packer;
 use crate::repository::Repository;
 use crate::tree::Tree;
 
-/// Adjacent blobs of one pack are fetched in one read up to this size.
-const MAX_READ: u64 = 16 * 1024 * 1024;
+/// The longest one read of a pack may be: it bounds a restore's memory
+/// (one such buffer per reader) while keeping requests few (two per pack
+/// of the usual 16 MiB at most).
+const MAX_READ: u64 = 8 * 1024 * 1024;
 
 /// The largest tree blob accepted from elsewhere (a directory of some
 /// 300,000 entries); it bounds what one upload can make a server allocate.
@@ -56,19 +60,21 @@ pub trait BlobWriter: Send {
     fn finish(self: Box<Self>) -> Result<u64>;
 }
 
+/// Receives each chunk's id and data from [`RestoreSource::fetch_chunks`],
+/// in any order and from several threads at once.
+pub type ChunkSink<'a> = dyn Fn(&BlobId, &[u8]) + Sync + 'a;
+
+/// Receives each blob's location and sealed bytes from [`read_by_pack`],
+/// in any order and from several threads at once.
+pub type SealedSink<'a> = dyn Fn(&Location, &[u8]) -> std::result::Result<(), String> + Sync + 'a;
+
 /// What a restore needs from the place its blobs are read from.
-/// Receives each chunk's data during a restore; an error (a message for the
-/// user) stops it.
-pub type ChunkSink<'a> = dyn for<'d> FnMut(&'d [u8]) -> std::result::Result<(), String> + 'a;
-
-/// Receives each blob's location and sealed bytes from [`read_blobs`].
-pub type SealedSink<'a> =
-    dyn for<'l, 'd> FnMut(&'l Location, &'d [u8]) -> std::result::Result<(), String> + 'a;
-
 pub trait RestoreSource: Sync {
     fn load_tree(&self, id: &BlobId) -> Result<Tree>;
-    /// Calls `write` with the data of each chunk, in the order given.
-    fn read_chunks(&self, ids: &[BlobId], write: &mut ChunkSink<'_>) -> std::result::Result<(), String>;
+    /// Fetches the data of every chunk in `ids`, each once, in whatever
+    /// order reads them fastest (pack by pack), calling `each` with it.
+    /// Returns the chunks that could not be read, each with why.
+    fn fetch_chunks(&self, ids: &[BlobId], each: &ChunkSink<'_>) -> Vec<(BlobId, String)>;
 }
 
 /// The repository on this machine, with the lock that keeps prune away.
@@ -119,64 +125,131 @@ impl RestoreSource for LocalStore<'_> {
         self.handle.block_on(self.repo.load_tree(id))
     }
 
-    fn read_chunks(&self, ids: &[BlobId], write: &mut ChunkSink<'_>) -> std::result::Result<(), String> {
-        read_blobs(self.repo, &self.handle, ids, &mut |loc, sealed| {
-            let data =
-                pack::open_blob(&self.repo.key().data, &loc.entry, sealed).map_err(|e| e.to_string())?;
-            write(&data)
+    fn fetch_chunks(&self, ids: &[BlobId], each: &ChunkSink<'_>) -> Vec<(BlobId, String)> {
+        let key = &self.repo.key().data;
+        read_by_pack(self.repo, &self.handle, ids, &|loc, sealed| {
+            let data = pack::open_blob(key, &loc.entry, sealed).map_err(|e| Chain(&e).to_string())?;
+            each(&loc.entry.id, &data);
+            Ok(())
         })
     }
 }
 
-/// Reads the sealed bytes of each blob in `ids`, in order, merging blobs
-/// that sit next to each other in one pack into one read. Blocking.
-pub fn read_blobs(
+/// One read of a pack: a byte range and the blobs in it, by offset.
+struct PackRead {
+    pack: PackId,
+    range: std::ops::Range<u64>,
+    blobs: Vec<Location>,
+}
+
+/// Plans the reads of `ids`: grouped by pack, each pack's blobs in offset
+/// order, neighbours merged into one range when the gap between them is
+/// at most `gap` and the range stays within [`MAX_READ`]. Blobs no index
+/// names come back as failures.
+fn plan_reads(repo: &Repository, ids: &[BlobId], gap: u64) -> (Vec<PackRead>, Vec<(BlobId, String)>) {
+    let mut by_pack: HashMap<PackId, Vec<Location>> = HashMap::new();
+    let mut missing = Vec::new();
+    let mut seen = HashSet::new();
+    for id in ids {
+        if !seen.insert(*id) {
+            continue;
+        }
+        match repo.index().get(id) {
+            Some(loc) => by_pack.entry(loc.pack).or_default().push(loc),
+            None => missing.push((
+                *id,
+                format!("chunk {id} is in no index (`backer check` says more)"),
+            )),
+        }
+    }
+    let mut packs: Vec<(PackId, Vec<Location>)> = by_pack.into_iter().collect();
+    // Packs in id order, so concurrent restores of shared data read alike.
+    packs.sort_by_key(|(p, _)| *p);
+    let mut reads = Vec::new();
+    for (pack, mut locs) in packs {
+        locs.sort_by_key(|l| l.entry.offset);
+        let mut cur: Option<PackRead> = None;
+        for loc in locs {
+            let (start, end) = (
+                u64::from(loc.entry.offset),
+                u64::from(loc.entry.offset) + u64::from(loc.entry.len),
+            );
+            match &mut cur {
+                Some(r) if start <= r.range.end + gap && end - r.range.start <= MAX_READ => {
+                    r.range.end = r.range.end.max(end);
+                    r.blobs.push(loc);
+                }
+                _ => {
+                    reads.extend(cur.take());
+                    cur = Some(PackRead {
+                        pack,
+                        range: start..end,
+                        blobs: vec![loc],
+                    });
+                }
+            }
+        }
+        reads.extend(cur);
+    }
+    (reads, missing)
+}
+
+/// Reads the sealed bytes of every blob in `ids` pack by pack: each pack
+/// once, in as few ranged reads as its layout allows (see [`plan_reads`]),
+/// several packs at a time ([`Backend::read_parallelism`]). `each` gets
+/// every blob as it arrives; a blob it refuses, or one that cannot be read,
+/// is returned with why. Blocking: call it outside async code. Memory is
+/// at most one range ([`MAX_READ`]) per reader, whatever the packs' size.
+pub fn read_by_pack(
     repo: &Repository,
     handle: &Handle,
     ids: &[BlobId],
-    each: &mut SealedSink<'_>,
-) -> std::result::Result<(), String> {
-    let locate = |id: &BlobId| {
-        repo.index()
-            .get(id)
-            .ok_or_else(|| format!("chunk {id} is missing from the repository"))
-    };
-    let mut i = 0;
-    while i < ids.len() {
-        let first = locate(&ids[i])?;
-        let mut run: Vec<Location> = vec![first];
-        let mut j = i + 1;
-        while j < ids.len() {
-            let Some(loc) = repo.index().get(&ids[j]) else {
-                break;
-            };
-            let last = run[run.len() - 1].entry;
-            if loc.pack != first.pack
-                || loc.entry.offset != last.offset + last.len
-                || u64::from(loc.entry.offset + loc.entry.len - first.entry.offset) > MAX_READ
-            {
-                break;
-            }
-            run.push(loc);
-            j += 1;
+    each: &SealedSink<'_>,
+) -> Vec<(BlobId, String)> {
+    let backend = repo.backend();
+    let (reads, mut failed) = plan_reads(repo, ids, backend.read_merge_gap());
+    let queue = std::sync::Mutex::new(reads.into_iter());
+    let failures = std::sync::Mutex::new(Vec::new());
+    let readers = backend
+        .read_parallelism()
+        .min(queue.lock().map(|q| q.len()).unwrap_or(1))
+        .max(1);
+    std::thread::scope(|s| {
+        for _ in 0..readers {
+            s.spawn(|| {
+                loop {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                    let Some(read) = next else { break };
+                    let mut lost = Vec::new();
+                    match backend.read_range_blocking(handle, &pack_name(&read.pack), read.range.clone()) {
+                        Ok(bytes) => {
+                            for loc in &read.blobs {
+                                let off = (u64::from(loc.entry.offset) - read.range.start) as usize;
+                                let got = bytes
+                                    .get(off..off + loc.entry.len as usize)
+                                    .ok_or_else(|| {
+                                        format!("pack {} is shorter than the index says", read.pack)
+                                    })
+                                    .and_then(|sealed| each(loc, sealed));
+                                if let Err(why) = got {
+                                    lost.push((loc.entry.id, why));
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let why = format!("failed to read pack {}: {}", read.pack, Chain(&e));
+                            lost.extend(read.blobs.iter().map(|l| (l.entry.id, why.clone())));
+                        }
+                    }
+                    if !lost.is_empty() {
+                        failures.lock().unwrap_or_else(|p| p.into_inner()).extend(lost);
+                    }
+                }
+            });
         }
-        let start = u64::from(first.entry.offset);
-        let last = run[run.len() - 1].entry;
-        let end = u64::from(last.offset) + u64::from(last.len);
-        let bytes = repo
-            .backend()
-            .read_range_blocking(handle, &pack_name(&first.pack), start..end)
-            .map_err(|e| format!("failed to read pack {}: {}", first.pack, Chain(&e)))?;
-        for loc in &run {
-            let off = (u64::from(loc.entry.offset) - start) as usize;
-            let sealed = bytes
-                .get(off..off + loc.entry.len as usize)
-                .ok_or_else(|| format!("pack {} is shorter than the index says", first.pack))?;
-            each(loc, sealed)?;
-        }
-        i = j;
-    }
-    Ok(())
+    });
+    failed.extend(failures.into_inner().unwrap_or_else(|p| p.into_inner()));
+    failed
 }
 
 /// Checks that a blob someone else compressed really is what its id says,

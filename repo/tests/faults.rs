@@ -182,7 +182,6 @@ async fn restore_all(repo: &Repository, snapshot: &Snapshot, target: &Path) -> R
         target: target.to_path_buf(),
         includes: vec![],
         overwrite: false,
-        threads: 2,
     };
     restore(repo, snapshot, &opts, Arc::new(RestoreProgress::default())).await
 }

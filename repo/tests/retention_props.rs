@@ -200,3 +200,29 @@ fn durations_parse() {
         assert!(parse_duration(bad).is_err(), "{bad}");
     }
 }
+
+/// A duration longer than any calendar keeps everything, instead of
+/// overflowing the date arithmetic (it used to panic).
+#[test]
+fn keep_within_longer_than_time_itself_keeps_all() {
+    let snaps: Vec<SnapshotEntry> = (0..5)
+        .map(|i| entry(i, 1_700_000_000 + i as i64 * 86_400, false))
+        .collect();
+    for secs in [
+        backer_repo::retention::parse_duration("300000y").unwrap(),
+        backer_repo::retention::parse_duration("100000000000h").unwrap(),
+        u64::MAX,
+    ] {
+        let policy = RetentionPolicy {
+            keep_within_secs: Some(secs),
+            ..Default::default()
+        };
+        let groups = policy.apply(&snaps, Grouping::parse("").unwrap()).unwrap();
+        let kept = groups
+            .iter()
+            .flat_map(|g| &g.snapshots)
+            .filter(|d| d.keep)
+            .count();
+        assert_eq!(kept, 5, "keep-within {secs} s");
+    }
+}

@@ -53,7 +53,6 @@ async fn paths_are_recorded_relative_to_the_root() {
             target: target.clone(),
             includes: vec![],
             overwrite: false,
-            threads: 1,
         },
         Arc::new(RestoreProgress::default()),
     )

@@ -13,7 +13,7 @@ use backer_repo::id::BlobId;
 use backer_repo::pack::BlobType;
 use backer_repo::packer::Packer;
 use backer_repo::snapshot::Snapshot;
-use backer_repo::store::{read_blobs, verify_payload};
+use backer_repo::store::{read_by_pack, verify_payload};
 use backer_repo::tree::{Extent, Tree};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -150,10 +150,11 @@ pub fn read_chunks(
         )));
     }
     let ids = ids.iter().map(|b| blob_id(b)).collect::<Result<Vec<_>, _>>()?;
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = mpsc::channel(8);
     tokio::task::spawn_blocking(move || {
         let repo = &active.repo;
-        let result = read_blobs(repo, &handle, &ids, &mut |loc, sealed| {
+        // Pack by pack, each pack read once for the whole request.
+        let lost = read_by_pack(repo, &handle, &ids, &|loc, sealed| {
             // Trees are read through ReadTree, which checks the job may.
             if loc.entry.kind != BlobType::Data {
                 return Err(format!("{} is not a data chunk", loc.entry.id));
@@ -164,12 +165,21 @@ pub fn read_chunks(
                 id: bytes::Bytes::copy_from_slice(&loc.entry.id.0),
                 payload: payload.into(),
                 raw_len: loc.entry.raw_len,
+                error: String::new(),
             };
             tx.blocking_send(Ok(msg))
                 .map_err(|_| "the agent went away".to_string())
         });
-        if let Err(e) = result {
-            let _ = tx.blocking_send(Err(Status::internal(e)));
+        // What could not be read is named, so the agent fails those files only.
+        for (id, why) in lost {
+            let msg = pb::ChunkData {
+                id: bytes::Bytes::copy_from_slice(&id.0),
+                error: why,
+                ..Default::default()
+            };
+            if tx.blocking_send(Ok(msg)).is_err() {
+                break;
+            }
         }
     });
     Ok(rx)
