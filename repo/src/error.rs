@@ -108,7 +108,10 @@ impl Error {
     pub fn is_damage(&self) -> bool {
         matches!(
             self,
-            Error::Corrupt { .. } | Error::Decode { .. } | Error::UnsupportedVersion(_) | Error::NotIndexed(_)
+            Error::Corrupt { .. }
+                | Error::Decode { .. }
+                | Error::UnsupportedVersion(_)
+                | Error::NotIndexed(_)
         )
     }
 

@@ -311,7 +311,11 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
 
 /// The damaged objects and why, for a message.
 fn names(damaged: &[crate::repository::Damaged]) -> String {
-    damaged.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("; ")
+    damaged
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 async fn delete_all(repo: &Repository, names: Vec<String>) -> Result<()> {
