@@ -495,7 +495,7 @@ pub fn archive(
         opts.threads
     };
     let selection = build_selection(&paths);
-    fsmeta::raise_fd_limit();
+    let _ = fsmeta::raise_fd_limit();
     let shared = Shared {
         store,
         asking: store.negotiates().then(|| Budget::new(ASKING_BYTES)),

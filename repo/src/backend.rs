@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
@@ -695,6 +695,98 @@ impl Backend {
             }),
             Err(e) => Err(Error::io("read", &path, e)),
         }
+    }
+
+    /// Reads `range` of `name` and hands it to `each` piece by piece as it
+    /// arrives, so a whole pack can be read in one request without being
+    /// held in memory. For a thread outside the async runtime: `each` runs
+    /// on the calling thread, where it may block. A local directory is read
+    /// with `pread` in pieces of [`DIRECT_PIECE`].
+    pub fn stream_range_blocking(
+        &self,
+        handle: &tokio::runtime::Handle,
+        name: &str,
+        range: Range<u64>,
+        each: &mut dyn FnMut(Bytes),
+    ) -> Result<()> {
+        if self.local_dir.is_some() && self.direct {
+            let mut at = range.start;
+            while at < range.end {
+                let end = (at + DIRECT_PIECE as u64).min(range.end);
+                each(self.pread(name, at..end)?);
+                at = end;
+            }
+            return Ok(());
+        }
+        // The transfer runs on the runtime; its pieces cross to this thread
+        // through a short queue, so a slow `each` holds back the download.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let this = self.clone();
+        let owned = name.to_string();
+        let task = handle.spawn(async move { this.stream_range(&owned, range, tx).await });
+        while let Some(piece) = rx.blocking_recv() {
+            each(piece);
+        }
+        handle
+            .block_on(task)
+            .map_err(|e| Error::Interrupted(format!("read task failed: {e}")))?
+    }
+
+    /// Sends `range` of a remote object to `pieces` as it arrives. A
+    /// transfer cut off part-way is resumed from where it stopped (a few
+    /// times).
+    async fn stream_range(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        pieces: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> Result<()> {
+        let mut at = range.start;
+        let mut attempt = 0;
+        while at < range.end {
+            let opts = object_store::GetOptions {
+                range: Some(object_store::GetRange::Bounded(at..range.end)),
+                ..Default::default()
+            };
+            let got = match self.store.get_opts(&self.path(name), opts).await {
+                Ok(r) => r,
+                Err(object_store::Error::NotFound { .. }) => return Err(Error::NotFound(name.into())),
+                Err(e) => return Err(self.err(e)),
+            };
+            let mut stream = got.into_stream();
+            let mut failed = None;
+            while let Some(piece) = stream.next().await {
+                match piece {
+                    Ok(b) => {
+                        at += b.len() as u64;
+                        if pieces.send(b).await.is_err() {
+                            return Err(Error::Interrupted("the reader stopped".into()));
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None if at < range.end => {
+                    return Err(Error::Truncated {
+                        name: name.into(),
+                        wanted: range.end - range.start,
+                        got: at - range.start,
+                    });
+                }
+                None => {}
+                Some(e) if attempt < self.retry.short_reads => {
+                    attempt += 1;
+                    tracing::debug!("resuming the read of {name} at {at} (attempt {attempt}): {e}");
+                    backoff(attempt).await;
+                }
+                Some(e) => return Err(self.err(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Size of `name`, or `None` if it does not exist.

@@ -212,9 +212,10 @@ pub fn apply_at(dir: impl AsFd, node: &Node) -> io::Result<()> {
     Ok(())
 }
 
-/// Walks and restores hold a descriptor per directory level; lift the soft
-/// limit to the hard one so deep trees do not run out.
-pub fn raise_fd_limit() {
+/// Walks and restores hold a descriptor per directory level (and a restore
+/// one per file of a batch); lift the soft limit to the hard one so deep
+/// trees do not run out. Returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     if lim.current < lim.maximum {
         let _ = rustix::process::setrlimit(
@@ -225,4 +226,7 @@ pub fn raise_fd_limit() {
             },
         );
     }
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(1024)
 }

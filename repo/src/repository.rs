@@ -5,7 +5,7 @@
 //! data; the name of each is the BLAKE3 hash of the stored bytes. Key files are
 //! JSON, since they must be readable before there is a key.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -51,6 +51,43 @@ pub struct Repository {
     index_damage: Vec<Damaged>,
     /// Key files that could not be read when the repository was opened.
     key_damage: Vec<Damaged>,
+    /// Tree packs read whole from an object store (see [`PackCache`]).
+    tree_packs: Arc<std::sync::Mutex<PackCache>>,
+}
+
+/// Whole tree packs, kept while they fit in a budget (oldest out first):
+/// over a network, a restore or listing that reads each directory's tree
+/// by its own request pays a round trip per directory; a tree pack holds
+/// thousands of them.
+#[derive(Debug, Default)]
+pub struct PackCache {
+    packs: HashMap<PackId, Bytes>,
+    order: std::collections::VecDeque<PackId>,
+    bytes: usize,
+}
+
+/// What [`PackCache`] keeps at most.
+const TREE_PACK_BUDGET: usize = 64 << 20;
+
+impl PackCache {
+    fn get(&self, id: &PackId) -> Option<Bytes> {
+        self.packs.get(id).cloned()
+    }
+
+    fn insert(&mut self, id: PackId, bytes: Bytes) {
+        if bytes.len() > TREE_PACK_BUDGET || self.packs.contains_key(&id) {
+            return;
+        }
+        while self.bytes + bytes.len() > TREE_PACK_BUDGET {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(b) = self.packs.remove(&old) {
+                self.bytes -= b.len();
+            }
+        }
+        self.bytes += bytes.len();
+        self.order.push_back(id);
+        self.packs.insert(id, bytes);
+    }
 }
 
 /// A stored object that could not be read, and why. Damaged objects are
@@ -262,6 +299,7 @@ impl Repository {
             index: Index::default(),
             index_damage: Vec::new(),
             key_damage: Vec::new(),
+            tree_packs: Default::default(),
         };
         repo.key_id = Some(repo.add_key(password, kdf).await?);
         let sealed = repo.key.data.seal(CONFIG_AAD, &encode(&repo.config)?);
@@ -351,6 +389,7 @@ impl Repository {
             index: Index::default(),
             index_damage: Vec::new(),
             key_damage,
+            tree_packs: Default::default(),
         })
     }
 
@@ -417,6 +456,7 @@ impl Repository {
             index: Index::default(),
             index_damage: Vec::new(),
             key_damage: Vec::new(),
+            tree_packs: Default::default(),
         }
     }
 
@@ -648,6 +688,7 @@ impl Repository {
             index: Index::default(),
             index_damage: Vec::new(),
             key_damage: self.key_damage.clone(),
+            tree_packs: Arc::clone(&self.tree_packs),
         };
         r.reload_index_of_stored_packs().await?;
         Ok(r)
@@ -772,9 +813,32 @@ impl Repository {
         self.load_blob_at(&loc).await
     }
 
-    /// Reads one blob from where `loc` says it is.
+    /// Reads one blob from where `loc` says it is. A tree from an object
+    /// store comes from its whole pack, read once and kept.
     pub async fn load_blob_at(&self, loc: &Location) -> Result<Vec<u8>> {
         let e = loc.entry;
+        if e.kind == pack::BlobType::Tree && self.backend.is_remote() {
+            let cached = self
+                .tree_packs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&loc.pack);
+            let whole = match cached {
+                Some(b) => b,
+                None => {
+                    let b = self.backend.get(&pack::pack_name(&loc.pack)).await?;
+                    self.tree_packs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(loc.pack, b.clone());
+                    b
+                }
+            };
+            let sealed = whole
+                .get(e.offset as usize..e.offset as usize + e.len as usize)
+                .ok_or_else(|| Error::corrupt(format!("pack {} is shorter than the index says", loc.pack)))?;
+            return pack::open_blob(&self.key.data, &e, sealed);
+        }
         let sealed = self
             .backend
             .get_range(

@@ -86,10 +86,12 @@ struct Batch {
     /// Chunk → (file, offset) of every place it goes.
     targets: HashMap<BlobId, Vec<(u32, u64)>>,
     chunks: usize,
+    max_files: usize,
 }
 
-/// A batch is fetched once it holds this many files…
-const BATCH_FILES: usize = 4096;
+/// A batch is fetched once it holds this many files (fewer when the
+/// descriptor limit is low)…
+const BATCH_FILES: usize = 8192;
 /// …or this many chunk placements (about 64 GiB of average chunks).
 const BATCH_CHUNKS: usize = 65_536;
 
@@ -127,7 +129,14 @@ impl Batch {
     }
 
     fn full(&self) -> bool {
-        self.files.len() >= BATCH_FILES || self.chunks >= BATCH_CHUNKS
+        self.files.len() >= self.max_files || self.chunks >= BATCH_CHUNKS
+    }
+
+    fn with_max_files(max_files: usize) -> Batch {
+        Batch {
+            max_files,
+            ..Default::default()
+        }
     }
 }
 
@@ -586,8 +595,9 @@ impl Ctx<'_> {
                 self.outcome.bytes += node.size;
                 self.batch.add(file, dir, written_as, replaces, node, shown);
                 if self.batch.full() {
+                    let next = Batch::with_max_files(self.batch.max_files);
                     batches
-                        .send(std::mem::take(&mut self.batch))
+                        .send(std::mem::replace(&mut self.batch, next))
                         .map_err(|_| Error::Interrupted("the restore's writer stopped".into()))?;
                 }
             }
@@ -911,8 +921,10 @@ pub fn restore_tree(
         Mode::empty(),
     )
     .map_err(|e| Error::io("open", target, e.into()))?;
-    // A batch keeps its files open until they are filled.
-    fsmeta::raise_fd_limit();
+    // A batch keeps its files open until they are filled: as many as the
+    // descriptor limit leaves room for beside the directories.
+    let limit = fsmeta::raise_fd_limit();
+    let batch_files = (limit.saturating_sub(256) / 2).clamp(32, BATCH_FILES as u64) as usize;
     let errors = Mutex::new(Vec::new());
     let failed: Mutex<Vec<Failed>> = Mutex::new(Vec::new());
     let mut ctx = Ctx {
@@ -929,7 +941,7 @@ pub fn restore_tree(
         dirs: Vec::new(),
         current_dir: None,
         depth: 0,
-        batch: Batch::default(),
+        batch: Batch::with_max_files(batch_files),
         outcome: RestoreOutcome::default(),
     };
     {

@@ -19,11 +19,6 @@ use crate::packer::Packer;
 use crate::repository::Repository;
 use crate::tree::Tree;
 
-/// The longest one read of a pack may be: it bounds a restore's memory
-/// (one such buffer per reader) while keeping requests few (two per pack
-/// of the usual 16 MiB at most).
-const MAX_READ: u64 = 8 * 1024 * 1024;
-
 /// The largest tree blob accepted from elsewhere (a directory of some
 /// 300,000 entries); it bounds what one upload can make a server allocate.
 pub const MAX_TREE: usize = 64 * 1024 * 1024;
@@ -144,8 +139,8 @@ struct PackRead {
 
 /// Plans the reads of `ids`: grouped by pack, each pack's blobs in offset
 /// order, neighbours merged into one range when the gap between them is
-/// at most `gap` and the range stays within [`MAX_READ`]. Blobs no index
-/// names come back as failures.
+/// at most `gap` (a range is streamed, so its length costs no memory).
+/// Blobs no index names come back as failures.
 fn plan_reads(repo: &Repository, ids: &[BlobId], gap: u64) -> (Vec<PackRead>, Vec<(BlobId, String)>) {
     let mut by_pack: HashMap<PackId, Vec<Location>> = HashMap::new();
     let mut missing = Vec::new();
@@ -175,7 +170,7 @@ fn plan_reads(repo: &Repository, ids: &[BlobId], gap: u64) -> (Vec<PackRead>, Ve
                 u64::from(loc.entry.offset) + u64::from(loc.entry.len),
             );
             match &mut cur {
-                Some(r) if start <= r.range.end + gap && end - r.range.start <= MAX_READ => {
+                Some(r) if start <= r.range.end + gap => {
                     r.range.end = r.range.end.max(end);
                     r.blobs.push(loc);
                 }
@@ -198,8 +193,9 @@ fn plan_reads(repo: &Repository, ids: &[BlobId], gap: u64) -> (Vec<PackRead>, Ve
 /// once, in as few ranged reads as its layout allows (see [`plan_reads`]),
 /// several packs at a time ([`Backend::read_parallelism`]). `each` gets
 /// every blob as it arrives; a blob it refuses, or one that cannot be read,
-/// is returned with why. Blocking: call it outside async code. Memory is
-/// at most one range ([`MAX_READ`]) per reader, whatever the packs' size.
+/// is returned with why. Blocking: call it outside async code. Each range
+/// is streamed ([`Backend::stream_range_blocking`]): memory is about one blob per
+/// reader, whatever the packs' size.
 pub fn read_by_pack(
     repo: &Repository,
     handle: &Handle,
@@ -221,26 +217,50 @@ pub fn read_by_pack(
                     let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
                     let Some(read) = next else { break };
                     let mut lost = Vec::new();
-                    match backend.read_range_blocking(handle, &pack_name(&read.pack), read.range.clone()) {
-                        Ok(bytes) => {
-                            for loc in &read.blobs {
-                                let off = (u64::from(loc.entry.offset) - read.range.start) as usize;
-                                let got = bytes
-                                    .get(off..off + loc.entry.len as usize)
-                                    .ok_or_else(|| {
-                                        format!("pack {} is shorter than the index says", read.pack)
-                                    })
-                                    .and_then(|sealed| each(loc, sealed));
-                                if let Err(why) = got {
+                    // Blobs are handed on as soon as their bytes are in:
+                    // memory is one blob and one piece, whatever the range.
+                    let mut buf = bytes::BytesMut::new();
+                    let mut buf_at = read.range.start;
+                    let mut next = 0;
+                    let streamed = backend.stream_range_blocking(
+                        handle,
+                        &pack_name(&read.pack),
+                        read.range.clone(),
+                        &mut |piece| {
+                            buf.extend_from_slice(&piece);
+                            while let Some(loc) = read.blobs.get(next) {
+                                let start = u64::from(loc.entry.offset);
+                                let end = start + u64::from(loc.entry.len);
+                                if start < buf_at {
+                                    // Only a damaged index makes blobs overlap.
+                                    lost.push((
+                                        loc.entry.id,
+                                        format!(
+                                            "the index places {} over another blob of pack {}",
+                                            loc.entry.id, read.pack
+                                        ),
+                                    ));
+                                    next += 1;
+                                    continue;
+                                }
+                                if buf_at + (buf.len() as u64) < end {
+                                    break;
+                                }
+                                let sealed = &buf[(start - buf_at) as usize..(end - buf_at) as usize];
+                                if let Err(why) = each(loc, sealed) {
                                     lost.push((loc.entry.id, why));
                                 }
+                                bytes::Buf::advance(&mut buf, (end - buf_at) as usize);
+                                buf_at = end;
+                                next += 1;
                             }
-                        }
-                        Err(e) => {
-                            let why = format!("failed to read pack {}: {}", read.pack, Chain(&e));
-                            lost.extend(read.blobs.iter().map(|l| (l.entry.id, why.clone())));
-                        }
-                    }
+                        },
+                    );
+                    let why = match streamed {
+                        Err(e) => format!("failed to read pack {}: {}", read.pack, Chain(&e)),
+                        Ok(()) => format!("pack {} is shorter than the index says", read.pack),
+                    };
+                    lost.extend(read.blobs[next..].iter().map(|l| (l.entry.id, why.clone())));
                     if !lost.is_empty() {
                         failures.lock().unwrap_or_else(|p| p.into_inner()).extend(lost);
                     }
