@@ -405,8 +405,15 @@ pub async fn init(g: &Global) -> Result<u8> {
     let pw = password(g, true)?;
     let repo = Repository::init(backend, &pw, KdfParams::default()).await?;
     if g.json {
-        print_json(&serde_json::json!({"id": repo.config().id, "location": repo.backend().location()}))?;
+        print_json(&serde_json::json!({
+            "id": repo.config().id,
+            "location": repo.backend().location(),
+            "bucket_created": repo.backend().bucket_created(),
+        }))?;
     } else if !g.quiet {
+        if repo.backend().bucket_created() {
+            outln!("created the bucket of {}", repo.backend().location())?;
+        }
         outln!(
             "created repository {} at {}",
             repo.config().id,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
@@ -24,7 +24,7 @@ use object_store::{
     ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 
-use crate::error::{Error, Result};
+use crate::error::{Chain, Error, Result};
 
 /// A repository's storage: an object store and the prefix the repository
 /// lives under.
@@ -43,6 +43,118 @@ pub struct Backend {
     /// Off only with `BACKER_UNSAFE_NO_FSYNC=1` (docs/FORMAT.md says why not).
     durable: bool,
     retry: Retry,
+    /// For an S3 location: the client and its region, to create the bucket.
+    s3: Option<(Arc<AmazonS3>, String)>,
+    /// Whether `prepare_for_init` created the bucket.
+    bucket_created: bool,
+}
+
+/// Chooses where an S3 client's credentials come from, in the usual order:
+/// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`),
+/// web identity (`AWS_WEB_IDENTITY_TOKEN_FILE` and `AWS_ROLE_ARN`: IRSA,
+/// workload identity), container credentials (ECS, EKS Pod Identity), the
+/// profile file (`AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`,
+/// profile `AWS_PROFILE` or `default`). The instance metadata service only
+/// when asked (`credentials=instance`): a probe of it elsewhere hangs or, on
+/// someone else's cloud machine, borrows that machine's role.
+fn s3_credentials(builder: AmazonS3Builder, instance: bool) -> std::result::Result<AmazonS3Builder, String> {
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    if set("AWS_ACCESS_KEY_ID") || set("AWS_SECRET_ACCESS_KEY") {
+        if !(set("AWS_ACCESS_KEY_ID") && set("AWS_SECRET_ACCESS_KEY")) {
+            return Err("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither".into());
+        }
+        return Ok(builder);
+    }
+    if (set("AWS_WEB_IDENTITY_TOKEN_FILE") && set("AWS_ROLE_ARN"))
+        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || (set("AWS_CONTAINER_CREDENTIALS_FULL_URI") && set("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"))
+    {
+        return Ok(builder);
+    }
+    if let Some(found) = profile_credentials()? {
+        let mut b = builder
+            .with_access_key_id(found.key_id)
+            .with_secret_access_key(found.secret);
+        if let Some(token) = found.token {
+            b = b.with_token(token);
+        }
+        return Ok(b);
+    }
+    if instance {
+        return Ok(builder);
+    }
+    Err(
+        "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with a \
+         profile in ~/.aws/credentials, or AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN; to use the \
+         machine's instance role, add credentials=instance to the URL"
+            .into(),
+    )
+}
+
+struct ProfileCredentials {
+    key_id: String,
+    secret: String,
+    token: Option<String>,
+}
+
+/// The profile's keys from the shared credentials file, if it has them. A
+/// profile named by `AWS_PROFILE` that is not there is an error, not a
+/// silent fall-through.
+fn profile_credentials() -> std::result::Result<Option<ProfileCredentials>, String> {
+    let named = std::env::var("AWS_PROFILE").ok().filter(|p| !p.is_empty());
+    let profile = named.clone().unwrap_or_else(|| "default".into());
+    let file = match std::env::var_os("AWS_SHARED_CREDENTIALS_FILE") {
+        Some(f) => std::path::PathBuf::from(f),
+        None => match std::env::var_os("HOME") {
+            Some(home) => std::path::Path::new(&home).join(".aws/credentials"),
+            None => return Ok(None),
+        },
+    };
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && named.is_none() => return Ok(None),
+        Err(e) => {
+            return Err(format!(
+                "failed to read {} for profile {profile}: {e}",
+                file.display()
+            ));
+        }
+    };
+    let mut in_profile = false;
+    let (mut key_id, mut secret, mut token) = (None, None, None);
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.starts_with(';') || line.is_empty() {
+            continue;
+        }
+        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            in_profile = section.trim() == profile;
+            continue;
+        }
+        if !in_profile {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let v = v.trim().to_string();
+            match k.trim() {
+                "aws_access_key_id" => key_id = Some(v),
+                "aws_secret_access_key" => secret = Some(v),
+                "aws_session_token" => token = Some(v),
+                _ => {}
+            }
+        }
+    }
+    match (key_id, secret) {
+        (Some(key_id), Some(secret)) => Ok(Some(ProfileCredentials {
+            key_id,
+            secret,
+            token,
+        })),
+        _ if named.is_some() => Err(format!(
+            "profile {profile} (AWS_PROFILE) has no aws_access_key_id and aws_secret_access_key in {}",
+            file.display()
+        )),
+        _ => Ok(None),
+    }
 }
 
 /// `BACKER_UNSAFE_NO_FSYNC=1` skips making local writes durable: faster on
@@ -337,6 +449,8 @@ impl Backend {
             direct: true,
             durable: durable_from_env(),
             retry: Retry::LOCAL,
+            s3: None,
+            bucket_created: false,
         }
         .with_local_store_if_present())
     }
@@ -380,6 +494,7 @@ impl Backend {
         if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
             builder = builder.with_region("us-east-1");
         }
+        let mut instance_credentials = false;
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
             let flag = |v: &str| -> Result<bool> {
@@ -397,6 +512,13 @@ impl Backend {
                     builder.with_endpoint(v)
                 }
                 "region" => builder.with_region(v),
+                "credentials" => match v {
+                    "instance" => {
+                        instance_credentials = true;
+                        builder
+                    }
+                    _ => return Err(bad(format!("option credentials takes \"instance\", not {v:?}"))),
+                },
                 "path_style" => builder.with_virtual_hosted_style_request(!flag(v)?),
                 "allow_http" => builder.with_allow_http(flag(v)?),
                 "retries" => {
@@ -407,17 +529,25 @@ impl Backend {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {k:?}; known: endpoint, region, path_style, allow_http, retries"
+                        "unknown option {k:?}; known: endpoint, region, path_style, allow_http, retries, credentials"
                     )));
                 }
             };
         }
-        let store = builder
-            .with_retry(retry)
-            .build()
-            .map_err(|e| bad(e.to_string()))?;
+        let builder = s3_credentials(builder, instance_credentials).map_err(bad)?;
+        let region = builder
+            .get_config_value(&AmazonS3ConfigKey::Region)
+            .unwrap_or_else(|| "us-east-1".into());
+        let store = Arc::new(
+            builder
+                .with_retry(retry)
+                .build()
+                .map_err(|e| bad(e.to_string()))?,
+        );
         Ok(Backend {
-            store: Arc::new(store),
+            s3: Some((Arc::clone(&store), region)),
+            bucket_created: false,
+            store,
             root: Path::from(prefix),
             location: format!("s3://{bucket}/{prefix}"),
             local_dir: None,
@@ -425,6 +555,66 @@ impl Backend {
             durable: true,
             retry: Retry::S3,
         })
+    }
+
+    /// Creates the bucket of an S3 location if it does not exist; says
+    /// whether it did. Other locations: nothing to do.
+    async fn create_bucket_if_missing(&self) -> Result<bool> {
+        let Some((s3, region)) = &self.s3 else {
+            return Ok(false);
+        };
+        match self.store.list_with_delimiter(Some(&self.root)).await {
+            Ok(_) => return Ok(false),
+            Err(e) => match self.err(e) {
+                Error::NoSuchBucket { .. } => {}
+                other => return Err(other),
+            },
+        }
+        // object_store has no call for it: a signed PUT of the bucket's URL.
+        let url = object_store::signer::Signer::signed_url(
+            s3.as_ref(),
+            http::Method::PUT,
+            &Path::default(),
+            Duration::from_secs(300),
+        )
+        .await
+        .map_err(|e| self.err(e))?;
+        let body = if region == "us-east-1" {
+            // us-east-1 takes no location; every other region must be named.
+            String::new()
+        } else {
+            format!(
+                "<CreateBucketConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+                 <LocationConstraint>{region}</LocationConstraint></CreateBucketConfiguration>"
+            )
+        };
+        let reply = reqwest::Client::new()
+            .put(url.as_str())
+            .header(reqwest::header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                Error::Invalid(format!(
+                    "failed to create the bucket of {}: {}",
+                    self.location,
+                    Chain(&e)
+                ))
+            })?;
+        let status = reply.status();
+        if status.is_success() {
+            return Ok(true);
+        }
+        let text = reply.text().await.unwrap_or_default();
+        // Made by someone else meanwhile: as good.
+        if text.contains("BucketAlreadyOwnedByYou") {
+            return Ok(false);
+        }
+        Err(Error::Invalid(format!(
+            "failed to create the bucket of {}: the server answered {status}: {}",
+            self.location,
+            text.trim()
+        )))
     }
 
     /// A fresh, empty in-memory store.
@@ -437,6 +627,8 @@ impl Backend {
             direct: false,
             durable: true,
             retry: Retry::LOCAL,
+            s3: None,
+            bucket_created: false,
         }
     }
 
@@ -524,10 +716,16 @@ impl Backend {
                 return Err(Error::NotEmpty(self.location.clone()));
             }
         }
+        self.bucket_created = self.create_bucket_if_missing().await?;
         if !self.list_all("").await?.is_empty() {
             return Err(Error::NotEmpty(self.location.clone()));
         }
         Ok(())
+    }
+
+    /// Whether `init` created the bucket (to say so).
+    pub fn bucket_created(&self) -> bool {
+        self.bucket_created
     }
 
     /// True when a local repository directory does not exist at all.
@@ -544,6 +742,29 @@ impl Backend {
     }
 
     fn err(&self, source: object_store::Error) -> Error {
+        // S3 says what is wrong in an error code inside the reply's text;
+        // the two a new user meets first get a message of their own.
+        let text = Chain(&source).to_string();
+        if text.contains("<Code>NoSuchBucket</Code>") {
+            return Error::NoSuchBucket {
+                location: self.location.clone(),
+            };
+        }
+        for code in [
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "AccessDenied",
+            "NotSignedUp",
+            "InvalidToken",
+            "ExpiredToken",
+        ] {
+            if text.contains(&format!("<Code>{code}</Code>")) {
+                return Error::Refused {
+                    location: self.location.clone(),
+                    code: code.into(),
+                };
+            }
+        }
         Error::Backend {
             location: self.location.clone(),
             source,
@@ -891,7 +1112,11 @@ mod tests {
         assert!(Backend::open("ftp://x").is_err());
         assert!(Backend::open("s3://").is_err());
         assert!(Backend::open("s3://b/p?bogus=1").is_err());
-        let b = Backend::open("s3://bucket/some/prefix?endpoint=http://127.0.0.1:9&path_style=true").unwrap();
+        // Credentials are only looked for, not fetched, when a location opens.
+        let b = Backend::open(
+            "s3://bucket/some/prefix?endpoint=http://127.0.0.1:9&path_style=true&credentials=instance",
+        )
+        .unwrap();
         assert_eq!(b.location(), "s3://bucket/some/prefix");
         assert_eq!(b.path("config").as_ref(), "some/prefix/config");
         let l = Backend::open("file:///tmp/does-not-exist-backer").unwrap();

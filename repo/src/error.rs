@@ -13,6 +13,15 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
+    #[error(
+        "the bucket of {location} does not exist: `backer init` creates it, or check the bucket's name and the endpoint"
+    )]
+    NoSuchBucket { location: String },
+    #[error(
+        "the S3 server refused the credentials for {location} ({code}): check AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and that they may use this bucket"
+    )]
+    Refused { location: String, code: String },
     #[error("object {0} already exists; objects are written once and never replaced")]
     AlreadyExists(String),
     #[error("object {0} not found in the repository")]
@@ -143,12 +152,18 @@ pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
+        // Some errors (object_store's) print their source inside their own
+        // text: a source already said is not said again.
+        let mut said = self.0.to_string();
         let mut source = self.0.source();
         while let Some(s) = source {
-            write!(f, ": {s}")?;
+            let text = s.to_string();
+            if !said.contains(&text) {
+                said.push_str(": ");
+                said.push_str(&text);
+            }
             source = s.source();
         }
-        Ok(())
+        f.write_str(&said)
     }
 }

@@ -1,11 +1,11 @@
 //! One conformance suite that every storage backend passes: a local
-//! directory, memory, and a real S3-compatible server (moto).
+//! directory, memory, and two real S3-compatible servers (moto, s3s-fs).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use backer_repo::Backend;
 use backer_repo::error::Error;
-use backer_testkit::Moto;
+use backer_testkit::{LatencyProxy, Moto, S3sFs, s3_url};
 use bytes::Bytes;
 
 async fn conformance(b: &Backend) {
@@ -46,6 +46,25 @@ async fn conformance(b: &Backend) {
     assert!(matches!(again, Err(Error::AlreadyExists(_))), "{again:?}");
     assert_eq!(b.head("data/cd/odd").await.unwrap(), Some(odd.len() as u64));
     assert_eq!(b.get("data/cd/odd").await.unwrap().as_ref(), odd.as_slice());
+
+    // A streamed range arrives whole and in order, in pieces; past the end
+    // it is an error, not a short read.
+    let (streamed, past_end) = {
+        let (b, handle) = (b.clone(), tokio::runtime::Handle::current());
+        tokio::task::spawn_blocking(move || {
+            let mut got = Vec::new();
+            b.stream_range_blocking(&handle, "data/cd/big", 1000..(9 << 20) + 7, &mut |p| {
+                got.extend_from_slice(&p)
+            })
+            .unwrap();
+            let past = b.stream_range_blocking(&handle, "data/cd/odd", 0..(4 << 20), &mut |_| {});
+            (got, past)
+        })
+        .await
+        .unwrap()
+    };
+    assert!(streamed == big[1000..(9 << 20) + 7], "the streamed range differs");
+    assert!(past_end.is_err(), "{past_end:?}");
 
     // Listing is recursive, relative to the folder, and complete past one page
     // (S3 pages at 1,000 keys).
@@ -105,6 +124,22 @@ async fn s3_on_moto() {
     }
     let b = Backend::open(&moto.url("conformance", "some/prefix")).unwrap();
     conformance(&b).await;
+}
+
+/// A second, real S3 implementation, through the latency proxy: what
+/// passes here does not lean on one server's quirks, and ranged, streamed
+/// reads cross a real HTTP hop.
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_on_s3s_fs_behind_a_proxy() {
+    let s3 = S3sFs::start();
+    s3.create_bucket("conformance");
+    let proxy = LatencyProxy::start(&s3.endpoint(), 1);
+    for (k, v) in Moto::env() {
+        unsafe_env_set(k, v);
+    }
+    let b = Backend::open(&s3_url(&proxy.endpoint(), "conformance", "some/prefix")).unwrap();
+    conformance(&b).await;
+    assert!(proxy.requests() > 0, "the calls went through the proxy");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -61,9 +61,13 @@ impl Storage {
             Some(p) => match Repository::open(backend.clone(), p.as_bytes()).await {
                 Err(backer_repo::Error::NoRepository(_)) => {
                     tracing::info!(%location, "no repository yet: creating it");
-                    Repository::init(backend, p.as_bytes(), KdfParams::default())
+                    let repo = Repository::init(backend, p.as_bytes(), KdfParams::default())
                         .await
-                        .map_err(err)?
+                        .map_err(err)?;
+                    if repo.backend().bucket_created() {
+                        tracing::info!(%location, "created the bucket");
+                    }
+                    repo
                 }
                 r => r.map_err(err)?,
             },

@@ -86,6 +86,162 @@ impl Drop for Moto {
     }
 }
 
+/// The `s3s-fs` binary: on PATH, or where `scripts/test` installs it.
+fn s3s_fs_binary() -> PathBuf {
+    if let Some(found) = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join("s3s-fs"))
+        .find(|p| p.is_file())
+    {
+        return found;
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let cached = home.join(".cache/backer/s3s/bin/s3s-fs");
+    assert!(
+        cached.is_file(),
+        "s3s-fs is not installed; run scripts/test (it installs it with \
+         `cargo install s3s-fs --features binary --root ~/.cache/backer/s3s`)"
+    );
+    cached
+}
+
+fn wait_listening(what: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on port {port} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An `s3s-fs` server (a real S3 implementation storing objects as files)
+/// on 127.0.0.1, checking signatures with the credentials of
+/// [`Moto::env`]; killed on drop. Objects are files under `root/BUCKET/`,
+/// so a test can count or damage them directly.
+pub struct S3sFs {
+    child: Child,
+    pub port: u16,
+    pub root: tempfile::TempDir,
+}
+
+impl S3sFs {
+    pub fn start() -> S3sFs {
+        let root = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(s3s_fs_binary())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", "testing", "--secret-key", "testing"])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start s3s-fs ({e})"));
+        wait_listening("s3s-fs", port);
+        S3sFs { child, port, root }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A bucket is a directory.
+    pub fn create_bucket(&self, name: &str) {
+        std::fs::create_dir(self.root.path().join(name)).unwrap();
+    }
+
+    /// The files holding the objects under `bucket/prefix`.
+    pub fn objects(&self, bucket: &str, prefix: &str) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.root.path().join(bucket).join(prefix), &mut out);
+        out
+    }
+}
+
+impl Drop for S3sFs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An `s3://` repository URL for `bucket/prefix` at `endpoint` (path style).
+pub fn s3_url(endpoint: &str, bucket: &str, prefix: &str) -> String {
+    format!("s3://{bucket}/{prefix}?endpoint={endpoint}&path_style=true")
+}
+
+/// The workspace's `s3-latency-proxy` in front of an S3 server: a fixed
+/// delay per request, as a network with that round trip adds, and a count
+/// of requests by method. Killed on drop.
+pub struct LatencyProxy {
+    child: Child,
+    pub port: u16,
+}
+
+impl LatencyProxy {
+    pub fn start(upstream: &str, delay_ms: u64) -> LatencyProxy {
+        let port = free_port();
+        let child = Command::new(bin("s3-latency-proxy"))
+            .args(["--upstream", upstream, "--delay-ms", &delay_ms.to_string()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_listening("s3-latency-proxy", port);
+        LatencyProxy { child, port }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn call(&self, method: &str, path: &str) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+    }
+
+    /// Requests forwarded since the start or the last reset, by method and
+    /// in all (`requests`).
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        serde_json::from_str(&self.call("GET", "/__proxy/stats")).unwrap()
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.counts().get("requests").copied().unwrap_or(0)
+    }
+
+    pub fn reset(&self) {
+        self.call("POST", "/__proxy/reset");
+    }
+}
+
+impl Drop for LatencyProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -1,5 +1,5 @@
 //! `s3-latency-proxy --upstream http://127.0.0.1:PORT [--delay-ms 20]
-//! [--listen 127.0.0.1:0]`: forwards every HTTP request to the upstream S3
+//! [--listen 127.0.0.1:0] [--log]`: forwards every HTTP request to the upstream S3
 //! server after a fixed delay, as a network with that round trip would,
 //! and counts them. Prints `listening on ADDR` once bound. `GET
 //! /__proxy/stats` answers the counts as JSON (`{"requests":N,"GET":n,…}`)
@@ -27,6 +27,9 @@ struct Proxy {
     upstream: String,
     delay: Duration,
     counts: Mutex<BTreeMap<String, u64>>,
+    /// `--log`: each request on stderr (method, path, range), to see what
+    /// a command asks for.
+    log: bool,
     client: Client<HttpConnector, Incoming>,
 }
 
@@ -63,6 +66,14 @@ impl Proxy {
             .unwrap_or_else(|p| p.into_inner())
             .entry(req.method().to_string())
             .or_default() += 1;
+        if self.log {
+            let range = req
+                .headers()
+                .get(hyper::header::RANGE)
+                .and_then(|r| r.to_str().ok())
+                .unwrap_or("");
+            eprintln!("{} {} {range}", req.method(), req.uri());
+        }
         tokio::time::sleep(self.delay).await;
         let (mut parts, body) = req.into_parts();
         let target = format!(
@@ -93,7 +104,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let Some(upstream) = arg(&args, "--upstream") else {
         eprintln!(
-            "usage: s3-latency-proxy --upstream http://HOST:PORT [--delay-ms 20] [--listen 127.0.0.1:0]"
+            "usage: s3-latency-proxy --upstream http://HOST:PORT [--delay-ms 20] [--listen 127.0.0.1:0] [--log]"
         );
         std::process::exit(2);
     };
@@ -121,6 +132,7 @@ async fn main() {
         upstream: upstream.trim_end_matches('/').to_string(),
         delay: Duration::from_millis(delay),
         counts: Mutex::new(BTreeMap::new()),
+        log: args.iter().any(|a| a == "--log"),
         client: Client::builder(TokioExecutor::new()).build_http(),
     });
     match listener.local_addr() {
