@@ -921,10 +921,11 @@ pub fn restore_tree(
         Mode::empty(),
     )
     .map_err(|e| Error::io("open", target, e.into()))?;
-    // A batch keeps its files open until they are filled: as many as the
-    // descriptor limit leaves room for beside the directories.
+    // A batch keeps its files open until they are filled, and three are
+    // open at once (being planned, queued, being written): each gets a
+    // quarter of the descriptor limit, the rest is for the directories.
     let limit = fsmeta::raise_fd_limit();
-    let batch_files = (limit.saturating_sub(256) / 2).clamp(32, BATCH_FILES as u64) as usize;
+    let batch_files = (limit.saturating_sub(256) / 4).clamp(32, BATCH_FILES as u64) as usize;
     let errors = Mutex::new(Vec::new());
     let failed: Mutex<Vec<Failed>> = Mutex::new(Vec::new());
     let mut ctx = Ctx {
