@@ -583,3 +583,41 @@ fn a_hard_link_is_never_made_to_a_file_the_restore_refused() {
         std::fs::metadata(at.join("b")).unwrap().ino()
     );
 }
+
+/// A restore keeps one descriptor per file of each batch in flight: with a
+/// low limit (a container's, a service's) it must size its batches to fit,
+/// not fail with "too many open files".
+#[test]
+fn a_restore_fits_a_low_descriptor_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::new(tmp.path());
+    let src = tmp.path().join("src");
+    for d in 0..8 {
+        let dir = src.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..250 {
+            std::fs::write(
+                dir.join(format!("f{f}")),
+                pseudo_random(100 + f, (d * 1000 + f) as u64),
+            )
+            .unwrap();
+        }
+    }
+    repo.ok(&["backup", "-q", src.to_str().unwrap()]);
+    let target = tmp.path().join("out");
+    // prlimit sets both the soft and the hard limit, so backer cannot raise it.
+    let mut c = Command::new("prlimit");
+    c.args(["--nofile=1000:1000", "--", env!("CARGO_BIN_EXE_backer")])
+        .args(["restore", "latest", "--target", target.to_str().unwrap()])
+        .env("BACKER_REPO", &repo.path)
+        .env("BACKER_PASSWORD", "pw")
+        .env_remove("BACKER_SERVER");
+    let o = c.output().unwrap();
+    assert!(
+        o.status.success(),
+        "restore under a limit of 1000 descriptors: {}",
+        all(&o)
+    );
+    let diffs = compare_trees(&src, &target.join(src.strip_prefix("/").unwrap()));
+    assert!(diffs.is_empty(), "{diffs:?}");
+}
