@@ -85,6 +85,10 @@ struct Batch {
     files: Vec<PlannedFile>,
     /// Chunk → (file, offset) of every place it goes.
     targets: HashMap<BlobId, Vec<(u32, u64)>>,
+    /// Each chunk once, in the order the files need them: the order a
+    /// backup stored them in, so a server that answers in request-sized
+    /// groups finds each group in few packs.
+    order: Vec<BlobId>,
     chunks: usize,
     max_files: usize,
 }
@@ -110,7 +114,11 @@ impl Batch {
         let mut chunks = 0;
         for e in &node.content {
             if let Extent::Data { id, .. } = e {
-                self.targets.entry(*id).or_default().push((index, pos));
+                let places = self.targets.entry(*id).or_default();
+                if places.is_empty() {
+                    self.order.push(*id);
+                }
+                places.push((index, pos));
                 chunks += 1;
             }
             pos += e.len();
@@ -725,7 +733,12 @@ fn finish_dirs(ctx: &Ctx<'_>, dirs: &[DirToFinish]) {
 /// when its last chunk is written. Files whose content cannot be whole are
 /// removed again and reported.
 fn fill_batch(source: &dyn RestoreSource, batch: Batch, progress: &RestoreProgress) -> Vec<Failed> {
-    let Batch { files, targets, .. } = batch;
+    let Batch {
+        files,
+        targets,
+        order,
+        ..
+    } = batch;
     let mut failed = Vec::new();
     let fail = |f: &PlannedFile, why: String| {
         let mut slot = f.failed.lock().unwrap_or_else(|p| p.into_inner());
@@ -749,8 +762,7 @@ fn fill_batch(source: &dyn RestoreSource, batch: Batch, progress: &RestoreProgre
     for f in files.iter().filter(|f| f.remaining.load(Ordering::Relaxed) == 0) {
         finish(f, &meta_failures);
     }
-    let ids: Vec<BlobId> = targets.keys().copied().collect();
-    let lost = source.fetch_chunks(&ids, &|id, data| {
+    let lost = source.fetch_chunks(&order, &|id, data| {
         for &(index, offset) in targets.get(id).map(Vec::as_slice).unwrap_or_default() {
             let f = &files[index as usize];
             if f.failed.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
