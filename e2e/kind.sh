@@ -30,8 +30,11 @@ done
 helm="$(command -v helm || e2e/install-helm)"
 kubectl create namespace backer-system --dry-run=client -o yaml | kubectl apply -f -
 kubectl label --overwrite namespace backer-system pod-security.kubernetes.io/enforce=privileged
+# kind's one node is its control plane (agent.controlPlane), and its
+# local-path provisioner keeps volumes in /var/local-path-provisioner.
 "$helm" upgrade --install backer charts/backer --namespace backer-system \
-  --set image.tag=e2e --wait --timeout 5m
+  --set image.tag=e2e --set agent.controlPlane=true \
+  --set 'agent.volumeDirs={/var/local-path-provisioner}' --wait --timeout 5m
 kubectl -n backer-system rollout status deploy/backer-operator --timeout=180s
 kubectl -n backer-system rollout status deploy/backer-server --timeout=180s
 kubectl -n backer-system rollout status ds/backer-agent --timeout=180s

@@ -185,7 +185,14 @@ fn main() -> ExitCode {
                     }
                     _ => None,
                 };
-                run(&cli.state_dir, policy, kube).await
+                // SIGTERM (the pod deleted, a rolling update) stops the
+                // agent at once: as PID 1 in a container it would otherwise
+                // be ignored until the kubelet's grace period ran out. A
+                // job under way fails on the server with the agent gone.
+                tokio::select! {
+                    r = run(&cli.state_dir, policy, kube) => r,
+                    _ = terminated() => Ok(()),
+                }
             }
             Command::Status => status(&cli.state_dir),
             Command::Renew => {
@@ -225,6 +232,9 @@ fn main() -> ExitCode {
             }
         }
     });
+    // A backup or restore thread may still run after a stop: it must not
+    // hold the exit up.
+    rt.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -232,6 +242,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("failed to install the SIGTERM handler: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("asked to stop: stopping");
 }
 
 pub(crate) fn write(dir: &Path, name: &str, data: &str, secret: bool) -> Result<()> {

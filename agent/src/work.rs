@@ -50,6 +50,28 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// `Ok` when `seen` (the agent's view of the node's `node_path`) exists.
+    /// In a container the agent sees only what its pod mounts under the
+    /// host root, so a missing path is named with where to look: a PVC
+    /// backup that "finds no path" because the chart's `agent.hostPaths`
+    /// leave the volume out must say so, not fail obscurely.
+    fn visible(&self, seen: &Path, node_path: &str) -> Result<(), String> {
+        if std::fs::symlink_metadata(seen).is_ok() {
+            return Ok(());
+        }
+        if self.host_root == Path::new("/") {
+            return Err(format!("failed to read {node_path}: it does not exist"));
+        }
+        Err(format!(
+            "failed to read {node_path}: it does not exist on the node, or this agent cannot see it \
+             (it sees the node's files under {}: in Kubernetes only the chart's agent.hostPaths, the \
+             kubelet's pods directory and agent.volumeDirs are mounted there)",
+            self.host_root.display()
+        ))
+    }
+}
+
 /// Whether every existing component of `root/below` after `root` is a real
 /// directory (or the path ends before it exists).
 fn no_symlink_below(root: &Path, below: &Path) -> bool {
@@ -182,8 +204,14 @@ async fn backup(
             }
         }
     };
+    let root = policy.host_root.join(work.root.trim_start_matches('/'));
+    policy.visible(&root, &work.root)?;
+    // (A path with `..` is left to the archiver, which refuses it.)
+    for p in work.paths.iter().filter(|p| !p.split('/').any(|c| c == "..")) {
+        policy.visible(&root.join(p.trim_start_matches('/')), p)?;
+    }
     let opts = BackupOptions {
-        root: policy.host_root.join(work.root.trim_start_matches('/')),
+        root,
         paths: work.paths.iter().map(PathBuf::from).collect(),
         excludes: work.excludes,
         tags: work.tags,

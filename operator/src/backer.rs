@@ -19,6 +19,10 @@ const ADMIN_DAYS: i64 = 2;
 
 pub struct Backer {
     address: String,
+    /// The data port as seen from here (the Service inside the cluster):
+    /// where CSRs are signed. `None`: the address the server advertises,
+    /// which is its ExternalName and may be reachable only from outside.
+    data_address: Option<String>,
     ca: Arc<Ca>,
     channel: Mutex<Option<(Channel, i64)>>,
 }
@@ -37,9 +41,17 @@ impl Backer {
     pub fn new(address: String, ca: Arc<Ca>) -> Backer {
         Backer {
             address,
+            data_address: None,
             ca,
             channel: Mutex::new(None),
         }
+    }
+
+    /// Signs CSRs through `data_address` (`host:port` of the data port)
+    /// rather than the address the server advertises to external hosts.
+    pub fn with_data_address(mut self, data_address: Option<String>) -> Backer {
+        self.data_address = data_address.filter(|a| !a.is_empty());
+        self
     }
 
     /// The management client, on a channel reused until its certificate is
@@ -93,9 +105,10 @@ impl Backer {
             .await
             .map_err(status("register the client"))?
             .into_inner();
-        let ch = backer_proto::connect(&token.server_address, &self.ca.cert_pem, None)
+        let dial = self.data_address.as_deref().unwrap_or(&token.server_address);
+        let ch = backer_proto::connect(dial, &self.ca.cert_pem, None)
             .await
-            .map_err(unavailable(&token.server_address))?;
+            .map_err(unavailable(dial))?;
         let cert = EnrollmentClient::new(ch)
             .enroll(pb::EnrollRequest {
                 token: token.token,

@@ -22,6 +22,9 @@ pub struct Settings {
     pub kubelet_root: String,
     /// Nodes that get a BackerClient (a label selector; all when empty).
     pub node_selector: String,
+    /// Directories holding hostPath volumes (local-path's) that the agents
+    /// may restore into; empty when not known.
+    pub host_volume_dirs: Vec<String>,
 }
 
 /// The backoff key of an object: `kind/namespace/name`.

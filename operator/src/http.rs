@@ -1,19 +1,22 @@
-//! `/healthz`, `/readyz` (ready once leading and the PKI is in place) and
-//! `/metrics`.
+//! `/healthz`, `/readyz` and `/metrics`. Ready means able to serve: a
+//! replica waiting for the lease is ready (it takes over when the leader
+//! goes), a leading one once the PKI is in place and it reconciles. Were
+//! only the leader ready, a Deployment of two replicas would never be
+//! Available: `helm install --wait` and every rolling update would stall.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
+use crate::leader::Role;
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 pub struct Health {
-    pub ready: Arc<AtomicBool>,
+    pub role: Arc<Role>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -23,13 +26,9 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Health) -> std::io
         .route(
             "/readyz",
             get(|State(h): State<Health>| async move {
-                if h.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "not leading yet, or the PKI is not in place",
-                    )
+                match h.role.readiness() {
+                    Ok(what) => (StatusCode::OK, what),
+                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                 }
             }),
         )

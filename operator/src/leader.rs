@@ -1,10 +1,12 @@
 //! Leader election on a coordination.k8s.io Lease: only the holder
 //! reconciles. The holder renews every few seconds; a replica that cannot
 //! renew in time stops (and is restarted by its Deployment) rather than
-//! risk two operators starting the same backup.
+//! risk two operators starting the same backup. A holder that is asked to
+//! stop gives the lease up, so a waiting replica takes over at its next
+//! look instead of after the lease's duration.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -19,6 +21,46 @@ use crate::metrics::Metrics;
 pub const LEASE: &str = "backer-operator";
 const DURATION_SECS: i32 = 15;
 const RENEW: Duration = Duration::from_secs(5);
+/// How often a waiting replica looks at the lease.
+const WAIT: Duration = Duration::from_secs(2);
+
+/// Where this replica stands, for `/readyz`: both a waiting replica and a
+/// leading one that has started are able to serve (a Deployment with two
+/// replicas is only Available when both are ready).
+#[derive(Debug)]
+pub struct Role(AtomicU8);
+
+impl Default for Role {
+    fn default() -> Role {
+        Role(AtomicU8::new(Role::STARTING))
+    }
+}
+
+impl Role {
+    const STARTING: u8 = 0;
+    const STANDBY: u8 = 1;
+    const ACQUIRED: u8 = 2;
+    const LEADING: u8 = 3;
+
+    fn set(&self, v: u8) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    /// Leading, with the PKI in place and the controllers started.
+    pub fn set_leading(&self) {
+        self.set(Role::LEADING);
+    }
+
+    /// `Ok(what)` when this replica can serve, else `Err(why not)`.
+    pub fn readiness(&self) -> Result<&'static str, &'static str> {
+        match self.0.load(Ordering::Relaxed) {
+            Role::STANDBY => Ok("ready: standby (another replica leads; this one takes over if it goes)"),
+            Role::LEADING => Ok("ready: leading"),
+            Role::ACQUIRED => Err("leading, but the PKI is not in place yet"),
+            _ => Err("starting: the lease has not been read yet"),
+        }
+    }
+}
 
 /// What this replica last saw of another holder's lease, and when (by its
 /// own clock: comparing with the holder's clock would let skew decide).
@@ -96,9 +138,61 @@ async fn try_hold(api: &Api<Lease>, identity: &str, seen: &mut Seen) -> Result<b
     }
 }
 
+/// The lease while this replica holds it: renewed in the background until
+/// [`Leadership::release`].
+#[derive(Debug)]
+pub struct Leadership {
+    api: Api<Lease>,
+    identity: String,
+    renewing: tokio::task::JoinHandle<()>,
+}
+
+impl Leadership {
+    /// Stops renewing and gives the lease up (holder cleared), so a waiting
+    /// replica takes over at its next look. A failure is logged: the lease
+    /// then simply expires.
+    pub async fn release(self) {
+        self.renewing.abort();
+        let result = async {
+            let Some(mut lease) = self.api.get_opt(LEASE).await? else {
+                return Ok::<_, kube::Error>(false);
+            };
+            let spec = lease.spec.get_or_insert_with(Default::default);
+            if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+                return Ok(false);
+            }
+            spec.holder_identity = None;
+            spec.lease_duration_seconds = Some(1);
+            spec.renew_time = Some(MicroTime(Timestamp::now()));
+            // The read version: a replica that took over meanwhile keeps it.
+            self.api.replace(LEASE, &PostParams::default(), &lease).await?;
+            Ok(true)
+        };
+        match tokio::time::timeout(RENEW, result).await {
+            Ok(Ok(true)) => tracing::info!(lease = LEASE, "gave the lease up"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!(
+                lease = LEASE,
+                "failed to give the lease up, it expires instead: {e}"
+            ),
+            Err(_) => tracing::warn!(
+                lease = LEASE,
+                "failed to give the lease up in time, it expires instead"
+            ),
+        }
+    }
+}
+
 /// Waits until this replica leads, then keeps renewing in the background.
-/// Losing the lease ends the process.
-pub async fn lead(client: Client, ns: &str, identity: String, metrics: Arc<Metrics>) -> Result<(), Error> {
+/// Losing the lease ends the process. `role` says standby once the lease
+/// was read and another replica holds it.
+pub async fn lead(
+    client: Client,
+    ns: &str,
+    identity: String,
+    metrics: Arc<Metrics>,
+    role: Arc<Role>,
+) -> Result<Leadership, Error> {
     let api: Api<Lease> = Api::namespaced(client, ns);
     let mut logged = false;
     let mut seen = Seen::default();
@@ -106,15 +200,19 @@ pub async fn lead(client: Client, ns: &str, identity: String, metrics: Arc<Metri
         if try_hold(&api, &identity, &mut seen).await? {
             break;
         }
+        role.set(Role::STANDBY);
         if !logged {
             tracing::info!(lease = LEASE, "another replica leads; waiting");
             logged = true;
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(WAIT).await;
     }
+    role.set(Role::ACQUIRED);
     tracing::info!(lease = LEASE, %identity, "leading");
     metrics.leader.store(1, Ordering::Relaxed);
-    tokio::spawn(async move {
+    let (renew_api, renew_identity) = (api.clone(), identity.clone());
+    let renewing = tokio::spawn(async move {
+        let (api, identity) = (renew_api, renew_identity);
         let mut last_ok = std::time::Instant::now();
         loop {
             tokio::time::sleep(RENEW).await;
@@ -137,5 +235,9 @@ pub async fn lead(client: Client, ns: &str, identity: String, metrics: Arc<Metri
             }
         }
     });
-    Ok(())
+    Ok(Leadership {
+        api,
+        identity,
+        renewing,
+    })
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -32,8 +32,8 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Reconcile until SIGTERM
-    Run(RunArgs),
+    /// Reconcile until SIGTERM (boxed: the arguments dwarf the other command's)
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -44,6 +44,12 @@ struct RunArgs {
     /// backer-server's management address (host:port)
     #[arg(long, env = "BACKER_SERVER", default_value = "backer-server:7070")]
     server: String,
+    /// backer-server's data address (host:port) as the operator reaches it,
+    /// for signing agents' certificates; default: the address the server
+    /// advertises (its ExternalName), which is wrong once that names the
+    /// server's outside address
+    #[arg(long, env = "BACKER_SERVER_DATA")]
+    server_data: Option<String>,
     /// Names the server's certificate must carry (the Service's DNS names);
     /// the first is the name clients use
     #[arg(
@@ -62,6 +68,11 @@ struct RunArgs {
     /// Only nodes with these labels get a BackerClient (e.g. `backer.dev/backup=true`)
     #[arg(long, default_value = "")]
     node_selector: String,
+    /// Directories of the nodes holding hostPath volumes (local-path's) that
+    /// the agents may restore into (the chart's agent.volumeDirs); a
+    /// restore into a hostPath volume elsewhere is refused with the reason
+    #[arg(long, value_delimiter = ',')]
+    host_volume_dirs: Vec<String>,
     /// Address of /healthz, /readyz and /metrics
     #[arg(long, default_value = "0.0.0.0:8080")]
     http: String,
@@ -86,7 +97,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .context("failed to start the async runtime")
-            .and_then(|rt| rt.block_on(run(args))),
+            .and_then(|rt| rt.block_on(run(*args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,7 +124,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
     let metrics = Arc::new(Metrics::default());
-    let ready = Arc::new(AtomicBool::new(false));
+    let role = Arc::new(backer_operator::leader::Role::default());
     let listener = tokio::net::TcpListener::bind(&args.http)
         .await
         .with_context(|| format!("failed to listen on {}", args.http))?;
@@ -121,7 +132,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(backer_operator::http::serve(
         listener,
         backer_operator::http::Health {
-            ready: Arc::clone(&ready),
+            role: Arc::clone(&role),
             metrics: Arc::clone(&metrics),
         },
     ));
@@ -129,18 +140,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .identity
         .clone()
         .unwrap_or_else(|| format!("backer-operator-{}", std::process::id()));
-    backer_operator::leader::lead(
-        client.clone(),
-        &args.namespace,
-        identity.clone(),
-        Arc::clone(&metrics),
-    )
-    .await?;
+    // SIGTERM (a pod deleted, a rolling update) stops a waiting replica at
+    // once and a leading one after its reconciles end, giving the lease up.
+    // Without a handler the signal would be ignored (PID 1 in a container)
+    // and the kubelet would wait out the grace period.
+    let stop = futures::FutureExt::shared(Box::pin(terminated()));
+    let leadership = tokio::select! {
+        l = backer_operator::leader::lead(
+            client.clone(),
+            &args.namespace,
+            identity.clone(),
+            Arc::clone(&metrics),
+            Arc::clone(&role),
+        ) => l?,
+        _ = stop.clone() => {
+            tracing::info!("stopped while waiting for the lease");
+            return Ok(());
+        }
+    };
 
     let ca = backer_operator::pki::ensure(&client, &args.namespace, &args.server_names).await?;
     let ctx = Arc::new(Context {
         client: client.clone(),
-        backer: Backer::new(args.server.clone(), Arc::new(ca)),
+        backer: Backer::new(args.server.clone(), Arc::new(ca)).with_data_address(args.server_data.clone()),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -154,36 +176,61 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             agent_service_account: args.agent_service_account,
             kubelet_root: args.kubelet_root.trim_end_matches('/').to_string(),
             node_selector: args.node_selector,
+            host_volume_dirs: args
+                .host_volume_dirs
+                .into_iter()
+                .filter(|d| !d.is_empty())
+                .collect(),
         },
         snapshots_changed: tokio::sync::Notify::new(),
         failures: Default::default(),
         signing: Default::default(),
     });
-    ready.store(true, Ordering::Relaxed);
+    role.set_leading();
     tracing::info!(namespace = %args.namespace, server = %args.server, "reconciling");
-    // The server's certificate is checked daily and issued again before it ends.
-    let renew = {
-        let (client, ns, names) = (client.clone(), args.namespace.clone(), args.server_names.clone());
-        async move {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_secs(86_400)).await;
-                if let Err(e) = backer_operator::pki::ensure(&client, &ns, &names).await {
-                    tracing::warn!("failed to check the server certificate: {e}");
-                }
+    let renew =
+        backer_operator::pki::keep_current(client.clone(), args.namespace.clone(), args.server_names.clone());
+    let controllers = async {
+        tokio::select! {
+            _ = futures::future::join5(
+                controller::client::run(Arc::clone(&ctx)),
+                controller::csr::run(Arc::clone(&ctx)),
+                controller::backupjob::run(Arc::clone(&ctx)),
+                controller::restorejob::run(Arc::clone(&ctx)),
+                controller::listing::run(Arc::clone(&ctx)),
+            ) => {}
+            _ = controller::snapshot::run(Arc::clone(&ctx)) => {}
+            _ = renew => {}
+        }
+    };
+    let mut controllers = std::pin::pin!(controllers);
+    tokio::select! {
+        _ = &mut controllers => {}
+        _ = stop => {
+            // The controllers end on the same signal once their reconciles
+            // under way are done; bounded, so the lease is given up in time.
+            if tokio::time::timeout(Duration::from_secs(10), &mut controllers).await.is_err() {
+                tracing::warn!("reconciles still under way after 10 s: stopping anyway");
             }
+        }
+    }
+    leadership.release().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("failed to install the SIGTERM handler: {e}");
+            return std::future::pending().await;
         }
     };
     tokio::select! {
-        _ = futures::future::join5(
-            controller::client::run(Arc::clone(&ctx)),
-            controller::csr::run(Arc::clone(&ctx)),
-            controller::backupjob::run(Arc::clone(&ctx)),
-            controller::restorejob::run(Arc::clone(&ctx)),
-            controller::listing::run(Arc::clone(&ctx)),
-        ) => {}
-        _ = controller::snapshot::run(Arc::clone(&ctx)) => {}
-        _ = renew => {}
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
-    tracing::info!("stopped");
-    Ok(())
+    tracing::info!("asked to stop");
 }

@@ -4,11 +4,14 @@
 //! server). The server's certificate is issued again before it ends.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use backer_proto::ca::{Ca, describe};
+use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
 use crate::error::Error;
@@ -133,4 +136,40 @@ pub async fn ensure(client: &Client, ns: &str, server_names: &[String]) -> Resul
         )
         .await?;
     Ok(ca)
+}
+
+/// Keeps the server's certificate current: checked daily and whenever
+/// Secret `backer-pki` changes (a certificate edited, removed or near its
+/// end by someone's hand is issued again at once, not a day later). The
+/// server re-reads the files when the kubelet updates its mounted Secret.
+pub async fn keep_current(client: Client, ns: String, server_names: Vec<String>) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let only_ours = watcher::Config::default().fields(&format!("metadata.name={PKI_SECRET}"));
+    let mut changes = watcher(secrets, only_ours)
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    let mut daily = tokio::time::interval(Duration::from_secs(86_400));
+    // The first tick is now: `ensure` ran at start.
+    daily.tick().await;
+    loop {
+        tokio::select! {
+            _ = daily.tick() => {}
+            changed = changes.next() => match changed {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(secret = PKI_SECRET, "failed to watch: {e}");
+                    continue;
+                }
+                None => {
+                    tracing::warn!(secret = PKI_SECRET, "the watch ended: checking daily only");
+                    changes = futures::stream::pending().boxed();
+                    continue;
+                }
+            },
+        }
+        if let Err(e) = ensure(&client, &ns, &server_names).await {
+            tracing::warn!("failed to check the server certificate: {e}");
+        }
+    }
 }

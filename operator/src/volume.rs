@@ -44,6 +44,30 @@ pub fn volume_dir(kubelet_root: &str, pod_uid: &str, pv: &PersistentVolume) -> R
     ))
 }
 
+/// Whether the agents may write into `dir`, a volume's directory on its
+/// node, for a restore: the kubelet's pods directory always is writable to
+/// them; a hostPath or local volume (local-path's) only below one of
+/// `host_volume_dirs`, the directories the chart mounts writable into the
+/// agents (`agent.volumeDirs`). An empty list means "not known here": the
+/// agent decides, and refuses with its restore roots named.
+pub fn restorable(dir: &str, kubelet_root: &str, host_volume_dirs: &[String]) -> Result<(), String> {
+    let below = |root: &str| {
+        let root = root.trim_end_matches('/');
+        root.is_empty() || dir == root || dir.starts_with(&format!("{root}/"))
+    };
+    if host_volume_dirs.is_empty() || below(&format!("{kubelet_root}/pods")) {
+        return Ok(());
+    }
+    if host_volume_dirs.iter().any(|d| below(d)) {
+        return Ok(());
+    }
+    Err(format!(
+        "the volume's directory {dir} is outside the directories the agents may restore into ({}): \
+         add its parent directory to the chart's agent.volumeDirs",
+        host_volume_dirs.join(", ")
+    ))
+}
+
 pub async fn locate(client: &Client, ns: &str, claim: &str, kubelet_root: &str) -> Result<Located, Error> {
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     let pvc = pvcs

@@ -144,6 +144,33 @@ fn the_chart_installs_upgrades_and_validates_with_every_value_set() {
         "agent.hostPaths[0]=relative",
     ]);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("/agent/hostPaths/0"));
+    // An exposed server without the name external hosts reach it at, or a
+    // NodePort outside the node port range, is refused before anything is
+    // installed: the enrolment bundles would name an unreachable server.
+    for (set, field) in [
+        (
+            vec!["server.service.type=NodePort", "server.service.nodePort=30771"],
+            "/server/externalName",
+        ),
+        (vec!["server.service.type=LoadBalancer"], "/server/externalName"),
+        (
+            vec![
+                "server.service.type=NodePort",
+                "server.externalName=b.example.com",
+                "server.service.nodePort=7071",
+            ],
+            "/server/service/nodePort",
+        ),
+    ] {
+        let mut args = vec!["template", "backer", chart.to_str().unwrap()];
+        for s in &set {
+            args.extend(["--set", s]);
+        }
+        let o = h(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(field), "{set:?}: {err}");
+    }
+    rendered_values_hold_the_node_fixes(&h, &chart);
 
     // A real install, then an upgrade that changes a CRD and a workload.
     ok(
@@ -254,6 +281,106 @@ fn the_chart_installs_upgrades_and_validates_with_every_value_set() {
     ok(
         "CRDs survive",
         kubectl(&["get", "crd", "backupjobs.backer.dev"], None),
+    );
+}
+
+/// The chart's share of the faults a real node showed (issue #16), read from
+/// what it renders; `node.rs` proves each on a real node.
+fn rendered_values_hold_the_node_fixes(h: &dyn Fn(&[&str]) -> Output, chart: &Path) {
+    let render = |extra: &[&str]| {
+        let mut args = vec![
+            "template",
+            "backer",
+            chart.to_str().unwrap(),
+            "-n",
+            "backer-system",
+        ];
+        args.extend_from_slice(extra);
+        ok(&format!("helm template {extra:?}"), h(&args))
+    };
+    let doc = |all: &str, kind: &str, name: &str| -> String {
+        all.split("\n---\n")
+            .find(|d| d.contains(&format!("kind: {kind}\n")) && d.contains(&format!("name: {name}\n")))
+            .unwrap_or_else(|| panic!("{kind} {name} is not rendered"))
+            .to_string()
+    };
+    let defaults = render(&[]);
+    // The operator signs agents' CSRs on the server's data port.
+    let policy = doc(&defaults, "NetworkPolicy", "backer-server");
+    assert!(
+        policy.contains("backer-operator}}}]\n      ports: [{port: 7070}, {port: 7071}]"),
+        "{policy}"
+    );
+    // No agent, and no BackerClient, on control-plane nodes by default.
+    let agent = doc(&defaults, "DaemonSet", "backer-agent");
+    assert!(
+        agent.contains("{key: node-role.kubernetes.io/control-plane, operator: DoesNotExist}"),
+        "{agent}"
+    );
+    let operator = doc(&defaults, "Deployment", "backer-operator");
+    assert!(
+        operator.contains("--node-selector=!node-role.kubernetes.io/control-plane"),
+        "{operator}"
+    );
+    assert!(
+        operator.contains("--server-data=backer-server:7071"),
+        "{operator}"
+    );
+    // Restores into local-path's hostPath volumes: their directory is
+    // mounted writable and is a restore root.
+    assert!(
+        agent.contains(
+            "--restore-root=/var/lib/kubelet/pods,/var/lib/backer-restore,/opt/local-path-provisioner"
+        ),
+        "{agent}"
+    );
+    assert!(
+        !defaults.contains("backer-server-external"),
+        "not exposed by default"
+    );
+    // hostPaths that leave the kubelet's root out: the pods directory is
+    // still mounted where backups read.
+    let narrow = render(&["-f", chart.join("ci/monitoring-values.yaml").to_str().unwrap()]);
+    let agent = doc(&narrow, "DaemonSet", "backer-agent");
+    assert!(
+        agent.contains("mountPath: \"/host/var/lib/kubelet/pods\", readOnly: true"),
+        "{agent}"
+    );
+    // Exposed: a NodePort Service of the data port alone, the ExternalName
+    // and the node port in server.toml, the control plane asked for, and
+    // another kubelet root followed by every path.
+    let exposed = render(&["-f", chart.join("ci/exposed-values.yaml").to_str().unwrap()]);
+    let service = doc(&exposed, "Service", "backer-server-external");
+    assert!(
+        service.contains("type: NodePort") && service.contains("nodePort: 30771"),
+        "{service}"
+    );
+    assert!(!service.contains("7070"), "management stays inside: {service}");
+    let config = doc(&exposed, "ConfigMap", "backer-server");
+    assert!(
+        config.contains("ExternalName = \"backup.example.com\"") && config.contains("ExternalPort = 30771"),
+        "{config}"
+    );
+    let policy = doc(&exposed, "NetworkPolicy", "backer-server");
+    assert!(policy.contains("cidr: \"192.0.2.0/24\""), "{policy}");
+    let agent = doc(&exposed, "DaemonSet", "backer-agent");
+    assert!(!agent.contains("control-plane"), "{agent}");
+    assert!(
+        agent.contains("--restore-root=/var/lib/k0s/kubelet/pods,"),
+        "{agent}"
+    );
+    assert!(
+        agent.contains("hostPath: {path: /var/lib/k0s/kubelet/pods}"),
+        "{agent}"
+    );
+    let operator = doc(&exposed, "Deployment", "backer-operator");
+    assert!(
+        operator.contains("--server-name=backer-server,backer-server.backer-system.svc,backup.example.com"),
+        "{operator}"
+    );
+    assert!(
+        operator.contains("--kubelet-root=/var/lib/k0s/kubelet"),
+        "{operator}"
     );
 }
 

@@ -319,6 +319,7 @@ fn operator_end_to_end() {
             vec!["create", "snapshots.backer.dev", "-n", "apps"],
         ),
         ("backer-operator", vec!["get", "secrets/backer-pki", "-n", NS]),
+        ("backer-operator", vec!["watch", "secrets/backer-pki", "-n", NS]),
         (
             "backer-operator",
             vec!["update", "leases/backer-operator", "-n", NS],
@@ -332,6 +333,7 @@ fn operator_end_to_end() {
     let may_not = [
         ("backer-operator", vec!["get", "secrets", "-n", "default"]),
         ("backer-operator", vec!["get", "secrets/other", "-n", NS]),
+        ("backer-operator", vec!["watch", "secrets/backer-enrol", "-n", NS]),
         ("backer-operator", vec!["list", "secrets", "-n", NS]),
         ("backer-operator", vec!["watch", "pods", "-n", "apps"]),
         ("backer-operator", vec!["create", "pods", "-n", NS]),

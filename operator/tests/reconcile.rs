@@ -14,7 +14,7 @@ use backer_operator::controller::csr::judge;
 use backer_operator::controller::snapshot::mirror;
 use backer_operator::crd::{BackupJob, Run, ServerJob};
 use backer_operator::metrics::Metrics;
-use backer_operator::volume::volume_dir;
+use backer_operator::volume::{restorable, volume_dir};
 use backer_proto::v1 as pb;
 use base64::Engine;
 use http::{Request, Response};
@@ -245,6 +245,21 @@ fn volumes_are_found_where_the_kubelet_mounts_them() {
     assert!(err.contains("cannot read yet"), "{err}");
 }
 
+#[test]
+fn restores_go_only_where_the_agents_may_write() {
+    let dirs = vec!["/opt/local-path-provisioner".to_string(), "/var/lp/".to_string()];
+    let csi = "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/pv-1/mount";
+    assert!(restorable(csi, "/var/lib/kubelet", &dirs).is_ok());
+    assert!(restorable("/opt/local-path-provisioner/pvc-1_a_b", "/var/lib/kubelet", &dirs).is_ok());
+    assert!(restorable("/var/lp/pvc-2", "/var/lib/kubelet", &dirs).is_ok());
+    // A sibling with the same prefix is not below it.
+    let err = restorable("/opt/local-path-provisioner-2/pvc-1", "/var/lib/kubelet", &dirs).unwrap_err();
+    assert!(err.contains("agent.volumeDirs"), "{err}");
+    assert!(restorable("/srv/data", "/var/lib/kubelet", &dirs).is_err());
+    // Not known: the agent decides.
+    assert!(restorable("/srv/data", "/var/lib/kubelet", &[]).is_ok());
+}
+
 // ------------------------------------------------------------ mocked API
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
@@ -270,6 +285,7 @@ fn context() -> (Arc<Context>, Handle) {
             agent_service_account: "backer-agent".into(),
             kubelet_root: "/var/lib/kubelet".into(),
             node_selector: String::new(),
+            host_volume_dirs: Vec::new(),
         },
         snapshots_changed: tokio::sync::Notify::new(),
         failures: Default::default(),

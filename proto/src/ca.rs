@@ -254,9 +254,22 @@ mod tests {
         assert_ne!(c2.serial, client.serial);
         assert!(ca.sign_client("x", "not a csr").is_err());
     }
+
+    #[test]
+    fn a_server_certificate_names_ip_addresses_as_such() {
+        let ca = Ca::create("test").unwrap();
+        let names = vec!["backer-server".to_string(), "198.18.0.1".to_string()];
+        let server = ca.issue_server(&names).unwrap();
+        let (got, _) = super::describe(&server.cert_pem).unwrap();
+        for n in &names {
+            assert!(got.contains(n), "{n} missing in {got:?}");
+        }
+        assert!(got.contains(&"127.0.0.1".to_string()), "{got:?}");
+    }
 }
 
-/// The DNS names a certificate (PEM) carries and when it ends (unix seconds).
+/// The names (DNS names and IP addresses) a certificate (PEM) carries and
+/// when it ends (unix seconds).
 pub fn describe(cert_pem: &str) -> Option<(Vec<String>, i64)> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).ok()?;
@@ -270,6 +283,14 @@ pub fn describe(cert_pem: &str) -> Option<(Vec<String>, i64)> {
                 .iter()
                 .filter_map(|g| match g {
                     x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    // An IP name (an external host may reach the server by
+                    // its address) as its usual text, so a check of the
+                    // names finds it.
+                    x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
+                        4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
+                        16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
+                        _ => None,
+                    },
                     _ => None,
                 })
                 .collect()

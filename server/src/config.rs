@@ -59,6 +59,7 @@ struct RawServer {
     log_output: Option<String>,
     debug: Option<bool>,
     external_name: Option<String>,
+    external_port: Option<u16>,
     data_transfer_interface: Option<String>,
     login: Option<String>,
     password: Option<String>,
@@ -120,6 +121,9 @@ pub struct Config {
     pub log_output: String,
     pub debug: bool,
     pub external_name: String,
+    /// The data port as agents dial it, when that is not `data_port` (a
+    /// NodePort or a load balancer in front of the server).
+    pub external_port: Option<u16>,
     pub listen_address: String,
     pub login: Option<(String, String)>,
     /// Repository location (path, file:// or s3:// URL).
@@ -239,6 +243,7 @@ impl Config {
             log_output,
             debug: s.debug.unwrap_or(false),
             external_name,
+            external_port: s.external_port.filter(|p| *p != 0),
             listen_address: s.data_transfer_interface.unwrap_or_else(|| "0.0.0.0".into()),
             login,
             repository: raw.repository.localization,
@@ -537,6 +542,17 @@ Frequency = "*/20 * * * *"
         assert_eq!(c.backups[&1].retention.as_ref().unwrap().keep_daily, Some(7));
         assert_eq!(c.schedules[&1].when.expr, "30 2 * * *");
         assert_eq!(c.schedules[&2].when.expr, "*/20 * * * *");
+        assert_eq!(c.external_port, None);
+        // Behind a NodePort: agents dial another port than the one bound.
+        let c = Config::load(&write(
+            d.path(),
+            &SERVER.replace("DataPort = 8000", "DataPort = 8000\nExternalPort = 30071"),
+            CLIENTS,
+            BACKUPS,
+            SCHEDULES,
+        ))
+        .unwrap();
+        assert_eq!(c.external_port, Some(30071));
     }
 
     #[test]

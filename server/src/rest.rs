@@ -106,7 +106,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
 
 /// Ready once the state is loaded and the certificates are in date.
 async fn ready(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    if s.server_not_after <= chrono::Utc::now().timestamp() {
+    if s.server_not_after() <= chrono::Utc::now().timestamp() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "the server certificate has expired\n",
@@ -249,7 +249,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     let _ = writeln!(
         out,
         "backer_certificate_expiry_timestamp_seconds{{kind=\"server\"}} {}",
-        s.server_not_after
+        s.server_not_after()
     );
     if let Some(t) = soonest_client_expiry {
         let _ = writeln!(

@@ -17,6 +17,10 @@ use backer_proto::ca::Ca;
 
 /// Renew the server's own certificate when it has fewer days left than this.
 const SERVER_RENEW_DAYS: i64 = 30;
+/// How long a stop waits for calls under way (a Deployment gives 30 s).
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often the certificate's files are read again for a renewed one.
+const CERT_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// An agent's open Work stream. Dropping it ends the stream.
 #[derive(Debug)]
@@ -34,7 +38,8 @@ pub struct Shared {
     pub ca: Ca,
     registry: Mutex<Registry>,
     pub connections: Mutex<HashMap<String, Connection>>,
-    pub server_not_after: i64,
+    /// The certificate every handshake uses, reloaded when its files change.
+    pub server_cert: Arc<crate::tls::ServerCert>,
     /// The data port actually bound (the configured one may be 0 in tests).
     data_port: u16,
     pub storage: Storage,
@@ -138,9 +143,21 @@ impl Shared {
         self.connections().get(client).map(|c| c.work.clone())
     }
 
-    /// `host:port` agents use to reach the data port.
+    /// When the server's certificate in use ends (unix seconds).
+    pub fn server_not_after(&self) -> i64 {
+        self.server_cert.not_after()
+    }
+
+    /// `host:port` agents use to reach the data port: the ExternalName and
+    /// the ExternalPort when set (a NodePort or a load balancer's port),
+    /// else the data port bound.
     pub fn data_address(&self) -> String {
-        format!("{}:{}", self.config().external_name, self.data_port)
+        let c = self.config();
+        format!(
+            "{}:{}",
+            c.external_name,
+            c.external_port.unwrap_or(self.data_port)
+        )
     }
 }
 
@@ -197,10 +214,11 @@ pub async fn run(
     let config = Config::load(&opts.config)?;
     let state = StateDir::new(&opts.state_dir)?.with_pki(opts.pki_dir.clone());
     let ca = state.ca()?;
-    let (cert, key, not_after) = server_certificate(&state, &ca, &config)?;
+    let (cert, key, files) = server_certificate(&state, &ca, &config)?;
     let registry = state.load_registry()?;
-    let tls = crate::tls::server_config(&ca.cert_pem, &cert, &key)?;
-    let rest_tls = crate::tls::rest_config(&cert, &key)?;
+    let server_cert = crate::tls::ServerCert::new(&cert, &key, Some(files))?;
+    let tls = crate::tls::server_config(&ca.cert_pem, Arc::clone(&server_cert))?;
+    let rest_tls = crate::tls::rest_config(Arc::clone(&server_cert))?;
     let storage = Storage::open(&config.repository, &state).await?;
     let jobs = Jobs::load(state.dir.join("jobs.json"), chrono::Utc::now().timestamp())?;
     let clock_offset = opts
@@ -242,7 +260,7 @@ pub async fn run(
         ca,
         registry: Mutex::new(registry),
         connections: Mutex::new(HashMap::new()),
-        server_not_after: not_after,
+        server_cert: Arc::clone(&server_cert),
         data_port: bound.data.port(),
         storage,
         jobs,
@@ -252,9 +270,24 @@ pub async fn run(
         admin_certs,
     });
     spawn_reload_on_hangup(Arc::clone(&shared), config_path);
+    // Kubernetes updates a mounted Secret within a minute or two of a
+    // change; checking every few seconds costs two small reads.
+    server_cert.watch(CERT_CHECK);
     tokio::spawn(crate::runner::run_schedules(Arc::clone(&shared)));
 
+    let shutdown = {
+        let shared = Arc::clone(&shared);
+        async move {
+            shutdown.await;
+            // Agents' Work streams never end by themselves, and a graceful
+            // stop waits for every call under way: end them (the registry of
+            // connections holds their only senders). The agents reconnect
+            // to whoever serves next.
+            shared.connections().clear();
+        }
+    };
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let stopped = shutdown.clone();
     let mgmt = tonic::transport::Server::builder()
         .add_service(crate::grpc::management::service(Arc::clone(&shared)));
     // Pings find a peer that vanished (a cut network, a powered-off host)
@@ -309,7 +342,16 @@ pub async fn run(
     );
     on_bound(bound);
     tracing::info!(mgmt = %bound.mgmt, data = %bound.data, rest = %bound.rest, tls = !shared.insecure_plaintext, "backer-server listening");
-    let (a, b, c) = tokio::join!(mgmt, data, rest);
+    // Uploads under way get a moment to end; after that the stop goes on
+    // (their jobs are marked failed at the next start, and no snapshot of
+    // theirs was written).
+    let (a, b, c) = tokio::select! {
+        r = async { tokio::join!(mgmt, data, rest) } => r,
+        _ = async { stopped.await; tokio::time::sleep(STOP_GRACE).await } => {
+            tracing::warn!("calls still under way {} s after the stop: stopping anyway", STOP_GRACE.as_secs());
+            return Ok(());
+        }
+    };
     a?;
     b?;
     c.map_err(|source| StartError::Listen {
@@ -329,20 +371,20 @@ fn warn_plaintext() {
 }
 
 /// The server's certificate from the state directory, issued again when
-/// missing, close to expiry, or not naming the configured external name.
+/// missing, close to expiry, or not naming the configured external name;
+/// with the operator's PKI, from there as it is. Returns the certificate,
+/// its key and their files (where to read a renewed pair from).
 fn server_certificate(
     state: &StateDir,
     ca: &Ca,
     config: &Config,
-) -> Result<(String, String, i64), StartError> {
+) -> Result<(String, String, (PathBuf, PathBuf)), StartError> {
     if let Some(pki) = &state.pki {
-        // The operator renews it; a restart picks the new one up.
+        // The operator renews it in the Secret; `ServerCert::watch` picks
+        // the new one up from the mounted files.
         let cert = StateDir::pki_file(pki, "server.pem")?;
         let key = StateDir::pki_file(pki, "server-key.pem")?;
-        let not_after = backer_proto::ca::describe(&cert)
-            .map(|(_, t)| t)
-            .unwrap_or_default();
-        return Ok((cert, key, not_after));
+        return Ok((cert, key, (pki.join("server.pem"), pki.join("server-key.pem"))));
     }
     let cert_path = state.dir.join("server.pem");
     let key_path = state.dir.join("server-key.pem");
@@ -353,13 +395,13 @@ fn server_certificate(
         && names.contains(&config.external_name)
         && not_after > chrono::Utc::now().timestamp() + SERVER_RENEW_DAYS * 86_400
     {
-        return Ok((cert, key, not_after));
+        return Ok((cert, key, (cert_path, key_path)));
     }
     let issued = ca.issue_server(std::slice::from_ref(&config.external_name))?;
     let key = issued.key_pem.clone().unwrap_or_default();
     state.write("server-key.pem", &key, true)?;
     state.write("server.pem", &issued.cert_pem, false)?;
-    Ok((issued.cert_pem, key, issued.not_after))
+    Ok((issued.cert_pem, key, (cert_path, key_path)))
 }
 
 /// SIGHUP reloads the configuration; a bad one is reported and the old one kept.

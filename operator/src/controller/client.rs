@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Node, Secret};
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
@@ -130,9 +130,14 @@ async fn apply(bc: &BackerClient, ctx: &Context) -> Result<Action, Error> {
     let name = bc.name_any();
     let api: Api<BackerClient> = Api::all(ctx.client.clone());
     if let Some(node) = &bc.spec.node_name {
+        // Gone, or no longer selected (e.g. labelled a control-plane node,
+        // which by default gets no agent): no identity either.
         let nodes: Api<Node> = Api::all(ctx.client.clone());
-        if nodes.get_opt(node).await?.is_none() {
-            tracing::info!(backerclient = %name, node, "node is gone: deleting its client");
+        let this_one = ListParams::default()
+            .fields(&format!("metadata.name={node}"))
+            .labels(&ctx.settings.node_selector);
+        if nodes.list(&this_one).await?.items.is_empty() {
+            tracing::info!(backerclient = %name, node, "node is gone or no longer selected: deleting its client");
             api.delete(&name, &DeleteParams::default()).await?;
             return Ok(Action::await_change());
         }

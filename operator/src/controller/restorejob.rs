@@ -42,6 +42,12 @@ async fn plan(job: &RestoreJob, ctx: &Context) -> Result<pb::StartRestoreRequest
         }
         (None, Some(claim)) => {
             let at = crate::volume::locate(&ctx.client, &ns, claim, &ctx.settings.kubelet_root).await?;
+            crate::volume::restorable(
+                &at.dir,
+                &ctx.settings.kubelet_root,
+                &ctx.settings.host_volume_dirs,
+            )
+            .map_err(|why| Error::Invalid(format!("PersistentVolumeClaim {ns}/{claim}: {why}")))?;
             let dir = match &t.sub_path {
                 Some(sub) => format!("{}/{}", at.dir, sub.trim_end_matches('/')),
                 None => at.dir,

@@ -262,7 +262,7 @@ impl Management for Service {
             .unwrap_or(0);
         Ok(Response::new(CertStatusResponse {
             ca_not_after,
-            server_not_after: self.shared.server_not_after,
+            server_not_after: self.shared.server_not_after(),
             clients: self.clients(),
         }))
     }
