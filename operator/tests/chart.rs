@@ -382,6 +382,29 @@ fn rendered_values_hold_the_node_fixes(h: &dyn Fn(&[&str]) -> Output, chart: &Pa
         operator.contains("--kubelet-root=/var/lib/k0s/kubelet"),
         "{operator}"
     );
+
+    // S3 without a key Secret: the server's identity (IRSA) gives the
+    // credentials, so no Secret is referenced and the role is annotated.
+    let irsa = render(&[
+        "--set",
+        "repository.type=s3",
+        "--set",
+        "repository.s3.bucket=backups",
+        "--set",
+        "server.serviceAccountAnnotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::123456789012:role/backer",
+    ]);
+    let server = doc(&irsa, "Deployment", "backer-server");
+    assert!(!server.contains("envFrom"), "{server}");
+    let account = doc(&irsa, "ServiceAccount", "backer-server");
+    assert!(
+        account.contains("eks.amazonaws.com/role-arn: arn:aws:iam::123456789012:role/backer"),
+        "{account}"
+    );
+    let keyed = render(&["-f", chart.join("ci/s3-values.yaml").to_str().unwrap()]);
+    assert!(
+        doc(&keyed, "Deployment", "backer-server").contains("secretRef: {name: backer-s3}"),
+        "the key Secret is used when named"
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
