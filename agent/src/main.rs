@@ -191,7 +191,7 @@ fn main() -> ExitCode {
                 // job under way fails on the server with the agent gone.
                 tokio::select! {
                     r = run(&cli.state_dir, policy, kube) => r,
-                    _ = terminated() => Ok(()),
+                    _ = backer_proto::terminated() => Ok(()),
                 }
             }
             Command::Status => status(&cli.state_dir),
@@ -242,22 +242,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn terminated() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!("failed to install the SIGTERM handler: {e}");
-            return std::future::pending().await;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    tracing::info!("asked to stop: stopping");
 }
 
 pub(crate) fn write(dir: &Path, name: &str, data: &str, secret: bool) -> Result<()> {

@@ -144,7 +144,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // once and a leading one after its reconciles end, giving the lease up.
     // Without a handler the signal would be ignored (PID 1 in a container)
     // and the kubelet would wait out the grace period.
-    let stop = futures::FutureExt::shared(Box::pin(terminated()));
+    let stop = futures::FutureExt::shared(Box::pin(backer_proto::terminated()));
     let leadership = tokio::select! {
         l = backer_operator::leader::lead(
             client.clone(),
@@ -217,20 +217,4 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     leadership.release().await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn terminated() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!("failed to install the SIGTERM handler: {e}");
-            return std::future::pending().await;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    tracing::info!("asked to stop");
 }

@@ -17,6 +17,23 @@ pub const MAX_MESSAGE: usize = 72 * 1024 * 1024;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+/// Resolves on SIGTERM or SIGINT: the shutdown future each Backer process
+/// (server, agent, operator) passes to its main loop.
+pub async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("failed to install the SIGTERM handler: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("asked to stop");
+}
+
 /// Opens a TLS channel to a Backer server at `host:port`, trusting only
 /// `ca_pem`, presenting `identity` (certificate and key PEM) when given.
 pub async fn connect(

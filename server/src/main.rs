@@ -125,17 +125,7 @@ fn serve(opts: Options) -> anyhow::Result<()> {
         .build()
         .context("failed to start the async runtime")?;
     rt.block_on(async move {
-        let shutdown = async {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return std::future::pending().await,
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("shutting down");
-        };
+        let shutdown = backer_proto::terminated();
         server::run(opts, shutdown, |bound| {
             // One line a test or a supervisor can wait for.
             println!(
