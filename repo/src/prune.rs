@@ -96,14 +96,7 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
     // A pack the index names but storage lacks: the index may place a blob
     // there that another pack still holds, and that copy would then count
     // as unused. Nothing is deleted until the index is rebuilt.
-    let missing = repo.missing_packs().await?;
-    if !missing.is_empty() {
-        return Err(Error::NeedsRepair(format!(
-            "the index names {} packs missing from storage (e.g. {}); run `backer repair index` first",
-            missing.len(),
-            missing[0]
-        )));
-    }
+    repo.refuse_missing_packs().await?;
     let listed = repo.load_snapshots().await?;
     if !listed.damaged.is_empty() {
         return Err(Error::NeedsRepair(format!(

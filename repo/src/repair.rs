@@ -569,14 +569,7 @@ pub async fn repair_snapshots(
     // Packs the index names that are gone may have copies elsewhere that
     // only a rebuilt index finds: dropping files for them now would lose
     // data that is still there.
-    let missing = repo.missing_packs().await?;
-    if !missing.is_empty() {
-        return Err(Error::NeedsRepair(format!(
-            "the index names {} packs missing from storage (e.g. {}); run `backer repair index` first",
-            missing.len(),
-            missing[0]
-        )));
-    }
+    repo.refuse_missing_packs().await?;
     let listed = repo.load_snapshots().await?;
     report.snapshots = listed.snapshots.len() + listed.damaged.len();
     let empty = encode(&Tree::default())?;

@@ -39,6 +39,25 @@ pub struct Config {
     pub created: chrono::DateTime<chrono::Utc>,
 }
 
+impl Config {
+    /// A new repository's configuration: a fresh random id and this
+    /// version's chunking and compression settings.
+    fn fresh() -> Config {
+        let mut rid = [0u8; 16];
+        crate::crypto::random_fill(&mut rid);
+        Config {
+            version: FORMAT_VERSION,
+            id: hex::encode(rid),
+            chunker: "fastcdc-2020-seeded".into(),
+            min_chunk: chunk::MIN_CHUNK as u32,
+            avg_chunk: chunk::AVG_CHUNK as u32,
+            max_chunk: chunk::MAX_CHUNK as u32,
+            zstd_level: chunk::DEFAULT_ZSTD_LEVEL,
+            created: chrono::Utc::now(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Repository {
     backend: Backend,
@@ -277,18 +296,7 @@ impl Repository {
         }
         backend.prepare_for_init().await?;
         let key = MasterKey::generate()?;
-        let mut rid = [0u8; 16];
-        crate::crypto::random_fill(&mut rid);
-        let config = Config {
-            version: FORMAT_VERSION,
-            id: hex::encode(rid),
-            chunker: "fastcdc-2020-seeded".into(),
-            min_chunk: chunk::MIN_CHUNK as u32,
-            avg_chunk: chunk::AVG_CHUNK as u32,
-            max_chunk: chunk::MAX_CHUNK as u32,
-            zstd_level: chunk::DEFAULT_ZSTD_LEVEL,
-            created: chrono::Utc::now(),
-        };
+        let config = Config::fresh();
         // Key first, config last: a location with a config is a repository
         // that can be opened.
         let mut repo = Repository {
@@ -418,20 +426,7 @@ impl Repository {
         }
         let mut last_foreign = None;
         for (mk, name) in keys {
-            let config = Config {
-                version: FORMAT_VERSION,
-                id: {
-                    let mut rid = [0u8; 16];
-                    crate::crypto::random_fill(&mut rid);
-                    hex::encode(rid)
-                },
-                chunker: "fastcdc-2020-seeded".into(),
-                min_chunk: chunk::MIN_CHUNK as u32,
-                avg_chunk: chunk::AVG_CHUNK as u32,
-                max_chunk: chunk::MAX_CHUNK as u32,
-                zstd_level: chunk::DEFAULT_ZSTD_LEVEL,
-                created: chrono::Utc::now(),
-            };
+            let config = Config::fresh();
             let repo = Self::with_key(backend.clone(), mk, name.parse()?, config);
             if repo.key_opens_objects().await? {
                 return Ok((repo, None));
@@ -609,6 +604,20 @@ impl Repository {
             );
         }
         Ok(missing)
+    }
+
+    /// Fails with [`Error::NeedsRepair`] when the index names packs storage
+    /// lacks: their blobs may have copies elsewhere that only a rebuilt
+    /// index finds, so nothing may be dropped or deleted until then.
+    pub async fn refuse_missing_packs(&self) -> Result<()> {
+        let missing = self.missing_packs().await?;
+        match missing.first() {
+            None => Ok(()),
+            Some(first) => Err(Error::NeedsRepair(format!(
+                "the index names {} packs missing from storage (e.g. {first}); run `backer repair index` first",
+                missing.len(),
+            ))),
+        }
     }
 
     /// Packs the index names that storage does not hold.
