@@ -255,7 +255,12 @@ fn location(g: &Global) -> Result<Backend> {
         .repo
         .as_deref()
         .ok_or_else(|| anyhow!("no repository given: use --repo or set BACKER_REPO"))?;
-    Ok(Backend::open(repo)?)
+    let cache = match (&g.cache_dir, g.no_cache) {
+        (_, true) => None,
+        (Some(dir), false) => Some(dir.clone()),
+        (None, false) => backer_repo::cache::default_root(),
+    };
+    Ok(Backend::open(repo)?.with_cache(cache))
 }
 
 fn read_password_file(path: &PathBuf) -> Result<Vec<u8>> {

@@ -60,6 +60,14 @@ pub struct Global {
     /// full storage; a prune running meanwhile may make the command fail
     #[arg(long, global = true)]
     pub no_lock: bool,
+    /// Keep copies of what is re-read from an S3 repository (index, snapshots, trees) here
+    /// [default: $XDG_CACHE_HOME/backer, else ~/.cache/backer]
+    #[arg(long, value_name = "DIR", env = "BACKER_CACHE_DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+    /// Read everything from the repository, keeping no local copies (check and repair never use
+    /// them)
+    #[arg(long, global = true)]
+    pub no_cache: bool,
 }
 
 fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
@@ -207,7 +215,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let g = cli.global;
+    let mut g = cli.global;
+    // A check or repair must see storage as it is, not a copy of it.
+    if matches!(cli.command, Command::Check(_) | Command::Repair(_)) {
+        g.no_cache = true;
+    }
     let server = cli.server;
     let remote = match &cli.command {
         Command::Backup(_) | Command::Snapshots(_) | Command::Ls(_) | Command::Restore(_) => {

@@ -56,6 +56,8 @@ impl Repo {
         let mut c = Command::new(env!("CARGO_BIN_EXE_backer"));
         c.env("BACKER_REPO", &self.url)
             .env("BACKER_PASSWORD", "pw")
+            // S3 repositories keep their copies here, not in the user's cache.
+            .env("XDG_CACHE_HOME", concat!(env!("CARGO_TARGET_TMPDIR"), "/cache"))
             .args(args);
         for (k, v) in &self.env {
             c.env(k, v);

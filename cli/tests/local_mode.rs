@@ -39,7 +39,9 @@ impl Env {
         let mut c = Command::new(env!("CARGO_BIN_EXE_backer"));
         c.env("BACKER_REPO", &self.repo)
             .env("BACKER_PASSWORD", "correct horse")
-            .env_remove("BACKER_PASSWORD_FILE");
+            .env_remove("BACKER_PASSWORD_FILE")
+            // S3 repositories keep their copies here, not in the user's cache.
+            .env("XDG_CACHE_HOME", concat!(env!("CARGO_TARGET_TMPDIR"), "/cache"));
         for (k, v) in &self.extra {
             c.env(k, v);
         }

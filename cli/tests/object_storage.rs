@@ -1,8 +1,9 @@
 //! S3 as a user meets it, on a real S3 implementation (s3s-fs, which checks
 //! every signature) behind a proxy that delays and counts requests: a
 //! restore, a check and an unchanged re-run read each object about once,
-//! `init` makes a missing bucket, and missing credentials get a clear error
-//! without a probe of the cloud metadata service.
+//! and with the local cache an unchanged re-run reads no index, snapshot or
+//! tree again; `init` makes a missing bucket, and missing credentials get a
+//! clear error without a probe of the cloud metadata service.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -26,6 +27,12 @@ fn backer(repo: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
         .env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_SECRET_ACCESS_KEY")
         .env_remove("AWS_PROFILE")
+        .env_remove("BACKER_CACHE_DIR")
+        // Never the user's own cache; a test that looks at it names one.
+        .env(
+            "XDG_CACHE_HOME",
+            concat!(env!("CARGO_TARGET_TMPDIR"), "/object-storage-cache"),
+        )
         .envs(env.iter().copied())
         .args(args);
     c.output().unwrap()
@@ -72,8 +79,10 @@ fn restore_check_and_rerun_read_each_object_about_once() {
     s3.create_bucket("reads");
     let proxy = LatencyProxy::start(&s3.endpoint(), 5);
     let repo = s3_url(&proxy.endpoint(), "reads", "repo");
-    let env = creds();
     let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let mut env = creds();
+    env.push(("BACKER_CACHE_DIR", cache.to_str().unwrap()));
     let src = tmp.path().join("src");
     source(&src);
 
@@ -110,27 +119,121 @@ fn restore_check_and_rerun_read_each_object_about_once() {
     ok(backer(
         &repo,
         &env,
-        &["restore", "-q", "latest", "--target", target.to_str().unwrap()],
+        &[
+            "restore",
+            "-q",
+            "--no-cache",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+        ],
     ));
     let differences = compare_trees(&src, &target.join(src.strip_prefix("/").unwrap()));
     assert!(differences.is_empty(), "the restore differs: {differences:?}");
     budget("restore", packs + metadata, proxy.requests());
 
+    // check reads storage as it is, never the cache.
     proxy.reset();
     ok(backer(&repo, &env, &["check", "--read-data", "-q"]));
     // check reads the index and key files a second time to check them.
     budget("check --read-data", packs + 2 * metadata, proxy.requests());
+    assert!(
+        proxy.reads("index") >= 2 * in_dir("index"),
+        "{:?}",
+        proxy.counts()
+    );
 
-    // Nothing changed: no data pack is read or written; only the parent's
-    // trees (a pack or two) besides the index and snapshots.
+    // Nothing changed: no data pack is read or written; without the cache,
+    // the parent's trees (a pack or two) besides the index and snapshots…
     proxy.reset();
-    ok(backer(&repo, &env, &["backup", "-q", src.to_str().unwrap()]));
-    budget("unchanged re-run", metadata + 3, proxy.requests());
+    ok(backer(
+        &repo,
+        &env,
+        &["--no-cache", "backup", "-q", src.to_str().unwrap()],
+    ));
+    budget(
+        "unchanged re-run without the cache",
+        metadata + 3,
+        proxy.requests(),
+    );
+    assert!(
+        proxy.reads("data") >= 1,
+        "the parent's trees: {:?}",
+        proxy.counts()
+    );
     let counts = proxy.counts();
     assert!(
         counts.get("PUT").copied().unwrap_or(0) <= 4,
         "an unchanged re-run writes its snapshot and lock only: {counts:?}"
     );
+
+    // …and with it, none of them: the first backup left its index, snapshot
+    // and trees in the cache, and the snapshot just written by the run
+    // without the cache is read once and kept.
+    proxy.reset();
+    ok(backer(&repo, &env, &["backup", "-q", src.to_str().unwrap()]));
+    let first = proxy.counts();
+    proxy.reset();
+    ok(backer(&repo, &env, &["backup", "-q", src.to_str().unwrap()]));
+    let counts = proxy.counts();
+    figures(
+        "object_storage",
+        format!("unchanged re-run with the cache: {} requests", counts["requests"]),
+    );
+    for folder in ["data", "index", "snapshots"] {
+        assert_eq!(
+            proxy.reads(folder),
+            0,
+            "an unchanged re-run read {folder} objects the cache holds: {counts:?} (run before: {first:?})"
+        );
+    }
+    assert!(cache.join("CACHEDIR.TAG").is_file());
+
+    // A damaged copy is noticed, dropped and read again from the
+    // repository: the restore is still right.
+    let cached: Vec<_> = walk(&cache)
+        .into_iter()
+        .filter(|p| {
+            let s = p.to_string_lossy();
+            s.contains("/data/") || s.contains("/index/")
+        })
+        .collect();
+    assert!(
+        cached.iter().any(|p| p.to_string_lossy().contains("/data/")),
+        "{cached:?}"
+    );
+    for p in &cached {
+        let mut bytes = std::fs::read(p).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x55;
+        std::fs::write(p, bytes).unwrap();
+    }
+    proxy.reset();
+    let again = tmp.path().join("again");
+    let out = backer(
+        &repo,
+        &env,
+        &["restore", "latest", "--target", again.to_str().unwrap()],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    ok(out);
+    let differences = compare_trees(&src, &again.join(src.strip_prefix("/").unwrap()));
+    assert!(differences.is_empty(), "the restore differs: {differences:?}");
+    assert!(stderr.contains("is damaged; removed"), "{stderr}");
+    assert!(proxy.reads("index") >= 1, "{:?}", proxy.counts());
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 #[test]

@@ -47,6 +47,9 @@ pub struct Backend {
     s3: Option<(Arc<AmazonS3>, String)>,
     /// Whether `prepare_for_init` created the bucket.
     bucket_created: bool,
+    /// Where a repository here may keep local copies of what it re-reads
+    /// (see [`crate::cache`]); used only for remote locations.
+    cache_root: Option<std::path::PathBuf>,
 }
 
 /// Chooses where an S3 client's credentials come from, in the usual order:
@@ -451,6 +454,7 @@ impl Backend {
             retry: Retry::LOCAL,
             s3: None,
             bucket_created: false,
+            cache_root: None,
         }
         .with_local_store_if_present())
     }
@@ -547,6 +551,7 @@ impl Backend {
         Ok(Backend {
             s3: Some((Arc::clone(&store), region)),
             bucket_created: false,
+            cache_root: None,
             store,
             root: Path::from(prefix),
             location: format!("s3://{bucket}/{prefix}"),
@@ -629,6 +634,7 @@ impl Backend {
             retry: Retry::LOCAL,
             s3: None,
             bucket_created: false,
+            cache_root: None,
         }
     }
 
@@ -721,6 +727,18 @@ impl Backend {
             return Err(Error::NotEmpty(self.location.clone()));
         }
         Ok(())
+    }
+
+    /// This location with local copies of what is re-read kept under
+    /// `root` (none with `None`), when it is remote: see [`crate::cache`].
+    pub fn with_cache(mut self, root: Option<std::path::PathBuf>) -> Self {
+        self.cache_root = root;
+        self
+    }
+
+    /// Where copies of this remote location's objects may be kept.
+    pub fn cache_root(&self) -> Option<&std::path::Path> {
+        self.cache_root.as_deref().filter(|_| self.is_remote())
     }
 
     /// Whether `init` created the bucket (to say so).

@@ -8,12 +8,14 @@
 //! - directories and file metadata: [`tree`], read from disk by [`fsmeta`]
 //! - a backup runs: [`archiver`]; a restore: [`restorer`]; a check: [`check`];
 //!   a damaged repository is mended: [`repair`]
-//! - objects reach storage: [`backend`] (object_store)
+//! - objects reach storage: [`backend`] (object_store); copies of what is
+//!   re-read from a remote repository are kept by [`cache`]
 //!
 //! The on-disk format and the order of writes are in `docs/FORMAT.md`.
 
 pub mod archiver;
 pub mod backend;
+pub mod cache;
 pub mod check;
 pub mod chunk;
 pub mod crypto;

@@ -115,12 +115,19 @@ impl<'r> Packer<'r> {
         let backend = self.backend.clone();
         let name = pack_name(&pack.id);
         let bytes = pack.bytes;
+        // The next backup reads this run's trees as its parent's.
+        let cache = self.repo.cache().filter(|_| kind == BlobType::Tree).cloned();
         self.uploads.push(self.handle.spawn(async move {
-            let r = backend.put_new(&name, bytes).await;
+            let r = backend.put_new(&name, bytes.clone()).await;
             drop(permit);
             match r {
                 // Same content, same name: a pack that exists is the pack we wrote.
-                Err(Error::AlreadyExists(_)) => Ok(()),
+                Ok(()) | Err(Error::AlreadyExists(_)) => {
+                    if let Some(c) = cache {
+                        c.put(&name, &bytes);
+                    }
+                    Ok(())
+                }
                 other => other,
             }
         }));

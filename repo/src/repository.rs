@@ -13,6 +13,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::backend::{Backend, Listed};
+use crate::cache::Cache;
 use crate::chunk;
 use crate::crypto::{KdfParams, KeyFile, MasterKey};
 use crate::error::{Chain, Error, Result};
@@ -72,6 +73,25 @@ pub struct Repository {
     key_damage: Vec<Damaged>,
     /// Tree packs read whole from an object store (see [`PackCache`]).
     tree_packs: Arc<std::sync::Mutex<PackCache>>,
+    /// Local copies of index, snapshot and tree-pack objects of a remote
+    /// repository, when its backend names a cache root.
+    cache: Option<Arc<Cache>>,
+}
+
+/// The cache for this repository, if its backend asks for one; a cache
+/// that cannot be made is reported and done without.
+fn open_cache(backend: &Backend, config: &Config) -> Option<Arc<Cache>> {
+    let root = backend.cache_root()?;
+    match Cache::open(root, &config.id) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            tracing::warn!(
+                "failed to open the cache in {} ({e}); reading everything from the repository",
+                root.display()
+            );
+            None
+        }
+    }
 }
 
 /// Whole tree packs, kept while they fit in a budget (oldest out first):
@@ -300,6 +320,7 @@ impl Repository {
         // Key first, config last: a location with a config is a repository
         // that can be opened.
         let mut repo = Repository {
+            cache: open_cache(&backend, &config),
             backend,
             key: Arc::new(key),
             key_id: None,
@@ -390,6 +411,7 @@ impl Repository {
             }
         };
         Ok(Repository {
+            cache: open_cache(&backend, &config),
             backend,
             key: Arc::new(key),
             key_id: Some(key_id),
@@ -444,6 +466,8 @@ impl Repository {
 
     fn with_key(backend: Backend, key: MasterKey, key_id: KeyId, config: Config) -> Self {
         Repository {
+            // Only for repairs, which must read storage as it is.
+            cache: None,
             backend,
             key: Arc::new(key),
             key_id: Some(key_id),
@@ -513,6 +537,11 @@ impl Repository {
             return Err(Error::NotFound(name));
         }
         self.backend.delete(&name).await
+    }
+
+    /// Where copies of this remote repository's objects are kept, if anywhere.
+    pub fn cache(&self) -> Option<&Arc<Cache>> {
+        self.cache.as_ref()
     }
 
     pub fn backend(&self) -> &Backend {
@@ -644,6 +673,10 @@ impl Repository {
         // Each file is added and dropped as it arrives, so loading never holds
         // every index file and the index at once.
         let listed = self.list(Dir::Index).await?;
+        if let Some(c) = &self.cache {
+            let names: HashSet<String> = listed.iter().map(|l| format!("index/{}", l.name)).collect();
+            c.retain("index", |n| names.contains(n));
+        }
         let mut index = Index::default();
         let mut damage = Vec::new();
         let mut missing = HashSet::new();
@@ -670,6 +703,15 @@ impl Repository {
         }
         drop(files);
         index.finish_loading();
+        if let Some(c) = &self.cache {
+            let in_index = |n: &str| {
+                n.rsplit('/')
+                    .next()
+                    .and_then(|id| id.parse::<PackId>().ok())
+                    .is_some_and(|id| index.get_pack(&id).is_some())
+            };
+            c.retain("data", in_index);
+        }
         for d in &damage {
             tracing::warn!(
                 "index file {} is damaged and was skipped ({}); blobs only it names look missing until \
@@ -698,6 +740,7 @@ impl Repository {
             index_damage: Vec::new(),
             key_damage: self.key_damage.clone(),
             tree_packs: Arc::clone(&self.tree_packs),
+            cache: self.cache.clone(),
         };
         r.reload_index_of_stored_packs().await?;
         Ok(r)
@@ -730,13 +773,30 @@ impl Repository {
     async fn save_object<T: Serialize>(&self, kind: Kind, value: &T) -> Result<[u8; 32]> {
         let (name, bytes) = seal_object(&self.key, kind, value)?;
         let id = storage_hash(&bytes);
-        self.backend.put_new(&name, bytes).await?;
+        self.backend.put_new(&name, bytes.clone()).await?;
+        // The next command reads it back: keep it from the start.
+        if let Some(c) = &self.cache {
+            c.put(&name, &bytes);
+        }
         Ok(id)
     }
 
     async fn load_object<T: DeserializeOwned>(&self, kind: Kind, name: &str) -> Result<T> {
-        let sealed = self.backend.get(&format!("{}/{}", kind.dir(), name)).await?;
+        let sealed = self.get_cached(&format!("{}/{}", kind.dir(), name)).await?;
         open_object(&self.key, kind, name, &sealed)
+    }
+
+    /// The object `name`, from the cache when it holds a copy (index,
+    /// snapshot and pack objects only; see [`crate::cache`]).
+    async fn get_cached(&self, name: &str) -> Result<Bytes> {
+        if let Some(b) = self.cache.as_ref().and_then(|c| c.get(name)) {
+            return Ok(b);
+        }
+        let b = self.backend.get(name).await?;
+        if let Some(c) = &self.cache {
+            c.put(name, &b);
+        }
+        Ok(b)
     }
 
     /// Stores an index file; call only after the packs it names are stored.
@@ -770,6 +830,10 @@ impl Repository {
     /// by name. Failing to reach storage is an error; one bad file is not.
     pub async fn load_snapshots(&self) -> Result<SnapshotList> {
         let listed = self.list(Dir::Snapshots).await?;
+        if let Some(c) = &self.cache {
+            let names: HashSet<String> = listed.iter().map(|l| format!("snapshots/{}", l.name)).collect();
+            c.retain("snapshots", |n| names.contains(n));
+        }
         let loaded: Vec<(String, Result<Snapshot>)> = futures::stream::iter(listed)
             .map(|l| async move { (l.name.clone(), self.load_object(Kind::Snapshot, &l.name).await) })
             .buffer_unordered(FETCH_CONCURRENCY)
@@ -835,7 +899,7 @@ impl Repository {
             let whole = match cached {
                 Some(b) => b,
                 None => {
-                    let b = self.backend.get(&pack::pack_name(&loc.pack)).await?;
+                    let b = self.get_cached(&pack::pack_name(&loc.pack)).await?;
                     self.tree_packs
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

@@ -51,7 +51,11 @@ impl Storage {
             location: location.to_string(),
             source,
         };
-        let backend = Backend::open(location).map_err(err)?;
+        // An S3 repository's index, snapshots and trees are kept beside the
+        // server's state, so a restart does not fetch them all again.
+        let backend = Backend::open(location)
+            .map_err(err)?
+            .with_cache(Some(state.dir.join("cache")));
         let password_path = state.dir.join(PASSWORD_FILE);
         let password = match std::env::var("BACKER_PASSWORD") {
             Ok(p) if !p.is_empty() => Some(p),

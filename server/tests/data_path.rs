@@ -38,6 +38,7 @@ fn repo_cli(server: &Server, repo: &str, env: &[(String, String)], args: &[&str]
         .args(["--repo", repo])
         .args(args)
         .env("BACKER_PASSWORD", pw.trim())
+        .env("XDG_CACHE_HOME", server.dir.join("cli-cache"))
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .output()
         .unwrap())
@@ -207,6 +208,21 @@ fn round_trip(tmp: &Path, repository: Option<String>, env: Vec<(String, String)>
         e.contains("no snapshot matches"),
         "db1 cannot see web1's snapshots: {e}"
     );
+
+    // An S3 repository's index, snapshots and trees are kept beside the
+    // server's state, so a restart does not read them all again.
+    if repo.starts_with("s3://") {
+        let cache = server.dir.join("state/cache");
+        assert!(cache.join("CACHEDIR.TAG").is_file());
+        let kept: Vec<String> = walkdir(&cache)
+            .iter()
+            .filter(|p| p.is_file())
+            .map(|p| p.strip_prefix(&cache).unwrap().to_string_lossy().into_owned())
+            .collect();
+        for folder in ["/index/", "/snapshots/", "/data/"] {
+            assert!(kept.iter().any(|k| k.contains(folder)), "no {folder} in {kept:?}");
+        }
+    }
 
     // The server's repository checks clean, every byte read.
     let check = repo_cli(&server, &repo, &env, &["check", "--read-data"]);

@@ -230,6 +230,12 @@ impl LatencyProxy {
         self.counts().get("requests").copied().unwrap_or(0)
     }
 
+    /// GETs of objects in the repository folder `folder` (`data`, `index`,
+    /// `snapshots`, `keys`, `locks`) since the start or the last reset.
+    pub fn reads(&self, folder: &str) -> u64 {
+        self.counts().get(&format!("GET {folder}")).copied().unwrap_or(0)
+    }
+
     pub fn reset(&self) {
         self.call("POST", "/__proxy/reset");
     }

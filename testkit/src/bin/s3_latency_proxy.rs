@@ -2,7 +2,8 @@
 //! [--listen 127.0.0.1:0] [--log]`: forwards every HTTP request to the upstream S3
 //! server after a fixed delay, as a network with that round trip would,
 //! and counts them. Prints `listening on ADDR` once bound. `GET
-//! /__proxy/stats` answers the counts as JSON (`{"requests":N,"GET":n,…}`)
+//! /__proxy/stats` answers the counts as JSON (`{"requests":N,"GET":n,…}`,
+//! and reads by repository folder: `"GET data":n`, `"GET index":n`, …)
 //! without forwarding; `POST /__proxy/reset` sets them to zero. Headers go
 //! through unchanged (a request's Host stays what the client signed).
 
@@ -27,6 +28,8 @@ struct Proxy {
     upstream: String,
     delay: Duration,
     counts: Mutex<BTreeMap<String, u64>>,
+    /// GETs by the repository folder they read (`data`, `index`, …).
+    reads: Mutex<BTreeMap<String, u64>>,
     /// `--log`: each request on stderr (method, path, range), to see what
     /// a command asks for.
     log: bool,
@@ -53,11 +56,15 @@ impl Proxy {
             for (method, n) in &counts {
                 body.push_str(&format!(",\"{method}\":{n}"));
             }
+            for (folder, n) in self.reads.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                body.push_str(&format!(",\"GET {folder}\":{n}"));
+            }
             body.push('}');
             return Ok(text(StatusCode::OK, body));
         }
         if path == "/__proxy/reset" {
             self.counts.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.reads.lock().unwrap_or_else(|p| p.into_inner()).clear();
             return Ok(text(StatusCode::OK, "{}".into()));
         }
         *self
@@ -66,6 +73,18 @@ impl Proxy {
             .unwrap_or_else(|p| p.into_inner())
             .entry(req.method().to_string())
             .or_default() += 1;
+        if req.method() == hyper::Method::GET
+            && let Some(folder) = ["data", "index", "snapshots", "keys", "locks"]
+                .into_iter()
+                .find(|f| path.contains(&format!("/{f}/")))
+        {
+            *self
+                .reads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(folder.to_string())
+                .or_default() += 1;
+        }
         if self.log {
             let range = req
                 .headers()
@@ -132,6 +151,7 @@ async fn main() {
         upstream: upstream.trim_end_matches('/').to_string(),
         delay: Duration::from_millis(delay),
         counts: Mutex::new(BTreeMap::new()),
+        reads: Mutex::new(BTreeMap::new()),
         log: args.iter().any(|a| a == "--log"),
         client: Client::builder(TokioExecutor::new()).build_http(),
     });
