@@ -782,14 +782,15 @@ impl Repository {
     }
 
     async fn load_object<T: DeserializeOwned>(&self, kind: Kind, name: &str) -> Result<T> {
-        let sealed = self.get_cached(&format!("{}/{}", kind.dir(), name)).await?;
+        let sealed = self.get_cached(&format!("{}/{}", kind.dir(), name), None).await?;
         open_object(&self.key, kind, name, &sealed)
     }
 
-    /// The object `name`, from the cache when it holds a copy (index,
-    /// snapshot and pack objects only; see [`crate::cache`]).
-    async fn get_cached(&self, name: &str) -> Result<Bytes> {
-        if let Some(b) = self.cache.as_ref().and_then(|c| c.get(name)) {
+    /// The object `name` (of `size` bytes, when known), from the cache when
+    /// it holds a copy (index, snapshot and pack objects only; see
+    /// [`crate::cache`]).
+    async fn get_cached(&self, name: &str, size: Option<u64>) -> Result<Bytes> {
+        if let Some(b) = self.cache.as_ref().and_then(|c| c.get(name, size)) {
             return Ok(b);
         }
         let b = self.backend.get(name).await?;
@@ -899,7 +900,8 @@ impl Repository {
             let whole = match cached {
                 Some(b) => b,
                 None => {
-                    let b = self.get_cached(&pack::pack_name(&loc.pack)).await?;
+                    let size = self.index.get_pack(&loc.pack);
+                    let b = self.get_cached(&pack::pack_name(&loc.pack), size).await?;
                     self.tree_packs
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
