@@ -58,13 +58,16 @@ pub struct RestoreOutcome {
     pub incomplete: Vec<String>,
 }
 
-/// A file the walker created, waiting for its content.
+/// A file the walker created, waiting for its content. It is opened
+/// again by name when its content comes (see [`OpenFiles`]).
 struct PlannedFile {
-    file: File,
-    /// The directory it is in and its name there, to remove it if it
-    /// cannot be filled.
+    /// The directory it is in and its name there, to reopen it, and to
+    /// remove it if it cannot be filled.
     dir: Arc<OwnedFd>,
     name: Vec<u8>,
+    /// (device, inode) it was created as: a name replaced in the target
+    /// meanwhile is refused, never written through.
+    inode: (u64, u64),
     /// The name it replaces once whole, when it was written under a
     /// temporary one (`--overwrite` of an existing file).
     replaces: Option<Vec<u8>>,
@@ -78,11 +81,18 @@ struct PlannedFile {
 
 /// Files created by the walker and the chunks they need: fetched together,
 /// pack by pack, so a pack is read once for many files however they are
-/// spread. Bounded ([`BATCH_FILES`], [`BATCH_CHUNKS`]) so memory and open
-/// files do not grow with the size of the snapshot.
+/// spread. Bounded ([`BATCH_FILES`], [`BATCH_CHUNKS`]) so memory does not
+/// grow with the size of the snapshot; the descriptors it holds are
+/// bounded apart from that (`max_open`), so a low descriptor limit means
+/// more opens, not more batches (and reads of each pack).
 #[derive(Default)]
 struct Batch {
     files: Vec<PlannedFile>,
+    /// Files of the batch open now, at most `max_open`.
+    open: OpenFiles,
+    /// Directories the batch's files are in (each holds a descriptor),
+    /// counted where the walker moves from one to another.
+    dirs: usize,
     /// Chunk → (file, offset) of every place it goes.
     targets: HashMap<BlobId, Vec<(u32, u64)>>,
     /// Each chunk once, in the order the files need them: the order a
@@ -90,16 +100,16 @@ struct Batch {
     /// groups finds each group in few packs.
     order: Vec<BlobId>,
     chunks: usize,
-    max_files: usize,
+    max_open: usize,
 }
 
-/// A batch is fetched once it holds this many files (fewer when the
-/// descriptor limit is low)…
-const BATCH_FILES: usize = 8192;
+/// A batch is fetched once it holds this many files…
+const BATCH_FILES: usize = 65_536;
 /// …or this many chunk placements (about 64 GiB of average chunks).
 const BATCH_CHUNKS: usize = 65_536;
 
 impl Batch {
+    /// Adds a created file; fails only if it cannot be inspected.
     fn add(
         &mut self,
         file: File,
@@ -108,8 +118,14 @@ impl Batch {
         replaces: Option<Vec<u8>>,
         node: Node,
         display: &str,
-    ) {
+    ) -> std::result::Result<(), Errno> {
+        let st = rustix::fs::fstat(&file)?;
+        let inode = (st.st_dev, st.st_ino);
         let index = self.files.len() as u32;
+        if self.files.last().is_none_or(|f| !Arc::ptr_eq(&f.dir, dir)) {
+            self.dirs += 1;
+        }
+        self.open.keep(index, Arc::new(file));
         let mut pos = 0u64;
         let mut chunks = 0;
         for e in &node.content {
@@ -125,27 +141,92 @@ impl Batch {
         }
         self.chunks += chunks;
         self.files.push(PlannedFile {
-            file,
             dir: Arc::clone(dir),
             name,
+            inode,
             replaces,
             node,
             display: display.to_string(),
             remaining: AtomicU64::new(chunks as u64),
             failed: Mutex::new(None),
         });
+        Ok(())
     }
 
     fn full(&self) -> bool {
-        self.files.len() >= self.max_files || self.chunks >= BATCH_CHUNKS
+        self.files.len() >= BATCH_FILES || self.chunks >= BATCH_CHUNKS || self.dirs >= self.max_open
     }
 
-    fn with_max_files(max_files: usize) -> Batch {
+    /// An empty batch keeping at most `max_open` files and about as many
+    /// directories open.
+    fn new(max_open: usize) -> Batch {
         Batch {
-            max_files,
+            max_open,
+            open: OpenFiles {
+                max: max_open,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
+}
+
+/// The files of a batch that are open, oldest first out: content arrives
+/// in about the order files were created, so the oldest is the likeliest
+/// to be done.
+#[derive(Default)]
+struct OpenFiles {
+    files: HashMap<u32, Arc<File>>,
+    order: std::collections::VecDeque<u32>,
+    max: usize,
+}
+
+impl OpenFiles {
+    fn keep(&mut self, index: u32, file: Arc<File>) {
+        if self.files.insert(index, file).is_none() {
+            self.order.push_back(index);
+        }
+        while self.files.len() > self.max.max(1) {
+            let Some(old) = self.order.pop_front() else { break };
+            self.files.remove(&old);
+        }
+    }
+
+    fn close(&mut self, index: u32) {
+        // Its place in `order` goes when it comes up: `keep` skips it.
+        self.files.remove(&index);
+    }
+}
+
+/// The open file `index` of a batch, opened again by name if it was
+/// closed to keep within the descriptor budget. Without following links,
+/// and only if it is still the inode the walker created.
+fn open_planned(
+    open: &Mutex<OpenFiles>,
+    index: u32,
+    f: &PlannedFile,
+) -> std::result::Result<Arc<File>, String> {
+    let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(file) = open.files.get(&index) {
+        return Ok(Arc::clone(file));
+    }
+    let fd = rustix::fs::openat(
+        &f.dir,
+        f.name.as_slice(),
+        OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("failed to open {} again: {e}", f.display))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| format!("failed to inspect {}: {e}", f.display))?;
+    if (st.st_dev, st.st_ino) != f.inode {
+        return Err(format!(
+            "refused {}: the file this restore created was replaced in the target meanwhile",
+            f.display
+        ));
+    }
+    let file = Arc::new(File::from(fd));
+    open.keep(index, Arc::clone(&file));
+    Ok(file)
 }
 
 /// A name written under a temporary one, to be renamed over an existing
@@ -599,11 +680,15 @@ impl Ctx<'_> {
                     replaces = temp.as_ref().map(|_| name.to_vec());
                 }
                 let written_as = temp.unwrap_or_else(|| name.to_vec());
+                let size = node.size;
+                if let Err(e) = self.batch.add(file, dir, written_as, replaces, node, shown) {
+                    self.error(format!("failed to inspect {shown} once created: {e}"));
+                    return Ok(());
+                }
                 self.outcome.files += 1;
-                self.outcome.bytes += node.size;
-                self.batch.add(file, dir, written_as, replaces, node, shown);
+                self.outcome.bytes += size;
                 if self.batch.full() {
-                    let next = Batch::with_max_files(self.batch.max_files);
+                    let next = Batch::new(self.batch.max_open);
                     batches
                         .send(std::mem::replace(&mut self.batch, next))
                         .map_err(|_| Error::Interrupted("the restore's writer stopped".into()))?;
@@ -737,30 +822,40 @@ fn fill_batch(source: &dyn RestoreSource, batch: Batch, progress: &RestoreProgre
         files,
         targets,
         order,
+        open,
         ..
     } = batch;
+    let open = Mutex::new(open);
     let mut failed = Vec::new();
     let fail = |f: &PlannedFile, why: String| {
         let mut slot = f.failed.lock().unwrap_or_else(|p| p.into_inner());
         slot.get_or_insert(why);
     };
-    let finish = |f: &PlannedFile, failed_meta: &Mutex<Vec<Failed>>| match finish_file(f, progress) {
-        Ok(None) => {}
-        Ok(Some(msg)) => failed_meta
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Failed {
-                display: f.display.clone(),
-                link_key: None,
-                size: f.node.size,
-                content_whole: true,
-                message: msg,
-            }),
-        Err(msg) => fail(f, msg),
-    };
+    let finish =
+        |index: u32, f: &PlannedFile, failed_meta: &Mutex<Vec<Failed>>| match open_planned(&open, index, f)
+            .and_then(|file| {
+                let done = finish_file(f, &file, progress);
+                open.lock().unwrap_or_else(|p| p.into_inner()).close(index);
+                done
+            }) {
+            Ok(None) => {}
+            Ok(Some(msg)) => failed_meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Failed {
+                    display: f.display.clone(),
+                    link_key: None,
+                    size: f.node.size,
+                    content_whole: true,
+                    message: msg,
+                }),
+            Err(msg) => fail(f, msg),
+        };
     let meta_failures = Mutex::new(Vec::new());
-    for f in files.iter().filter(|f| f.remaining.load(Ordering::Relaxed) == 0) {
-        finish(f, &meta_failures);
+    for (index, f) in files.iter().enumerate() {
+        if f.remaining.load(Ordering::Relaxed) == 0 {
+            finish(index as u32, f, &meta_failures);
+        }
     }
     let lost = source.fetch_chunks(&order, &|id, data| {
         for &(index, offset) in targets.get(id).map(Vec::as_slice).unwrap_or_default() {
@@ -768,15 +863,19 @@ fn fill_batch(source: &dyn RestoreSource, batch: Batch, progress: &RestoreProgre
             if f.failed.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
                 continue;
             }
-            if let Err(e) = f.file.write_all_at(data, offset) {
-                fail(f, format!("failed to write {}: {e}", f.display));
+            let written = open_planned(&open, index, f).and_then(|file| {
+                file.write_all_at(data, offset)
+                    .map_err(|e| format!("failed to write {}: {e}", f.display))
+            });
+            if let Err(why) = written {
+                fail(f, why);
                 continue;
             }
             progress
                 .bytes_done
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
             if f.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                finish(f, &meta_failures);
+                finish(index, f, &meta_failures);
             }
         }
     });
@@ -787,6 +886,7 @@ fn fill_batch(source: &dyn RestoreSource, batch: Batch, progress: &RestoreProgre
         }
     }
     failed.extend(meta_failures.into_inner().unwrap_or_else(|p| p.into_inner()));
+    drop(open);
     for f in files {
         let why = f.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
         let why = match (why, f.remaining.load(Ordering::Relaxed)) {
@@ -794,11 +894,7 @@ fn fill_batch(source: &dyn RestoreSource, batch: Batch, progress: &RestoreProgre
             (None, 0) => continue,
             (None, n) => format!("failed to restore {}: {n} of its chunks never arrived", f.display),
         };
-        let link_key = (f.node.nlink > 1)
-            .then(|| rustix::fs::fstat(&f.file).ok())
-            .flatten()
-            .map(|st| ((f.node.dev, f.node.inode), (st.st_dev, st.st_ino)));
-        drop(f.file);
+        let link_key = (f.node.nlink > 1).then_some(((f.node.dev, f.node.inode), f.inode));
         let removed = match (
             rustix::fs::unlinkat(&f.dir, f.name.as_slice(), AtFlags::empty()),
             &f.replaces,
@@ -822,17 +918,21 @@ fn fill_batch(source: &dyn RestoreSource, batch: Batch, progress: &RestoreProgre
 /// Sets a file's size (holes at its end) and metadata once its content is
 /// written, and renames it over the file it replaces. `Ok(Some)`: only
 /// its metadata failed; `Err`: it is not whole or not in place.
-fn finish_file(f: &PlannedFile, progress: &RestoreProgress) -> std::result::Result<Option<String>, String> {
+fn finish_file(
+    f: &PlannedFile,
+    file: &File,
+    progress: &RestoreProgress,
+) -> std::result::Result<Option<String>, String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {}: {e}", f.display);
     let written: u64 = f.node.content.iter().map(Extent::len).sum();
     let holes = f.node.content.iter().any(|e| matches!(e, Extent::Hole { .. }));
     if (written != f.node.size || holes)
-        && let Err(e) = f.file.set_len(f.node.size)
+        && let Err(e) = file.set_len(f.node.size)
     {
         return Err(fail("size", &e));
     }
     let mut xattr_errors = Vec::new();
-    let meta = fsmeta::apply_to_fd(f.file.as_fd(), &f.node, &mut xattr_errors);
+    let meta = fsmeta::apply_to_fd(file.as_fd(), &f.node, &mut xattr_errors);
     if let Some(to) = &f.replaces {
         rustix::fs::renameat(&f.dir, f.name.as_slice(), &f.dir, to.as_slice())
             .map_err(|e| fail("replace", &e))?;
@@ -933,11 +1033,12 @@ pub fn restore_tree(
         Mode::empty(),
     )
     .map_err(|e| Error::io("open", target, e.into()))?;
-    // A batch keeps its files open until they are filled, and three are
-    // open at once (being planned, queued, being written): each gets a
-    // quarter of the descriptor limit, the rest is for the directories.
+    // Three batches are open at once (being planned, queued, being
+    // written), each holding files and directories open: each gets a
+    // sixth of the descriptor limit for either, and 256 are left for the
+    // walk and the reads.
     let limit = fsmeta::raise_fd_limit();
-    let batch_files = (limit.saturating_sub(256) / 4).clamp(32, BATCH_FILES as u64) as usize;
+    let max_open = (limit.saturating_sub(256) / 6).clamp(16, 8192) as usize;
     let errors = Mutex::new(Vec::new());
     let failed: Mutex<Vec<Failed>> = Mutex::new(Vec::new());
     let mut ctx = Ctx {
@@ -954,7 +1055,7 @@ pub fn restore_tree(
         dirs: Vec::new(),
         current_dir: None,
         depth: 0,
-        batch: Batch::with_max_files(batch_files),
+        batch: Batch::new(max_open),
         outcome: RestoreOutcome::default(),
     };
     {
