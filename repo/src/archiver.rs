@@ -417,11 +417,8 @@ pub async fn backup(
         ParentChoice::None => None,
         ParentChoice::Id(id) => Some((*id, repo.load_snapshot(id).await?)),
         ParentChoice::Auto => repo
-            .snapshots()
+            .parent_snapshot(&hostname, &path_strings, &opts.tags)
             .await?
-            .into_iter()
-            .rev()
-            .find(|s| s.snapshot.hostname == hostname && s.snapshot.paths == path_strings)
             .map(|s| (s.id, s.snapshot)),
     };
     // A parent whose root cannot be read (a damaged index or pack) only

@@ -875,6 +875,18 @@ impl Repository {
         Ok(list.snapshots)
     }
 
+    /// The parent of a backup of `paths` by `host` with `tags` (see
+    /// [`crate::snapshot::parent`]).
+    pub async fn parent_snapshot(
+        &self,
+        host: &str,
+        paths: &[String],
+        tags: &[String],
+    ) -> Result<Option<SnapshotEntry>> {
+        let all = self.snapshots().await?;
+        Ok(crate::snapshot::parent(&all, host, paths, tags).cloned())
+    }
+
     /// Resolves `latest`, a full id, or a unique id prefix among the
     /// snapshots `filter` matches (see [`snapshot::find`]).
     pub async fn find_snapshot(&self, spec: &str, filter: &SnapshotFilter) -> Result<SnapshotEntry> {

@@ -87,6 +87,28 @@ impl SnapshotFilter {
     }
 }
 
+/// The parent of a backup of `paths` by `host` with `tags`, among `all`
+/// (oldest first): the newest snapshot of the same host, paths and tags.
+/// Its unchanged files are not read again. Tags tell apart volumes that
+/// share a node and a path inside them; another host's snapshot is never
+/// a parent. The one rule for `backer backup` and the server.
+pub fn parent<'a>(
+    all: &'a [SnapshotEntry],
+    host: &str,
+    paths: &[String],
+    tags: &[String],
+) -> Option<&'a SnapshotEntry> {
+    let mut wanted: Vec<&String> = tags.iter().collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    all.iter().rev().find(|s| {
+        let mut has: Vec<&String> = s.snapshot.tags.iter().collect();
+        has.sort_unstable();
+        has.dedup();
+        s.snapshot.hostname == host && s.snapshot.paths == paths && has == wanted
+    })
+}
+
 /// Resolves `spec` among `all` (oldest first): `latest`, a full id, or a
 /// unique prefix of at least 4 hex digits. Only snapshots `filter` matches
 /// count. `latest` without a host, in a repository holding several hosts'
@@ -163,6 +185,32 @@ mod tests {
                 program_version: "test".into(),
             },
         }
+    }
+
+    #[test]
+    fn the_parent_is_the_newest_of_the_same_host_paths_and_tags() {
+        let all = vec![
+            entry(0x11, "web", 1, &["vol-a", "pvc"]),
+            entry(0x22, "web", 2, &["vol-b", "pvc"]),
+            entry(0x33, "db", 3, &["vol-a", "pvc"]),
+            entry(0x44, "web", 4, &[]),
+        ];
+        let paths = vec!["/data".to_string()];
+        let tags = |t: &[&str]| t.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        let id = |s: Option<&SnapshotEntry>| s.map(|s| s.id.0[0]);
+        // Tags in any order; never another host's; never a superset or subset.
+        assert_eq!(
+            id(parent(&all, "web", &paths, &tags(&["pvc", "vol-a"]))),
+            Some(0x11)
+        );
+        assert_eq!(
+            id(parent(&all, "web", &paths, &tags(&["vol-b", "pvc"]))),
+            Some(0x22)
+        );
+        assert_eq!(id(parent(&all, "web", &paths, &[])), Some(0x44));
+        assert_eq!(id(parent(&all, "web", &paths, &tags(&["pvc"]))), None);
+        assert_eq!(id(parent(&all, "db", &paths, &tags(&["vol-b", "pvc"]))), None);
+        assert_eq!(id(parent(&all, "web", &["/other".to_string()], &[])), None);
     }
 
     #[test]

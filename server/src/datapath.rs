@@ -262,7 +262,7 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     // The lock is held (and checked) until the snapshot is written: a job
     // ended meanwhile (its agent gone) has released it, and then no
     // snapshot may appear.
-    let id = {
+    let (id, forgotten) = {
         let held = active.lock.lock().await;
         let Some(lock) = held.as_ref() else {
             return Err(Status::aborted(
@@ -272,9 +272,18 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
         lock.check_fresh()
             .await
             .map_err(|e| Status::aborted(format!("the repository lock was lost: {e}")))?;
-        repo.save_snapshot(&snap)
+        let id = repo
+            .save_snapshot(&snap)
             .await
-            .map_err(|e| Status::internal(format!("failed to write the snapshot: {e}")))?
+            .map_err(|e| Status::internal(format!("failed to write the snapshot: {e}")))?;
+        // Under the same lock: a forget checks it is still held.
+        let forgotten = match &spec.retention {
+            Some(policy) => {
+                Some(apply_retention(&repo, lock, &active.client, &spec.paths, &spec.tags, policy).await)
+            }
+            None => None,
+        };
+        (id, forgotten)
     };
     let state = if snap.partial {
         JobState::Partial
@@ -287,8 +296,8 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
         r.new_bytes = snap.summary.new_bytes;
     });
     let mut messages = snap.errors.clone();
-    if let Some(policy) = &spec.retention {
-        match apply_retention(&repo, &active.client, &spec.paths, &spec.tags, policy).await {
+    if let Some(forgotten) = forgotten {
+        match forgotten {
             Ok(0) => {}
             Ok(n) => messages.push(format!(
                 "retention: forgot {n} older snapshots (`backer prune` frees their data)"
@@ -300,10 +309,13 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     Ok(id.to_hex())
 }
 
-/// Forgets the snapshots of `client` over `paths` with `tags` that `policy`
-/// does not keep. Their data stays until a prune. Returns how many went.
+/// Forgets the snapshots of `client` over `paths` with exactly `tags` that
+/// `policy` does not keep, through the repository's forget (which checks
+/// `lock` is still held). Their data stays until a prune. Returns how many
+/// went.
 async fn apply_retention(
     repo: &backer_repo::Repository,
+    lock: &backer_repo::lock::Lock,
     client: &str,
     paths: &[String],
     tags: &[String],
@@ -316,11 +328,15 @@ async fn apply_retention(
         .filter(|s| s.snapshot.hostname == client && s.snapshot.paths == paths && s.snapshot.tags == tags)
         .collect();
     let decisions = policy.apply(&mine, backer_repo::retention::Grouping::parse("host,paths,tags")?)?;
-    let mut n = 0;
-    for d in decisions.iter().flat_map(|g| &g.snapshots).filter(|d| !d.keep) {
-        repo.backend().delete(&format!("snapshots/{}", d.id)).await?;
-        tracing::info!(%client, snapshot = %d.id.short(), "forgotten by retention");
-        n += 1;
+    let forget: Vec<_> = decisions
+        .iter()
+        .flat_map(|g| &g.snapshots)
+        .filter(|d| !d.keep)
+        .map(|d| d.id)
+        .collect();
+    repo.forget(&forget, lock).await?;
+    for id in &forget {
+        tracing::info!(%client, snapshot = %id.short(), "forgotten by retention");
     }
-    Ok(n)
+    Ok(forget.len())
 }

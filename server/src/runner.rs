@@ -140,16 +140,10 @@ pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> R
     check_client(shared, &client)?;
 
     let repo = shared.storage.repo();
-    // The newest snapshot of this client over the same paths and tags is the
-    // parent: its unchanged files are not read again. Tags tell apart volumes
-    // that share a node and a path inside them.
     let parent = repo
-        .snapshots()
+        .parent_snapshot(&client, &paths, &req.tags)
         .await
         .map_err(|e| Status::internal(format!("failed to list snapshots: {e}")))?
-        .into_iter()
-        .rev()
-        .find(|s| s.snapshot.hostname == client && s.snapshot.paths == paths && s.snapshot.tags == req.tags)
         .map(|s| (s.id, s.snapshot.tree));
     Ok(BackupPlan {
         client,

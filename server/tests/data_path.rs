@@ -367,6 +367,66 @@ fn interrupted_backups_fail_and_leave_no_snapshot() {
     assert!(compare_trees(&src, &restored.join(src.strip_prefix("/").unwrap())).is_empty());
 }
 
+/// A configured retention is applied after each backup of the client,
+/// through the repository's own forget, under the job's lock, to that
+/// client's snapshots of the same paths only.
+#[test]
+fn retention_forgets_the_clients_older_snapshots_after_a_backup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let src = tmp.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), b"kept").unwrap();
+    let setup = ServerSetup {
+        clients_toml: "[web1]\nBackupsIDs = [1]\n\n[db1]\nBackupsIDs = [1]\n".into(),
+        backups_toml: Some(format!(
+            "[site]\nID = 1\nPaths = [\"{}\"]\nRetention = {{ last = 1 }}\n",
+            src.display()
+        )),
+        ..Default::default()
+    };
+    let server = Server::start_with(tmp, setup);
+    server.admin_cert();
+    let (s1, s2) = (tmp.join("agent-web1"), tmp.join("agent-db1"));
+    server.enrol("web1", &s1);
+    server.enrol("db1", &s2);
+    let _a1 = run_agent(&s1, &[]);
+    let _a2 = run_agent(&s2, &[]);
+    server.wait_connected("web1");
+    server.wait_connected("db1");
+
+    ok(server.cli(&["backup", "db1", "--wait"]));
+    // An ad-hoc backup of other paths is another group: never forgotten by
+    // the configured one.
+    let other = tmp.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    ok(server.cli(&["backup", "web1", other.to_str().unwrap(), "--wait"]));
+    for i in 0..3 {
+        std::fs::write(src.join("a.txt"), format!("version {i}")).unwrap();
+        ok(server.cli(&["backup", "web1", "--wait"]));
+    }
+    assert_eq!(
+        snapshot_ids(&server, "web1").len(),
+        2,
+        "the newest of the site, and the other paths"
+    );
+    assert_eq!(
+        snapshot_ids(&server, "db1").len(),
+        1,
+        "another client's snapshots stay"
+    );
+    let jobs = json(ok(server.cli(&["jobs", "--json"])));
+    let said: Vec<String> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|j| j["messages"].as_array().cloned().unwrap_or_default())
+        .filter_map(|m| m.as_str().map(str::to_string))
+        .filter(|m| m.starts_with("retention: forgot 1 "))
+        .collect();
+    assert_eq!(said.len(), 2, "each later backup forgot the one before: {jobs}");
+}
+
 fn scheduled_jobs(server: &Server) -> Vec<Value> {
     json(ok(server.cli(&["jobs", "--json"])))
         .as_array()
