@@ -182,6 +182,56 @@ fn through_server(
     }
 }
 
+/// What an interrupted command leaves behind, said on the way out.
+fn interrupted_note(command: &Command, remote: bool) -> &'static str {
+    match command {
+        _ if remote => "the job goes on on the server (`backer jobs` shows it)",
+        Command::Backup(_) => {
+            "no snapshot was saved; what it had stored already is reused by the next backup or removed by `backer prune`"
+        }
+        Command::Restore(_) => {
+            "the restore is incomplete: files in the target may be partly written; restore again with --overwrite"
+        }
+        Command::Prune(_) => "the repository is as consistent as before; run prune again to finish",
+        _ => "nothing more was written",
+    }
+}
+
+/// On SIGINT or SIGTERM: removes the repository locks this process holds,
+/// says what was left, and exits (130 or 143), so an interrupted command
+/// never leaves the repository locked until its lock goes stale.
+async fn on_interrupt(note: &'static str) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return;
+    };
+    let code = tokio::select! {
+        _ = int.recv() => 130,
+        _ = term.recv() => 143,
+    };
+    let released = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        backer_repo::lock::release_held(),
+    )
+    .await;
+    let lock = match released {
+        Ok(0) => String::new(),
+        Ok(_) => "; the repository lock is released".into(),
+        Err(_) => {
+            "; the repository lock could not be removed in time (`backer unlock` removes it once stale)"
+                .into()
+        }
+    };
+    // Interrupted at the password prompt, echo is off: turn it back on.
+    if let Ok(mut t) = rustix::termios::tcgetattr(std::io::stdin()) {
+        t.local_modes |= rustix::termios::LocalModes::ECHO;
+        let _ = rustix::termios::tcsetattr(std::io::stdin(), rustix::termios::OptionalActions::Now, &t);
+    }
+    eprintln!("\ninterrupted: {note}{lock}");
+    std::process::exit(code);
+}
+
 fn main() -> ExitCode {
     // One crypto provider for every TLS connection in the process.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -227,6 +277,8 @@ fn main() -> ExitCode {
         }
         _ => Ok(false),
     };
+    let through = remote.as_ref().is_ok_and(|r| *r);
+    runtime.spawn(on_interrupt(interrupted_note(&cli.command, through)));
     let result = runtime.block_on(async move {
         let remote = remote?;
         match cli.command {

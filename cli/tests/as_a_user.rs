@@ -397,6 +397,77 @@ fn read_only_storage_is_read_with_no_lock() {
     );
 }
 
+/// Starts `backer ARGS`, waits until it holds a lock, and sends it `signal`;
+/// returns its output.
+fn interrupted(repo: &Repo, args: &[&str], signal: rustix::process::Signal) -> Output {
+    let child = repo
+        .cmd(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let locks = repo.path.join("locks");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&locks).map_or(0, |d| d.count()) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backer {args:?} never took its lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = rustix::process::Pid::from_child(&child);
+    rustix::process::kill_process(pid, signal).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        std::fs::read_dir(&locks).unwrap().count(),
+        0,
+        "the lock is gone: {}",
+        all(&o)
+    );
+    o
+}
+
+#[test]
+fn an_interrupted_command_releases_its_lock_and_says_what_it_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::new(tmp.path());
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..3 {
+        std::fs::write(src.join(format!("big{i}")), pseudo_random(48 << 20, 500 + i)).unwrap();
+    }
+    let o = interrupted(
+        &repo,
+        &["backup", src.to_str().unwrap()],
+        rustix::process::Signal::INT,
+    );
+    assert_eq!(o.status.code(), Some(130), "{}", all(&o));
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains("interrupted: no snapshot was saved")
+            && said.contains("the repository lock is released"),
+        "{said}"
+    );
+    assert_eq!(repo.json(&["snapshots"]).as_array().unwrap().len(), 0);
+    // Nothing waits on a lock left behind: an exclusive one is free at once.
+    repo.ok(&["prune"]);
+    assert_eq!(repo.json(&["check", "--read-data"])["ok"], true);
+
+    repo.ok(&["backup", "-q", src.to_str().unwrap()]);
+    let target = tmp.path().join("r");
+    let o = interrupted(
+        &repo,
+        &["restore", "latest", "--target", target.to_str().unwrap()],
+        rustix::process::Signal::TERM,
+    );
+    assert_eq!(o.status.code(), Some(143), "{}", all(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("interrupted: the restore is incomplete"),
+        "{}",
+        all(&o)
+    );
+}
+
 #[test]
 fn prune_that_waited_for_a_backup_sees_its_data() {
     let tmp = tempfile::tempdir().unwrap();

@@ -117,7 +117,8 @@ struct Held {
 }
 
 /// A lock this process holds. Release it with [`Lock::release`]; a process that
-/// dies leaves it behind, where it is recognised as stale.
+/// dies leaves it behind, where it is recognised as stale, and one that is
+/// interrupted removes it with [`release_held`].
 pub struct Lock {
     backend: Backend,
     key: Arc<MasterKey>,
@@ -125,6 +126,54 @@ pub struct Lock {
     held: Arc<Mutex<Held>>,
     timing: Timing,
     refresher: Option<tokio::task::JoinHandle<()>>,
+    /// Its entry in [`HELD`].
+    registered: u64,
+}
+
+/// Every lock this process holds, by a number of its own, so an
+/// interrupted command can remove them on its way out whatever it was
+/// doing (see [`release_held`]).
+static HELD: Mutex<std::collections::BTreeMap<u64, Registered>> =
+    Mutex::new(std::collections::BTreeMap::new());
+static NEXT_REGISTERED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+struct Registered {
+    backend: Backend,
+    held: Arc<Mutex<Held>>,
+    refresher: Option<tokio::task::AbortHandle>,
+}
+
+fn register(backend: &Backend, held: &Arc<Mutex<Held>>) -> u64 {
+    let n = NEXT_REGISTERED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let entry = Registered {
+        backend: backend.clone(),
+        held: Arc::clone(held),
+        refresher: None,
+    };
+    HELD.lock().unwrap_or_else(|p| p.into_inner()).insert(n, entry);
+    n
+}
+
+fn unregister(n: u64) {
+    HELD.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+}
+
+/// Removes every lock this process holds and stops refreshing them: for a
+/// command interrupted by a signal, so the repository is not left locked
+/// until the lock goes stale. Returns how many were removed.
+pub async fn release_held() -> usize {
+    let all = std::mem::take(&mut *HELD.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut removed = 0;
+    for r in all.into_values() {
+        if let Some(a) = &r.refresher {
+            a.abort();
+        }
+        let name = r.held.lock().unwrap_or_else(|p| p.into_inner()).name.clone();
+        if r.backend.delete(&lock_path(&name)).await.is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 impl std::fmt::Debug for Lock {
@@ -243,11 +292,21 @@ impl Lock {
             };
             let name = write_lock(repo.backend(), repo.key(), &info).await?;
             let acquired_at = Instant::now();
+            let held = Arc::new(Mutex::new(Held {
+                name: name.clone(),
+                last_refresh: acquired_at,
+                refresh_error: None,
+                expired: false,
+            }));
+            // From the moment it exists: an interrupt while others are
+            // looked at must not leave it behind.
+            let registered = register(repo.backend(), &held);
             let mut all = match list_locks(repo, None, timing).await {
                 Ok(all) => all,
                 Err(e) => {
                     // Not knowing who else holds the repository, we hold
                     // nothing: take our lock back rather than leave it.
+                    unregister(registered);
                     let _ = repo.backend().delete(&lock_path(&name)).await;
                     return Err(e);
                 }
@@ -268,12 +327,6 @@ impl Lock {
                 );
             }
             if conflicts.is_empty() {
-                let held = Arc::new(Mutex::new(Held {
-                    name,
-                    last_refresh: acquired_at,
-                    refresh_error: None,
-                    expired: false,
-                }));
                 let mut lock = Lock {
                     backend: repo.backend().clone(),
                     key: Arc::clone(repo.key()),
@@ -281,11 +334,13 @@ impl Lock {
                     held,
                     timing,
                     refresher: None,
+                    registered,
                 };
                 lock.start_refresher();
                 return Ok(lock);
             }
             let described: Vec<String> = conflicts.iter().map(|l| l.describe()).collect();
+            unregister(registered);
             repo.backend().delete(&lock_path(&name)).await?;
             if started.elapsed() >= wait {
                 return Err(Error::Locked(format!(
@@ -346,6 +401,13 @@ impl Lock {
                 }
             }
         }));
+        if let Some(r) = HELD
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&self.registered)
+        {
+            r.refresher = self.refresher.as_ref().map(|h| h.abort_handle());
+        }
     }
 
     /// Fails when this lock may no longer be relied on: not refreshed within
@@ -380,6 +442,7 @@ impl Lock {
         if let Some(r) = self.refresher.take() {
             r.abort();
         }
+        unregister(self.registered);
         let name = self.held.lock().unwrap_or_else(|p| p.into_inner()).name.clone();
         self.backend.delete(&lock_path(&name)).await
     }
@@ -398,6 +461,7 @@ impl Drop for Lock {
         if let Some(r) = self.refresher.take() {
             r.abort();
         }
+        unregister(self.registered);
     }
 }
 
