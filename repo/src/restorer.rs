@@ -65,9 +65,9 @@ struct PlannedFile {
     /// remove it if it cannot be filled.
     dir: Arc<OwnedFd>,
     name: Vec<u8>,
-    /// (device, inode) it was created as: a name replaced in the target
-    /// meanwhile is refused, never written through.
-    inode: (u64, u64),
+    /// What it was created as: a name replaced in the target meanwhile is
+    /// refused, never written through.
+    id: FileId,
     /// The name it replaces once whole, when it was written under a
     /// temporary one (`--overwrite` of an existing file).
     replaces: Option<Vec<u8>>,
@@ -100,27 +100,39 @@ struct Batch {
     /// groups finds each group in few packs.
     order: Vec<BlobId>,
     chunks: usize,
+    /// About what the planned files' metadata takes in memory.
+    meta_bytes: usize,
     max_open: usize,
 }
 
 /// A batch is fetched once it holds this many files…
 const BATCH_FILES: usize = 65_536;
-/// …or this many chunk placements (about 64 GiB of average chunks).
+/// …or this many chunk placements (about 64 GiB of average chunks)…
 const BATCH_CHUNKS: usize = 65_536;
+/// …or when its files' metadata (names, paths, extents, xattrs) takes
+/// this much memory: a snapshot of deep paths or large xattrs makes smaller
+/// batches, not a larger restore.
+const BATCH_META_BYTES: usize = 32 << 20;
 
 impl Batch {
-    /// Adds a created file; fails only if it cannot be inspected.
     fn add(
         &mut self,
-        file: File,
+        (file, id): (File, FileId),
         dir: &Arc<OwnedFd>,
         name: Vec<u8>,
         replaces: Option<Vec<u8>>,
         node: Node,
         display: &str,
-    ) -> std::result::Result<(), Errno> {
-        let st = rustix::fs::fstat(&file)?;
-        let inode = (st.st_dev, st.st_ino);
+    ) {
+        self.meta_bytes += name.len()
+            + display.len()
+            + node.content.len() * std::mem::size_of::<Extent>()
+            + node
+                .xattrs
+                .iter()
+                .map(|x| x.name.len() + x.value.len())
+                .sum::<usize>()
+            + std::mem::size_of::<PlannedFile>();
         let index = self.files.len() as u32;
         if self.files.last().is_none_or(|f| !Arc::ptr_eq(&f.dir, dir)) {
             self.dirs += 1;
@@ -143,18 +155,20 @@ impl Batch {
         self.files.push(PlannedFile {
             dir: Arc::clone(dir),
             name,
-            inode,
+            id,
             replaces,
             node,
             display: display.to_string(),
             remaining: AtomicU64::new(chunks as u64),
             failed: Mutex::new(None),
         });
-        Ok(())
     }
 
     fn full(&self) -> bool {
-        self.files.len() >= BATCH_FILES || self.chunks >= BATCH_CHUNKS || self.dirs >= self.max_open
+        self.files.len() >= BATCH_FILES
+            || self.chunks >= BATCH_CHUNKS
+            || self.meta_bytes >= BATCH_META_BYTES
+            || self.dirs >= self.max_open
     }
 
     /// An empty batch keeping at most `max_open` files and about as many
@@ -199,30 +213,41 @@ impl OpenFiles {
 }
 
 /// The open file `index` of a batch, opened again by name if it was
-/// closed to keep within the descriptor budget. Without following links,
-/// and only if it is still the inode the walker created.
+/// closed to keep within the descriptor budget: without following links
+/// or blocking (a FIFO put at its name must not hang the restore), and only
+/// if it is still the regular file, untouched, the walker created.
 fn open_planned(
     open: &Mutex<OpenFiles>,
     index: u32,
     f: &PlannedFile,
 ) -> std::result::Result<Arc<File>, String> {
-    let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(file) = open.files.get(&index) {
+    if let Some(file) = open.lock().unwrap_or_else(|p| p.into_inner()).files.get(&index) {
         return Ok(Arc::clone(file));
     }
+    let replaced = || {
+        format!(
+            "refused {}: the file this restore created was replaced in the target meanwhile",
+            f.display
+        )
+    };
     let fd = rustix::fs::openat(
         &f.dir,
         f.name.as_slice(),
-        OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| format!("failed to open {} again: {e}", f.display))?;
+    .map_err(|e| match e {
+        Errno::LOOP | Errno::NXIO => replaced(),
+        e => format!("failed to open {} again: {e}", f.display),
+    })?;
     let st = rustix::fs::fstat(&fd).map_err(|e| format!("failed to inspect {}: {e}", f.display))?;
-    if (st.st_dev, st.st_ino) != f.inode {
-        return Err(format!(
-            "refused {}: the file this restore created was replaced in the target meanwhile",
-            f.display
-        ));
+    if FileId::of(&st) != f.id || FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(replaced());
+    }
+    let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+    // Another thread may have opened it meanwhile: one is enough.
+    if let Some(file) = open.files.get(&index) {
+        return Ok(Arc::clone(file));
     }
     let file = Arc::new(File::from(fd));
     open.keep(index, Arc::clone(&file));
@@ -304,6 +329,30 @@ fn replaceable(
 struct Created {
     file: File,
     temp: Option<Vec<u8>>,
+    id: FileId,
+}
+
+/// What a file the restore created is, to know it again when it is opened
+/// by name later: its inode, owner, type and mode (still the one it was
+/// created with). Another user cannot make a file of this user's at that
+/// name, even on an inode number just freed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    uid: u32,
+    mode: u32,
+}
+
+impl FileId {
+    fn of(st: &rustix::fs::Stat) -> FileId {
+        FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            uid: st.st_uid,
+            mode: st.st_mode,
+        }
+    }
 }
 
 /// Creates `name` in `dir` exclusively and without following links; an
@@ -323,32 +372,36 @@ fn create_file(
             Mode::from_raw_mode(0o600),
         )
     };
-    match create(name) {
-        Ok(fd) => {
-            return Ok(Created {
-                file: File::from(fd),
-                temp: None,
-            });
+    // Known by its identity from the start; one that cannot be inspected
+    // is taken back, so nothing refers to it.
+    let created = |fd: OwnedFd, n: &[u8], temp: Option<Vec<u8>>| match rustix::fs::fstat(&fd) {
+        Ok(st) => Ok(Created {
+            file: File::from(fd),
+            temp,
+            id: FileId::of(&st),
+        }),
+        Err(e) => {
+            let _ = rustix::fs::unlinkat(dir, n, AtFlags::empty());
+            Err(format!("failed to inspect {shown} once created: {e}"))
         }
+    };
+    match create(name) {
+        Ok(fd) => return created(fd, name, None),
         Err(Errno::EXIST) => {}
         Err(e) => return Err(format!("failed to create {shown}: {e}")),
     }
     if !replaceable(dir, name, overwrite, shown)? {
         // Gone meanwhile: create it after all.
-        return create(name)
-            .map(|fd| Created {
-                file: File::from(fd),
-                temp: None,
-            })
-            .map_err(|e| format!("failed to create {shown}: {e}"));
+        return match create(name) {
+            Ok(fd) => created(fd, name, None),
+            Err(e) => Err(format!("failed to create {shown}: {e}")),
+        };
     }
     let temp = temp_name();
-    create(&temp)
-        .map(|fd| Created {
-            file: File::from(fd),
-            temp: Some(temp),
-        })
-        .map_err(|e| format!("failed to create {shown}: {e}"))
+    match create(&temp) {
+        Ok(fd) => created(fd, &temp.clone(), Some(temp)),
+        Err(e) => Err(format!("failed to create {shown}: {e}")),
+    }
 }
 
 /// A restored directory. Its parent's index instead of its path keeps the
@@ -649,7 +702,7 @@ impl Ctx<'_> {
                 // Created here, one at a time: creating files in parallel in
                 // the same directory makes the file system's locks the
                 // bottleneck (measured: twice the system time).
-                let Created { file, temp } = match create_file(dir, name, self.opts.overwrite, shown) {
+                let Created { file, temp, id } = match create_file(dir, name, self.opts.overwrite, shown) {
                     Ok(c) => c,
                     Err(msg) => {
                         self.error(msg);
@@ -680,13 +733,9 @@ impl Ctx<'_> {
                     replaces = temp.as_ref().map(|_| name.to_vec());
                 }
                 let written_as = temp.unwrap_or_else(|| name.to_vec());
-                let size = node.size;
-                if let Err(e) = self.batch.add(file, dir, written_as, replaces, node, shown) {
-                    self.error(format!("failed to inspect {shown} once created: {e}"));
-                    return Ok(());
-                }
                 self.outcome.files += 1;
-                self.outcome.bytes += size;
+                self.outcome.bytes += node.size;
+                self.batch.add((file, id), dir, written_as, replaces, node, shown);
                 if self.batch.full() {
                     let next = Batch::new(self.batch.max_open);
                     batches
@@ -894,7 +943,7 @@ fn fill_batch(source: &dyn RestoreSource, batch: Batch, progress: &RestoreProgre
             (None, 0) => continue,
             (None, n) => format!("failed to restore {}: {n} of its chunks never arrived", f.display),
         };
-        let link_key = (f.node.nlink > 1).then_some(((f.node.dev, f.node.inode), f.inode));
+        let link_key = (f.node.nlink > 1).then_some(((f.node.dev, f.node.inode), (f.id.dev, f.id.ino)));
         let removed = match (
             rustix::fs::unlinkat(&f.dir, f.name.as_slice(), AtFlags::empty()),
             &f.replaces,
@@ -924,11 +973,9 @@ fn finish_file(
     progress: &RestoreProgress,
 ) -> std::result::Result<Option<String>, String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {}: {e}", f.display);
-    let written: u64 = f.node.content.iter().map(Extent::len).sum();
-    let holes = f.node.content.iter().any(|e| matches!(e, Extent::Hole { .. }));
-    if (written != f.node.size || holes)
-        && let Err(e) = file.set_len(f.node.size)
-    {
+    // Always: the size is the snapshot's whatever the file held before
+    // (and holes at its end are made).
+    if let Err(e) = file.set_len(f.node.size) {
         return Err(fail("size", &e));
     }
     let mut xattr_errors = Vec::new();

@@ -255,3 +255,115 @@ async fn device_nodes_need_root() {
         );
     }
 }
+
+/// A source that, before it hands out any content, does what a hostile
+/// user of the target could do to files the restore created and then
+/// closed to stay within its descriptor budget.
+struct Swapping<'a> {
+    inner: backer_repo::store::LocalStore<'a>,
+    dir: std::path::PathBuf,
+}
+
+impl backer_repo::store::RestoreSource for Swapping<'_> {
+    fn load_tree(&self, id: &BlobId) -> backer_repo::Result<Tree> {
+        self.inner.load_tree(id)
+    }
+
+    fn fetch_chunks(
+        &self,
+        ids: &[BlobId],
+        each: &backer_repo::store::ChunkSink<'_>,
+    ) -> Vec<(BlobId, String)> {
+        // A FIFO, which a plain open for writing would block on for ever…
+        let fifo = self.dir.join("f00000");
+        std::fs::remove_file(&fifo).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        // …a file of someone else's making (perhaps on the freed inode)…
+        let planted = self.dir.join("f00001");
+        std::fs::remove_file(&planted).unwrap();
+        std::fs::write(&planted, b"planted, with a long tail that must not survive").unwrap();
+        // …and a symlink to a file outside.
+        let link = self.dir.join("f00002");
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(self.dir.parent().unwrap().join("outside.txt"), &link).unwrap();
+        self.inner.fetch_chunks(ids, each)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_reopened_by_name_are_refused_once_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("target");
+    std::fs::write(tmp.path().join("outside.txt"), b"outside").unwrap();
+    let mut repo = Repository::init(Backend::in_memory(), b"pw", cheap())
+        .await
+        .unwrap();
+    let content = b"restored".to_vec();
+    let blob = store_blobs(&mut repo, vec![(BlobType::Data, content.clone())])
+        .await
+        .unwrap()[0];
+    // More files in one directory than a batch keeps open whatever the
+    // descriptor limit (8,192 at most), all sharing one chunk: the first
+    // ones are closed before their content comes, and opened again.
+    let files: Vec<Node> = (0..8300)
+        .map(|i| {
+            let mut n = node(format!("f{i:05}").as_bytes(), NodeKind::File);
+            n.size = content.len() as u64;
+            n.content = vec![backer_repo::tree::Extent::Data {
+                id: blob,
+                len: content.len() as u32,
+            }];
+            n
+        })
+        .collect();
+    let sub = subtree(&mut repo, files).await;
+    let mut dir = node(b"d", NodeKind::Dir);
+    dir.subtree = Some(sub);
+    let snap = snapshot_of(&mut repo, vec![dir]).await;
+    let source = Swapping {
+        inner: backer_repo::store::LocalStore {
+            repo: &repo,
+            lock: None,
+            handle: tokio::runtime::Handle::current(),
+        },
+        dir: target.join("d"),
+    };
+    let opts = RestoreOptions {
+        target: target.clone(),
+        ..Default::default()
+    };
+    let out = tokio::task::block_in_place(|| {
+        backer_repo::restorer::restore_tree(&source, snap.tree, &opts, Default::default())
+    })
+    .unwrap();
+
+    for name in ["f00000", "f00001", "f00002"] {
+        assert!(
+            out.incomplete.iter().any(|p| p.ends_with(name)),
+            "{name} is reported incomplete: {:?}",
+            out.errors
+        );
+    }
+    assert!(
+        out.errors
+            .iter()
+            .any(|e| e.contains("was replaced in the target meanwhile")),
+        "{:?}",
+        out.errors
+    );
+    assert_eq!(std::fs::read(tmp.path().join("outside.txt")).unwrap(), b"outside");
+    assert_eq!(
+        std::fs::read(target.join("d/f00001")).ok().as_deref(),
+        None,
+        "the planted file is not given the snapshot's content"
+    );
+    assert_eq!(out.incomplete.len(), 3, "{:?}", out.errors);
+    assert_eq!(std::fs::read(target.join("d/f08299")).unwrap(), content);
+}
