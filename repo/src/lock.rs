@@ -143,6 +143,12 @@ struct Registered {
     refresher: Option<tokio::task::AbortHandle>,
 }
 
+/// Held while a lock is written until its name is recorded (or, for
+/// [`Lock::release`], until its refresher is stopped), and by
+/// [`release_held`]: an interrupt cannot fall between a lock's write and
+/// its record, and leave a lock no one knows of.
+static WRITING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn register(backend: &Backend, held: &Arc<Mutex<Held>>) -> u64 {
     let n = NEXT_REGISTERED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let entry = Registered {
@@ -162,6 +168,9 @@ fn unregister(n: u64) {
 /// command interrupted by a signal, so the repository is not left locked
 /// until the lock goes stale. Returns how many were removed.
 pub async fn release_held() -> usize {
+    // Kept: the process ends after this, and must write no lock meanwhile.
+    let gate = WRITING.lock().await;
+    std::mem::forget(gate);
     let all = std::mem::take(&mut *HELD.lock().unwrap_or_else(|p| p.into_inner()));
     let mut removed = 0;
     for r in all.into_values() {
@@ -290,6 +299,7 @@ impl Lock {
                 created: Utc::now(),
                 nonce: random_u64(),
             };
+            let gate = WRITING.lock().await;
             let name = write_lock(repo.backend(), repo.key(), &info).await?;
             let acquired_at = Instant::now();
             let held = Arc::new(Mutex::new(Held {
@@ -301,6 +311,7 @@ impl Lock {
             // From the moment it exists: an interrupt while others are
             // looked at must not leave it behind.
             let registered = register(repo.backend(), &held);
+            drop(gate);
             let mut all = match list_locks(repo, None, timing).await {
                 Ok(all) => all,
                 Err(e) => {
@@ -381,6 +392,7 @@ impl Lock {
                 let mut fresh = info.clone();
                 fresh.created = Utc::now();
                 fresh.nonce = random_u64();
+                let gate = WRITING.lock().await;
                 let result = write_lock(&backend, &key, &fresh).await;
                 let old = {
                     let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
@@ -396,6 +408,7 @@ impl Lock {
                         }
                     }
                 };
+                drop(gate);
                 if let Some(old) = old {
                     let _ = backend.delete(&lock_path(&old)).await;
                 }
@@ -439,8 +452,12 @@ impl Lock {
 
     /// Stops refreshing and removes the lock.
     pub async fn release(mut self) -> Result<()> {
-        if let Some(r) = self.refresher.take() {
-            r.abort();
+        {
+            // Never stopped in the middle of writing the lock anew.
+            let _gate = WRITING.lock().await;
+            if let Some(r) = self.refresher.take() {
+                r.abort();
+            }
         }
         unregister(self.registered);
         let name = self.held.lock().unwrap_or_else(|p| p.into_inner()).name.clone();
