@@ -367,3 +367,89 @@ async fn files_reopened_by_name_are_refused_once_replaced() {
     assert_eq!(out.incomplete.len(), 3, "{:?}", out.errors);
     assert_eq!(std::fs::read(target.join("d/f08299")).unwrap(), content);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn entries_created_on_several_threads_come_back_whole_and_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("target");
+    let mut repo = Repository::init(Backend::in_memory(), b"pw", cheap())
+        .await
+        .unwrap();
+    // Directories of more entries than one creator's job, a subdirectory
+    // between a directory's files (its files come in two runs), a symlink
+    // in each, and a name given twice in the first: its first entry must
+    // win, as when files were created one at a time.
+    let (dirs, files) = (24, 100);
+    let mut contents = Vec::new();
+    for d in 0..dirs {
+        for f in 0..files {
+            contents.push((BlobType::Data, format!("d{d:02}/f{f:04}").into_bytes()));
+        }
+        contents.push((BlobType::Data, format!("d{d:02}/m/inner").into_bytes()));
+    }
+    contents.push((BlobType::Data, b"the second f0000".to_vec()));
+    let ids = store_blobs(&mut repo, contents.clone()).await.unwrap();
+    let file = |name: String, i: usize| {
+        let mut n = node(name.as_bytes(), NodeKind::File);
+        n.size = contents[i].1.len() as u64;
+        n.content = vec![backer_repo::tree::Extent::Data {
+            id: ids[i],
+            len: contents[i].1.len() as u32,
+        }];
+        n
+    };
+    let mut root = Vec::new();
+    for d in 0..dirs {
+        let base = d * (files + 1);
+        let inner = subtree(&mut repo, vec![file("inner".into(), base + files)]).await;
+        let mut m = node(b"m", NodeKind::Dir);
+        m.subtree = Some(inner);
+        let mut nodes: Vec<Node> = (0..files / 2)
+            .map(|f| file(format!("f{f:04}"), base + f))
+            .collect();
+        nodes.push(m);
+        nodes.extend((files / 2..files).map(|f| file(format!("f{f:04}"), base + f)));
+        let mut link = node(b"l", NodeKind::Symlink);
+        link.link_target = Some(b"f0001".to_vec().into());
+        nodes.push(link);
+        if d == 0 {
+            nodes.push(file("f0000".into(), contents.len() - 1));
+        }
+        let sub = subtree(&mut repo, nodes).await;
+        let mut dir = node(format!("d{d:02}").as_bytes(), NodeKind::Dir);
+        dir.subtree = Some(sub);
+        root.push(dir);
+    }
+    let snap = snapshot_of(&mut repo, root).await;
+    let opts = RestoreOptions {
+        target: target.clone(),
+        ..Default::default()
+    };
+    let out = restore(&repo, &snap, &opts, RestoreProgress::default().into())
+        .await
+        .unwrap();
+
+    assert_eq!(out.files, (dirs * (files + 1)) as u64, "{:?}", out.errors);
+    assert_eq!(out.others, dirs as u64);
+    assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+    assert!(
+        out.errors[0].contains("/d00/f0000") && out.errors[0].contains("exists in the target"),
+        "{:?}",
+        out.errors
+    );
+    for d in 0..dirs {
+        let dir = target.join(format!("d{d:02}"));
+        for f in 0..files {
+            let want = format!("d{d:02}/f{f:04}");
+            assert_eq!(
+                std::fs::read(dir.join(format!("f{f:04}"))).unwrap(),
+                want.as_bytes()
+            );
+        }
+        assert_eq!(
+            std::fs::read(dir.join("m/inner")).unwrap(),
+            format!("d{d:02}/m/inner").as_bytes()
+        );
+        assert_eq!(std::fs::read_link(dir.join("l")).unwrap(), Path::new("f0001"));
+    }
+}
