@@ -191,6 +191,33 @@ pub fn apply_to_fd(fd: impl AsFd, node: &Node, xattr_errors: &mut Vec<String>) -
     Ok(())
 }
 
+/// Changes the mode of `name` in `dir`, refusing a symlink found there:
+/// `chmodat` would follow one put at that name meanwhile, and Linux has no
+/// non-following one before `fchmodat2` (6.6). So the entry is opened as a
+/// path, checked, and changed through its descriptor's /proc name.
+fn chmod_nofollow(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<()> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) == FileType::Symlink {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it was replaced by a symlink; its mode is not set",
+        ));
+    }
+    let by_fd = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rustix::fs::chmodat(
+        rustix::fs::CWD,
+        by_fd.as_str(),
+        Mode::from_raw_mode(mode),
+        AtFlags::empty(),
+    )?;
+    Ok(())
+}
+
 /// Applies owner and times to an entry that cannot be opened (a symlink, a
 /// device, a fifo), without following it.
 pub fn apply_at(dir: impl AsFd, node: &Node) -> io::Result<()> {
@@ -206,7 +233,7 @@ pub fn apply_at(dir: impl AsFd, node: &Node) -> io::Result<()> {
         )?;
     }
     if node.kind != NodeKind::Symlink {
-        rustix::fs::chmodat(dir, name, Mode::from_raw_mode(node.mode), AtFlags::empty())?;
+        chmod_nofollow(dir, name, node.mode)?;
     }
     rustix::fs::utimensat(dir, name, &timestamps(node), AtFlags::SYMLINK_NOFOLLOW)?;
     Ok(())
@@ -229,4 +256,36 @@ pub fn raise_fd_limit() -> u64 {
     rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .unwrap_or(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn a_mode_is_never_set_through_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"x").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // A fifo the restore made, replaced by a symlink before its mode is set.
+        std::os::unix::fs::symlink(&victim, tmp.path().join("p")).unwrap();
+        let dir = File::open(tmp.path()).unwrap();
+        let err = chmod_nofollow(dir.as_fd(), b"p", 0o666).unwrap_err();
+        assert!(err.to_string().contains("replaced by a symlink"), "{err}");
+        let mode = std::fs::metadata(&victim).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        rustix::fs::mknodat(dir.as_fd(), "q", FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
+        chmod_nofollow(dir.as_fd(), b"q", 0o640).unwrap();
+        let mode = std::fs::symlink_metadata(tmp.path().join("q"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o640);
+    }
 }

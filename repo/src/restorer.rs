@@ -685,7 +685,7 @@ impl Ctx<'_> {
             overwrite: self.opts.overwrite,
         });
         group.files.push((node, shown.to_string()));
-        if group.files.len() >= CREATE_JOB {
+        if group.files.len() >= CREATE_JOB.min(self.window / 4).max(1) {
             self.dispatch(out)?;
         }
         Ok(())
@@ -722,7 +722,8 @@ impl Ctx<'_> {
             .send((job, done))
             .map_err(|_| Error::Interrupted("a restore's file creator stopped".into()))?;
         self.pending.push_back(Pending { dir, created });
-        while self.pending_files > self.window {
+        // Each pending file holds a descriptor, and each job its directory's.
+        while self.pending_files + self.pending.len() > self.window {
             self.settle(out)?;
         }
         Ok(())
@@ -758,6 +759,18 @@ impl Ctx<'_> {
                 }
                 Err(msg) => self.error(msg),
             }
+        }
+        Ok(())
+    }
+
+    /// Everything given or to be given to a creator in `dir`, created.
+    fn settle_dir(&mut self, dir: &Arc<OwnedFd>, out: &Outlet) -> Result<()> {
+        if self.group.as_ref().is_some_and(|g| Arc::ptr_eq(&g.dir, dir)) {
+            self.dispatch(out)?;
+        }
+        let key = Arc::as_ptr(dir) as usize;
+        while self.affinity.contains_key(&key) {
+            self.settle(out)?;
         }
         Ok(())
     }
@@ -862,6 +875,14 @@ impl Ctx<'_> {
         shown: &str,
         out: &Outlet,
     ) -> Result<()> {
+        // With --overwrite a creator removes what is in its way: nothing the
+        // walker makes itself in this directory is made while a creator may
+        // still work there (names a file system folds together, by case or
+        // normalization, would meet, and one could remove the other's).
+        let by_creator = node.kind == NodeKind::Symlink || (node.kind == NodeKind::File && node.nlink <= 1);
+        if self.opts.overwrite && !by_creator {
+            self.settle_dir(dir, out)?;
+        }
         let name = node.name.as_slice();
         match node.kind {
             NodeKind::Dir => {
@@ -1327,8 +1348,9 @@ pub fn restore_tree(
     .map_err(|e| Error::io("open", target, e.into()))?;
     // Three batches are open at once (being planned, queued, being
     // written), each holding files and directories open: each gets a
-    // seventh of the descriptor limit for either, files being created the
-    // last seventh, and 256 are left for the walk and the reads.
+    // seventh of the descriptor limit for either, files being created and
+    // their directories the last seventh, and 256 are left for the walk and
+    // the reads.
     let limit = fsmeta::raise_fd_limit();
     let max_open = (limit.saturating_sub(256) / 7).clamp(16, 8192) as usize;
     let errors = Mutex::new(Vec::new());
@@ -1368,18 +1390,20 @@ pub fn restore_tree(
                 }
             });
             let mut creators = Vec::new();
+            let mut creator_threads = Vec::new();
             for i in 0..CREATORS {
                 // Unbounded: the walker's window bounds what waits in all of them.
                 let (jobs, queue) = crossbeam_channel::unbounded();
                 let queued = Arc::new(AtomicU64::new(0));
                 let counter = Arc::clone(&queued);
-                std::thread::Builder::new()
+                let thread = std::thread::Builder::new()
                     .name(format!("restore-create-{i}"))
                     .spawn_scoped(s, move || create_entries(queue, &counter))
                     .map_err(|e| {
                         Error::Interrupted(format!("failed to start a restore's file creator: {e}"))
                     })?;
                 creators.push(Creator { jobs, queued });
+                creator_threads.push(thread);
             }
             let out = Outlet {
                 batches: tx,
@@ -1399,7 +1423,7 @@ pub fn restore_tree(
                         .map_err(|_| Error::Interrupted("the restore's writer stopped".into()))
                     // Dropping `out` here lets the creators and the writer finish.
                 });
-            let walked = match walker {
+            let mut walked = match walker {
                 Ok(h) => h
                     .join()
                     .map_err(|_| Error::Interrupted("the restore walker panicked".into()))
@@ -1408,6 +1432,13 @@ pub fn restore_tree(
                     "failed to start the restore walker: {e}"
                 ))),
             };
+            // Joined here, so a panic is an error like the walker's, not
+            // the scope's panic.
+            for thread in creator_threads {
+                if thread.join().is_err() && walked.is_ok() {
+                    walked = Err(Error::Interrupted("a restore's file creator panicked".into()));
+                }
+            }
             writer
                 .join()
                 .map_err(|_| Error::Interrupted("the restore's writer panicked".into()))?;
