@@ -554,6 +554,34 @@ fn create_entries(
     }
 }
 
+/// Why [`create_with`] made nothing.
+enum NotMade {
+    /// Something is in the way and may not be replaced; the message says what.
+    Refused(String),
+    /// Making it failed.
+    Failed(Errno),
+}
+
+/// Runs `op` (which creates `name` in `dir`); if something is already
+/// there, removes it when overwriting is allowed (never a directory) and
+/// tries once more.
+fn create_with(
+    dir: &OwnedFd,
+    name: &[u8],
+    overwrite: bool,
+    shown: &str,
+    op: impl Fn() -> rustix::io::Result<()>,
+) -> std::result::Result<(), NotMade> {
+    match op() {
+        Ok(()) => Ok(()),
+        Err(Errno::EXIST) => {
+            make_room(dir, name, overwrite, shown).map_err(NotMade::Refused)?;
+            op().map_err(NotMade::Failed)
+        }
+        Err(e) => Err(NotMade::Failed(e)),
+    }
+}
+
 /// Makes the symlink `node` in `dir`; an existing entry is replaced only
 /// with `overwrite`, and never a directory. `Ok(Some)`: only its metadata failed.
 fn make_symlink(
@@ -566,16 +594,13 @@ fn make_symlink(
         return Err(format!("refused {shown}: symlink without a target"));
     };
     let name = node.name.as_slice();
-    let make = || rustix::fs::symlinkat(target.as_slice(), dir, name);
-    let failed = |e: Errno| format!("failed to create symlink {shown}: {e}");
-    match make() {
-        Ok(()) => {}
-        Err(Errno::EXIST) => {
-            make_room(dir, name, overwrite, shown)?;
-            make().map_err(failed)?;
-        }
-        Err(e) => return Err(failed(e)),
-    }
+    create_with(dir, name, overwrite, shown, || {
+        rustix::fs::symlinkat(target.as_slice(), dir, name)
+    })
+    .map_err(|e| match e {
+        NotMade::Refused(msg) => msg,
+        NotMade::Failed(e) => format!("failed to create symlink {shown}: {e}"),
+    })?;
     Ok(fsmeta::apply_at(dir, node)
         .err()
         .map(|e| format!("failed to set metadata of {shown}: {e}")))
@@ -648,28 +673,6 @@ impl Ctx<'_> {
             }
         }
         (full, full || partial)
-    }
-
-    /// Runs `op` (which creates `name`); if something is already there,
-    /// removes it when overwriting is allowed (never a directory) and tries once more.
-    fn create_with(
-        &self,
-        dir: &OwnedFd,
-        name: &[u8],
-        shown: &str,
-        op: impl Fn() -> rustix::io::Result<()>,
-    ) -> std::result::Result<(), Option<Errno>> {
-        match op() {
-            Ok(()) => Ok(()),
-            Err(Errno::EXIST) => match make_room(dir, name, self.opts.overwrite, shown) {
-                Ok(()) => op().map_err(Some),
-                Err(msg) => {
-                    self.error(msg);
-                    Err(None)
-                }
-            },
-            Err(e) => Err(Some(e)),
-        }
     }
 
     /// A file or symlink the walk met, to be created by a creator with the
@@ -1035,7 +1038,7 @@ impl Ctx<'_> {
                     NodeKind::CharDevice => FileType::CharacterDevice,
                     _ => FileType::BlockDevice,
                 };
-                let made = self.create_with(dir, name, shown, || {
+                let made = create_with(dir, name, self.opts.overwrite, shown, || {
                     rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(node.mode & 0o777), node.rdev)
                 });
                 match made {
@@ -1045,12 +1048,11 @@ impl Ctx<'_> {
                         }
                         self.outcome.others += 1;
                     }
-                    // Refused and reported when making room.
-                    Err(None) => {}
-                    Err(Some(Errno::PERM)) => {
+                    Err(NotMade::Refused(msg)) => self.error(msg),
+                    Err(NotMade::Failed(Errno::PERM)) => {
                         self.error(format!("skipped device node {shown}: creating it needs root"))
                     }
-                    Err(Some(e)) => self.error(format!("failed to create {shown}: {e}")),
+                    Err(NotMade::Failed(e)) => self.error(format!("failed to create {shown}: {e}")),
                 }
             }
             NodeKind::Socket => {
