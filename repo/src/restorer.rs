@@ -836,7 +836,7 @@ impl Ctx<'_> {
             // before it and before everything after it, as the listing orders.
             let in_order = twice.contains(node.name.as_slice());
             if in_order {
-                self.settle_all(out)?;
+                self.settle_dir(dir, out)?;
             }
             comps.push(node.name.clone());
             let shown = display(comps);
@@ -861,7 +861,7 @@ impl Ctx<'_> {
             self.restore_node(dir, comps, node, whole, &shown, out)?;
             comps.pop();
             if in_order {
-                self.settle_all(out)?;
+                self.settle_dir(dir, out)?;
             }
         }
         // This directory's files go to a creator now, not when the walk
