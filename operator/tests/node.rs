@@ -158,7 +158,10 @@ impl Node {
             kubectl: PathBuf::new(),
             helm: PathBuf::new(),
             plugins: dir.join("plugins"),
-            stopped: false,
+            // A start that failed has stopped what it started (or refused
+            // before starting anything, e.g. beside another cluster, which
+            // a `stop` from here must not touch): nothing for Drop to do.
+            stopped: !o.status.success(),
         };
         assert!(
             o.status.success(),
