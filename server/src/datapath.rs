@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 
+use crate::error::{CoreError, CoreResult};
 use backer_proto::v1 as pb;
 use backer_repo::crypto::ChunkKeys;
+use backer_repo::error::Chain;
 use backer_repo::id::BlobId;
 use backer_repo::pack::BlobType;
 use backer_repo::packer::Packer;
@@ -17,7 +19,6 @@ use backer_repo::store::{read_by_pack, verify_payload};
 use backer_repo::tree::{Extent, Tree};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
-use tonic::Status;
 
 use crate::jobs::{Active, JobState, Spec, guard};
 use crate::server::Shared;
@@ -25,25 +26,22 @@ use crate::server::Shared;
 /// Ids per Missing question, and per ReadChunks request.
 pub const MAX_IDS: usize = 4096;
 
-pub fn blob_id(b: &[u8]) -> Result<BlobId, Status> {
-    BlobId::from_slice(b).ok_or_else(|| Status::invalid_argument("a chunk id is not 32 bytes"))
+pub fn blob_id(b: &[u8]) -> CoreResult<BlobId> {
+    BlobId::from_slice(b).ok_or_else(|| CoreError::Invalid("a chunk id is not 32 bytes".into()))
 }
 
-pub fn backup_spec(active: &Active) -> Result<&crate::jobs::BackupSpec, Status> {
+pub fn backup_spec(active: &Active) -> CoreResult<&crate::jobs::BackupSpec> {
     match &active.spec {
         Spec::Backup(b) => Ok(b),
-        Spec::Restore { .. } => Err(Status::failed_precondition(format!(
-            "job {} is a restore",
-            active.id
-        ))),
+        Spec::Restore { .. } => Err(CoreError::Refused(format!("job {} is a restore", active.id))),
     }
 }
 
 /// Which of `ids` the repository lacks (by position).
-pub fn missing(active: &Active, ids: &[Vec<u8>]) -> Result<Vec<u32>, Status> {
+pub fn missing(active: &Active, ids: &[Vec<u8>]) -> CoreResult<Vec<u32>> {
     backup_spec(active)?;
     if ids.len() > MAX_IDS {
-        return Err(Status::invalid_argument(format!(
+        return Err(CoreError::Invalid(format!(
             "ask about at most {MAX_IDS} chunks at once"
         )));
     }
@@ -59,11 +57,7 @@ pub fn missing(active: &Active, ids: &[Vec<u8>]) -> Result<Vec<u32>, Status> {
 
 /// Checks and packs the chunks of one upload stream; runs on its own thread.
 /// Returns the number of blobs stored.
-pub fn ingest(
-    active: &Active,
-    mut rx: mpsc::Receiver<pb::UploadBatch>,
-    handle: Handle,
-) -> Result<u64, Status> {
+pub fn ingest(active: &Active, mut rx: mpsc::Receiver<pb::UploadBatch>, handle: Handle) -> CoreResult<u64> {
     // The job's repository lock is checked before the snapshot is written.
     let mut packer = Packer::new(&active.repo, None, handle);
     let mut stored = 0u64;
@@ -74,31 +68,30 @@ pub fn ingest(
     }
     packer
         .finish()
-        .map_err(|e| Status::internal(format!("failed to store the uploaded chunks: {e}")))?;
+        .map_err(CoreError::repo("store the uploaded chunks"))?;
     Ok(stored)
 }
 
 /// Checks an uploaded chunk without storing it: a known kind, a 32-byte id,
 /// a payload that decompresses to `raw_len` bytes hashing to that id, and
 /// for a tree, bytes that decode as one. Pure, so the fuzz targets reach it.
-pub fn check_upload(keys: &ChunkKeys, m: &pb::UploadChunk) -> Result<(BlobId, BlobType), Status> {
-    let invalid = |e: backer_repo::Error| Status::invalid_argument(e.to_string());
+pub fn check_upload(keys: &ChunkKeys, m: &pb::UploadChunk) -> CoreResult<(BlobId, BlobType)> {
     let id = blob_id(&m.id)?;
     let kind = match m.kind {
         0 => BlobType::Data,
         1 => BlobType::Tree,
-        k => return Err(Status::invalid_argument(format!("unknown blob kind {k}"))),
+        k => return Err(CoreError::Invalid(format!("unknown blob kind {k}"))),
     };
-    let raw = verify_payload(keys, kind, &id, &m.payload, m.raw_len).map_err(invalid)?;
+    let raw = verify_payload(keys, kind, &id, &m.payload, m.raw_len).map_err(CoreError::invalid)?;
     if kind == BlobType::Tree {
-        Tree::from_bytes(&raw, &format!("uploaded tree {id}")).map_err(invalid)?;
+        Tree::from_bytes(&raw, &format!("uploaded tree {id}")).map_err(CoreError::invalid)?;
     }
     Ok((id, kind))
 }
 
 /// Checks one chunk and packs it unless it is stored already; returns the
 /// bytes stored.
-fn ingest_one(active: &Active, packer: &mut Packer<'_>, m: pb::UploadChunk) -> Result<u64, Status> {
+fn ingest_one(active: &Active, packer: &mut Packer<'_>, m: pb::UploadChunk) -> CoreResult<u64> {
     let repo = &active.repo;
     let (id, kind) = check_upload(&repo.key().chunk, &m)?;
     if kind == BlobType::Tree {
@@ -109,14 +102,14 @@ fn ingest_one(active: &Active, packer: &mut Packer<'_>, m: pb::UploadChunk) -> R
     }
     packer
         .add(kind, id, &m.payload, m.raw_len)
-        .map_err(|e| Status::internal(format!("failed to store chunk {id}: {e}")))?;
+        .map_err(CoreError::repo(format!("store chunk {id}")))?;
     Ok(m.payload.len() as u64)
 }
 
 /// A tree the job may read; its subtrees become readable in turn.
-pub async fn read_tree(active: &Active, id: BlobId) -> Result<Vec<u8>, Status> {
+pub async fn read_tree(active: &Active, id: BlobId) -> CoreResult<Vec<u8>> {
     if !guard(&active.readable_trees).contains(&id) {
-        return Err(Status::permission_denied(format!(
+        return Err(CoreError::Denied(format!(
             "tree {id} is not part of what job {} may read",
             active.id
         )));
@@ -125,9 +118,10 @@ pub async fn read_tree(active: &Active, id: BlobId) -> Result<Vec<u8>, Status> {
         .repo
         .load_tree(&id)
         .await
-        .map_err(|e| Status::internal(format!("failed to read tree {id}: {e}")))?;
+        .map_err(CoreError::repo(format!("read tree {id}")))?;
     guard(&active.readable_trees).extend(tree.nodes.iter().filter_map(|n| n.subtree));
-    tree.to_bytes().map_err(|e| Status::internal(e.to_string()))
+    tree.to_bytes()
+        .map_err(CoreError::repo(format!("encode tree {id}")))
 }
 
 /// Streams the stored (compressed) payload of each chunk of a restore job.
@@ -137,15 +131,12 @@ pub fn read_chunks(
     active: Arc<Active>,
     ids: Vec<Vec<u8>>,
     handle: Handle,
-) -> Result<mpsc::Receiver<Result<pb::ChunkData, Status>>, Status> {
+) -> CoreResult<mpsc::Receiver<pb::ChunkData>> {
     if !matches!(active.spec, Spec::Restore { .. }) {
-        return Err(Status::failed_precondition(format!(
-            "job {} is not a restore",
-            active.id
-        )));
+        return Err(CoreError::Refused(format!("job {} is not a restore", active.id)));
     }
     if ids.len() > MAX_IDS {
-        return Err(Status::invalid_argument(format!(
+        return Err(CoreError::Invalid(format!(
             "ask for at most {MAX_IDS} chunks at once"
         )));
     }
@@ -167,7 +158,7 @@ pub fn read_chunks(
                 raw_len: loc.entry.raw_len,
                 error: String::new(),
             };
-            tx.blocking_send(Ok(msg))
+            tx.blocking_send(msg)
                 .map_err(|_| "the agent went away".to_string())
         });
         // What could not be read is named, so the agent fails those files only.
@@ -177,7 +168,7 @@ pub fn read_chunks(
                 error: why,
                 ..Default::default()
             };
-            if tx.blocking_send(Ok(msg)).is_err() {
+            if tx.blocking_send(msg).is_err() {
                 break;
             }
         }
@@ -188,24 +179,22 @@ pub fn read_chunks(
 /// Ends a backup: checks that every tree it uploaded names only stored
 /// blobs and that its root is stored, then writes the snapshot, named
 /// after the client whatever the agent says.
-pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str) -> Result<String, Status> {
+pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str) -> CoreResult<String> {
     let spec = backup_spec(active)?;
     if *guard(&active.uploading) {
-        return Err(Status::failed_precondition("an upload of this job is still open"));
+        return Err(CoreError::Refused("an upload of this job is still open".into()));
     }
     if active.finishing.swap(true, std::sync::atomic::Ordering::SeqCst) {
-        return Err(Status::failed_precondition(
-            "this backup is already being finished",
-        ));
+        return Err(CoreError::Refused("this backup is already being finished".into()));
     }
     let started = std::time::Instant::now();
     let mut snap: Snapshot = serde_json::from_str(snapshot_json)
-        .map_err(|e| Status::invalid_argument(format!("the snapshot is not valid: {e}")))?;
+        .map_err(|e| CoreError::Invalid(format!("the snapshot is not valid: {e}")))?;
     let repo = shared
         .storage
         .refresh()
         .await
-        .map_err(|e| Status::internal(format!("failed to read the index: {e}")))?;
+        .map_err(CoreError::repo("read the index"))?;
     let mut problems = Vec::new();
     // Stored, and as the kind of blob the tree says: a data chunk named as
     // a tree (or the reverse) is as absent as a missing one.
@@ -223,7 +212,7 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
         })
         .buffer_unordered(8);
     while let Some((t, tree)) = reads.next().await {
-        let tree = tree.map_err(|e| Status::internal(format!("failed to read back tree {t}: {e}")))?;
+        let tree = tree.map_err(CoreError::repo(format!("read back tree {t}")))?;
         for n in &tree.nodes {
             let missing = n.subtree.filter(|s| !stored_as(s, BlobType::Tree)).or_else(|| {
                 n.content.iter().find_map(|e| match e {
@@ -250,7 +239,7 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
             problems.join("; ")
         );
         crate::runner::end(shared, &active.id, JobState::Failed, vec![msg.clone()], None).await;
-        return Err(Status::failed_precondition(msg));
+        return Err(CoreError::Refused(msg));
     }
     tracing::info!(job = %active.id, trees = checked, ms = started.elapsed().as_millis() as u64, "backup checked");
     snap.hostname = active.client.clone();
@@ -265,17 +254,17 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     let (id, forgotten) = {
         let held = active.lock.lock().await;
         let Some(lock) = held.as_ref() else {
-            return Err(Status::aborted(
-                "the job ended before its snapshot could be written",
+            return Err(CoreError::Aborted(
+                "the job ended before its snapshot could be written".into(),
             ));
         };
         lock.check_fresh()
             .await
-            .map_err(|e| Status::aborted(format!("the repository lock was lost: {e}")))?;
+            .map_err(|e| CoreError::Aborted(format!("the repository lock was lost: {}", Chain(&e))))?;
         let id = repo
             .save_snapshot(&snap)
             .await
-            .map_err(|e| Status::internal(format!("failed to write the snapshot: {e}")))?;
+            .map_err(CoreError::repo("write the snapshot"))?;
         // Under the same lock: a forget checks it is still held.
         let forgotten = match &spec.retention {
             Some(policy) => {

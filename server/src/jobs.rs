@@ -6,13 +6,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::error::{CoreError, CoreResult};
 use backer_proto::v1 as pb;
 use backer_repo::Repository;
 use backer_repo::id::{BlobId, SnapshotId};
 use backer_repo::lock::Lock;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tonic::Status;
 
 use crate::state::{StateError, write_atomic};
 
@@ -373,12 +373,12 @@ impl Jobs {
 
     /// The running job `id`, if it belongs to `client`; what an agent's
     /// data calls are checked against.
-    pub fn active_for(&self, id: &str, client: &str) -> Result<Arc<Active>, Status> {
+    pub fn active_for(&self, id: &str, client: &str) -> CoreResult<Arc<Active>> {
         let inner = guard(&self.inner);
         match inner.active.get(id) {
             Some(a) if a.client == client => Ok(Arc::clone(a)),
             // Another client's job looks the same as none at all.
-            _ => Err(Status::failed_precondition(format!(
+            _ => Err(CoreError::Refused(format!(
                 "job {id} is not a running job of client {client}"
             ))),
         }

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod datapath;
+pub mod error;
 pub mod grpc;
 pub mod jobs;
 pub mod login;

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use backer_proto::v1 as pb;
 use backer_repo::lock::Lock;
-use tonic::Status;
+
+use crate::error::{CoreError, CoreResult};
 
 use crate::jobs::{Active, BackupSpec, JobRecord, JobState, Kind, Spec};
 use crate::server::Shared;
@@ -21,23 +22,21 @@ fn now(shared: &Shared) -> i64 {
 }
 
 /// The client must be enrolled and connected for a job to start.
-fn check_client(shared: &Shared, client: &str) -> Result<(), Status> {
+fn check_client(shared: &Shared, client: &str) -> CoreResult<()> {
     match shared.registry().clients.get(client).map(|r| r.state) {
         Some(ClientState::Enrolled) => {}
         Some(ClientState::Revoked) => {
-            return Err(Status::failed_precondition(format!(
-                "client {client} has been revoked"
-            )));
+            return Err(CoreError::Refused(format!("client {client} has been revoked")));
         }
         Some(ClientState::Pending) => {
-            return Err(Status::failed_precondition(format!(
+            return Err(CoreError::Refused(format!(
                 "client {client} has not enrolled yet: run `backer-agent enroll` on it"
             )));
         }
-        None => return Err(Status::not_found(format!("no client named {client}"))),
+        None => return Err(CoreError::NotFound(format!("no client named {client}"))),
     }
     if !shared.is_connected(client) {
-        return Err(Status::unavailable(format!(
+        return Err(CoreError::Unavailable(format!(
             "client {client} is not connected: start `backer-agent run` on it"
         )));
     }
@@ -46,11 +45,11 @@ fn check_client(shared: &Shared, client: &str) -> Result<(), Status> {
 
 /// Lexically absolute, `..`-free paths, sorted, as the agent will record them.
 /// Public so the fuzz targets check it on decoded requests.
-pub fn clean_paths(paths: &[String], what: &str) -> Result<Vec<String>, Status> {
+pub fn clean_paths(paths: &[String], what: &str) -> CoreResult<Vec<String>> {
     let mut out = Vec::new();
     for p in paths {
         if !p.starts_with('/') {
-            return Err(Status::invalid_argument(format!(
+            return Err(CoreError::Invalid(format!(
                 "{what} {p:?} is not absolute: give the full path on the client"
             )));
         }
@@ -59,7 +58,7 @@ pub fn clean_paths(paths: &[String], what: &str) -> Result<Vec<String>, Status> 
             match c {
                 std::path::Component::Normal(n) => clean.push(n),
                 std::path::Component::ParentDir => {
-                    return Err(Status::invalid_argument(format!("{what} {p:?} contains `..`")));
+                    return Err(CoreError::Invalid(format!("{what} {p:?} contains `..`")));
                 }
                 _ => {}
             }
@@ -84,13 +83,13 @@ pub async fn start_backup(
     shared: &Arc<Shared>,
     req: pb::StartBackupRequest,
     origin: &str,
-) -> Result<JobRecord, Status> {
+) -> CoreResult<JobRecord> {
     let plan = plan_backup(shared, req).await?;
     launch_backup(shared, plan, origin).await
 }
 
 /// Checks a backup request and finds its parent; records nothing.
-pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> Result<BackupPlan, Status> {
+pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> CoreResult<BackupPlan> {
     let client = req.client;
     let (mut paths, mut excludes) = (req.paths, req.excludes);
     let mut retention = req.retention.map(|r| {
@@ -112,7 +111,7 @@ pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> R
     if paths.is_empty() {
         let config = shared.config();
         let def = config.clients.get(&client).ok_or_else(|| {
-            Status::invalid_argument(format!(
+            CoreError::Invalid(format!(
                 "no path given and client {client} has no backups configured: name the paths to back up"
             ))
         })?;
@@ -127,15 +126,14 @@ pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> R
             }
         }
         if paths.is_empty() {
-            return Err(Status::invalid_argument(format!(
+            return Err(CoreError::Invalid(format!(
                 "no path given and the backups configured for {client} name none"
             )));
         }
     }
     let paths = clean_paths(&paths, "path")?;
     for e in &excludes {
-        backer_repo::archiver::Excluder::new(std::slice::from_ref(e))
-            .map_err(|err| Status::invalid_argument(err.to_string()))?;
+        backer_repo::archiver::Excluder::new(std::slice::from_ref(e)).map_err(CoreError::invalid)?;
     }
     check_client(shared, &client)?;
 
@@ -143,7 +141,7 @@ pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> R
     let parent = repo
         .parent_snapshot(&client, &paths, &req.tags)
         .await
-        .map_err(|e| Status::internal(format!("failed to list snapshots: {e}")))?
+        .map_err(CoreError::repo("list snapshots"))?
         .map(|s| (s.id, s.snapshot.tree));
     Ok(BackupPlan {
         client,
@@ -159,11 +157,7 @@ pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> R
 }
 
 /// Records the job, locks the repository and sends the work to the agent.
-pub async fn launch_backup(
-    shared: &Arc<Shared>,
-    plan: BackupPlan,
-    origin: &str,
-) -> Result<JobRecord, Status> {
+pub async fn launch_backup(shared: &Arc<Shared>, plan: BackupPlan, origin: &str) -> CoreResult<JobRecord> {
     let BackupPlan { client, spec } = plan;
     let repo = shared.storage.repo();
     let record = shared.jobs.create(Kind::Backup, &client, origin, now(shared));
@@ -202,7 +196,7 @@ pub async fn start_restore(
     shared: &Arc<Shared>,
     req: pb::StartRestoreRequest,
     origin: &str,
-) -> Result<JobRecord, Status> {
+) -> CoreResult<JobRecord> {
     let repo = shared.storage.repo();
     let entry = find_snapshot(&repo, &req.snapshot, &req.client).await?;
     let to = if req.to_client.is_empty() {
@@ -211,8 +205,9 @@ pub async fn start_restore(
         req.to_client.clone()
     };
     if req.target.is_empty() {
-        return Err(Status::invalid_argument(
-            "no restore target: give --target DIR (an absolute directory on the client; / restores in place)",
+        return Err(CoreError::Invalid(
+            "no restore target: give --target DIR (an absolute directory on the client; / restores in place)"
+                .into(),
         ));
     }
     let target = clean_paths(std::slice::from_ref(&req.target), "target")?.remove(0);
@@ -267,7 +262,7 @@ async fn activate(
     repo: Arc<backer_repo::Repository>,
     lock: Lock,
     readable: std::collections::HashSet<backer_repo::id::BlobId>,
-) -> Result<Arc<Active>, Status> {
+) -> CoreResult<Arc<Active>> {
     let Some(conn) = shared.connection_id(client) else {
         let _ = lock.release().await;
         return Err(fail_now(
@@ -298,7 +293,7 @@ async fn lock_and_refresh(
     repo: &backer_repo::Repository,
     purpose: &str,
     id: &str,
-) -> Result<(Lock, Arc<backer_repo::Repository>), Status> {
+) -> CoreResult<(Lock, Arc<backer_repo::Repository>)> {
     let lock = Lock::acquire(repo, false, &format!("{purpose} (job {id})"), LOCK_WAIT)
         .await
         .map_err(|e| fail_now(shared, id, format!("failed to lock the repository: {e}")))?;
@@ -318,10 +313,10 @@ pub async fn find_snapshot(
     repo: &backer_repo::Repository,
     spec: &str,
     client: &str,
-) -> Result<backer_repo::snapshot::SnapshotEntry, Status> {
+) -> CoreResult<backer_repo::snapshot::SnapshotEntry> {
     if spec.trim() == "latest" && client.is_empty() {
-        return Err(Status::invalid_argument(
-            "`latest` needs a client: give --client NAME",
+        return Err(CoreError::Invalid(
+            "`latest` needs a client: give --client NAME".into(),
         ));
     }
     let filter = if client.is_empty() {
@@ -332,35 +327,35 @@ pub async fn find_snapshot(
     let all = repo
         .snapshots()
         .await
-        .map_err(|e| Status::internal(format!("failed to list snapshots: {e}")))?;
+        .map_err(CoreError::repo("list snapshots"))?;
     backer_repo::snapshot::find(all, spec, &filter).map_err(|e| match e {
         backer_repo::Error::NoSuchSnapshot(_) | backer_repo::Error::NoLatest(_) => {
-            Status::not_found(e.to_string())
+            CoreError::NotFound(e.to_string())
         }
-        _ => Status::invalid_argument(e.to_string()),
+        _ => CoreError::invalid(e),
     })
 }
 
 /// Sends the job to the client's agent; a job that cannot be sent fails.
-async fn dispatch(shared: &Arc<Shared>, active: &Arc<Active>, work: pb::WorkItem) -> Result<(), Status> {
+async fn dispatch(shared: &Arc<Shared>, active: &Arc<Active>, work: pb::WorkItem) -> CoreResult<()> {
     let sender = shared.work_sender(&active.client);
     let sent = match sender {
-        Some(tx) => tx.send(Ok(work)).await.is_ok(),
+        Some(tx) => tx.send(work).await.is_ok(),
         None => false,
     };
     if !sent {
         let msg = format!("client {} disconnected before the job could start", active.client);
         end(shared, &active.id, JobState::Failed, vec![msg.clone()], None).await;
-        return Err(Status::unavailable(msg));
+        return Err(CoreError::Unavailable(msg));
     }
     Ok(())
 }
 
-fn fail_now(shared: &Shared, id: &str, msg: String) -> Status {
+fn fail_now(shared: &Shared, id: &str, msg: String) -> CoreError {
     shared
         .jobs
         .finish(id, JobState::Failed, vec![msg.clone()], None, now(shared));
-    Status::unavailable(msg)
+    CoreError::Unavailable(msg)
 }
 
 /// Ends a job: releases its lock, records the outcome, wakes watchers.

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use crate::error::{CoreError, CoreResult};
 use backer_proto::v1::WorkItem;
 use tokio::sync::mpsc;
-use tonic::Status;
 
 use crate::config::Config;
 use crate::jobs::Jobs;
@@ -29,7 +29,7 @@ pub struct Connection {
     pub id: u64,
     pub since: i64,
     pub version: String,
-    pub work: mpsc::Sender<Result<WorkItem, Status>>,
+    pub work: mpsc::Sender<WorkItem>,
 }
 
 pub struct Shared {
@@ -74,12 +74,15 @@ impl Shared {
     }
 
     /// Changes the registry and writes it to disk before answering.
-    pub fn update_registry<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> Result<R, Status> {
+    pub fn update_registry<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> CoreResult<R> {
         let mut reg = self.registry();
         let r = f(&mut reg);
         self.state
             .save_registry(&reg)
-            .map_err(|e| Status::internal(format!("failed to save the client registry: {e}")))?;
+            .map_err(|source| CoreError::State {
+                what: "save the client registry".into(),
+                source,
+            })?;
         Ok(r)
     }
 
@@ -139,7 +142,7 @@ impl Shared {
     }
 
     /// Where to send work for `client`'s agent, if it is connected.
-    pub fn work_sender(&self, client: &str) -> Option<mpsc::Sender<Result<WorkItem, Status>>> {
+    pub fn work_sender(&self, client: &str) -> Option<mpsc::Sender<WorkItem>> {
         self.connections().get(client).map(|c| c.work.clone())
     }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use backer_proto::v1::agent_report::Report;
 use backer_proto::v1::agent_server::{Agent, AgentServer};
 use backer_proto::v1::*;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -145,7 +145,7 @@ impl Agent for Service {
             tracing::info!(client = %name, "agent disconnected");
         });
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok),
         )))
     }
 
@@ -273,7 +273,7 @@ impl Agent for Service {
         let ids = r.ids.iter().map(|b| b.to_vec()).collect();
         let rx = datapath::read_chunks(active, ids, tokio::runtime::Handle::current())?;
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok),
         )))
     }
 

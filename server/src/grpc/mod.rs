@@ -5,6 +5,23 @@ pub mod auth;
 pub mod enrollment;
 pub mod management;
 
+/// The one place a core error becomes a gRPC status.
+impl From<crate::error::CoreError> for tonic::Status {
+    fn from(e: crate::error::CoreError) -> Self {
+        use crate::error::CoreError as E;
+        let msg = e.message();
+        match e {
+            E::Invalid(_) => tonic::Status::invalid_argument(msg),
+            E::NotFound(_) => tonic::Status::not_found(msg),
+            E::Refused(_) => tonic::Status::failed_precondition(msg),
+            E::Unavailable(_) => tonic::Status::unavailable(msg),
+            E::Denied(_) => tonic::Status::permission_denied(msg),
+            E::Aborted(_) => tonic::Status::aborted(msg),
+            E::Repo { .. } | E::State { .. } => tonic::Status::internal(msg),
+        }
+    }
+}
+
 /// Seconds since the Unix epoch, now.
 pub(crate) fn now() -> i64 {
     chrono::Utc::now().timestamp()
