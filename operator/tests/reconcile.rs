@@ -100,11 +100,18 @@ fn namespaces_other_than_the_operators_may_not_name_clients() {
     let glob = job(
         "apiVersion: backer.dev/v1alpha1\nkind: BackupJob\nmetadata: {name: j, namespace: apps}\nspec: {pvc: data, exclude: [\"a[\"]}\n",
     );
+    let e = validate(&glob, "backer-system").unwrap_err();
     assert!(
-        validate(&glob, "backer-system")
-            .unwrap_err()
-            .contains("not a valid glob")
+        e.contains("invalid exclude pattern \"a[\"") && e.contains("unclosed"),
+        "{e}"
     );
+    // `/` is a valid glob, but the engine refuses it as matching nothing:
+    // the BackupJob is refused when applied, not at its first backup.
+    let root = job(
+        "apiVersion: backer.dev/v1alpha1\nkind: BackupJob\nmetadata: {name: j, namespace: apps}\nspec: {pvc: data, exclude: [\"/\"]}\n",
+    );
+    let e = validate(&root, "backer-system").unwrap_err();
+    assert!(e.contains("matches nothing"), "{e}");
 }
 
 #[test]

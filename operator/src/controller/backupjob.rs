@@ -76,11 +76,10 @@ pub fn validate(job: &BackupJob, operator_ns: &str) -> Result<Option<Schedule>, 
              back up a PersistentVolumeClaim of this namespace instead"
         ));
     }
-    for e in &job.spec.exclude {
-        if globset::Glob::new(e).is_err() {
-            return Err(format!("exclude pattern {e:?} is not a valid glob"));
-        }
-    }
+    // The engine's own rule, so a pattern the agent would refuse at backup
+    // time is refused here, when the object is applied.
+    backer_repo::archiver::Excluder::new(&job.spec.exclude)
+        .map_err(|e| backer_repo::error::Chain(&e).to_string())?;
     Schedule::parse(&job.spec)
 }
 
