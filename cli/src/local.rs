@@ -1206,11 +1206,10 @@ pub async fn forget(g: &Global, a: ForgetArgs) -> Result<u8> {
             let decisions = if policy.is_empty() {
                 Vec::new()
             } else {
-                policy.apply(&all, grouping)?
+                let plan = policy.plan_forget(&all, grouping)?;
+                remove.extend(plan.remove);
+                plan.groups
             };
-            for group in &decisions {
-                remove.extend(group.snapshots.iter().filter(|d| !d.keep).map(|d| d.id));
-            }
             remove.sort();
             remove.dedup();
             if g.json {

@@ -99,6 +99,15 @@ pub struct GroupDecision {
     pub snapshots: Vec<Decision>,
 }
 
+/// A policy's verdict over a set of snapshots (see
+/// [`RetentionPolicy::plan_forget`]).
+#[derive(Debug, Clone)]
+pub struct ForgetPlan {
+    pub groups: Vec<GroupDecision>,
+    /// Oldest id first, each once.
+    pub remove: Vec<SnapshotId>,
+}
+
 impl RetentionPolicy {
     pub fn is_empty(&self) -> bool {
         self.keep_last.is_none()
@@ -122,8 +131,10 @@ impl RetentionPolicy {
         }
         let mut groups: BTreeMap<GroupKey, Vec<&SnapshotEntry>> = BTreeMap::new();
         for s in snapshots {
+            // Tags as a set, as a series is ([`crate::snapshot::in_series`]).
             let mut tags = s.snapshot.tags.clone();
             tags.sort();
+            tags.dedup();
             let key = GroupKey {
                 host: grouping.host.then(|| s.snapshot.hostname.clone()),
                 paths: grouping.paths.then(|| s.snapshot.paths.clone()),
@@ -141,6 +152,22 @@ impl RetentionPolicy {
                 }
             })
             .collect())
+    }
+
+    /// What this policy forgets among `snapshots`: each group's decisions
+    /// (to show) and the ids that go. The one rule for `backer forget` and
+    /// a server job's retention; [`crate::Repository::forget`] removes them.
+    pub fn plan_forget(&self, snapshots: &[SnapshotEntry], grouping: Grouping) -> Result<ForgetPlan> {
+        let groups = self.apply(snapshots, grouping)?;
+        let mut remove: Vec<SnapshotId> = groups
+            .iter()
+            .flat_map(|g| &g.snapshots)
+            .filter(|d| !d.keep)
+            .map(|d| d.id)
+            .collect();
+        remove.sort();
+        remove.dedup();
+        Ok(ForgetPlan { groups, remove })
     }
 
     /// `list` is newest first.

@@ -87,26 +87,33 @@ impl SnapshotFilter {
     }
 }
 
+/// Whether `s` belongs to the series of backups by `host` of `paths` with
+/// `tags` (as a set: order and repeats aside). Tags tell apart volumes that
+/// share a node and a path inside them. The one rule for a backup's parent
+/// and for what a server job's retention may forget.
+pub fn in_series(s: &Snapshot, host: &str, paths: &[String], tags: &[String]) -> bool {
+    fn set(t: &[String]) -> Vec<&String> {
+        let mut v: Vec<&String> = t.iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+    s.hostname == host && s.paths == paths && set(&s.tags) == set(tags)
+}
+
 /// The parent of a backup of `paths` by `host` with `tags`, among `all`
-/// (oldest first): the newest snapshot of the same host, paths and tags.
-/// Its unchanged files are not read again. Tags tell apart volumes that
-/// share a node and a path inside them; another host's snapshot is never
-/// a parent. The one rule for `backer backup` and the server.
+/// (oldest first): the newest snapshot of the same series ([`in_series`]).
+/// Its unchanged files are not read again; another host's snapshot is
+/// never a parent. The one rule for `backer backup` and the server.
 pub fn parent<'a>(
     all: &'a [SnapshotEntry],
     host: &str,
     paths: &[String],
     tags: &[String],
 ) -> Option<&'a SnapshotEntry> {
-    let mut wanted: Vec<&String> = tags.iter().collect();
-    wanted.sort_unstable();
-    wanted.dedup();
-    all.iter().rev().find(|s| {
-        let mut has: Vec<&String> = s.snapshot.tags.iter().collect();
-        has.sort_unstable();
-        has.dedup();
-        s.snapshot.hostname == host && s.snapshot.paths == paths && has == wanted
-    })
+    all.iter()
+        .rev()
+        .find(|s| in_series(&s.snapshot, host, paths, tags))
 }
 
 /// Resolves `spec` among `all` (oldest first): `latest`, a full id, or a
@@ -211,6 +218,37 @@ mod tests {
         assert_eq!(id(parent(&all, "web", &paths, &tags(&["pvc"]))), None);
         assert_eq!(id(parent(&all, "db", &paths, &tags(&["vol-b", "pvc"]))), None);
         assert_eq!(id(parent(&all, "web", &["/other".to_string()], &[])), None);
+    }
+
+    #[test]
+    fn a_series_is_one_host_paths_and_tag_set_and_a_job_forgets_only_its_own() {
+        let s = |n, host, minute, tags| entry(n, host, minute, tags);
+        let all = vec![
+            s(0x11, "h", 1, &["pvc=a", "ns=x"]),
+            s(0x22, "h", 2, &["ns=x", "pvc=a"]),
+            s(0x33, "h", 3, &["ns=x", "pvc=a", "extra"]),
+            s(0x44, "other", 4, &["ns=x", "pvc=a"]),
+            s(0x55, "h", 5, &["ns=x", "pvc=a", "pvc=a"]),
+        ];
+        let tags = ["pvc=a".to_string(), "ns=x".to_string()];
+        let paths = ["/data".to_string()];
+        let series: Vec<_> = all
+            .iter()
+            .filter(|e| in_series(&e.snapshot, "h", &paths, &tags))
+            .cloned()
+            .collect();
+        // Tag order and repeats aside; a superset of tags or another host is
+        // another series.
+        let ids: Vec<u8> = series.iter().map(|e| e.id.0[0]).collect();
+        assert_eq!(ids, [0x11, 0x22, 0x55]);
+        assert_eq!(parent(&all, "h", &paths, &tags).unwrap().id.0[0], 0x55);
+        let policy = crate::retention::RetentionPolicy {
+            keep_last: Some(1),
+            ..Default::default()
+        };
+        let grouping = crate::retention::Grouping::parse("host,paths,tags").unwrap();
+        let plan = policy.plan_forget(&series, grouping).unwrap();
+        assert_eq!(plan.remove, [SnapshotId([0x11; 32]), SnapshotId([0x22; 32])]);
     }
 
     #[test]

@@ -298,7 +298,7 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     Ok(id.to_hex())
 }
 
-/// Forgets the snapshots of `client` over `paths` with exactly `tags` that
+/// Forgets the snapshots of `client`'s series (`paths`, `tags`) that
 /// `policy` does not keep, through the repository's forget (which checks
 /// `lock` is still held). Their data stays until a prune. Returns how many
 /// went.
@@ -310,22 +310,17 @@ async fn apply_retention(
     tags: &[String],
     policy: &backer_repo::retention::RetentionPolicy,
 ) -> Result<usize, backer_repo::Error> {
-    let mine: Vec<_> = repo
+    use backer_repo::retention::Grouping;
+    let series: Vec<_> = repo
         .snapshots()
         .await?
         .into_iter()
-        .filter(|s| s.snapshot.hostname == client && s.snapshot.paths == paths && s.snapshot.tags == tags)
+        .filter(|s| backer_repo::snapshot::in_series(&s.snapshot, client, paths, tags))
         .collect();
-    let decisions = policy.apply(&mine, backer_repo::retention::Grouping::parse("host,paths,tags")?)?;
-    let forget: Vec<_> = decisions
-        .iter()
-        .flat_map(|g| &g.snapshots)
-        .filter(|d| !d.keep)
-        .map(|d| d.id)
-        .collect();
-    repo.forget(&forget, lock).await?;
-    for id in &forget {
+    let plan = policy.plan_forget(&series, Grouping::parse("host,paths,tags")?)?;
+    repo.forget(&plan.remove, lock).await?;
+    for id in &plan.remove {
         tracing::info!(%client, snapshot = %id.short(), "forgotten by retention");
     }
-    Ok(forget.len())
+    Ok(plan.remove.len())
 }
