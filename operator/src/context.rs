@@ -49,6 +49,9 @@ pub struct Context {
     /// One certificate signed at a time: two requests for one node signed
     /// at once would each revoke the other's certificate.
     pub signing: tokio::sync::Mutex<()>,
+    /// The operator's one stop (SIGTERM, or the lease lost): the
+    /// controllers end the reconciles under way and return.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for Context {

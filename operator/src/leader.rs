@@ -144,10 +144,21 @@ async fn try_hold(api: &Api<Lease>, identity: &str, seen: &mut Seen) -> Result<b
 pub struct Leadership {
     api: Api<Lease>,
     identity: String,
-    renewing: tokio::task::JoinHandle<()>,
+    /// Ends, with why, when the lease is lost: the caller stops leading.
+    renewing: tokio::task::JoinHandle<String>,
 }
 
 impl Leadership {
+    /// Resolves when the lease is lost (another replica took it, or it
+    /// could not be renewed in time), saying why. The caller must stop
+    /// reconciling at once: another replica may lead already.
+    pub async fn lost(&mut self) -> String {
+        match (&mut self.renewing).await {
+            Ok(why) => why,
+            Err(e) => format!("the lease renewal task failed: {e}"),
+        }
+    }
+
     /// Stops renewing and gives the lease up (holder cleared), so a waiting
     /// replica takes over at its next look. A failure is logged: the lease
     /// then simply expires.
@@ -184,7 +195,7 @@ impl Leadership {
 }
 
 /// Waits until this replica leads, then keeps renewing in the background.
-/// Losing the lease ends the process. `role` says standby once the lease
+/// Losing the lease ends [`Leadership::lost`]. `role` says standby once the lease
 /// was read and another replica holds it.
 pub async fn lead(
     client: Client,
@@ -221,15 +232,11 @@ pub async fn lead(
             let attempt = tokio::time::timeout(RENEW, try_hold(&api, &identity, &mut seen)).await;
             match attempt.unwrap_or_else(|_| Err(Error::Server("the lease renewal timed out".into()))) {
                 Ok(true) => last_ok = std::time::Instant::now(),
-                Ok(false) => {
-                    tracing::error!(lease = LEASE, "lost the lease to another replica: stopping");
-                    std::process::exit(1);
-                }
+                Ok(false) => return "lost the lease to another replica".to_string(),
                 Err(e) => {
                     tracing::warn!(lease = LEASE, "failed to renew the lease: {e}");
                     if last_ok.elapsed() > Duration::from_secs(DURATION_SECS as u64 - 3) {
-                        tracing::error!(lease = LEASE, "could not renew the lease in time: stopping");
-                        std::process::exit(1);
+                        return "could not renew the lease in time".to_string();
                     }
                 }
             }

@@ -144,8 +144,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // once and a leading one after its reconciles end, giving the lease up.
     // Without a handler the signal would be ignored (PID 1 in a container)
     // and the kubelet would wait out the grace period.
-    let stop = futures::FutureExt::shared(Box::pin(backer_proto::terminated()));
-    let leadership = tokio::select! {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signal = {
+        let shutdown = shutdown.clone();
+        async move {
+            backer_proto::terminated().await;
+            shutdown.cancel();
+            std::future::pending::<()>().await
+        }
+    };
+    let mut signal = std::pin::pin!(signal);
+    let stop = shutdown.clone();
+    let mut leadership = tokio::select! {
         l = backer_operator::leader::lead(
             client.clone(),
             &args.namespace,
@@ -153,7 +163,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Arc::clone(&metrics),
             Arc::clone(&role),
         ) => l?,
-        _ = stop.clone() => {
+        _ = &mut signal => unreachable!("the signal future never ends"),
+        _ = stop.cancelled() => {
             tracing::info!("stopped while waiting for the lease");
             return Ok(());
         }
@@ -185,6 +196,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         snapshots_changed: tokio::sync::Notify::new(),
         failures: Default::default(),
         signing: Default::default(),
+        shutdown: shutdown.clone(),
     });
     role.set_leading();
     tracing::info!(namespace = %args.namespace, server = %args.server, "reconciling");
@@ -206,8 +218,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut controllers = std::pin::pin!(controllers);
     tokio::select! {
         _ = &mut controllers => {}
-        _ = stop => {
-            // The controllers end on the same signal once their reconciles
+        _ = &mut signal => unreachable!("the signal future never ends"),
+        why = leadership.lost() => {
+            // Another replica may lead already: stop reconciling at once
+            // (dropping the controllers) and exit non-zero, so the pod is
+            // restarted and waits for the lease again.
+            shutdown.cancel();
+            tracing::error!("stopped leading: {why}");
+            anyhow::bail!("stopped leading: {why}");
+        }
+        _ = stop.cancelled() => {
+            // The controllers end on the same token once their reconciles
             // under way are done; bounded, so the lease is given up in time.
             if tokio::time::timeout(Duration::from_secs(10), &mut controllers).await.is_err() {
                 tracing::warn!("reconciles still under way after 10 s: stopping anyway");

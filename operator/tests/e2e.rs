@@ -945,6 +945,53 @@ fn operator_end_to_end() {
     op = operator.start();
     assert_eq!(settled_phase(&cp, "backupjob", "slow-1", NS, 120), "Succeeded");
 
+    // --- The lease taken by another replica: the operator stops leading at
+    // once and exits non-zero saying why (its main returns; no task ends
+    // the process behind its back); once the lease is free a restart leads.
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");
+    cp.ok(&[
+        "patch",
+        "lease",
+        "backer-operator",
+        "-n",
+        NS,
+        "--type",
+        "merge",
+        "-p",
+        &format!(
+            r#"{{"spec":{{"holderIdentity":"intruder","renewTime":"{now}","leaseDurationSeconds":15}}}}"#
+        ),
+    ]);
+    let taken = Instant::now();
+    let status = loop {
+        if let Some(s) = op.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            taken.elapsed() < Duration::from_secs(20),
+            "the operator still runs 20 s after its lease was taken"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status.code(), Some(1), "{status}");
+    let log = std::fs::read_to_string(&operator.log).unwrap();
+    assert!(
+        log.contains("stopped leading: lost the lease to another replica"),
+        "{log}"
+    );
+    backer_testkit::figures(
+        "e2e",
+        format!(
+            "lease taken by another replica: the operator stopped in {:.1} s, exit 1",
+            taken.elapsed().as_secs_f64()
+        ),
+    );
+    cp.ok(&["delete", "lease", "backer-operator", "-n", NS]);
+    op = operator.start();
+    eventually("the restarted operator to lead", 30, || {
+        cp.jsonpath("lease", "backer-operator", Some(NS), "{.spec.holderIdentity}") == "backer-operator-0"
+    });
+
     // --- The API server crashes mid-job and comes back: the operator's
     // watches resume and the job still ends Succeeded. An operator that lost
     // its lease meanwhile stops (as client-go's leader election does) and,

@@ -297,6 +297,7 @@ fn context() -> (Arc<Context>, Handle) {
         snapshots_changed: tokio::sync::Notify::new(),
         failures: Default::default(),
         signing: Default::default(),
+        shutdown: Default::default(),
     };
     (Arc::new(ctx), handle)
 }

@@ -400,10 +400,13 @@ pub async fn client_gone(shared: &Shared, client: &str, conn: Option<u64>, why: 
 
 /// Fires scheduled backups: each minute (of the server's clock), every
 /// client whose schedules say so gets a backup of its configured paths.
-pub async fn run_schedules(shared: Arc<Shared>) {
+pub async fn run_schedules(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
     let mut last = shared.now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    while stop
+        .run_until_cancelled(tokio::time::sleep(Duration::from_millis(500)))
+        .await
+        .is_some()
+    {
         let now = shared.now();
         let config = shared.config();
         for (name, def) in &config.clients {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use crate::error::{CoreError, CoreResult};
 use backer_proto::v1::WorkItem;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::jobs::Jobs;
@@ -272,16 +273,22 @@ pub async fn run(
         logins: crate::login::Throttle::default(),
         admin_certs,
     });
-    spawn_reload_on_hangup(Arc::clone(&shared), config_path);
+    // The server's own tasks end on `stop` and are joined before `run`
+    // returns: no schedule fires, and no reload happens, after a stop.
+    let stop = CancellationToken::new();
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(reload_on_hangup(Arc::clone(&shared), config_path, stop.clone()));
     // Kubernetes updates a mounted Secret within a minute or two of a
     // change; checking every few seconds costs two small reads.
-    server_cert.watch(CERT_CHECK);
-    tokio::spawn(crate::runner::run_schedules(Arc::clone(&shared)));
+    background.spawn(Arc::clone(&server_cert).watch(CERT_CHECK, stop.clone()));
+    background.spawn(crate::runner::run_schedules(Arc::clone(&shared), stop.clone()));
 
     let shutdown = {
         let shared = Arc::clone(&shared);
+        let stop = stop.clone();
         async move {
             shutdown.await;
+            stop.cancel();
             // Agents' Work streams never end by themselves, and a graceful
             // stop waits for every call under way: end them (the registry of
             // connections holds their only senders). The agents reconnect
@@ -330,9 +337,13 @@ pub async fn run(
         };
     if shared.insecure_plaintext {
         // Repeated, so nobody mistakes a development server for a real one.
-        tokio::spawn(async {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+        let stop = stop.clone();
+        background.spawn(async move {
+            while stop
+                .run_until_cancelled(tokio::time::sleep(std::time::Duration::from_secs(600)))
+                .await
+                .is_some()
+            {
                 warn_plaintext();
             }
         });
@@ -348,12 +359,18 @@ pub async fn run(
     // Uploads under way get a moment to end; after that the stop goes on
     // (their jobs are marked failed at the next start, and no snapshot of
     // theirs was written).
-    let (a, b, c) = tokio::select! {
-        r = async { tokio::join!(mgmt, data, rest) } => r,
+    let served = tokio::select! {
+        r = async { tokio::join!(mgmt, data, rest) } => Some(r),
         _ = async { stopped.await; tokio::time::sleep(STOP_GRACE).await } => {
             tracing::warn!("calls still under way {} s after the stop: stopping anyway", STOP_GRACE.as_secs());
-            return Ok(());
+            None
         }
+    };
+    // A listener that failed ends the server too: its tasks stop with it.
+    stop.cancel();
+    while background.join_next().await.is_some() {}
+    let Some((a, b, c)) = served else {
+        return Ok(());
     };
     a?;
     b?;
@@ -408,20 +425,18 @@ fn server_certificate(
 }
 
 /// SIGHUP reloads the configuration; a bad one is reported and the old one kept.
-fn spawn_reload_on_hangup(shared: Arc<Shared>, path: PathBuf) {
-    tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-            tracing::warn!("failed to install the SIGHUP handler; reload by restarting");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match Config::load(&path) {
-                Ok(c) => {
-                    tracing::info!(clients = c.clients.len(), "configuration reloaded");
-                    shared.set_config(c);
-                }
-                Err(e) => tracing::error!("kept the previous configuration: {e}"),
+async fn reload_on_hangup(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("failed to install the SIGHUP handler; reload by restarting");
+        return;
+    };
+    while let Some(Some(())) = stop.run_until_cancelled(hup.recv()).await {
+        match Config::load(&path) {
+            Ok(c) => {
+                tracing::info!(clients = c.clients.len(), "configuration reloaded");
+                shared.set_config(c);
             }
+            Err(e) => tracing::error!("kept the previous configuration: {e}"),
         }
-    });
+    }
 }

@@ -137,31 +137,29 @@ impl ServerCert {
         Ok(true)
     }
 
-    /// Calls [`ServerCert::reload`] every `every`, logging what it finds. A
-    /// failure is logged once until the files are good again.
-    pub fn watch(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let me = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut failing = false;
-            loop {
-                tokio::time::sleep(every).await;
-                match me.reload() {
-                    Ok(true) => {
-                        failing = false;
-                        let ends = chrono::DateTime::from_timestamp(me.not_after(), 0).unwrap_or_default();
-                        tracing::info!(%ends, "loaded the renewed server certificate");
-                    }
-                    Ok(false) => failing = false,
-                    Err(e) if !failing => {
-                        failing = true;
-                        tracing::warn!(
-                            "failed to reload the server certificate, keeping the one in use: {e}"
-                        );
-                    }
-                    Err(_) => {}
+    /// Calls [`ServerCert::reload`] every `every` until `stop`, logging
+    /// what it finds. A failure is logged once until the files are good again.
+    pub async fn watch(self: Arc<Self>, every: Duration, stop: tokio_util::sync::CancellationToken) {
+        let mut failing = false;
+        while stop
+            .run_until_cancelled(tokio::time::sleep(every))
+            .await
+            .is_some()
+        {
+            match self.reload() {
+                Ok(true) => {
+                    failing = false;
+                    let ends = chrono::DateTime::from_timestamp(self.not_after(), 0).unwrap_or_default();
+                    tracing::info!(%ends, "loaded the renewed server certificate");
                 }
+                Ok(false) => failing = false,
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!("failed to reload the server certificate, keeping the one in use: {e}");
+                }
+                Err(_) => {}
             }
-        })
+        }
     }
 }
 

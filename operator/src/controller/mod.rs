@@ -28,8 +28,9 @@ where
     F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = Result<Action, Error>> + Send + 'static,
 {
+    let shutdown = ctx.shutdown.clone().cancelled_owned();
     controller
-        .shutdown_on_signal()
+        .graceful_shutdown_on(shutdown)
         .run(
             move |obj, ctx| {
                 let reconcile = reconcile.clone();
