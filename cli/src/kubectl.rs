@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use backer_operator::crd::{
+use backer_k8s_api::{
     BackerClient, BackerClientSpec, BackupJob, BackupJobSpec, OverwritePolicy, RestoreJob, RestoreJobSpec,
     RestoreTarget, Run, Snapshot, SnapshotListing, SnapshotListingSpec,
 };
