@@ -170,7 +170,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
-    let ca = backer_operator::pki::ensure(&client, &args.namespace, &args.server_names).await?;
+    // From here on a lost lease stops everything at once, whatever is under
+    // way: another replica may lead already.
+    let ca = tokio::select! {
+        ca = backer_operator::pki::ensure(&client, &args.namespace, &args.server_names) => ca?,
+        why = leadership.lost() => return Err(lost_lease(&why)),
+    };
     let ctx = Arc::new(Context {
         client: client.clone(),
         backer: Backer::new(args.server.clone(), Arc::new(ca)).with_data_address(args.server_data.clone()),
@@ -219,23 +224,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::select! {
         _ = &mut controllers => {}
         _ = &mut signal => unreachable!("the signal future never ends"),
-        why = leadership.lost() => {
-            // Another replica may lead already: stop reconciling at once
-            // (dropping the controllers) and exit non-zero, so the pod is
-            // restarted and waits for the lease again.
-            shutdown.cancel();
-            tracing::error!("stopped leading: {why}");
-            anyhow::bail!("stopped leading: {why}");
-        }
+        // Stop reconciling at once (the controllers are dropped) and exit
+        // non-zero, so the pod is restarted and waits for the lease again.
+        why = leadership.lost() => return Err(lost_lease(&why)),
         _ = stop.cancelled() => {
             // The controllers end on the same token once their reconciles
             // under way are done; bounded, so the lease is given up in time.
-            if tokio::time::timeout(Duration::from_secs(10), &mut controllers).await.is_err() {
-                tracing::warn!("reconciles still under way after 10 s: stopping anyway");
+            tokio::select! {
+                done = tokio::time::timeout(Duration::from_secs(10), &mut controllers) => {
+                    if done.is_err() {
+                        tracing::warn!("reconciles still under way after 10 s: stopping anyway");
+                    }
+                }
+                why = leadership.lost() => return Err(lost_lease(&why)),
             }
         }
     }
     leadership.release().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The error `run` ends with when the lease is lost (logged too, as the
+/// operator's last line at error level).
+fn lost_lease(why: &str) -> anyhow::Error {
+    tracing::error!("stopped leading: {why}");
+    anyhow::anyhow!("stopped leading: {why}")
 }

@@ -104,7 +104,7 @@ pub struct GroupDecision {
 #[derive(Debug, Clone)]
 pub struct ForgetPlan {
     pub groups: Vec<GroupDecision>,
-    /// Oldest id first, each once.
+    /// Each once, in id order.
     pub remove: Vec<SnapshotId>,
 }
 

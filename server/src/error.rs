@@ -58,7 +58,7 @@ impl CoreError {
 
     /// A repository error that is the caller's fault (bad bytes it sent).
     pub fn invalid(e: backer_repo::Error) -> CoreError {
-        CoreError::Invalid(e.to_string())
+        CoreError::Invalid(Chain(&e).to_string())
     }
 }
 

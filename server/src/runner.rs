@@ -419,6 +419,11 @@ pub async fn run_schedules(shared: Arc<Shared>, stop: tokio_util::sync::Cancella
                 if !due {
                     continue;
                 }
+                // Nothing new starts once the server stops (a launch under
+                // way is bounded by the server's stop; see server::run).
+                if stop.is_cancelled() {
+                    return;
+                }
                 let req = pb::StartBackupRequest {
                     client: name.clone(),
                     ..Default::default()

@@ -20,6 +20,9 @@ use backer_proto::ca::Ca;
 const SERVER_RENEW_DAYS: i64 = 30;
 /// How long a stop waits for calls under way (a Deployment gives 30 s).
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long the server's own tasks (schedules, reload, certificate watch)
+/// get to end after a stop.
+const TASKS_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 /// How often the certificate's files are read again for a renewed one.
 const CERT_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -366,9 +369,21 @@ pub async fn run(
             None
         }
     };
-    // A listener that failed ends the server too: its tasks stop with it.
+    // However the listeners ended, the server's own tasks stop with them;
+    // one busy past TASKS_GRACE (a scheduled launch waiting for a lock) is
+    // abandoned, as the process is about to end.
     stop.cancel();
-    while background.join_next().await.is_some() {}
+    let joined = tokio::time::timeout(TASKS_GRACE, async {
+        while background.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
+        tracing::warn!(
+            "the server's own tasks still busy {} s after the stop: abandoned",
+            TASKS_GRACE.as_secs()
+        );
+        background.abort_all();
+    }
     let Some((a, b, c)) = served else {
         return Ok(());
     };
