@@ -414,9 +414,9 @@ async fn own_job(state_dir: &Path, job: pb::request_job_request::Job) -> Result<
         .map_err(|s| anyhow::anyhow!("lost the job's progress: {}", s.message()))?
     {
         if last.is_none() {
-            eprintln!("job {} ({} of {}) {}", j.id, j.kind, j.client, j.state);
+            eprintln!("job {} ({} of {}) {}", j.id, j.kind, j.client, j.state().label());
         }
-        if j.state == "running" && j.bytes_done > 0 {
+        if j.state() == pb::JobState::Running && j.bytes_done > 0 {
             eprintln!("  {} files, {} bytes", j.files_done, j.bytes_done);
         }
         last = Some(j);
@@ -427,12 +427,12 @@ async fn own_job(state_dir: &Path, job: pb::request_job_request::Job) -> Result<
     for m in &j.messages {
         eprintln!("  {m}");
     }
-    match j.state.as_str() {
-        "succeeded" | "partial" => {
+    match j.state() {
+        pb::JobState::Succeeded | pb::JobState::Partial => {
             println!(
                 "job {} {}: {} files, {} bytes{}",
                 j.id,
-                j.state,
+                j.state().label(),
                 j.files_done,
                 j.bytes_done,
                 if j.snapshot_id.is_empty() {
@@ -443,7 +443,7 @@ async fn own_job(state_dir: &Path, job: pb::request_job_request::Job) -> Result<
             );
             Ok(())
         }
-        s => bail!("job {} {s}", j.id),
+        s => bail!("job {} {}", j.id, s.label()),
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow, bail};
 use backer_proto::v1::management_client::ManagementClient;
 use backer_proto::v1::{
-    AddClientRequest, CertStatusRequest, Client, Job, ListAdminCertsRequest, ListClientsRequest,
+    AddClientRequest, CertStatusRequest, Client, Job, JobState, ListAdminCertsRequest, ListClientsRequest,
     ListFilesRequest, ListJobsRequest, ListSnapshotsRequest, RemoveClientRequest, RevokeAdminCertRequest,
     StartBackupRequest, StartRestoreRequest, WatchJobRequest,
 };
@@ -175,10 +175,10 @@ fn failure(j: &Job) -> anyhow::Error {
         [] => anyhow!(
             "job {} {}: the server recorded no reason (`backer jobs --json` shows the job)",
             j.id,
-            j.state
+            j.state().label()
         ),
-        [one] => anyhow!("job {} {}: {one}", j.id, j.state),
-        many => anyhow!("job {} {}:\n  {}", j.id, j.state, many.join("\n  ")),
+        [one] => anyhow!("job {} {}: {one}", j.id, j.state().label()),
+        many => anyhow!("job {} {}:\n  {}", j.id, j.state().label(), many.join("\n  ")),
     }
 }
 
@@ -206,7 +206,7 @@ fn print_clients(g: &Global, clients: &[Client]) -> Result<()> {
             .iter()
             .map(|c| ClientJson {
                 name: &c.name,
-                state: &c.state,
+                state: c.state().label(),
                 connected: c.connected,
                 cert_not_after: c.cert_not_after,
                 agent_version: &c.agent_version,
@@ -226,7 +226,7 @@ fn print_clients(g: &Global, clients: &[Client]) -> Result<()> {
         outln!(
             "{:<24} {:<11} {:<10} {:<17} {}",
             c.name,
-            c.state,
+            c.state().label(),
             if c.connected { "yes" } else { "no" },
             when(c.cert_not_after),
             c.agent_version
@@ -424,7 +424,7 @@ fn print_job_line(j: &Job) -> std::io::Result<()> {
         j.id,
         j.kind,
         j.client,
-        j.state,
+        j.state().label(),
         when(j.created),
         short(&j.snapshot_id),
         progress
@@ -437,7 +437,7 @@ fn short(id: &str) -> &str {
 
 fn job_json(j: &Job) -> serde_json::Value {
     serde_json::json!({
-        "id": j.id, "kind": j.kind, "client": j.client, "state": j.state,
+        "id": j.id, "kind": j.kind, "client": j.client, "state": j.state().label(),
         "created": j.created, "finished": j.finished,
         "files_done": j.files_done, "bytes_done": j.bytes_done,
         "files_total": j.files_total, "bytes_total": j.bytes_total,
@@ -522,7 +522,7 @@ async fn follow(g: &Global, server: &str, m: &mut Mgmt, job: Job, wait: bool) ->
         last = j;
     }
     pb.finish_and_clear();
-    if !matches!(last.state.as_str(), "succeeded" | "partial" | "failed") {
+    if !last.state().is_final() {
         // The stream ended before the job did: the server went away cleanly.
         return Err(lost_job(server, &last.id));
     }
@@ -530,7 +530,7 @@ async fn follow(g: &Global, server: &str, m: &mut Mgmt, job: Job, wait: bool) ->
         outln!("{}", job_json(&last))?;
     } else {
         // A failure's reasons are the error itself, below.
-        if last.state != "failed" {
+        if last.state() != JobState::Failed {
             for msg in &last.messages {
                 eprintln!("  {msg}");
             }
@@ -538,7 +538,7 @@ async fn follow(g: &Global, server: &str, m: &mut Mgmt, job: Job, wait: bool) ->
         outln!(
             "job {} {}: {} files, {}{}",
             last.id,
-            last.state,
+            last.state().label(),
             last.files_done,
             output::size(last.bytes_done),
             if last.snapshot_id.is_empty() {
@@ -548,9 +548,9 @@ async fn follow(g: &Global, server: &str, m: &mut Mgmt, job: Job, wait: bool) ->
             }
         )?;
     }
-    match last.state.as_str() {
-        "succeeded" => Ok(0),
-        "partial" => Ok(crate::EXIT_INCOMPLETE),
+    match last.state() {
+        JobState::Succeeded => Ok(0),
+        JobState::Partial => Ok(crate::EXIT_INCOMPLETE),
         _ => Err(failure(&last)),
     }
 }

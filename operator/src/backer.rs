@@ -94,7 +94,10 @@ impl Backer {
     /// token, redeemed at once with the agent's CSR. The agent's key never
     /// leaves its node; the operator only relays the request.
     pub async fn sign_client(&self, name: &str, csr_pem: &str) -> Result<pb::CertificateResponse, Error> {
-        let enrolled = self.client(name).await?.is_some_and(|c| c.state != "pending");
+        let enrolled = self
+            .client(name)
+            .await?
+            .is_some_and(|c| c.state() != pb::ClientState::Pending);
         let token = self
             .mgmt()
             .await?

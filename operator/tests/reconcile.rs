@@ -139,7 +139,9 @@ fn schedules_follow_their_time_zone() {
 fn server_job(id: &str, state: &str, snapshot: &str, done: u64) -> pb::Job {
     pb::Job {
         id: id.into(),
-        state: state.into(),
+        state: pb::JobState::from_str_name(&format!("JOB_STATE_{}", state.to_uppercase()))
+            .unwrap_or_else(|| panic!("no job state {state}"))
+            .into(),
         snapshot_id: snapshot.into(),
         files_done: done,
         bytes_done: done * 10,

@@ -10,6 +10,41 @@ pub mod v1 {
     tonic::include_proto!("backer.v1");
 }
 
+impl v1::JobState {
+    /// The word users see (CLI, `kubectl get`, JSON output).
+    pub fn label(self) -> &'static str {
+        match self {
+            v1::JobState::Unspecified => "unknown",
+            v1::JobState::Queued => "queued",
+            v1::JobState::Running => "running",
+            v1::JobState::Succeeded => "succeeded",
+            v1::JobState::Partial => "partial",
+            v1::JobState::Failed => "failed",
+        }
+    }
+
+    /// Succeeded, partial or failed: nothing more will change.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            v1::JobState::Succeeded | v1::JobState::Partial | v1::JobState::Failed
+        )
+    }
+}
+
+impl v1::ClientState {
+    /// The word users see.
+    pub fn label(self) -> &'static str {
+        match self {
+            v1::ClientState::Unspecified => "unknown",
+            v1::ClientState::Configured => "configured",
+            v1::ClientState::Pending => "pending",
+            v1::ClientState::Enrolled => "enrolled",
+            v1::ClientState::Revoked => "revoked",
+        }
+    }
+}
+
 /// The largest message either side accepts: a 64 MiB tree blob and room
 /// around it (chunks are at most 4 MiB). tonic's default of 4 MiB would
 /// refuse a full-size chunk with its framing.

@@ -40,18 +40,23 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub fn as_str(self) -> &'static str {
+    pub fn to_proto(self) -> pb::JobState {
         match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Succeeded => "succeeded",
-            JobState::Partial => "partial",
-            JobState::Failed => "failed",
+            JobState::Queued => pb::JobState::Queued,
+            JobState::Running => pb::JobState::Running,
+            JobState::Succeeded => pb::JobState::Succeeded,
+            JobState::Partial => pb::JobState::Partial,
+            JobState::Failed => pb::JobState::Failed,
         }
     }
 
+    /// The word users see, from the one list of them (the protocol's).
+    pub fn as_str(self) -> &'static str {
+        self.to_proto().label()
+    }
+
     pub fn is_final(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Partial | JobState::Failed)
+        self.to_proto().is_final()
     }
 }
 
@@ -86,7 +91,7 @@ impl JobRecord {
             }
             .into(),
             client: self.client.clone(),
-            state: self.state.as_str().into(),
+            state: self.state.to_proto().into(),
             created: self.created,
             finished: self.finished,
             files_done: self.files_done,

@@ -210,9 +210,9 @@ async fn start(job: &BackupJob, ctx: &Context, now: DateTime<Utc>) -> Result<Run
             Ok(j) => {
                 let j = j.into_inner();
                 run.jobs.push(ServerJob {
+                    state: j.state().label().to_string(),
                     id: j.id,
                     client: t.client,
-                    state: j.state,
                     ..Default::default()
                 });
             }
@@ -280,7 +280,7 @@ pub fn summarize(run: &mut Run, server_jobs: &[pb::Job], now: DateTime<Utc>) {
         if sj.id.is_empty() || finished(&sj.state) && sj.snapshot.is_some() {
             // Never started, or already final.
         } else if let Some(j) = server_jobs.iter().find(|j| j.id == sj.id) {
-            sj.state = j.state.clone();
+            sj.state = j.state().label().to_string();
             sj.snapshot = (!j.snapshot_id.is_empty()).then(|| j.snapshot_id.clone());
             sj.messages = j.messages.iter().take(5).cloned().collect();
             files += j.files_done;

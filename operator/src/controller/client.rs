@@ -191,9 +191,9 @@ async fn apply(bc: &BackerClient, ctx: &Context) -> Result<Action, Error> {
     match &known {
         Some(c) => {
             st.phase = Some(
-                match c.state.as_str() {
-                    "enrolled" => "Enrolled",
-                    "revoked" => "Revoked",
+                match c.state() {
+                    pb::ClientState::Enrolled => "Enrolled",
+                    pb::ClientState::Revoked => "Revoked",
                     _ => "Pending",
                 }
                 .into(),

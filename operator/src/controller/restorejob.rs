@@ -107,9 +107,9 @@ async fn reconcile(job: Arc<RestoreJob>, ctx: Arc<Context>) -> Result<Action, Er
                     Ok(j) => {
                         let j = j.into_inner();
                         run.jobs.push(ServerJob {
+                            state: j.state().label().to_string(),
                             id: j.id,
                             client,
-                            state: j.state,
                             ..Default::default()
                         });
                         ctx.event(

@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use backer_proto::v1 as pb;
 use backer_proto::v1::management_server::{Management, ManagementServer};
 use backer_proto::v1::*;
 use futures::Stream;
@@ -44,10 +45,10 @@ impl Service {
                 let conn = conns.get(&name);
                 Client {
                     state: match rec.map(|r| r.state) {
-                        Some(ClientState::Pending) => "pending",
-                        Some(ClientState::Enrolled) => "enrolled",
-                        Some(ClientState::Revoked) => "revoked",
-                        None => "configured",
+                        Some(ClientState::Pending) => pb::ClientState::Pending,
+                        Some(ClientState::Enrolled) => pb::ClientState::Enrolled,
+                        Some(ClientState::Revoked) => pb::ClientState::Revoked,
+                        None => pb::ClientState::Configured,
                     }
                     .into(),
                     cert_not_after: rec.and_then(|r| r.cert_not_after).unwrap_or(0),
