@@ -139,9 +139,11 @@ pub async fn run(client: crate::Client, item: pb::WorkItem, reports: Reports, po
 
 /// Files done, bytes done, files total, bytes total, from a backup's or a
 /// restore's progress counters.
+/// Done and total files and bytes; a total known beforehand (the parent's,
+/// the snapshot's) is an estimate the work may pass.
 fn counters(c: [&std::sync::atomic::AtomicU64; 4]) -> (u64, u64, u64, u64) {
-    let [a, b, c, d] = c.map(|x| x.load(Ordering::Relaxed));
-    (a, b, c, d)
+    let [files, bytes, files_total, bytes_total] = c.map(|x| x.load(Ordering::Relaxed));
+    (files, bytes, files_total.max(files), bytes_total.max(bytes))
 }
 
 /// Sends the counters every second until dropped.
@@ -216,6 +218,9 @@ async fn backup(
         excludes: work.excludes,
         tags: work.tags,
         scan: true,
+        // With a parent its totals are the progress's: no second walk.
+        expected: (parent.is_some() && work.parent_files > 0)
+            .then_some((work.parent_files, work.parent_bytes)),
         ..Default::default()
     };
     let progress = Arc::new(Progress::default());

@@ -485,10 +485,11 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
             0 => String::new(),
             n => format!(", {n} errors"),
         };
+        // The total may be the parent's, an estimate the backup can pass.
+        let done = p.files_done.load(Ordering::Relaxed);
         pb.set_message(format!(
-            "{}/{} files{scanning}{errors}",
-            p.files_done.load(Ordering::Relaxed),
-            p.files_total.load(Ordering::Relaxed),
+            "{done}/{} files{scanning}{errors}",
+            p.files_total.load(Ordering::Relaxed).max(done),
         ));
     });
     let opts = BackupOptions {
@@ -500,6 +501,7 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
         hostname: a.host,
         threads: 0,
         scan: !pb.is_hidden(),
+        expected: None,
     };
     let outcome = locked(
         g,

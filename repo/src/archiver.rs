@@ -71,6 +71,12 @@ pub struct BackupOptions {
     pub threads: usize,
     /// Count files first so progress can show a total and an ETA.
     pub scan: bool,
+    /// Files and bytes the backup is expected to hold, known beforehand
+    /// (its parent's). With `scan`, progress starts from them instead of
+    /// walking the tree a second time only to count: on an unchanged
+    /// re-run that walk is as long as the backup itself. When not given,
+    /// [`backup`] takes the parent snapshot's.
+    pub expected: Option<(u64, u64)>,
 }
 
 impl BackupOptions {
@@ -421,6 +427,10 @@ pub async fn backup(
             .await?
             .map(|s| (s.id, s.snapshot)),
     };
+    let mut opts = opts;
+    if opts.expected.is_none() {
+        opts.expected = parent.as_ref().map(|(_, s)| (s.summary.files, s.summary.bytes));
+    }
     // A parent whose root cannot be read (a damaged index or pack) only
     // costs speed: every file is read again, and the backup still runs.
     let parent = match parent {
@@ -510,7 +520,16 @@ pub fn archive(
         Some((id, tree)) => (Some(id), Some(tree)),
         None => (None, None),
     };
-    let (root_id, stored_bytes, counts) = run_pipeline(&shared, &selection, parent_root, threads, opts.scan)?;
+    // Totals known beforehand spare the counting walk (see BackupOptions::expected).
+    let scan = match opts.expected {
+        Some((files, bytes)) if opts.scan && files > 0 => {
+            progress.files_total.store(files, Ordering::Relaxed);
+            progress.bytes_total.store(bytes, Ordering::Relaxed);
+            false
+        }
+        _ => opts.scan,
+    };
+    let (root_id, stored_bytes, counts) = run_pipeline(&shared, &selection, parent_root, threads, scan)?;
 
     let Shared {
         messages,

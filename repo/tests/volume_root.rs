@@ -95,3 +95,50 @@ async fn paths_are_recorded_relative_to_the_root() {
         .unwrap_err();
     assert!(err.to_string().contains("gone"), "{err}");
 }
+
+/// A re-run's progress totals come from its parent, and the tree is not
+/// walked a second time only to count it (a counting walk would add every
+/// file on top of the totals given). Without a parent, the walk counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rerun_takes_its_totals_from_the_parent_instead_of_counting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..20 {
+        std::fs::write(data.join(format!("f{i}")), vec![b'x'; 100]).unwrap();
+    }
+    let kdf = KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+    let repo = Repository::init(Backend::in_memory(), b"pw", kdf).await.unwrap();
+    let lock = Lock::acquire(&repo, false, "backup", Duration::ZERO)
+        .await
+        .unwrap();
+    let opts = || BackupOptions {
+        root: data.clone(),
+        paths: vec![PathBuf::from("/")],
+        threads: 1,
+        scan: true,
+        ..Default::default()
+    };
+    let first = Arc::new(Progress::default());
+    let out = backup(&repo, &lock, opts(), Arc::clone(&first)).await.unwrap();
+    assert_eq!(out.snapshot.summary.files, 20);
+    let counted = first.files_total.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(counted, 20, "without a parent the tree is counted");
+
+    // Three more files since: the parent's 20 are the estimate, not 23 and
+    // not 20 + 23.
+    for i in 20..23 {
+        std::fs::write(data.join(format!("f{i}")), vec![b'y'; 100]).unwrap();
+    }
+    let repo = repo.refreshed().await.unwrap();
+    let again = Arc::new(Progress::default());
+    let out = backup(&repo, &lock, opts(), Arc::clone(&again)).await.unwrap();
+    assert_eq!(out.snapshot.summary.files, 23);
+    assert_eq!(again.files_total.load(std::sync::atomic::Ordering::Relaxed), 20);
+    assert_eq!(again.bytes_total.load(std::sync::atomic::Ordering::Relaxed), 2000);
+    assert!(again.scan_done.load(std::sync::atomic::Ordering::Relaxed));
+}

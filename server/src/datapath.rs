@@ -32,7 +32,7 @@ pub fn blob_id(b: &[u8]) -> CoreResult<BlobId> {
 
 pub fn backup_spec(active: &Active) -> CoreResult<&crate::jobs::BackupSpec> {
     match &active.spec {
-        Spec::Backup(b) => Ok(b),
+        Spec::Backup(b) => Ok(b.as_ref()),
         Spec::Restore { .. } => Err(CoreError::Refused(format!("job {} is a restore", active.id))),
     }
 }

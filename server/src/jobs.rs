@@ -114,13 +114,15 @@ pub struct BackupSpec {
     pub excludes: Vec<String>,
     pub tags: Vec<String>,
     pub parent: Option<(SnapshotId, BlobId)>,
+    /// The parent's files and bytes (0 without one): progress totals.
+    pub parent_totals: (u64, u64),
     /// The requested or configured retention, applied after it succeeds.
     pub retention: Option<backer_repo::retention::RetentionPolicy>,
 }
 
 #[derive(Debug, Clone)]
 pub enum Spec {
-    Backup(BackupSpec),
+    Backup(Box<BackupSpec>),
     Restore { snapshot: SnapshotId, root: BlobId },
 }
 

@@ -138,11 +138,14 @@ pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> C
     check_client(shared, &client)?;
 
     let repo = shared.storage.repo();
-    let parent = repo
+    let parent_snapshot = repo
         .parent_snapshot(&client, &paths, &req.tags)
         .await
-        .map_err(CoreError::repo("list snapshots"))?
-        .map(|s| (s.id, s.snapshot.tree));
+        .map_err(CoreError::repo("list snapshots"))?;
+    let parent = parent_snapshot.as_ref().map(|s| (s.id, s.snapshot.tree));
+    let parent_totals = parent_snapshot
+        .as_ref()
+        .map_or((0, 0), |s| (s.snapshot.summary.files, s.snapshot.summary.bytes));
     Ok(BackupPlan {
         client,
         spec: BackupSpec {
@@ -151,6 +154,7 @@ pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> C
             excludes,
             tags: req.tags,
             parent,
+            parent_totals,
             retention,
         },
     })
@@ -170,13 +174,15 @@ pub async fn launch_backup(shared: &Arc<Shared>, plan: BackupPlan, origin: &str)
         parent_snapshot_id: parent.map(|(s, _)| s.to_hex()).unwrap_or_default(),
         parent_tree_id: parent.map(|(_, t)| t.0.to_vec()).unwrap_or_default().into(),
         root: spec.root.clone(),
+        parent_files: spec.parent_totals.0,
+        parent_bytes: spec.parent_totals.1,
     };
     let readable = parent.map(|(_, t)| t).into_iter().collect();
     let active = activate(
         shared,
         &record.id,
         &client,
-        Spec::Backup(spec),
+        Spec::Backup(Box::new(spec)),
         repo,
         lock,
         readable,
