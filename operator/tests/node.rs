@@ -670,6 +670,11 @@ fn the_chart_on_a_real_node() {
         .args(["install", "backer"])
         .arg(&chart)
         .args(["-n", NS, "--wait", "--timeout", "4m"])
+        // 25 MiB/s: a 100 MiB file takes the agent at least 4 s to upload,
+        // so the steps that stop a leader or the server "during a backup"
+        // do, however fast this machine reads and hashes (an unthrottled
+        // re-run finished in 0.4 s, before the server's pod was deleted).
+        .args(["--set", "agent.uploadLimit=25600"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
