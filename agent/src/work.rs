@@ -219,8 +219,8 @@ async fn backup(
         tags: work.tags,
         scan: true,
         // With a parent its totals are the progress's: no second walk.
-        expected: (parent.is_some() && work.parent_files > 0)
-            .then_some((work.parent_files, work.parent_bytes)),
+        // (The engine ignores totals of 0: an old server's, or an empty parent.)
+        expected: parent.is_some().then_some((work.parent_files, work.parent_bytes)),
         ..Default::default()
     };
     let progress = Arc::new(Progress::default());

@@ -14,14 +14,8 @@ use backer_repo::lock::Lock;
 use backer_repo::restorer::{RestoreOptions, RestoreProgress, restore};
 use backer_repo::{Backend, Repository};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn paths_are_recorded_relative_to_the_root() {
-    let tmp = tempfile::tempdir().unwrap();
-    let vol = tmp.path().join("pods/uid-1/volumes/kubernetes.io~csi/pv/mount");
-    std::fs::create_dir_all(vol.join("db")).unwrap();
-    std::fs::create_dir_all(vol.join("cache")).unwrap();
-    std::fs::write(vol.join("db/table"), b"rows").unwrap();
-    std::fs::write(vol.join("cache/junk"), b"junk").unwrap();
+/// An in-memory repository (cheap key derivation) and a lock for backups.
+async fn fresh_repo() -> (Repository, Lock) {
     let kdf = KdfParams {
         memory_kib: 64,
         iterations: 1,
@@ -31,6 +25,18 @@ async fn paths_are_recorded_relative_to_the_root() {
     let lock = Lock::acquire(&repo, false, "backup", Duration::ZERO)
         .await
         .unwrap();
+    (repo, lock)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paths_are_recorded_relative_to_the_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = tmp.path().join("pods/uid-1/volumes/kubernetes.io~csi/pv/mount");
+    std::fs::create_dir_all(vol.join("db")).unwrap();
+    std::fs::create_dir_all(vol.join("cache")).unwrap();
+    std::fs::write(vol.join("db/table"), b"rows").unwrap();
+    std::fs::write(vol.join("cache/junk"), b"junk").unwrap();
+    let (repo, lock) = fresh_repo().await;
     let opts = BackupOptions {
         root: vol.clone(),
         paths: vec![PathBuf::from("/")],
@@ -107,15 +113,7 @@ async fn a_rerun_takes_its_totals_from_the_parent_instead_of_counting() {
     for i in 0..20 {
         std::fs::write(data.join(format!("f{i}")), vec![b'x'; 100]).unwrap();
     }
-    let kdf = KdfParams {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    };
-    let repo = Repository::init(Backend::in_memory(), b"pw", kdf).await.unwrap();
-    let lock = Lock::acquire(&repo, false, "backup", Duration::ZERO)
-        .await
-        .unwrap();
+    let (repo, lock) = fresh_repo().await;
     let opts = || BackupOptions {
         root: data.clone(),
         paths: vec![PathBuf::from("/")],
