@@ -17,6 +17,8 @@ use backer_proto::v1::enrollment_client::EnrollmentClient;
 use backer_proto::v1::{AgentReport, EnrollRequest, Hello, RenewRequest};
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Renew the certificate when it has less than this fraction of 90 days left.
 const RENEW_WITHIN_DAYS: i64 = 30;
@@ -29,6 +31,12 @@ const CERTIFICATE_CHECK: Duration = Duration::from_secs(5);
 /// to `MAX_RECONNECT_WAIT`.
 const FIRST_RECONNECT_WAIT: Duration = Duration::from_millis(500);
 const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(60);
+/// How long a stopping agent waits for its cancelled jobs to report: well
+/// inside Kubernetes' default 30 s grace period.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+/// How long, once its jobs ended, a stopping agent waits for the server to
+/// have read their last reports.
+const LAST_REPORTS: Duration = Duration::from_secs(3);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -185,13 +193,22 @@ fn main() -> ExitCode {
                     }
                     _ => None,
                 };
-                // SIGTERM (the pod deleted, a rolling update) stops the
-                // agent at once: as PID 1 in a container it would otherwise
-                // be ignored until the kubelet's grace period ran out. A
-                // job under way fails on the server with the agent gone.
+                // SIGTERM (the pod deleted, a rolling update) cancels the
+                // jobs under way, which tell the server why they ended, and
+                // stops the agent. As PID 1 in a container the signal would
+                // otherwise be ignored until the kubelet's grace period ran out.
+                let stop = CancellationToken::new();
+                let agent = run(&cli.state_dir, policy, kube, stop.clone());
+                tokio::pin!(agent);
                 tokio::select! {
-                    r = run(&cli.state_dir, policy, kube) => r,
-                    _ = backer_proto::terminated() => Ok(()),
+                    r = &mut agent => r,
+                    _ = backer_proto::terminated() => {
+                        stop.cancel();
+                        tokio::time::timeout(STOP_GRACE, agent).await.unwrap_or_else(|_| {
+                            tracing::warn!("jobs did not end within {} s of the stop; exiting", STOP_GRACE.as_secs());
+                            Ok(())
+                        })
+                    }
                 }
             }
             Command::Status => status(&cli.state_dir),
@@ -447,7 +464,14 @@ async fn own_job(state_dir: &Path, job: pb::request_job_request::Job) -> Result<
     }
 }
 
-async fn run(state_dir: &Path, policy: work::Policy, kube: Option<kubernetes::Identity>) -> Result<()> {
+/// Takes work from the server until `stop` is cancelled; then cancels the
+/// jobs under way and returns once they have reported how they ended.
+async fn run(
+    state_dir: &Path,
+    policy: work::Policy,
+    kube: Option<kubernetes::Identity>,
+    stop: CancellationToken,
+) -> Result<()> {
     if let Some(id) = &kube {
         let now = chrono::Utc::now().timestamp();
         match load_state(state_dir) {
@@ -456,12 +480,19 @@ async fn run(state_dir: &Path, policy: work::Policy, kube: Option<kubernetes::Id
         }
     }
     let mut backoff = FIRST_RECONNECT_WAIT;
+    // Jobs outlive the connection that brought them (see `session`).
+    let jobs = TaskTracker::new();
     loop {
+        if stop.is_cancelled() {
+            jobs.close();
+            jobs.wait().await;
+            return Ok(());
+        }
         // Read again each time: `backer-agent renew` may have replaced it.
         let mut st = load_state(state_dir)?;
         renew_if_due(state_dir, &mut st).await?;
         let mut registered = false;
-        let ended = session(state_dir, &st, &policy, &mut registered).await;
+        let ended = session(state_dir, &st, &policy, &mut registered, &jobs, &stop).await;
         // The server took this agent's connection: whatever ended it is a
         // new outage (a restart, say), not more of the last one, so the wait
         // starts again from the shortest. Without this, an agent whose server
@@ -488,18 +519,25 @@ async fn run(state_dir: &Path, policy: work::Policy, kube: Option<kubernetes::Id
                 backoff.as_secs_f32()
             );
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => {}
+        }
         backoff = (backoff * 2).min(MAX_RECONNECT_WAIT);
     }
 }
 
 /// One connection: say hello, then take work until the server hangs up.
 /// `registered` turns true once the server has accepted the connection.
+/// On `stop`, takes no more work, waits for `jobs` to end (they are
+/// cancelled by the same token) and for the server to read their reports.
 async fn session(
     state_dir: &Path,
     st: &AgentState,
     policy: &work::Policy,
     registered: &mut bool,
+    jobs: &TaskTracker,
+    stop: &CancellationToken,
 ) -> Result<()> {
     let mut c = client(state_dir, st).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -528,7 +566,7 @@ async fn session(
             item = work.message() => match item.map_err(anyhow::Error::from)? {
                 Some(item) => {
                     tracing::info!(job = %item.job_id, "job received");
-                    tokio::spawn(work::run(c.clone(), item, tx.clone(), policy.clone()));
+                    jobs.spawn(work::run(c.clone(), item, tx.clone(), policy.clone(), stop.clone()));
                 }
                 None => break,
             },
@@ -537,6 +575,17 @@ async fn session(
                     tracing::info!("reconnecting with a new certificate");
                     break;
                 }
+            }
+            _ = stop.cancelled() => {
+                tracing::info!("stopping: jobs under way are cancelled");
+                jobs.close();
+                jobs.wait().await;
+                // Our stream ends with the last job's sender; the server
+                // reads every report before that end, then ends its own.
+                drop(tx);
+                let drained = async { while let Ok(Some(_)) = work.message().await {} };
+                let _ = tokio::time::timeout(LAST_REPORTS, drained).await;
+                return Ok(());
             }
         }
     }

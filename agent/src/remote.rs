@@ -3,7 +3,7 @@
 //! pipelines run unchanged; only where blobs go differs.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use backer_proto::v1 as pb;
 use backer_repo::Error;
@@ -13,8 +13,10 @@ use backer_repo::id::BlobId;
 use backer_repo::pack::BlobType;
 use backer_repo::store::{BackupStore, BlobWriter, ChunkSink, RestoreSource};
 use backer_repo::tree::Tree;
+use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Ids per ReadChunks request (the server accepts up to 4096).
 const READ_BATCH: usize = 1024;
@@ -103,7 +105,7 @@ impl RemoteStore {
     /// A tree for the walk: from the read-ahead if it was asked for, and
     /// its own subtrees asked for in turn.
     fn walk_tree(&self, id: &BlobId) -> Result<Tree, Error> {
-        let ahead = lock(&self.prefetch).pending.remove(id);
+        let ahead = self.prefetch.lock().pending.remove(id);
         let tree = match ahead {
             Some(fetch) => self
                 .handle
@@ -111,7 +113,7 @@ impl RemoteStore {
                 .map_err(|e| Error::Interrupted(format!("failed to read tree {id}: {e}")))??,
             None => self.handle.block_on(self.read_tree(id))?,
         };
-        let mut p = lock(&self.prefetch);
+        let mut p = self.prefetch.lock();
         for sub in tree.nodes.iter().filter_map(|n| n.subtree) {
             if p.pending.contains_key(&sub) {
                 continue;
@@ -134,10 +136,6 @@ impl RemoteStore {
         order.retain(|k| pending.contains_key(k));
         Ok(tree)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn fetch_tree(mut client: crate::Client, job: String, id: BlobId) -> Result<Tree, Error> {
@@ -386,7 +384,12 @@ impl RestoreSource for RemoteStore {
         self.walk_tree(id)
     }
 
-    fn fetch_chunks(&self, ids: &[BlobId], each: &ChunkSink<'_>) -> Vec<(BlobId, String)> {
+    fn fetch_chunks(
+        &self,
+        ids: &[BlobId],
+        cancel: &CancellationToken,
+        each: &ChunkSink<'_>,
+    ) -> Vec<(BlobId, String)> {
         // Requests of READ_BATCH ids, several in flight, each answered pack
         // by pack by the server; decompressed and checked here, in parallel.
         let queue = Mutex::new(ids.chunks(READ_BATCH));
@@ -395,14 +398,19 @@ impl RestoreSource for RemoteStore {
             for _ in 0..READS_IN_FLIGHT {
                 s.spawn(|| {
                     loop {
-                        let next = lock(&queue).next();
+                        let next = queue.lock().next();
                         let Some(batch) = next else { break };
+                        if cancel.is_cancelled() {
+                            lost.lock()
+                                .extend(batch.iter().map(|id| (*id, "cancelled".to_string())));
+                            continue;
+                        }
                         let failed = self.handle.block_on(self.fetch_batch(batch, each));
-                        lock(&lost).extend(failed);
+                        lost.lock().extend(failed);
                     }
                 });
             }
         });
-        lost.into_inner().unwrap_or_else(|p| p.into_inner())
+        lost.into_inner()
     }
 }

@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use backer_proto::v1 as pb;
 use backer_proto::v1::agent_report::Report;
+use backer_repo::Error;
 use backer_repo::archiver::{self, BackupOptions, Progress};
 use backer_repo::id::{BlobId, SnapshotId};
 use backer_repo::restorer::{self, RestoreOptions, RestoreProgress};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::remote::RemoteStore;
 
@@ -108,12 +110,19 @@ async fn report(tx: &Reports, r: Report) {
     let _ = tx.send(pb::AgentReport { report: Some(r) }).await;
 }
 
-/// Runs one job to its end and reports how it ended.
-pub async fn run(client: crate::Client, item: pb::WorkItem, reports: Reports, policy: Policy) {
+/// Runs one job to its end, or until `stop` cancels it, and reports how it
+/// ended.
+pub async fn run(
+    client: crate::Client,
+    item: pb::WorkItem,
+    reports: Reports,
+    policy: Policy,
+    stop: CancellationToken,
+) {
     let job = item.job_id.clone();
     let outcome = match item.work {
-        Some(pb::work_item::Work::Backup(b)) => backup(client, &job, b, &reports, &policy).await,
-        Some(pb::work_item::Work::Restore(r)) => restore(client, &job, r, &reports, &policy).await,
+        Some(pb::work_item::Work::Backup(b)) => backup(client, &job, b, &reports, &policy, &stop).await,
+        Some(pb::work_item::Work::Restore(r)) => restore(client, &job, r, &reports, &policy, &stop).await,
         None => Err("the server sent an empty job; is this agent older than the server?".into()),
     };
     let done = match outcome {
@@ -185,6 +194,7 @@ async fn backup(
     work: pb::BackupWork,
     reports: &Reports,
     policy: &Policy,
+    stop: &CancellationToken,
 ) -> Outcome {
     let store = RemoteStore::new(client.clone(), job.to_string(), policy.limit_upload)
         .await
@@ -221,6 +231,7 @@ async fn backup(
         // With a parent its totals are the progress's: no second walk.
         // (The engine ignores totals of 0: an old server's, or an empty parent.)
         expected: parent.is_some().then_some((work.parent_files, work.parent_bytes)),
+        cancel: stop.clone(),
         ..Default::default()
     };
     let progress = Arc::new(Progress::default());
@@ -235,7 +246,14 @@ async fn backup(
     .await;
     ticker.abort();
     let (result, _store) = archived.map_err(|e| format!("the backup thread failed: {e}"))?;
-    let (snapshot, messages) = result.map_err(|e| format!("backup failed: {e}"))?;
+    let (snapshot, messages) = result.map_err(|e| match e {
+        Error::Cancelled => {
+            "cancelled: the agent was stopped (SIGTERM or Ctrl-C) during the backup; no snapshot was saved, \
+             and what it had sent is reused by the next backup"
+                .to_string()
+        }
+        e => format!("backup failed: {e}"),
+    })?;
     tracing::info!(%job, files = snapshot.summary.files, "files read and sent; asking the server to finish");
     let snapshot_json = serde_json::to_string(&snapshot).map_err(|e| e.to_string())?;
     let id = client
@@ -257,6 +275,7 @@ async fn restore(
     work: pb::RestoreWork,
     reports: &Reports,
     policy: &Policy,
+    stop: &CancellationToken,
 ) -> Outcome {
     let target = PathBuf::from(&work.target);
     if !target.is_absolute() || !policy.allows_restore_to(&target) {
@@ -280,6 +299,7 @@ async fn restore(
         target,
         includes: work.includes,
         overwrite: work.overwrite,
+        cancel: stop.clone(),
     };
     let progress = Arc::new(RestoreProgress::default());
     progress.files_total.store(work.files_total, Ordering::Relaxed);
@@ -293,7 +313,14 @@ async fn restore(
     ticker.abort();
     let outcome = restored
         .map_err(|e| format!("the restore thread failed: {e}"))?
-        .map_err(|e| format!("restore failed: {e}"))?;
+        .map_err(|e| match e {
+            Error::Cancelled => format!(
+                "cancelled: the agent was stopped (SIGTERM or Ctrl-C) during the restore; {} holds a partial \
+                 restore: restore again with --overwrite",
+                work.target
+            ),
+            e => format!("restore failed: {e}"),
+        })?;
     let last = pb::JobProgress {
         job_id: job.to_string(),
         files_done: outcome.files,

@@ -501,7 +501,8 @@ pub async fn backup(g: &Global, a: BackupArgs) -> Result<u8> {
         hostname: a.host,
         threads: 0,
         scan: !pb.is_hidden(),
-        expected: None,
+        // Ctrl-C ends the process (see on_interrupt in main.rs), lock released.
+        ..Default::default()
     };
     let outcome = locked(
         g,
@@ -725,6 +726,7 @@ pub async fn restore(g: &Global, a: RestoreArgs) -> Result<u8> {
         target: a.target.clone(),
         includes: a.includes,
         overwrite: a.overwrite,
+        ..Default::default()
     };
     let outcome = locked(
         g,

@@ -1,12 +1,13 @@
 //! What every reconciler shares.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, ResourceExt};
+use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::backer::Backer;
@@ -67,7 +68,7 @@ impl Context {
     /// consecutive failure, at most 5 minutes. One broken object does not
     /// slow the others, and does not hammer the API or the server.
     pub fn backoff(&self, key: String) -> Duration {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = self.failures.lock();
         let n = f.entry(key).or_default();
         *n = n.saturating_add(1);
         Duration::from_secs(5 << (*n - 1).min(6)).min(Duration::from_secs(300))
@@ -75,10 +76,7 @@ impl Context {
 
     /// Forgets `key`'s failures after a successful reconcile.
     pub fn succeeded(&self, key: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+        self.failures.lock().remove(key);
     }
 
     /// Records an Event on `obj`; a failure to record is logged, not fatal.

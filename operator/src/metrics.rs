@@ -1,8 +1,9 @@
 //! Counters for `/metrics`, in Prometheus' text format.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -17,33 +18,23 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn reconciled(&self, controller: &'static str) {
-        *self
-            .reconciles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(controller)
-            .or_default() += 1;
+        *self.reconciles.lock().entry(controller).or_default() += 1;
     }
 
     pub fn failed(&self, controller: &'static str, category: &'static str) {
-        *self
-            .failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((controller, category))
-            .or_default() += 1;
+        *self.failures.lock().entry((controller, category)).or_default() += 1;
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
         out.push_str("# TYPE backer_operator_reconciles_total counter\n");
-        for (c, n) in self.reconciles.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (c, n) in self.reconciles.lock().iter() {
             out.push_str(&format!(
                 "backer_operator_reconciles_total{{controller=\"{c}\"}} {n}\n"
             ));
         }
         out.push_str("# TYPE backer_operator_reconcile_errors_total counter\n");
-        for ((c, cat), n) in self.failures.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for ((c, cat), n) in self.failures.lock().iter() {
             out.push_str(&format!(
                 "backer_operator_reconcile_errors_total{{controller=\"{c}\",category=\"{cat}\"}} {n}\n"
             ));

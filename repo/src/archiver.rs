@@ -18,14 +18,16 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use parking_lot::{Condvar, Mutex};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
 
 use crate::chunk::{self, ChunkError, Compressor};
 use crate::error::{Error, Result};
@@ -77,6 +79,10 @@ pub struct BackupOptions {
     /// re-run that walk is as long as the backup itself. When not given,
     /// [`backup`] takes the parent snapshot's.
     pub expected: Option<(u64, u64)>,
+    /// Cancelling it stops the backup at the next file or chunk: it then
+    /// ends with [`Error::Cancelled`] and writes no snapshot (what it
+    /// stored already is reused by the next backup).
+    pub cancel: CancellationToken,
 }
 
 impl BackupOptions {
@@ -294,7 +300,7 @@ fn pass_on(shared: &Shared<'_>, to: &Sender<Vec<NewChunk>>, chunks: Option<Vec<N
         return Ok(());
     };
     if let Some(b) = &shared.asking {
-        b.take(chunks.iter().map(|c| c.data.len()).sum(), &shared.abort)?;
+        b.take(chunks.iter().map(|c| c.data.len()).sum(), || shared.aborted())?;
     }
     to.send(chunks)
         .map_err(|_| Error::Interrupted("the backup stopped".into()))
@@ -318,25 +324,22 @@ impl Budget {
         }
     }
 
-    fn take(&self, n: usize, abort: &AtomicBool) -> Result<()> {
+    fn take(&self, n: usize, stopped: impl Fn() -> bool) -> Result<()> {
         let n = n.min(self.cap);
-        let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        let mut left = self.left.lock();
         while *left < n {
-            if abort.load(Ordering::Relaxed) {
+            if stopped() {
                 return Err(Error::Interrupted("the backup stopped".into()));
             }
-            left = self
-                .freed
-                .wait_timeout(left, std::time::Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            self.freed
+                .wait_for(&mut left, std::time::Duration::from_millis(100));
         }
         *left -= n;
         Ok(())
     }
 
     fn give(&self, n: usize) {
-        *self.left.lock().unwrap_or_else(|p| p.into_inner()) += n.min(self.cap);
+        *self.left.lock() += n.min(self.cap);
         self.freed.notify_all();
     }
 }
@@ -355,6 +358,7 @@ struct Shared<'a> {
     seen: Mutex<HashSet<BlobId>>,
     progress: Arc<Progress>,
     abort: AtomicBool,
+    cancel: CancellationToken,
     messages: Mutex<Vec<String>>,
     /// Entries left out or recorded incompletely; any makes the snapshot partial.
     errors: AtomicU64,
@@ -377,19 +381,13 @@ impl Shared<'_> {
         if self.store.holds(id) {
             return false;
         }
-        match self.seen.lock() {
-            Ok(mut s) => s.insert(*id),
-            Err(p) => p.into_inner().insert(*id),
-        }
+        self.seen.lock().insert(*id)
     }
 
     /// Records a message for the user without counting it as an error.
     fn warn(&self, msg: String) {
         tracing::warn!("{msg}");
-        match self.messages.lock() {
-            Ok(mut m) => m.push(msg),
-            Err(p) => p.into_inner().push(msg),
-        }
+        self.messages.lock().push(msg);
     }
 
     /// Records an entry that is missing from the snapshot or incomplete in
@@ -400,8 +398,9 @@ impl Shared<'_> {
         self.warn(msg);
     }
 
+    /// A stage failed, or the backup was cancelled: every stage stops.
     fn aborted(&self) -> bool {
-        self.abort.load(Ordering::Relaxed)
+        self.abort.load(Ordering::Relaxed) || self.cancel.is_cancelled()
     }
 }
 
@@ -511,6 +510,7 @@ pub fn archive(
         seen: Mutex::new(HashSet::new()),
         progress: Arc::clone(&progress),
         abort: AtomicBool::new(false),
+        cancel: opts.cancel.clone(),
         messages: Mutex::new(Vec::new()),
         errors: AtomicU64::new(0),
         changed: AtomicU64::new(0),
@@ -529,7 +529,12 @@ pub fn archive(
         }
         _ => opts.scan,
     };
-    let (root_id, stored_bytes, counts) = run_pipeline(&shared, &selection, parent_root, threads, scan)?;
+    let pipeline = run_pipeline(&shared, &selection, parent_root, threads, scan);
+    // Whatever a stage said on its way out, a cancelled backup is that.
+    if opts.cancel.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    let (root_id, stored_bytes, counts) = pipeline?;
 
     let Shared {
         messages,
@@ -539,9 +544,9 @@ pub fn archive(
         seen,
         ..
     } = shared;
-    let messages = messages.into_inner().unwrap_or_else(|p| p.into_inner());
+    let messages = messages.into_inner();
     let errors = errors.into_inner();
-    let seen = seen.into_inner().unwrap_or_else(|p| p.into_inner());
+    let seen = seen.into_inner();
     let new_blobs = seen.len() as u64;
     drop(seen);
     let summary = Summary {
@@ -708,6 +713,11 @@ fn run_pipeline(
         let packer = s.spawn(move || -> Result<u64> {
             let mut p = shared.store.writer()?;
             for m in pack_rx.iter().flatten() {
+                // Cancelled: what is queued is dropped, what is stored is
+                // kept (finished below) for the next backup to reuse.
+                if shared.cancel.is_cancelled() {
+                    break;
+                }
                 if let Err(e) = p.add(m.kind, m.id, m.payload, m.raw_len) {
                     shared.abort.store(true, Ordering::Relaxed);
                     return Err(e);
@@ -1120,6 +1130,10 @@ fn read_file(
     let regions = fsmeta::data_regions(&file, &md).map_err(|e| fail("map the holes of", &e))?;
     let content = std::cell::RefCell::new(Vec::new());
     let mut sink = |data: &[u8]| -> Result<()> {
+        // A large file is not read to its end once the backup stops.
+        if shared.aborted() {
+            return Err(Error::Interrupted("the backup stopped".into()));
+        }
         let id = chunk::blob_id(shared.store.chunk_keys(), data);
         content.borrow_mut().push(Extent::Data {
             id,
@@ -1221,7 +1235,7 @@ fn assemble(
         if let Some(asked) = &asked {
             // The store may hold this tree already (an unchanged directory).
             if let Some(b) = &shared.asking {
-                b.take(bytes.len(), &shared.abort)?;
+                b.take(bytes.len(), || shared.aborted())?;
             }
             asked
                 .send(vec![NewChunk {

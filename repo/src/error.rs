@@ -93,6 +93,9 @@ pub enum Error {
     LockExpired(String),
     #[error("the operation was interrupted: {0}")]
     Interrupted(String),
+    /// Stopped on request (the options' `cancel` token): not a fault.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl Error {

@@ -14,10 +14,11 @@
 //! must not follow a prune ([`Lock::check_fresh`]): a process paused longer
 //! than [`Timing::valid`] (well under `stale`) stops instead of writing.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
@@ -156,12 +157,12 @@ fn register(backend: &Backend, held: &Arc<Mutex<Held>>) -> u64 {
         held: Arc::clone(held),
         refresher: None,
     };
-    HELD.lock().unwrap_or_else(|p| p.into_inner()).insert(n, entry);
+    HELD.lock().insert(n, entry);
     n
 }
 
 fn unregister(n: u64) {
-    HELD.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+    HELD.lock().remove(&n);
 }
 
 /// Removes every lock this process holds and stops refreshing them: for a
@@ -171,13 +172,13 @@ pub async fn release_held() -> usize {
     // Kept: the process ends after this, and must write no lock meanwhile.
     let gate = WRITING.lock().await;
     std::mem::forget(gate);
-    let all = std::mem::take(&mut *HELD.lock().unwrap_or_else(|p| p.into_inner()));
+    let all = std::mem::take(&mut *HELD.lock());
     let mut removed = 0;
     for r in all.into_values() {
         if let Some(a) = &r.refresher {
             a.abort();
         }
-        let name = r.held.lock().unwrap_or_else(|p| p.into_inner()).name.clone();
+        let name = r.held.lock().name.clone();
         if r.backend.delete(&lock_path(&name)).await.is_ok() {
             removed += 1;
         }
@@ -381,7 +382,7 @@ impl Lock {
                 // of writing must not make the lock look fresh afterwards.
                 let started = Instant::now();
                 {
-                    let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut h = held.lock();
                     if started.duration_since(h.last_refresh) > valid {
                         // We were paused (or storage failed) past the validity:
                         // never refresh again, the holder must stop.
@@ -395,7 +396,7 @@ impl Lock {
                 let gate = WRITING.lock().await;
                 let result = write_lock(&backend, &key, &fresh).await;
                 let old = {
-                    let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut h = held.lock();
                     match result {
                         Ok(name) => {
                             h.last_refresh = started;
@@ -414,11 +415,7 @@ impl Lock {
                 }
             }
         }));
-        if let Some(r) = HELD
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&self.registered)
-        {
+        if let Some(r) = HELD.lock().get_mut(&self.registered) {
             r.refresher = self.refresher.as_ref().map(|h| h.abort_handle());
         }
     }
@@ -429,7 +426,7 @@ impl Lock {
     /// race: index files and snapshots.
     pub async fn check_fresh(&self) -> Result<()> {
         let (name, elapsed, err, expired) = {
-            let h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            let h = self.held.lock();
             (
                 h.name.clone(),
                 h.last_refresh.elapsed(),
@@ -460,7 +457,7 @@ impl Lock {
             }
         }
         unregister(self.registered);
-        let name = self.held.lock().unwrap_or_else(|p| p.into_inner()).name.clone();
+        let name = self.held.lock().name.clone();
         self.backend.delete(&lock_path(&name)).await
     }
 

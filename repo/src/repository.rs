@@ -72,7 +72,7 @@ pub struct Repository {
     /// Key files that could not be read when the repository was opened.
     key_damage: Vec<Damaged>,
     /// Tree packs read whole from an object store (see [`PackCache`]).
-    tree_packs: Arc<std::sync::Mutex<PackCache>>,
+    tree_packs: Arc<parking_lot::Mutex<PackCache>>,
     /// Local copies of index, snapshot and tree-pack objects of a remote
     /// repository, when its backend names a cache root.
     cache: Option<Arc<Cache>>,
@@ -904,20 +904,13 @@ impl Repository {
     pub async fn load_blob_at(&self, loc: &Location) -> Result<Vec<u8>> {
         let e = loc.entry;
         if e.kind == pack::BlobType::Tree && self.backend.is_remote() {
-            let cached = self
-                .tree_packs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&loc.pack);
+            let cached = self.tree_packs.lock().get(&loc.pack);
             let whole = match cached {
                 Some(b) => b,
                 None => {
                     let size = self.index.get_pack(&loc.pack);
                     let b = self.get_cached(&pack::pack_name(&loc.pack), size).await?;
-                    self.tree_packs
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(loc.pack, b.clone());
+                    self.tree_packs.lock().insert(loc.pack, b.clone());
                     b
                 }
             };

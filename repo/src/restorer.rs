@@ -9,13 +9,15 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::bounded;
+use parking_lot::Mutex;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::fsmeta;
@@ -32,6 +34,10 @@ pub struct RestoreOptions {
     pub includes: Vec<String>,
     /// Replace files that exist in the target (never directories).
     pub overwrite: bool,
+    /// Cancelling it stops the restore at the next entry or batch of files:
+    /// it then ends with [`Error::Cancelled`], the target holding what was
+    /// written so far.
+    pub cancel: CancellationToken,
 }
 
 #[derive(Debug, Default)]
@@ -234,7 +240,7 @@ fn open_planned(
     index: u32,
     f: &PlannedFile,
 ) -> std::result::Result<Arc<File>, String> {
-    if let Some(file) = open.lock().unwrap_or_else(|p| p.into_inner()).files.get(&index) {
+    if let Some(file) = open.lock().files.get(&index) {
         return Ok(Arc::clone(file));
     }
     let replaced = || {
@@ -257,7 +263,7 @@ fn open_planned(
     if FileId::of(&st) != f.id || FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return Err(replaced());
     }
-    let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+    let mut open = open.lock();
     // Another thread may have opened it meanwhile: one is enough.
     if let Some(file) = open.files.get(&index) {
         return Ok(Arc::clone(file));
@@ -651,10 +657,7 @@ impl Ctx<'_> {
     fn error(&self, msg: String) {
         self.progress.errors.fetch_add(1, Ordering::Relaxed);
         tracing::info!("{msg}");
-        match self.errors.lock() {
-            Ok(mut e) => e.push(msg),
-            Err(p) => p.into_inner().push(msg),
-        }
+        self.errors.lock().push(msg);
     }
 
     /// (restore this whole subtree, descend into it at all)
@@ -882,6 +885,9 @@ impl Ctx<'_> {
         // walker makes itself in this directory is made while a creator may
         // still work there (names a file system folds together, by case or
         // normalization, would meet, and one could remove the other's).
+        if self.opts.cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
         let by_creator = node.kind == NodeKind::Symlink || (node.kind == NodeKind::File && node.nlink <= 1);
         if self.opts.overwrite && !by_creator {
             self.settle_dir(dir, out)?;
@@ -1134,7 +1140,12 @@ fn finish_dirs(ctx: &Ctx<'_>, dirs: &[DirToFinish]) {
 /// each is written wherever it goes; a file is finished (size, metadata)
 /// when its last chunk is written. Files whose content cannot be whole are
 /// removed again and reported.
-fn fill_batch(source: &dyn RestoreSource, batch: Batch, progress: &RestoreProgress) -> Vec<Failed> {
+fn fill_batch(
+    source: &dyn RestoreSource,
+    batch: Batch,
+    cancel: &CancellationToken,
+    progress: &RestoreProgress,
+) -> Vec<Failed> {
     let Batch {
         files,
         targets,
@@ -1145,27 +1156,24 @@ fn fill_batch(source: &dyn RestoreSource, batch: Batch, progress: &RestoreProgre
     let open = Mutex::new(open);
     let mut failed = Vec::new();
     let fail = |f: &PlannedFile, why: String| {
-        let mut slot = f.failed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = f.failed.lock();
         slot.get_or_insert(why);
     };
     let finish =
         |index: u32, f: &PlannedFile, failed_meta: &Mutex<Vec<Failed>>| match open_planned(&open, index, f)
             .and_then(|file| {
                 let done = finish_file(f, &file, progress);
-                open.lock().unwrap_or_else(|p| p.into_inner()).close(index);
+                open.lock().close(index);
                 done
             }) {
             Ok(None) => {}
-            Ok(Some(msg)) => failed_meta
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Failed {
-                    display: f.display.clone(),
-                    link_key: None,
-                    size: f.node.size,
-                    content_whole: true,
-                    message: msg,
-                }),
+            Ok(Some(msg)) => failed_meta.lock().push(Failed {
+                display: f.display.clone(),
+                link_key: None,
+                size: f.node.size,
+                content_whole: true,
+                message: msg,
+            }),
             Err(msg) => fail(f, msg),
         };
     let meta_failures = Mutex::new(Vec::new());
@@ -1174,10 +1182,10 @@ fn fill_batch(source: &dyn RestoreSource, batch: Batch, progress: &RestoreProgre
             finish(index as u32, f, &meta_failures);
         }
     }
-    let lost = source.fetch_chunks(&order, &|id, data| {
+    let lost = source.fetch_chunks(&order, cancel, &|id, data| {
         for &(index, offset) in targets.get(id).map(Vec::as_slice).unwrap_or_default() {
             let f = &files[index as usize];
-            if f.failed.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            if f.failed.lock().is_some() {
                 continue;
             }
             let written = open_planned(&open, index, f).and_then(|file| {
@@ -1202,10 +1210,10 @@ fn fill_batch(source: &dyn RestoreSource, batch: Batch, progress: &RestoreProgre
             fail(f, format!("failed to restore {}: {why}", f.display));
         }
     }
-    failed.extend(meta_failures.into_inner().unwrap_or_else(|p| p.into_inner()));
+    failed.extend(meta_failures.into_inner());
     drop(open);
     for f in files {
-        let why = f.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let why = f.failed.lock().take();
         let why = match (why, f.remaining.load(Ordering::Relaxed)) {
             (Some(why), _) => why,
             (None, 0) => continue,
@@ -1379,7 +1387,7 @@ pub fn restore_tree(
         window: max_open,
         outcome: RestoreOutcome::default(),
     };
-    {
+    let walked = {
         // One batch being filled while the walker builds the next.
         let (tx, rx) = bounded::<Batch>(1);
         std::thread::scope(|s| -> Result<()> {
@@ -1387,8 +1395,11 @@ pub fn restore_tree(
             let progress = &progress;
             let writer = s.spawn(move || {
                 for batch in rx {
-                    let lost = fill_batch(source, batch, progress);
-                    failed.lock().unwrap_or_else(|p| p.into_inner()).extend(lost);
+                    if opts.cancel.is_cancelled() {
+                        continue; // the walker stops too, and ends the restore
+                    }
+                    let lost = fill_batch(source, batch, &opts.cancel, progress);
+                    failed.lock().extend(lost);
                 }
             });
             let mut creators = Vec::new();
@@ -1445,7 +1456,12 @@ pub fn restore_tree(
                 .join()
                 .map_err(|_| Error::Interrupted("the restore's writer panicked".into()))?;
             walked
-        })?;
+        })
+    };
+    // Cancelled, the files begun are still removed below, as after a failed read.
+    match walked {
+        Err(Error::Cancelled) => {}
+        other => other?,
     }
     // Directories last, so their times stick, and each after everything
     // inside it, so a mode that closes it cannot keep the restore out.
@@ -1458,7 +1474,7 @@ pub fn restore_tree(
     }
     // Files that could not be filled: their other names (hard links made
     // while the content was still to come) go too.
-    let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+    let failed = failed.into_inner();
     let mut incomplete = std::mem::take(&mut ctx.unlinked);
     let mut messages = Vec::new();
     let mut linked: HashMap<(u64, u64), (u64, u64)> = HashMap::new();
@@ -1512,8 +1528,11 @@ pub fn restore_tree(
     }
     let mut outcome = std::mem::take(&mut ctx.outcome);
     drop(ctx);
-    outcome.errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
+    outcome.errors = errors.into_inner();
     outcome.errors.extend(messages);
     outcome.incomplete = incomplete;
+    if opts.cancel.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
     Ok(outcome)
 }

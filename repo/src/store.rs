@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 
 use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
 
 use crate::chunk;
 use crate::crypto::ChunkKeys;
@@ -68,8 +69,15 @@ pub trait RestoreSource: Sync {
     fn load_tree(&self, id: &BlobId) -> Result<Tree>;
     /// Fetches the data of every chunk in `ids`, each once, in whatever
     /// order reads them fastest (pack by pack), calling `each` with it.
-    /// Returns the chunks that could not be read, each with why.
-    fn fetch_chunks(&self, ids: &[BlobId], each: &ChunkSink<'_>) -> Vec<(BlobId, String)>;
+    /// Returns the chunks that could not be read, each with why. Once
+    /// `cancel` is cancelled it stops as soon as it can, returning what it
+    /// did not deliver.
+    fn fetch_chunks(
+        &self,
+        ids: &[BlobId],
+        cancel: &CancellationToken,
+        each: &ChunkSink<'_>,
+    ) -> Vec<(BlobId, String)>;
 }
 
 /// The repository on this machine, with the lock that keeps prune away.
@@ -120,9 +128,14 @@ impl RestoreSource for LocalStore<'_> {
         self.handle.block_on(self.repo.load_tree(id))
     }
 
-    fn fetch_chunks(&self, ids: &[BlobId], each: &ChunkSink<'_>) -> Vec<(BlobId, String)> {
+    fn fetch_chunks(
+        &self,
+        ids: &[BlobId],
+        cancel: &CancellationToken,
+        each: &ChunkSink<'_>,
+    ) -> Vec<(BlobId, String)> {
         let key = &self.repo.key().data;
-        read_by_pack(self.repo, &self.handle, ids, &|loc, sealed| {
+        read_by_pack(self.repo, &self.handle, ids, cancel, &|loc, sealed| {
             let data = pack::open_blob(key, &loc.entry, sealed).map_err(|e| Chain(&e).to_string())?;
             each(&loc.entry.id, &data);
             Ok(())
@@ -195,27 +208,32 @@ fn plan_reads(repo: &Repository, ids: &[BlobId], gap: u64) -> (Vec<PackRead>, Ve
 /// every blob as it arrives; a blob it refuses, or one that cannot be read,
 /// is returned with why. Blocking: call it outside async code. Each range
 /// is streamed ([`Backend::stream_range_blocking`]): memory is about one blob per
-/// reader, whatever the packs' size.
+/// reader, whatever the packs' size. Once `cancel` is cancelled no range
+/// is started and no blob handed on: the rest is returned as not read.
 pub fn read_by_pack(
     repo: &Repository,
     handle: &Handle,
     ids: &[BlobId],
+    cancel: &CancellationToken,
     each: &SealedSink<'_>,
 ) -> Vec<(BlobId, String)> {
     let backend = repo.backend();
     let (reads, mut failed) = plan_reads(repo, ids, backend.read_merge_gap());
-    let queue = std::sync::Mutex::new(reads.into_iter());
-    let failures = std::sync::Mutex::new(Vec::new());
-    let readers = backend
-        .read_parallelism()
-        .min(queue.lock().map(|q| q.len()).unwrap_or(1))
-        .max(1);
+    let queue = parking_lot::Mutex::new(reads.into_iter());
+    let failures = parking_lot::Mutex::new(Vec::new());
+    let readers = backend.read_parallelism().min(queue.lock().len()).max(1);
     std::thread::scope(|s| {
         for _ in 0..readers {
             s.spawn(|| {
                 loop {
-                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                    let next = queue.lock().next();
                     let Some(read) = next else { break };
+                    if cancel.is_cancelled() {
+                        failures
+                            .lock()
+                            .extend(read.blobs.iter().map(|l| (l.entry.id, "cancelled".to_string())));
+                        continue;
+                    }
                     let mut lost = Vec::new();
                     // Blobs are handed on as soon as their bytes are in:
                     // memory is one blob and one piece, whatever the range.
@@ -247,7 +265,12 @@ pub fn read_by_pack(
                                     break;
                                 }
                                 let sealed = &buf[(start - buf_at) as usize..(end - buf_at) as usize];
-                                if let Err(why) = each(loc, sealed) {
+                                let handed = if cancel.is_cancelled() {
+                                    Err("cancelled".to_string())
+                                } else {
+                                    each(loc, sealed)
+                                };
+                                if let Err(why) = handed {
                                     lost.push((loc.entry.id, why));
                                 }
                                 bytes::Buf::advance(&mut buf, (end - buf_at) as usize);
@@ -262,13 +285,13 @@ pub fn read_by_pack(
                     };
                     lost.extend(read.blobs[next..].iter().map(|l| (l.entry.id, why.clone())));
                     if !lost.is_empty() {
-                        failures.lock().unwrap_or_else(|p| p.into_inner()).extend(lost);
+                        failures.lock().extend(lost);
                     }
                 }
             });
         }
     });
-    failed.extend(failures.into_inner().unwrap_or_else(|p| p.into_inner()));
+    failed.extend(failures.into_inner());
     failed
 }
 

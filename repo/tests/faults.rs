@@ -182,6 +182,7 @@ async fn restore_all(repo: &Repository, snapshot: &Snapshot, target: &Path) -> R
         target: target.to_path_buf(),
         includes: vec![],
         overwrite: false,
+        ..Default::default()
     };
     restore(repo, snapshot, &opts, Arc::new(RestoreProgress::default())).await
 }
@@ -481,4 +482,104 @@ async fn storage_that_never_writes_fails_the_backup_cleanly() {
         tally.snapshots_verified, 0,
         "no snapshot may list after a failed backup"
     );
+}
+
+/// Cancels `token` once `done` counts a first file, from another thread.
+fn cancel_after_first(token: tokio_util::sync::CancellationToken, done: impl Fn() -> u64 + Send + 'static) {
+    std::thread::spawn(move || {
+        while done() == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        token.cancel();
+    });
+}
+
+/// A backup or a restore cancelled part-way (an agent's SIGTERM) stops at
+/// once with `Cancelled`: no snapshot, the repository checks clean, and the
+/// next backup and restore are whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_backup_or_restore_stops_early_and_leaves_the_repository_clean() {
+    const FILES: u64 = 48;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut next = rng(99);
+    for i in 0..FILES {
+        let data: Vec<u8> = (0..(1 << 17)).flat_map(|_| next().to_le_bytes()).collect();
+        std::fs::write(src.join(format!("f{i:02}")), data).unwrap();
+    }
+    let backend = new_repository(tmp.path()).await;
+    let repo = Repository::open(backend.clone(), PASSWORD).await.unwrap();
+    let lock = Lock::acquire(&repo, false, "backup", Duration::ZERO)
+        .await
+        .unwrap();
+    let opts = || BackupOptions {
+        root: src.clone(),
+        paths: vec![PathBuf::from("/")],
+        threads: 1,
+        ..Default::default()
+    };
+
+    let cancelled = opts();
+    let progress = Arc::new(Progress::default());
+    let p = Arc::clone(&progress);
+    cancel_after_first(cancelled.cancel.clone(), move || {
+        p.files_done.load(Ordering::Relaxed)
+    });
+    let err = backup(&repo, &lock, cancelled, Arc::clone(&progress))
+        .await
+        .expect_err("a cancelled backup must not succeed");
+    assert!(matches!(err, Error::Cancelled), "{err}");
+    let read = progress.files_done.load(Ordering::Relaxed);
+    assert!(
+        read < FILES,
+        "the backup stopped early, not after all {FILES} files ({read})"
+    );
+    let repo = repo.refreshed().await.unwrap();
+    assert!(
+        repo.snapshots().await.unwrap().is_empty(),
+        "no snapshot after a cancel"
+    );
+    let report = check_all(&repo).await.unwrap();
+    assert!(
+        report.ok(),
+        "the repository checks clean after a cancel: {:?}",
+        report.errors
+    );
+
+    let whole = backup(&repo, &lock, opts(), Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    assert_eq!(whole.snapshot.summary.files, FILES);
+    drop(lock);
+    let repo = repo.refreshed().await.unwrap();
+
+    let progress = Arc::new(RestoreProgress::default());
+    let cancelled = RestoreOptions {
+        target: tmp.path().join("cancelled"),
+        ..Default::default()
+    };
+    let p = Arc::clone(&progress);
+    cancel_after_first(cancelled.cancel.clone(), move || {
+        p.files_done.load(Ordering::Relaxed)
+    });
+    let err = restore(&repo, &whole.snapshot, &cancelled, Arc::clone(&progress))
+        .await
+        .expect_err("a cancelled restore must not succeed");
+    assert!(matches!(err, Error::Cancelled), "{err}");
+    let written = progress.files_done.load(Ordering::Relaxed);
+    assert!(
+        written < FILES,
+        "the restore stopped early ({written} of {FILES})"
+    );
+    // What it left is whole: a file begun and not finished is removed.
+    let src_files = read_files(&src);
+    for (path, data) in read_files(&tmp.path().join("cancelled")) {
+        assert_eq!(Some(&data), src_files.get(&path), "{} is whole", path.display());
+    }
+
+    let target = tmp.path().join("whole");
+    let out = restore_all(&repo, &whole.snapshot, &target).await.unwrap();
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert_eq!(read_files(&target), read_files(&src));
 }

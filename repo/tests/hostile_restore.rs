@@ -272,6 +272,7 @@ impl backer_repo::store::RestoreSource for Swapping<'_> {
     fn fetch_chunks(
         &self,
         ids: &[BlobId],
+        cancel: &tokio_util::sync::CancellationToken,
         each: &backer_repo::store::ChunkSink<'_>,
     ) -> Vec<(BlobId, String)> {
         // A FIFO, which a plain open for writing would block on for ever…
@@ -293,7 +294,7 @@ impl backer_repo::store::RestoreSource for Swapping<'_> {
         let link = self.dir.join("f00002");
         std::fs::remove_file(&link).unwrap();
         std::os::unix::fs::symlink(self.dir.parent().unwrap().join("outside.txt"), &link).unwrap();
-        self.inner.fetch_chunks(ids, each)
+        self.inner.fetch_chunks(ids, cancel, each)
     }
 }
 

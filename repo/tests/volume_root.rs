@@ -59,6 +59,7 @@ async fn paths_are_recorded_relative_to_the_root() {
             target: target.clone(),
             includes: vec![],
             overwrite: false,
+            ..Default::default()
         },
         Arc::new(RestoreProgress::default()),
     )

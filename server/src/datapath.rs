@@ -19,8 +19,9 @@ use backer_repo::store::{read_by_pack, verify_payload};
 use backer_repo::tree::{Extent, Tree};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use crate::jobs::{Active, JobState, Spec, guard};
+use crate::jobs::{Active, JobState, Spec};
 use crate::server::Shared;
 
 /// Ids per Missing question, and per ReadChunks request.
@@ -95,7 +96,7 @@ fn ingest_one(active: &Active, packer: &mut Packer<'_>, m: pb::UploadChunk) -> C
     let repo = &active.repo;
     let (id, kind) = check_upload(&repo.key().chunk, &m)?;
     if kind == BlobType::Tree {
-        guard(&active.new_trees).insert(id);
+        active.new_trees.lock().insert(id);
     }
     if repo.index().contains(&id) {
         return Ok(0);
@@ -108,7 +109,7 @@ fn ingest_one(active: &Active, packer: &mut Packer<'_>, m: pb::UploadChunk) -> C
 
 /// A tree the job may read; its subtrees become readable in turn.
 pub async fn read_tree(active: &Active, id: BlobId) -> CoreResult<Vec<u8>> {
-    if !guard(&active.readable_trees).contains(&id) {
+    if !active.readable_trees.lock().contains(&id) {
         return Err(CoreError::Denied(format!(
             "tree {id} is not part of what job {} may read",
             active.id
@@ -119,7 +120,10 @@ pub async fn read_tree(active: &Active, id: BlobId) -> CoreResult<Vec<u8>> {
         .load_tree(&id)
         .await
         .map_err(CoreError::repo(format!("read tree {id}")))?;
-    guard(&active.readable_trees).extend(tree.nodes.iter().filter_map(|n| n.subtree));
+    active
+        .readable_trees
+        .lock()
+        .extend(tree.nodes.iter().filter_map(|n| n.subtree));
     tree.to_bytes()
         .map_err(CoreError::repo(format!("encode tree {id}")))
 }
@@ -144,8 +148,10 @@ pub fn read_chunks(
     let (tx, rx) = mpsc::channel(8);
     tokio::task::spawn_blocking(move || {
         let repo = &active.repo;
+        // An agent gone reads nothing more.
+        let gone = CancellationToken::new();
         // Pack by pack, each pack read once for the whole request.
-        let lost = read_by_pack(repo, &handle, &ids, &|loc, sealed| {
+        let lost = read_by_pack(repo, &handle, &ids, &gone, &|loc, sealed| {
             // Trees are read through ReadTree, which checks the job may.
             if loc.entry.kind != BlobType::Data {
                 return Err(format!("{} is not a data chunk", loc.entry.id));
@@ -158,8 +164,10 @@ pub fn read_chunks(
                 raw_len: loc.entry.raw_len,
                 error: String::new(),
             };
-            tx.blocking_send(msg)
-                .map_err(|_| "the agent went away".to_string())
+            tx.blocking_send(msg).map_err(|_| {
+                gone.cancel();
+                "the agent went away".to_string()
+            })
         });
         // What could not be read is named, so the agent fails those files only.
         for (id, why) in lost {
@@ -181,7 +189,7 @@ pub fn read_chunks(
 /// after the client whatever the agent says.
 pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str) -> CoreResult<String> {
     let spec = backup_spec(active)?;
-    if *guard(&active.uploading) {
+    if *active.uploading.lock() {
         return Err(CoreError::Refused("an upload of this job is still open".into()));
     }
     if active.finishing.swap(true, std::sync::atomic::Ordering::SeqCst) {
@@ -202,7 +210,7 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     if !stored_as(&snap.tree, BlobType::Tree) {
         problems.push(format!("its root tree {} was never uploaded", snap.tree));
     }
-    let new_trees = std::mem::take(&mut *guard(&active.new_trees));
+    let new_trees = std::mem::take(&mut *active.new_trees.lock());
     let checked = new_trees.len();
     // Read back in parallel: thousands of small trees, each a ranged read.
     let mut reads = futures::stream::iter(new_trees)

@@ -4,13 +4,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use crate::error::{CoreError, CoreResult};
 use backer_proto::v1 as pb;
 use backer_repo::Repository;
 use backer_repo::id::{BlobId, SnapshotId};
 use backer_repo::lock::Lock;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -155,10 +156,6 @@ impl std::fmt::Debug for Active {
     }
 }
 
-pub fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[derive(Default, Serialize, Deserialize)]
 struct Stored {
     jobs: Vec<JobRecord>,
@@ -223,7 +220,7 @@ impl Jobs {
             path,
         };
         if changed {
-            jobs.save(&guard(&jobs.inner))?;
+            jobs.save(&jobs.inner.lock())?;
         }
         Ok(jobs)
     }
@@ -247,7 +244,7 @@ impl Jobs {
 
     /// Records a new job, queued.
     pub fn create(&self, kind: Kind, client: &str, origin: &str, now: i64) -> JobRecord {
-        let mut inner = guard(&self.inner);
+        let mut inner = self.inner.lock();
         inner.next = inner.next.wrapping_add(1);
         // Sorts by creation time; the counter tells apart jobs of one second.
         let id = format!(
@@ -292,11 +289,12 @@ impl Jobs {
     }
 
     pub fn get(&self, id: &str) -> Option<JobRecord> {
-        guard(&self.inner).records.get(id).cloned()
+        self.inner.lock().records.get(id).cloned()
     }
 
     pub fn list(&self, client: Option<&str>) -> Vec<JobRecord> {
-        guard(&self.inner)
+        self.inner
+            .lock()
             .records
             .values()
             .filter(|r| client.is_none_or(|c| r.client == c))
@@ -306,7 +304,7 @@ impl Jobs {
 
     /// A receiver that sees the job now and every change after.
     pub fn watch(&self, id: &str) -> Option<watch::Receiver<JobRecord>> {
-        let mut inner = guard(&self.inner);
+        let mut inner = self.inner.lock();
         let record = inner.records.get(id)?.clone();
         if record.state.is_final() {
             // Nothing will change: a receiver that holds the final record.
@@ -323,7 +321,7 @@ impl Jobs {
 
     /// Changes a job's record; saved to disk when its state changed.
     pub fn update(&self, id: &str, f: impl FnOnce(&mut JobRecord)) -> Option<JobRecord> {
-        let mut inner = guard(&self.inner);
+        let mut inner = self.inner.lock();
         let r = inner.records.get_mut(id)?;
         if r.state.is_final() {
             return Some(r.clone());
@@ -371,7 +369,8 @@ impl Jobs {
 
     pub fn start(&self, active: Active) -> Arc<Active> {
         let active = Arc::new(active);
-        guard(&self.inner)
+        self.inner
+            .lock()
             .active
             .insert(active.id.clone(), Arc::clone(&active));
         self.update(&active.id, |r| r.state = JobState::Running);
@@ -381,7 +380,7 @@ impl Jobs {
     /// The running job `id`, if it belongs to `client`; what an agent's
     /// data calls are checked against.
     pub fn active_for(&self, id: &str, client: &str) -> CoreResult<Arc<Active>> {
-        let inner = guard(&self.inner);
+        let inner = self.inner.lock();
         match inner.active.get(id) {
             Some(a) if a.client == client => Ok(Arc::clone(a)),
             // Another client's job looks the same as none at all.
@@ -393,7 +392,8 @@ impl Jobs {
 
     /// The running jobs of `client`, all or those sent over connection `conn`.
     pub fn active_of(&self, client: &str, conn: Option<u64>) -> Vec<Arc<Active>> {
-        guard(&self.inner)
+        self.inner
+            .lock()
             .active
             .values()
             .filter(|a| a.client == client && conn.is_none_or(|c| a.conn == c))
@@ -402,6 +402,6 @@ impl Jobs {
     }
 
     pub fn running(&self) -> usize {
-        guard(&self.inner).active.len()
+        self.inner.lock().active.len()
     }
 }

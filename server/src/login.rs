@@ -5,10 +5,10 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use parking_lot::{Mutex, MutexGuard};
 
 /// Failures a peer may make before its attempts are refused for a while.
 pub const FREE_FAILURES: u32 = 5;
@@ -84,8 +84,8 @@ fn bucket(peer: Option<SocketAddr>) -> IpAddr {
 }
 
 impl Throttle {
-    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Failures>> {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    fn peers(&self) -> MutexGuard<'_, HashMap<IpAddr, Failures>> {
+        self.peers.lock()
     }
 
     /// `Some(time left)` while `peer`'s attempts are refused.

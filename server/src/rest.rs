@@ -225,7 +225,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
             ClientState::Revoked => revoked += 1,
         }
     }
-    let connected = s.connections.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let connected = s.connections.lock().len();
     let mut out = String::new();
     let _ = writeln!(
         out,

@@ -2,11 +2,12 @@
 //! schedule or the host itself is checked, recorded as a job, and sent to the
 //! client's agent over its Work stream; its end releases what it held.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use backer_proto::v1 as pb;
 use backer_repo::lock::Lock;
+use parking_lot::Mutex;
 
 use crate::error::{CoreError, CoreResult};
 

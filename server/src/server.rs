@@ -3,10 +3,11 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
 
 use crate::error::{CoreError, CoreResult};
 use backer_proto::v1::WorkItem;
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -74,7 +75,7 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     pub fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+        self.registry.lock()
     }
 
     /// Changes the registry and writes it to disk before answering.
@@ -91,11 +92,11 @@ impl Shared {
     }
 
     pub fn config(&self) -> Config {
-        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.config.read().clone()
     }
 
     pub fn set_config(&self, c: Config) {
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = c;
+        *self.config.write() = c;
     }
 
     pub fn login(&self) -> Option<(String, String)> {
@@ -127,7 +128,7 @@ impl Shared {
     }
 
     fn connections(&self) -> MutexGuard<'_, HashMap<String, Connection>> {
-        self.connections.lock().unwrap_or_else(|p| p.into_inner())
+        self.connections.lock()
     }
 
     pub fn is_connected(&self, client: &str) -> bool {

@@ -292,7 +292,7 @@ impl AdminCerts {
 #[derive(Debug)]
 pub struct AdminCertFile {
     state: StateDir,
-    cached: std::sync::Mutex<Option<(Option<FileStamp>, AdminCerts)>>,
+    cached: parking_lot::Mutex<Option<(Option<FileStamp>, AdminCerts)>>,
 }
 
 /// What tells one version of a file from the next: every write is a new
@@ -321,13 +321,13 @@ impl AdminCertFile {
     pub fn new(state: StateDir) -> AdminCertFile {
         AdminCertFile {
             state,
-            cached: std::sync::Mutex::new(None),
+            cached: parking_lot::Mutex::new(None),
         }
     }
 
     /// The record now.
     pub fn current(&self) -> Result<AdminCerts, StateError> {
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = self.cached.lock();
         let now = stamp(&self.state.admin_certs_path())?;
         if let Some((seen, certs)) = cached.as_ref()
             && *seen == now

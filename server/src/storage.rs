@@ -3,10 +3,11 @@
 //! them at rest.
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use backer_repo::crypto::KdfParams;
 use backer_repo::{Backend, Repository};
+use parking_lot::RwLock;
 
 use crate::state::{StateDir, StateError};
 
@@ -103,7 +104,7 @@ impl Storage {
     /// The repository as last refreshed. Holders keep their handle; a
     /// refresh gives later callers a new one.
     pub fn repo(&self) -> Arc<Repository> {
-        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+        Arc::clone(&self.current.read())
     }
 
     /// Takes in the blobs other writers stored (and a prune removed) since
@@ -111,7 +112,7 @@ impl Storage {
     pub async fn refresh(&self) -> Result<Arc<Repository>, backer_repo::Error> {
         let _one = self.refreshing.lock().await;
         let fresh = Arc::new(self.repo().refreshed().await?);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&fresh);
+        *self.current.write() = Arc::clone(&fresh);
         Ok(fresh)
     }
 }

@@ -10,9 +10,10 @@
 //! restart, so agents never meet an expired certificate.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::RwLock;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -114,7 +115,7 @@ impl ServerCert {
 
     /// When the certificate in use ends (unix seconds).
     pub fn not_after(&self) -> i64 {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).not_after
+        self.current.read().not_after
     }
 
     /// Reads the files again: `Ok(true)` when a new pair was loaded,
@@ -127,13 +128,13 @@ impl ServerCert {
         };
         let (cert, key) = (read(cert_path)?, read(key_path)?);
         {
-            let now = self.current.read().unwrap_or_else(|p| p.into_inner());
+            let now = self.current.read();
             if now.pem.0 == cert && now.pem.1 == key {
                 return Ok(false);
             }
         }
         let loaded = certified(&cert, &key)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = loaded;
+        *self.current.write() = loaded;
         Ok(true)
     }
 
@@ -165,9 +166,7 @@ impl ServerCert {
 
 impl ResolvesServerCert for ServerCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(
-            &self.current.read().unwrap_or_else(|p| p.into_inner()).key,
-        ))
+        Some(Arc::clone(&self.current.read().key))
     }
 }
 
@@ -276,7 +275,7 @@ mod tests {
     use backer_proto::ca::Ca;
 
     fn serial_in_use(cert: &ServerCert) -> Vec<u8> {
-        let key = cert.current.read().unwrap().key.clone();
+        let key = cert.current.read().key.clone();
         let (_, c) = x509_parser::parse_x509_certificate(key.end_entity_cert().unwrap()).unwrap();
         c.raw_serial().to_vec()
     }

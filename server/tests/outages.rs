@@ -175,3 +175,81 @@ fn a_restart_reads_as_a_lost_connection_and_agents_come_back_at_once() {
         format!("agent reconnects after three server restarts: {reconnect:?}"),
     );
 }
+
+/// SIGTERM (a pod deleted, a rolling update) cancels the agent's running
+/// backup: the job ends failed with that reason at once, not "disconnected"
+/// later; the agent exits 0 within seconds; the next backup is whole.
+#[test]
+fn sigterm_cancels_the_agents_backup_and_the_job_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let server = Server::start(tmp, "");
+    server.admin_cert();
+    let state = tmp.join("agent");
+    server.enrol("host", &state);
+    let log = tmp.join("agent.log");
+    // 1 MiB/s: the backup of 16 MiB is under way when the signal comes.
+    let mut agent = run_agent(&state, &["--limit-upload", "1024"], &log);
+    server.wait_connected("host");
+    let src = tmp.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("big"), pseudo_random(16 << 20, 11)).unwrap();
+    ok(server.cli(&["backup", "host", src.to_str().unwrap()]));
+    wait_for("the backup to move data", || {
+        json(ok(server.cli(&["jobs", "--json"])))
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["state"] == "running" && j["bytes_done"].as_u64().unwrap_or(0) > 0)
+    });
+
+    let signalled = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &agent.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(s) = agent.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(20),
+            "the agent did not stop within 20 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stopped_in = signalled.elapsed();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        status.success(),
+        "the agent exits 0 on SIGTERM: {status}\n{logged}"
+    );
+    assert!(logged.contains("jobs under way are cancelled"), "{logged}");
+
+    let jobs = json(ok(server.cli(&["jobs", "--json"])));
+    let job = &jobs.as_array().unwrap()[0];
+    assert_eq!(job["state"], "failed", "{job}");
+    let why = job["messages"][0].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("cancelled: the agent was stopped") && why.contains("no snapshot was saved"),
+        "the job says it was cancelled, not that the agent vanished: {job}"
+    );
+    let snapshots = json(ok(server.cli(&["snapshots", "host", "--json"])));
+    assert_eq!(
+        snapshots.as_array().map(Vec::len),
+        Some(0),
+        "no snapshot after a cancel: {snapshots}"
+    );
+
+    // The next agent's backup is whole.
+    let _agent = run_agent(&state, &[], &tmp.join("agent2.log"));
+    server.wait_connected("host");
+    assert!(ok(server.cli(&["backup", "host", src.to_str().unwrap(), "--wait"])).contains("succeeded"));
+    backer_testkit::figures(
+        "outages",
+        format!(
+            "agent stopped by SIGTERM during a backup: exited in {stopped_in:?}, the job failed with its reason"
+        ),
+    );
+}

@@ -10,8 +10,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,6 +23,7 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
     ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
 };
+use parking_lot::Mutex;
 
 /// Which faults to inject and how often.
 #[derive(Debug, Clone)]
@@ -143,10 +144,7 @@ impl State {
             return Fault::None;
         }
         let n = {
-            let mut t = match self.touched.lock() {
-                Ok(t) => t,
-                Err(p) => p.into_inner(),
-            };
+            let mut t = self.touched.lock();
             let c = t.entry((op, path.to_string())).or_insert(0);
             *c += 1;
             *c

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{auth, now};
 use crate::datapath;
-use crate::jobs::{JobState, guard};
+use crate::jobs::JobState;
 use crate::runner;
 use crate::server::{Connection, Shared};
 
@@ -99,19 +99,15 @@ impl Agent for Service {
         let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
         // The registry of connections holds the only sender: removing the
         // entry (revocation, re-enrolment) ends the agent's stream.
-        self.shared
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                name.clone(),
-                Connection {
-                    id,
-                    since: now(),
-                    version: String::new(),
-                    work: tx,
-                },
-            );
+        self.shared.connections.lock().insert(
+            name.clone(),
+            Connection {
+                id,
+                since: now(),
+                version: String::new(),
+                work: tx,
+            },
+        );
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
             while let Ok(Some(report)) = reports.message().await {
@@ -119,11 +115,7 @@ impl Agent for Service {
                     Some(Report::Progress(p)) => on_progress(&shared, &name, p),
                     Some(Report::Done(d)) => on_done(&shared, &name, d).await,
                     Some(Report::Hello(h)) => {
-                        if let Some(c) = shared
-                            .connections
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_mut(&name)
+                        if let Some(c) = shared.connections.lock().get_mut(&name)
                             && c.id == id
                         {
                             c.version = h.agent_version;
@@ -134,7 +126,7 @@ impl Agent for Service {
                 }
             }
             {
-                let mut conns = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
+                let mut conns = shared.connections.lock();
                 if conns.get(&name).is_some_and(|c| c.id == id) {
                     conns.remove(&name);
                 }
@@ -182,7 +174,7 @@ impl Agent for Service {
         let active = self.shared.jobs.active_for(&first.job_id, &name)?;
         datapath::backup_spec(&active)?;
         {
-            let mut open = guard(&active.uploading);
+            let mut open = active.uploading.lock();
             if *open {
                 return Err(Status::failed_precondition("this job already has an upload open"));
             }
@@ -228,7 +220,7 @@ impl Agent for Service {
         let result = worker
             .await
             .map_err(|e| Status::internal(format!("the upload worker failed: {e}")));
-        *guard(&active.uploading) = false;
+        *active.uploading.lock() = false;
         if let Some(f) = &failure
             && f.code() == tonic::Code::DeadlineExceeded
         {

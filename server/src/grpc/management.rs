@@ -27,7 +27,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 impl Service {
     fn clients(&self) -> Vec<Client> {
-        let conns = self.shared.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = self.shared.connections.lock();
         let config = self.shared.config();
         let reg = self.shared.registry();
         let mut names: Vec<String> = reg.clients.keys().cloned().collect();
@@ -95,11 +95,7 @@ impl Management for Service {
             .map_err(Status::failed_precondition)?;
         if r.reenroll {
             // Its open connection belonged to the old certificate, and so did its jobs.
-            self.shared
-                .connections
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&r.name);
+            self.shared.connections.lock().remove(&r.name);
             runner::client_gone(&self.shared, &r.name, None, "was re-enrolled").await;
         }
         tracing::info!(client = %r.name, by = %admin, reenroll = r.reenroll, "enrolment token issued");
@@ -120,11 +116,7 @@ impl Management for Service {
         if !self.shared.update_registry(|reg| reg.revoke(&name))? {
             return Err(Status::not_found(format!("no client named {name}")));
         }
-        self.shared
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&name);
+        self.shared.connections.lock().remove(&name);
         runner::client_gone(&self.shared, &name, None, "was revoked").await;
         tracing::info!(client = %name, by = %admin, "client revoked");
         Ok(Response::new(RemoveClientResponse {}))

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -21,6 +21,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -50,40 +51,30 @@ impl Proxy {
     async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let path = req.uri().path().to_string();
         if path == "/__proxy/stats" {
-            let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let counts = self.counts.lock().clone();
             let total: u64 = counts.values().sum();
             let mut body = format!("{{\"requests\":{total}");
             for (method, n) in &counts {
                 body.push_str(&format!(",\"{method}\":{n}"));
             }
-            for (folder, n) in self.reads.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            for (folder, n) in self.reads.lock().iter() {
                 body.push_str(&format!(",\"GET {folder}\":{n}"));
             }
             body.push('}');
             return Ok(text(StatusCode::OK, body));
         }
         if path == "/__proxy/reset" {
-            self.counts.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            self.reads.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.counts.lock().clear();
+            self.reads.lock().clear();
             return Ok(text(StatusCode::OK, "{}".into()));
         }
-        *self
-            .counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(req.method().to_string())
-            .or_default() += 1;
+        *self.counts.lock().entry(req.method().to_string()).or_default() += 1;
         if req.method() == hyper::Method::GET
             && let Some(folder) = ["data", "index", "snapshots", "keys", "locks"]
                 .into_iter()
                 .find(|f| path.contains(&format!("/{f}/")))
         {
-            *self
-                .reads
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(folder.to_string())
-                .or_default() += 1;
+            *self.reads.lock().entry(folder.to_string()).or_default() += 1;
         }
         if self.log {
             let range = req
