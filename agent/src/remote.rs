@@ -318,7 +318,14 @@ impl BlobWriter for Uploader {
 impl RemoteStore {
     /// One ReadChunks request: every chunk in `batch` is delivered to `each`
     /// once, checked end to end against its id, or returned with why not.
-    async fn fetch_batch(&self, batch: &[BlobId], each: &ChunkSink<'_>) -> Vec<(BlobId, String)> {
+    /// Once `cancel` is cancelled, stops at once (dropping the stream
+    /// stops the server's reads) and returns the rest as not delivered.
+    async fn fetch_batch(
+        &self,
+        batch: &[BlobId],
+        cancel: &CancellationToken,
+        each: &ChunkSink<'_>,
+    ) -> Vec<(BlobId, String)> {
         let mut wanted: HashSet<BlobId> = batch.iter().copied().collect();
         let all =
             |why: String, wanted: &HashSet<BlobId>| wanted.iter().map(|id| (*id, why.clone())).collect();
@@ -340,7 +347,14 @@ impl RemoteStore {
         };
         let mut lost = Vec::new();
         loop {
-            let c = match stream.message().await {
+            let next = tokio::select! {
+                next = stream.message() => next,
+                _ = cancel.cancelled() => {
+                    lost.extend(all("cancelled".into(), &wanted));
+                    return lost;
+                }
+            };
+            let c = match next {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
                 Err(s) => {
@@ -405,7 +419,7 @@ impl RestoreSource for RemoteStore {
                                 .extend(batch.iter().map(|id| (*id, "cancelled".to_string())));
                             continue;
                         }
-                        let failed = self.handle.block_on(self.fetch_batch(batch, each));
+                        let failed = self.handle.block_on(self.fetch_batch(batch, cancel, each));
                         lost.lock().extend(failed);
                     }
                 });

@@ -885,8 +885,10 @@ impl Ctx<'_> {
         // walker makes itself in this directory is made while a creator may
         // still work there (names a file system folds together, by case or
         // normalization, would meet, and one could remove the other's).
+        // Cancelled: the walk passes over what is left, and what was
+        // created goes through the writer, which fails and removes it.
         if self.opts.cancel.is_cancelled() {
-            return Err(Error::Cancelled);
+            return Ok(());
         }
         let by_creator = node.kind == NodeKind::Symlink || (node.kind == NodeKind::File && node.nlink <= 1);
         if self.opts.overwrite && !by_creator {
@@ -1387,7 +1389,7 @@ pub fn restore_tree(
         window: max_open,
         outcome: RestoreOutcome::default(),
     };
-    let walked = {
+    {
         // One batch being filled while the walker builds the next.
         let (tx, rx) = bounded::<Batch>(1);
         std::thread::scope(|s| -> Result<()> {
@@ -1395,9 +1397,8 @@ pub fn restore_tree(
             let progress = &progress;
             let writer = s.spawn(move || {
                 for batch in rx {
-                    if opts.cancel.is_cancelled() {
-                        continue; // the walker stops too, and ends the restore
-                    }
+                    // Even cancelled: its files exist, empty, and are removed
+                    // as not filled (the source then reads nothing).
                     let lost = fill_batch(source, batch, &opts.cancel, progress);
                     failed.lock().extend(lost);
                 }
@@ -1456,17 +1457,17 @@ pub fn restore_tree(
                 .join()
                 .map_err(|_| Error::Interrupted("the restore's writer panicked".into()))?;
             walked
-        })
-    };
-    // Cancelled, the files begun are still removed below, as after a failed read.
-    match walked {
-        Err(Error::Cancelled) => {}
-        other => other?,
+        })?;
     }
+    // Seen once: a cancel that comes later finds the restore complete.
+    let cancelled = opts.cancel.is_cancelled();
     // Directories last, so their times stick, and each after everything
     // inside it, so a mode that closes it cannot keep the restore out.
+    // Not after a cancel: left open, they take the next restore.
     let dirs = std::mem::take(&mut ctx.dirs);
-    finish_dirs(&ctx, &dirs);
+    if !cancelled {
+        finish_dirs(&ctx, &dirs);
+    }
     for (inc, matched) in opts.includes.iter().zip(&ctx.matched) {
         if !matched {
             ctx.error(format!("{inc:?} is not in the snapshot"));
@@ -1494,7 +1495,7 @@ pub fn restore_tree(
     // Names written under temporary ones replace what was in the target
     // now, unless what they share could not be restored.
     for d in std::mem::take(&mut ctx.deferred) {
-        if linked.contains_key(&d.key) {
+        if cancelled || linked.contains_key(&d.key) {
             let _ = rustix::fs::unlinkat(&d.dir, d.temp.as_slice(), AtFlags::empty());
             messages.push(format!(
                 "kept {} as it was in the target: what was to replace it could not be restored",
@@ -1531,7 +1532,7 @@ pub fn restore_tree(
     outcome.errors = errors.into_inner();
     outcome.errors.extend(messages);
     outcome.incomplete = incomplete;
-    if opts.cancel.is_cancelled() {
+    if cancelled {
         return Err(Error::Cancelled);
     }
     Ok(outcome)

@@ -22,7 +22,7 @@ use backer_repo::crypto::KdfParams;
 use backer_repo::id::SnapshotId;
 use backer_repo::lock::{Lock, unlock};
 use backer_repo::prune::{DEFAULT_MAX_UNUSED, PruneOptions, prune};
-use backer_repo::restorer::{RestoreOptions, RestoreOutcome, RestoreProgress, restore};
+use backer_repo::restorer::{RestoreOptions, RestoreOutcome, RestoreProgress, restore, restore_tree};
 use backer_repo::snapshot::Snapshot;
 use backer_repo::{Backend, Error, Repository};
 
@@ -484,6 +484,53 @@ async fn storage_that_never_writes_fails_the_backup_cleanly() {
     );
 }
 
+/// A local source that cancels `token` once its first chunk is handed on, or
+/// (with `trees`) when it loads that many trees.
+struct CancelAt<'a> {
+    inner: backer_repo::store::LocalStore<'a>,
+    token: tokio_util::sync::CancellationToken,
+    trees: Option<u64>,
+    loaded: std::sync::atomic::AtomicU64,
+}
+
+impl<'a> CancelAt<'a> {
+    fn new(repo: &'a Repository, token: tokio_util::sync::CancellationToken, trees: Option<u64>) -> Self {
+        CancelAt {
+            inner: backer_repo::store::LocalStore {
+                repo,
+                lock: None,
+                handle: tokio::runtime::Handle::current(),
+            },
+            token,
+            trees,
+            loaded: Default::default(),
+        }
+    }
+}
+
+impl backer_repo::store::RestoreSource for CancelAt<'_> {
+    fn load_tree(&self, id: &backer_repo::id::BlobId) -> backer_repo::Result<backer_repo::tree::Tree> {
+        if self.trees == Some(self.loaded.fetch_add(1, Ordering::SeqCst) + 1) {
+            self.token.cancel();
+        }
+        self.inner.load_tree(id)
+    }
+
+    fn fetch_chunks(
+        &self,
+        ids: &[backer_repo::id::BlobId],
+        cancel: &tokio_util::sync::CancellationToken,
+        each: &backer_repo::store::ChunkSink<'_>,
+    ) -> Vec<(backer_repo::id::BlobId, String)> {
+        self.inner.fetch_chunks(ids, cancel, &|id, data| {
+            each(id, data);
+            if self.trees.is_none() {
+                self.token.cancel();
+            }
+        })
+    }
+}
+
 /// Cancels `token` once `done` counts a first file, from another thread.
 fn cancel_after_first(token: tokio_util::sync::CancellationToken, done: impl Fn() -> u64 + Send + 'static) {
     std::thread::spawn(move || {
@@ -554,32 +601,113 @@ async fn a_cancelled_backup_or_restore_stops_early_and_leaves_the_repository_cle
     drop(lock);
     let repo = repo.refreshed().await.unwrap();
 
+    // Cancelled once the first chunk is written: the restore stops, and
+    // what it leaves is whole (a file begun and not finished is removed).
     let progress = Arc::new(RestoreProgress::default());
     let cancelled = RestoreOptions {
         target: tmp.path().join("cancelled"),
         ..Default::default()
     };
-    let p = Arc::clone(&progress);
-    cancel_after_first(cancelled.cancel.clone(), move || {
-        p.files_done.load(Ordering::Relaxed)
-    });
-    let err = restore(&repo, &whole.snapshot, &cancelled, Arc::clone(&progress))
-        .await
-        .expect_err("a cancelled restore must not succeed");
+    let source = CancelAt::new(&repo, cancelled.cancel.clone(), None);
+    let err = tokio::task::block_in_place(|| {
+        restore_tree(&source, whole.snapshot.tree, &cancelled, Arc::clone(&progress))
+    })
+    .expect_err("a cancelled restore must not succeed");
     assert!(matches!(err, Error::Cancelled), "{err}");
     let written = progress.files_done.load(Ordering::Relaxed);
     assert!(
         written < FILES,
         "the restore stopped early ({written} of {FILES})"
     );
-    // What it left is whole: a file begun and not finished is removed.
     let src_files = read_files(&src);
-    for (path, data) in read_files(&tmp.path().join("cancelled")) {
-        assert_eq!(Some(&data), src_files.get(&path), "{} is whole", path.display());
+    let left = read_files(&tmp.path().join("cancelled"));
+    assert!(left.len() < FILES as usize, "{} files left", left.len());
+    for (path, data) in &left {
+        assert_eq!(Some(data), src_files.get(path), "{} is whole", path.display());
     }
 
     let target = tmp.path().join("whole");
     let out = restore_all(&repo, &whole.snapshot, &target).await.unwrap();
     assert!(out.errors.is_empty(), "{:?}", out.errors);
     assert_eq!(read_files(&target), read_files(&src));
+}
+
+/// A restore with --overwrite cancelled during its walk: every file in the
+/// target is either what it held before or whole from the snapshot, none
+/// is left empty or under a temporary name, and hard links written under
+/// temporary names never replace what they were to replace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_cancelled_during_its_walk_leaves_no_empty_or_temporary_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let mut next = rng(5);
+    for d in 0..6 {
+        let dir = src.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..20 {
+            let data: Vec<u8> = (0..(256 + f * 97)).flat_map(|_| next().to_le_bytes()).collect();
+            std::fs::write(dir.join(format!("f{f:02}")), data).unwrap();
+        }
+        std::fs::hard_link(dir.join("f00"), dir.join("link")).unwrap();
+    }
+    let backend = new_repository(tmp.path()).await;
+    let repo = Repository::open(backend, PASSWORD).await.unwrap();
+    let lock = Lock::acquire(&repo, false, "backup", Duration::ZERO)
+        .await
+        .unwrap();
+    let opts = BackupOptions {
+        root: src.clone(),
+        paths: vec![PathBuf::from("/")],
+        ..Default::default()
+    };
+    let snap = backup(&repo, &lock, opts, Arc::new(Progress::default()))
+        .await
+        .unwrap()
+        .snapshot;
+    drop(lock);
+    let repo = repo.refreshed().await.unwrap();
+    let src_files = read_files(&src);
+
+    for trees in 2..=5 {
+        // The target holds other versions of every file, to be overwritten.
+        let target = tmp.path().join(format!("target-{trees}"));
+        for path in src_files.keys() {
+            let at = target.join(path);
+            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+            if !at.exists() {
+                std::fs::write(&at, format!("ORIGINAL {}", path.display())).unwrap();
+            }
+        }
+        let before = read_files(&target);
+        let cancelled = RestoreOptions {
+            target: target.clone(),
+            overwrite: true,
+            ..Default::default()
+        };
+        let source = CancelAt::new(&repo, cancelled.cancel.clone(), Some(trees));
+        let err = tokio::task::block_in_place(|| {
+            restore_tree(
+                &source,
+                snap.tree,
+                &cancelled,
+                Arc::new(RestoreProgress::default()),
+            )
+        })
+        .expect_err("a cancelled restore must not succeed");
+        assert!(matches!(err, Error::Cancelled), "{err}");
+        let after = read_files(&target);
+        assert_eq!(
+            after.keys().collect::<Vec<_>>(),
+            before.keys().collect::<Vec<_>>(),
+            "no file is added (a temporary one) or lost (cancelled after {trees} trees)"
+        );
+        for (path, data) in &after {
+            assert!(
+                data == &before[path] || Some(data) == src_files.get(path),
+                "{} holds neither what it held nor the snapshot's ({} bytes; cancelled after {trees} trees)",
+                path.display(),
+                data.len()
+            );
+        }
+    }
 }
