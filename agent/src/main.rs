@@ -31,6 +31,15 @@ const CERTIFICATE_CHECK: Duration = Duration::from_secs(5);
 /// to `MAX_RECONNECT_WAIT`.
 const FIRST_RECONNECT_WAIT: Duration = Duration::from_millis(500);
 const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(60);
+
+fn reconnect_waits() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(FIRST_RECONNECT_WAIT)
+        .with_max_delay(MAX_RECONNECT_WAIT)
+        .without_max_times()
+        .build()
+}
 /// How long a stopping agent waits for its cancelled jobs to report: well
 /// inside Kubernetes' default 30 s grace period.
 const STOP_GRACE: Duration = Duration::from_secs(15);
@@ -479,7 +488,7 @@ async fn run(
             _ => kubernetes::enrol(state_dir, id).await?,
         }
     }
-    let mut backoff = FIRST_RECONNECT_WAIT;
+    let mut waits = reconnect_waits();
     // Jobs outlive the connection that brought them (see `session`).
     let jobs = TaskTracker::new();
     loop {
@@ -498,8 +507,9 @@ async fn run(
         // starts again from the shortest. Without this, an agent whose server
         // restarted a few times waited half a minute to come back.
         if registered {
-            backoff = FIRST_RECONNECT_WAIT;
+            waits = reconnect_waits();
         }
+        let wait = waits.next().unwrap_or(MAX_RECONNECT_WAIT);
         if let Err(e) = ended {
             // Refusals are final: a revoked client must not hammer the server.
             if let Some(s) = e.downcast_ref::<tonic::Status>()
@@ -516,14 +526,13 @@ async fn run(
             }
             tracing::warn!(
                 "connection to the server lost: {e:#}; retrying in {:.1} s",
-                backoff.as_secs_f32()
+                wait.as_secs_f32()
             );
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.cancelled() => {}
         }
-        backoff = (backoff * 2).min(MAX_RECONNECT_WAIT);
     }
 }
 
@@ -579,7 +588,29 @@ async fn session(
             _ = stop.cancelled() => {
                 tracing::info!("stopping: jobs under way are cancelled");
                 jobs.close();
-                jobs.wait().await;
+                // Work sent meanwhile is refused with the reason.
+                let mut ended = std::pin::pin!(jobs.wait());
+                loop {
+                    tokio::select! {
+                        _ = &mut ended => break,
+                        item = work.message() => match item {
+                            Ok(Some(item)) => {
+                                let done = pb::JobDone {
+                                    job_id: item.job_id,
+                                    ok: false,
+                                    messages: vec!["the agent is stopping (SIGTERM or Ctrl-C); run the job again".into()],
+                                    snapshot_id: String::new(),
+                                };
+                                let _ = tx.send(AgentReport { report: Some(Report::Done(done)) }).await;
+                            }
+                            // The server went away: the jobs end on their own.
+                            _ => {
+                                ended.as_mut().await;
+                                break;
+                            }
+                        },
+                    }
+                }
                 // Our stream ends with the last job's sender; the server
                 // reads every report before that end, then ends its own.
                 drop(tx);

@@ -14,6 +14,7 @@ use backer_k8s_api::{
     RestoreTarget, Run, Snapshot, SnapshotListing, SnapshotListingSpec,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::TryStreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{ListParams, ObjectMeta, PostParams};
@@ -214,6 +215,15 @@ fn forbidden_hint(e: kube::Error, what: &str) -> anyhow::Error {
     }
 }
 
+/// A watch that failed, with the same hint as a refused read.
+fn watch_failed(e: kube::runtime::watcher::Error, what: &str) -> anyhow::Error {
+    use kube::runtime::watcher::Error as W;
+    match e {
+        W::InitialListFailed(e) | W::WatchStartFailed(e) | W::WatchFailed(e) => forbidden_hint(e, what),
+        e => anyhow!("failed to {what}: {e}"),
+    }
+}
+
 async fn clients(client: &Client, format: Format) -> Result<()> {
     let list = Api::<BackerClient>::all(client.clone())
         .list(&ListParams::default())
@@ -321,7 +331,7 @@ fn refusal(e: kube::Error, what: &str) -> anyhow::Error {
     }
 }
 
-/// Creates `obj` in `ns` and, with `wait`, polls the run that `run_of`
+/// Creates `obj` in `ns` and, with `wait`, watches the run that `run_of`
 /// finds in it (and its phase) until it ends, with a progress bar on a
 /// terminal.
 async fn create_and_follow<K>(
@@ -336,7 +346,9 @@ where
         + Clone
         + Serialize
         + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+        + std::fmt::Debug
+        + Send
+        + 'static,
 {
     let kind = K::kind(&());
     let api: Api<K> = Api::namespaced(client.clone(), ns);
@@ -361,13 +373,17 @@ where
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(24 * 3600);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
+    let mut updates = std::pin::pin!(kube::runtime::watcher::watch_object(api, &name));
     loop {
-        let (run, phase) = run_of(
-            api.get(&name)
-                .await
-                .map_err(|e| anyhow!("failed to read {kind} {name}: {e}"))?,
-        );
+        let obj = match tokio::time::timeout_at(deadline, updates.try_next()).await {
+            Err(_) => bail!("gave up waiting after a day; the job goes on"),
+            Ok(Err(e)) => return Err(watch_failed(e, &format!("watch {kind} {name}"))),
+            Ok(Ok(None)) => bail!("the watch of {kind} {name} ended"),
+            Ok(Ok(Some(None))) => bail!("{kind} {name} was deleted while waiting for it"),
+            Ok(Ok(Some(Some(obj)))) => obj,
+        };
+        let (run, phase) = run_of(obj);
         if phase.as_deref() == Some("Invalid") {
             bar.finish_and_clear();
             bail!("the operator refused the job (kubectl describe it for the reason)");
@@ -381,10 +397,6 @@ where
                 return Ok(Some(run));
             }
         }
-        if std::time::Instant::now() > deadline {
-            bail!("gave up waiting after a day; the job goes on");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -451,20 +463,26 @@ async fn ls(client: &Client, ns: &str, snapshot: String, path: Option<String>, f
         .await
         .map_err(|e| refusal(e, "ask for the listing"))?;
     let name = created.name_any();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let answered = loop {
-        let got = api
-            .get(&name)
-            .await
-            .map_err(|e| forbidden_hint(e, "read the listing"))?;
-        if got.status.as_ref().is_some_and(|s| s.phase.is_some()) {
-            break got;
+    let answered_by = |l: Option<&SnapshotListing>| {
+        l.and_then(|l| l.status.as_ref())
+            .is_some_and(|s| s.phase.is_some())
+    };
+    let waited = tokio::time::timeout(
+        Duration::from_secs(60),
+        kube::runtime::wait::await_condition(api.clone(), &name, answered_by),
+    )
+    .await;
+    let answered = match waited {
+        Ok(Ok(Some(got))) => got,
+        Ok(Ok(None)) => bail!("the listing request was deleted before the operator answered"),
+        Ok(Err(kube::runtime::wait::Error::ProbeFailed(e))) => {
+            let _ = api.delete(&name, &Default::default()).await;
+            return Err(watch_failed(e, "watch the listing"));
         }
-        if std::time::Instant::now() > deadline {
+        Err(_) => {
             let _ = api.delete(&name, &Default::default()).await;
             bail!("the operator did not answer within 60 s (is it running? kubectl backer status)");
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
     };
     // Read: the request has done its job.
     let _ = api.delete(&name, &Default::default()).await;

@@ -46,7 +46,7 @@ pub struct Context {
     /// Wakes the snapshot mirror when a run ends.
     pub snapshots_changed: Notify,
     /// Consecutive failures per object, for its retry backoff.
-    pub failures: Mutex<HashMap<String, u32>>,
+    pub failures: Mutex<HashMap<String, backon::ExponentialBackoff>>,
     /// One certificate signed at a time: two requests for one node signed
     /// at once would each revoke the other's certificate.
     pub signing: tokio::sync::Mutex<()>,
@@ -68,10 +68,17 @@ impl Context {
     /// consecutive failure, at most 5 minutes. One broken object does not
     /// slow the others, and does not hammer the API or the server.
     pub fn backoff(&self, key: String) -> Duration {
+        use backon::BackoffBuilder;
+        const MAX: Duration = Duration::from_secs(300);
         let mut f = self.failures.lock();
-        let n = f.entry(key).or_default();
-        *n = n.saturating_add(1);
-        Duration::from_secs(5 << (*n - 1).min(6)).min(Duration::from_secs(300))
+        let waits = f.entry(key).or_insert_with(|| {
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_secs(5))
+                .with_max_delay(MAX)
+                .without_max_times()
+                .build()
+        });
+        waits.next().unwrap_or(MAX)
     }
 
     /// Forgets `key`'s failures after a successful reconcile.

@@ -392,10 +392,19 @@ fn transient(e: &object_store::Error) -> bool {
     )
 }
 
-/// Waits before retry `attempt` (1-based): 50 ms, 100 ms, 200 ms, ...
-async fn backoff(attempt: u32) {
-    tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
+/// The waits between retries of one storage call: 100 ms doubling to 3.2 s.
+/// How many retries there are is [`Retry`]'s to say. (No jitter here: the
+/// S3 client's own retries below this one have it.)
+fn retry_delays() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(MAX_RETRY_DELAY)
+        .without_max_times()
+        .build()
 }
+
+const MAX_RETRY_DELAY: Duration = Duration::from_millis(3200);
 
 /// An object found by [`Backend::list`]: its name relative to the listed
 /// folder, and its size.
@@ -662,6 +671,7 @@ impl Backend {
         Fut: std::future::Future<Output = Result<T>>,
     {
         let mut attempt = 0;
+        let mut delays = retry_delays();
         loop {
             let r = match tokio::time::timeout(self.retry.call_timeout, call(attempt)).await {
                 Ok(r) => r,
@@ -674,7 +684,7 @@ impl Backend {
                 Err(e) if self.retry.allows(&e, attempt) => {
                     attempt += 1;
                     tracing::debug!("retrying {what} {name} (attempt {attempt}): {e}");
-                    backoff(attempt).await;
+                    tokio::time::sleep(delays.next().unwrap_or(MAX_RETRY_DELAY)).await;
                 }
                 r => return r,
             }
@@ -982,6 +992,7 @@ impl Backend {
     ) -> Result<()> {
         let mut at = range.start;
         let mut attempt = 0;
+        let mut delays = retry_delays();
         while at < range.end {
             let opts = object_store::GetOptions {
                 range: Some(object_store::GetRange::Bounded(at..range.end)),
@@ -1020,7 +1031,7 @@ impl Backend {
                 Some(e) if attempt < self.retry.short_reads => {
                     attempt += 1;
                     tracing::debug!("resuming the read of {name} at {at} (attempt {attempt}): {e}");
-                    backoff(attempt).await;
+                    tokio::time::sleep(delays.next().unwrap_or(MAX_RETRY_DELAY)).await;
                 }
                 Some(e) => return Err(self.err(e)),
             }

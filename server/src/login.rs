@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use parking_lot::{Mutex, MutexGuard};
 
 /// Failures a peer may make before its attempts are refused for a while.
@@ -40,14 +39,12 @@ pub enum LoginError {
 
 /// Login and password of an `Authorization: Basic …` header value.
 pub fn parse_basic(header: &str) -> Result<(String, String), LoginError> {
-    let encoded = header.strip_prefix("Basic ").ok_or(LoginError::Malformed)?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or(LoginError::Malformed)?;
-    let (login, password) = decoded.split_once(':').ok_or(LoginError::Malformed)?;
-    Ok((login.to_string(), password.to_string()))
+    use headers::Header;
+    use headers::authorization::{Authorization, Basic};
+    let value = headers::HeaderValue::from_str(header).map_err(|_| LoginError::Malformed)?;
+    let basic =
+        Authorization::<Basic>::decode(&mut std::iter::once(&value)).map_err(|_| LoginError::Malformed)?;
+    Ok((basic.username().to_string(), basic.password().to_string()))
 }
 
 /// Compares secrets without leaking through timing where they differ.
@@ -180,6 +177,7 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
 
     fn header(login: &str, password: &str) -> String {
         format!(

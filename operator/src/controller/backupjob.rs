@@ -114,9 +114,10 @@ async fn targets(job: &BackupJob, ctx: &Context) -> Result<Vec<Target>, Error> {
     let api: Api<BackerClient> = Api::all(ctx.client.clone());
     let mut names = job.spec.clients.clone();
     if let Some(sel) = &job.spec.client_selector {
-        let selector = label_selector(sel)?;
+        let selector = kube::core::Selector::try_from(sel.clone())
+            .map_err(|e| Error::Invalid(format!("clientSelector is not valid: {}", e.0)))?;
         for bc in api
-            .list(&kube::api::ListParams::default().labels(&selector))
+            .list(&kube::api::ListParams::default().labels_from(&selector))
             .await?
         {
             names.push(bc.name_any());
@@ -140,32 +141,6 @@ async fn targets(job: &BackupJob, ctx: &Context) -> Result<Vec<Target>, Error> {
         return Err(Error::Invalid("clientSelector selects no BackerClient".into()));
     }
     Ok(out)
-}
-
-fn label_selector(
-    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
-) -> Result<String, Error> {
-    let mut parts: Vec<String> = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    for e in sel.match_expressions.iter().flatten() {
-        let values = e.values.clone().unwrap_or_default().join(",");
-        parts.push(match e.operator.as_str() {
-            "In" => format!("{} in ({values})", e.key),
-            "NotIn" => format!("{} notin ({values})", e.key),
-            "Exists" => e.key.clone(),
-            "DoesNotExist" => format!("!{}", e.key),
-            op => {
-                return Err(Error::Invalid(format!(
-                    "clientSelector operator {op:?} is unknown"
-                )));
-            }
-        });
-    }
-    Ok(parts.join(","))
 }
 
 /// Starts one run: a server job per target. A target that fails to start is
