@@ -1,0 +1,354 @@
+//! The walker: lists directories from their descriptors, in tree order, and
+//! tells the assembler every entry and the readers every file to read; and
+//! the count of files and bytes ahead of it, for progress totals.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+
+use super::read::{FileJob, FileOutcome};
+use super::select::Selection;
+use super::{Shared, os_error};
+use crate::error::{Error, Result};
+use crate::fsmeta;
+use crate::tree::{Extent, Node, NodeKind, Tree};
+
+/// What the walker tells the assembler, in tree order.
+pub(super) enum Item {
+    EnterDir(Node),
+    ExitDir,
+    Leaf(Node),
+    File(Node, Receiver<FileOutcome>),
+}
+
+pub(super) struct Walker<'s, 'r> {
+    pub(super) shared: &'s Shared<'r>,
+    pub(super) items: Sender<Item>,
+    pub(super) jobs: Sender<FileJob>,
+    /// Directory levels below the root: bounded, for the stack.
+    pub(super) depth: usize,
+}
+
+/// Opens the directory `name` in `dir`. `follow` allows a symlink on the
+/// way to a chosen path (a host's own `/var/run`); everywhere else a
+/// directory swapped for a symlink is refused, so the walk never leaves
+/// the directory it listed.
+fn open_dir_at(dir: &OwnedFd, name: &[u8], follow: bool) -> rustix::io::Result<OwnedFd> {
+    let mut flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
+    if !follow {
+        flags |= OFlags::NOFOLLOW;
+    }
+    rustix::fs::openat(dir, name, flags, Mode::empty())
+}
+
+impl Walker<'_, '_> {
+    fn send(&self, item: Item) -> Result<()> {
+        self.items
+            .send(item)
+            .map_err(|_| Error::Interrupted("the backup stopped".into()))
+    }
+
+    fn load_parent_subtree(&self, parent: Option<&Tree>, name: &[u8]) -> Option<Tree> {
+        let id = parent?.find(name)?.subtree?;
+        match self.shared.store.load_tree(&id) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!("failed to load tree {id} of the parent snapshot, reading files again: {e}");
+                None
+            }
+        }
+    }
+
+    /// Walks from the root, whose descriptor is opened here.
+    pub(super) fn walk_root(&mut self, sel: &Selection, parent: Option<&Tree>) -> Result<()> {
+        let root = &self.shared.root;
+        let fd = rustix::fs::open(
+            root.as_path(),
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open", root, os_error(e)))?;
+        self.walk_selection(&Arc::new(fd), root, sel, parent)
+    }
+
+    /// Walks the directories above the chosen paths, entering only toward
+    /// them. Everything is reached from the descriptor of the directory
+    /// above, never through a path: a path is only for messages.
+    fn walk_selection(
+        &mut self,
+        dir: &Arc<OwnedFd>,
+        dir_path: &Path,
+        sel: &Selection,
+        parent: Option<&Tree>,
+    ) -> Result<()> {
+        match sel {
+            Selection::All => self.walk_dir(dir, dir_path, parent),
+            Selection::Some(children) => {
+                for (name, child_sel) in children {
+                    let path = dir_path.join(std::ffi::OsStr::from_bytes(name));
+                    let st = match rustix::fs::statat(&**dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
+                        Ok(st) => st,
+                        Err(e) => {
+                            self.shared
+                                .report(format!("failed to read {}: {}", path.display(), os_error(e)));
+                            continue;
+                        }
+                    };
+                    let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+                    // Under a root (a volume whose contents its users
+                    // control), a symlink on the way to a chosen path
+                    // could lead anywhere on the node: never follow one.
+                    let follow = self.shared.root == Path::new("/");
+                    match child_sel {
+                        Selection::All => self.entry(dir, &path, name.clone(), st, parent)?,
+                        Selection::Some(_) if !is_dir && !follow => {
+                            self.shared.report(format!(
+                                "refused {}: a symlink or a file on the way to a chosen path",
+                                path.display()
+                            ));
+                        }
+                        Selection::Some(_) => {
+                            let sub = match open_dir_at(dir, name, follow) {
+                                Ok(fd) => Arc::new(fd),
+                                Err(e) => {
+                                    self.shared.report(format!(
+                                        "failed to open {}: {}",
+                                        path.display(),
+                                        os_error(e)
+                                    ));
+                                    continue;
+                                }
+                            };
+                            let node = fsmeta::node_from_stat(name.clone(), &st);
+                            let subtree = self.load_parent_subtree(parent, name);
+                            self.send(Item::EnterDir(node))?;
+                            self.depth += 1;
+                            let walked = self.walk_selection(&sub, &path, child_sel, subtree.as_ref());
+                            self.depth -= 1;
+                            walked?;
+                            self.send(Item::ExitDir)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn walk_dir(&mut self, dir: &Arc<OwnedFd>, dir_path: &Path, parent: Option<&Tree>) -> Result<()> {
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        // A duplicate, not `Dir::read_from`: that opens "." and so needs
+        // search permission, which a listable directory may lack.
+        let listing = rustix::io::fcntl_dupfd_cloexec(&**dir, 0).and_then(rustix::fs::Dir::new);
+        match listing {
+            Ok(entries) => {
+                for e in entries {
+                    match e {
+                        Ok(e) => {
+                            let name = e.file_name().to_bytes();
+                            if name != b"." && name != b".." {
+                                names.push(name.to_vec());
+                            }
+                        }
+                        Err(e) => {
+                            self.shared.report(format!(
+                                "failed to list {}: {}",
+                                dir_path.display(),
+                                os_error(e)
+                            ));
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                self.shared
+                    .report(format!("failed to list {}: {}", dir_path.display(), os_error(e)));
+                return Ok(());
+            }
+        }
+        names.sort();
+        for name in names {
+            if self.shared.aborted() {
+                return Err(Error::Interrupted("the backup stopped".into()));
+            }
+            let path = dir_path.join(std::ffi::OsStr::from_bytes(&name));
+            if self.shared.is_excluded(&path, &name) {
+                continue;
+            }
+            match rustix::fs::statat(&**dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => self.entry(dir, &path, name, st, parent)?,
+                Err(e) => self
+                    .shared
+                    .report(format!("failed to read {}: {}", path.display(), os_error(e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the entry `name` of `dir` (found with `st`), and walks it
+    /// when it is a directory.
+    fn entry(
+        &mut self,
+        dir: &Arc<OwnedFd>,
+        path: &Path,
+        name: Vec<u8>,
+        st: Stat,
+        parent: Option<&Tree>,
+    ) -> Result<()> {
+        let mut node = fsmeta::node_from_stat(name, &st);
+        match fsmeta::read_xattrs_at(dir.as_fd(), &node.name, path) {
+            Ok(x) => node.xattrs = x,
+            Err(e) => self.shared.report(format!(
+                "failed to read extended attributes of {}: {e}",
+                path.display()
+            )),
+        }
+        match node.kind {
+            NodeKind::Dir => {
+                if self.depth >= fsmeta::MAX_DEPTH {
+                    self.shared.report(format!(
+                        "refused {}: deeper than {} directory levels",
+                        path.display(),
+                        fsmeta::MAX_DEPTH
+                    ));
+                    return Ok(());
+                }
+                let sub = match open_dir_at(dir, &node.name, false) {
+                    Ok(fd) => fd,
+                    Err(e @ (rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR)) => {
+                        self.shared.report(format!(
+                            "skipped {}: it was replaced between listing and reading ({})",
+                            path.display(),
+                            os_error(e)
+                        ));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        // Recorded empty, with its own metadata, and reported.
+                        self.shared
+                            .report(format!("failed to list {}: {}", path.display(), os_error(e)));
+                        self.send(Item::EnterDir(node))?;
+                        return self.send(Item::ExitDir);
+                    }
+                };
+                // The directory's metadata from what was opened, so that it
+                // matches the content even if another took its name meanwhile.
+                if let Ok(now) = rustix::fs::fstat(&sub) {
+                    let xattrs = std::mem::take(&mut node.xattrs);
+                    node = fsmeta::node_from_stat(std::mem::take(&mut node.name), &now);
+                    node.xattrs = xattrs;
+                }
+                let subtree = self.load_parent_subtree(parent, &node.name);
+                self.send(Item::EnterDir(node))?;
+                self.depth += 1;
+                let walked = self.walk_dir(&Arc::new(sub), path, subtree.as_ref());
+                self.depth -= 1;
+                walked?;
+                self.send(Item::ExitDir)
+            }
+            NodeKind::File => {
+                if let Some(old) = parent.and_then(|p| p.find(&node.name))
+                    && self.unchanged(old, &node)
+                {
+                    node.content = old.content.clone();
+                    self.shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .progress
+                        .bytes_done
+                        .fetch_add(node.size, Ordering::Relaxed);
+                    return self.send(Item::Leaf(node));
+                }
+                let (tx, rx) = bounded(1);
+                let job = FileJob {
+                    dir: Arc::clone(dir),
+                    name: node.name.clone(),
+                    path: path.to_path_buf(),
+                    dev: node.dev,
+                    ino: node.inode,
+                    size: node.size,
+                    mtime: node.mtime,
+                    reply: tx,
+                };
+                self.send(Item::File(node, rx))?;
+                self.jobs
+                    .send(job)
+                    .map_err(|_| Error::Interrupted("the backup stopped".into()))
+            }
+            NodeKind::Symlink => match rustix::fs::readlinkat(&**dir, node.name.as_slice(), Vec::new()) {
+                Ok(t) => {
+                    node.link_target = Some(serde_bytes::ByteBuf::from(t.into_bytes()));
+                    self.send(Item::Leaf(node))
+                }
+                Err(e) => {
+                    self.shared
+                        .report(format!("failed to read link {}: {}", path.display(), os_error(e)));
+                    Ok(())
+                }
+            },
+            _ => self.send(Item::Leaf(node)),
+        }
+    }
+
+    fn unchanged(&self, old: &Node, new: &Node) -> bool {
+        old.kind == NodeKind::File
+            && old.size == new.size
+            && old.mtime == new.mtime
+            && old.ctime == new.ctime
+            && old.inode == new.inode
+            && old.content.iter().all(|e| match e {
+                Extent::Data { id, .. } => self.shared.store.parent_chunk_stored(id),
+                Extent::Hole { .. } => true,
+            })
+    }
+}
+
+/// Counts files and bytes ahead of the walker, for progress totals only.
+pub(super) fn scan_totals(shared: &Shared<'_>, sel: &Selection, dir: &Path) {
+    match sel {
+        Selection::Some(children) => {
+            for (name, child) in children {
+                let path = dir.join(std::ffi::OsStr::from_bytes(name));
+                match child {
+                    Selection::All => scan_path(shared, &path),
+                    Selection::Some(_) => scan_totals(shared, child, &path),
+                }
+            }
+        }
+        Selection::All => scan_path(shared, dir),
+    }
+}
+
+fn scan_path(shared: &Shared<'_>, path: &Path) {
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        if shared.aborted() {
+            return;
+        }
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if md.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                for e in rd.flatten() {
+                    let child = e.path();
+                    if !shared.is_excluded(&child, e.file_name().as_bytes()) {
+                        stack.push(child);
+                    }
+                }
+            }
+        } else if md.is_file() {
+            shared.progress.files_total.fetch_add(1, Ordering::Relaxed);
+            shared
+                .progress
+                .bytes_total
+                .fetch_add(md.size(), Ordering::Relaxed);
+        }
+    }
+}
