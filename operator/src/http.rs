@@ -34,7 +34,12 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Health) -> std::io
         )
         .route(
             "/metrics",
-            get(|State(h): State<Health>| async move { h.metrics.render() }),
+            get(|State(h): State<Health>| async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+                    h.metrics.render(),
+                )
+            }),
         )
         .with_state(health);
     axum::serve(listener, app).await

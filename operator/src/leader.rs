@@ -220,7 +220,7 @@ pub async fn lead(
     }
     role.set(Role::ACQUIRED);
     tracing::info!(lease = LEASE, %identity, "leading");
-    metrics.leader.store(1, Ordering::Relaxed);
+    metrics.leader.set(1);
     let (renew_api, renew_identity) = (api.clone(), identity.clone());
     let renewing = tokio::spawn(async move {
         let (api, identity) = (renew_api, renew_identity);

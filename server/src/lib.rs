@@ -8,6 +8,7 @@ pub mod error;
 pub mod grpc;
 pub mod jobs;
 pub mod login;
+pub mod metrics;
 pub mod rest;
 pub mod runner;
 pub mod schedule;

@@ -7,7 +7,6 @@
 //! Login/Password (throttled per peer, see `login`), and not at all when none
 //! is configured.
 
-use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -209,120 +208,39 @@ fn json<T: serde::Serialize>(v: &T) -> axum::response::Response {
     }
 }
 
-/// Prometheus text format, version 0.0.4.
+/// The state at this scrape, for [`crate::metrics::Metrics::render`].
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    let (mut pending, mut enrolled, mut revoked) = (0, 0, 0);
-    let mut soonest_client_expiry: Option<i64> = None;
+    let mut o = crate::metrics::Observed {
+        server_not_after: s.server_not_after(),
+        ..Default::default()
+    };
     for r in s.registry().clients.values() {
         match r.state {
-            ClientState::Pending => pending += 1,
+            ClientState::Pending => o.pending += 1,
             ClientState::Enrolled => {
-                enrolled += 1;
+                o.enrolled += 1;
                 if let Some(t) = r.cert_not_after {
-                    soonest_client_expiry = Some(soonest_client_expiry.map_or(t, |s: i64| s.min(t)));
+                    o.soonest_client_expiry = Some(o.soonest_client_expiry.map_or(t, |s: i64| s.min(t)));
                 }
             }
-            ClientState::Revoked => revoked += 1,
+            ClientState::Revoked => o.revoked += 1,
         }
     }
-    let connected = s.connections.lock().len();
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP backer_clients Clients known to the server, by enrolment state."
-    );
-    let _ = writeln!(out, "# TYPE backer_clients gauge");
-    for (state, n) in [("pending", pending), ("enrolled", enrolled), ("revoked", revoked)] {
-        let _ = writeln!(out, "backer_clients{{state=\"{state}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP backer_agents_connected Agents with an open work connection."
-    );
-    let _ = writeln!(out, "# TYPE backer_agents_connected gauge");
-    let _ = writeln!(out, "backer_agents_connected {connected}");
-    let _ = writeln!(
-        out,
-        "# HELP backer_certificate_expiry_timestamp_seconds When a certificate expires (Unix time)."
-    );
-    let _ = writeln!(out, "# TYPE backer_certificate_expiry_timestamp_seconds gauge");
-    let _ = writeln!(
-        out,
-        "backer_certificate_expiry_timestamp_seconds{{kind=\"server\"}} {}",
-        s.server_not_after()
-    );
-    if let Some(t) = soonest_client_expiry {
-        let _ = writeln!(
-            out,
-            "backer_certificate_expiry_timestamp_seconds{{kind=\"client_soonest\"}} {t}"
-        );
-    }
-    job_metrics(&s, &mut out);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
-}
-
-/// Counts and durations of the recorded jobs, and what backups read and stored.
-fn job_metrics(s: &Shared, out: &mut String) {
-    use std::collections::BTreeMap;
-    let mut count: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
-    let mut duration: BTreeMap<&'static str, (f64, u64)> = BTreeMap::new();
-    let (mut read, mut new) = (0u64, 0u64);
+    o.connected = s.connections.lock().len() as i64;
     for j in s.jobs.list(None) {
-        let kind = match j.kind {
-            crate::jobs::Kind::Backup => "backup",
-            crate::jobs::Kind::Restore => "restore",
-        };
-        *count.entry((kind, j.state.as_str())).or_default() += 1;
-        if j.state.is_final() && j.finished >= j.created {
-            let d = duration.entry(kind).or_default();
-            d.0 += (j.finished - j.created) as f64;
-            d.1 += 1;
-        }
-        if kind == "backup"
+        o.jobs.push((j.kind, j.state));
+        if j.kind == crate::jobs::Kind::Backup
             && matches!(
                 j.state,
                 crate::jobs::JobState::Succeeded | crate::jobs::JobState::Partial
             )
         {
-            read += j.bytes_done;
-            new += j.new_bytes;
+            o.backup_bytes += j.bytes_done;
+            o.backup_new_bytes += j.new_bytes;
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP backer_jobs Jobs in the server's record, by kind and state."
-    );
-    let _ = writeln!(out, "# TYPE backer_jobs gauge");
-    for ((kind, state), n) in &count {
-        let _ = writeln!(out, "backer_jobs{{kind=\"{kind}\",state=\"{state}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP backer_job_duration_seconds How long finished jobs took."
-    );
-    let _ = writeln!(out, "# TYPE backer_job_duration_seconds summary");
-    for (kind, (sum, n)) in &duration {
-        let _ = writeln!(out, "backer_job_duration_seconds_sum{{kind=\"{kind}\"}} {sum}");
-        let _ = writeln!(out, "backer_job_duration_seconds_count{{kind=\"{kind}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP backer_backup_bytes Bytes of file content read by recorded backups."
-    );
-    let _ = writeln!(out, "# TYPE backer_backup_bytes gauge");
-    let _ = writeln!(out, "backer_backup_bytes {read}");
-    let _ = writeln!(
-        out,
-        "# HELP backer_backup_new_bytes Of those, bytes new to the repository (before compression)."
-    );
-    let _ = writeln!(out, "# TYPE backer_backup_new_bytes gauge");
-    let _ = writeln!(out, "backer_backup_new_bytes {new}");
-    if new > 0 {
-        let _ = writeln!(
-            out,
-            "# HELP backer_dedup_ratio Bytes read per new byte stored, over recorded backups."
-        );
-        let _ = writeln!(out, "# TYPE backer_dedup_ratio gauge");
-        let _ = writeln!(out, "backer_dedup_ratio {:.3}", read as f64 / new as f64);
-    }
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        s.metrics.render(&o),
+    )
 }

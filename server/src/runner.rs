@@ -386,6 +386,9 @@ pub async fn end(
     let r = shared.jobs.finish(id, state, messages, snapshot, now(shared));
     if let Some(r) = &r {
         tracing::info!(job = %id, client = %r.client, state = r.state.as_str(), "job ended");
+        shared
+            .metrics
+            .job_ended(r.kind, r.finished.saturating_sub(r.created) as f64);
     }
     r
 }

@@ -57,6 +57,7 @@ pub struct Shared {
     pub logins: crate::login::Throttle,
     /// The admin certificates issued, checked on every management call.
     pub admin_certs: AdminCertFile,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// The operator's admin identity. It mints its certificate in memory from
@@ -276,6 +277,7 @@ pub async fn run(
         insecure_plaintext: opts.insecure_plaintext,
         logins: crate::login::Throttle::default(),
         admin_certs,
+        metrics: Default::default(),
     });
     // The server's own tasks end on `stop` and are joined before `run`
     // returns: no schedule fires, and no reload happens, after a stop.

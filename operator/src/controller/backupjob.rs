@@ -206,9 +206,7 @@ async fn start(job: &BackupJob, ctx: &Context, now: DateTime<Utc>) -> Result<Run
             }),
         }
     }
-    ctx.metrics
-        .runs_started
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ctx.metrics.runs_started.inc();
     Ok(run)
 }
 
@@ -337,9 +335,7 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action,
         if was_running && run.finished.is_some() {
             ctx.snapshots_changed.notify_one();
             if run.phase == "Failed" {
-                ctx.metrics
-                    .runs_failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ctx.metrics.runs_failed.inc();
             }
             let note = format!("run {}", run.summary());
             ctx.event(

@@ -137,9 +137,7 @@ pub async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Context>) -
         Ok(node) => node,
         Err(why) => {
             tracing::warn!(csr = %name, "denied: {why}");
-            ctx.metrics
-                .certificates_denied
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ctx.metrics.certificates_denied.inc();
             set_decision(&api, &name, "Denied", "NotThisNode", &why).await?;
             return Ok(Action::await_change());
         }
@@ -150,9 +148,7 @@ pub async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Context>) -
         // Refused as asked (a name the server cannot take): retrying cannot help.
         Err(Error::Refused(why)) => {
             tracing::warn!(csr = %name, "denied: {why}");
-            ctx.metrics
-                .certificates_denied
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ctx.metrics.certificates_denied.inc();
             set_decision(&api, &name, "Denied", "ServerRefused", &why).await?;
             return Ok(Action::await_change());
         }
@@ -171,9 +167,7 @@ pub async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Context>) -
     });
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
         .await?;
-    ctx.metrics
-        .certificates_signed
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ctx.metrics.certificates_signed.inc();
     tracing::info!(csr = %name, node, "signed the agent's certificate");
     Ok(Action::await_change())
 }

@@ -35,9 +35,10 @@ where
             move |obj, ctx| {
                 let reconcile = reconcile.clone();
                 async move {
-                    ctx.metrics.reconciled(kind);
                     let key = key_of(kind, &*obj);
+                    let started = std::time::Instant::now();
                     let r = reconcile(obj, Arc::clone(&ctx)).await;
+                    ctx.metrics.reconciled(kind, started.elapsed());
                     if r.is_ok() {
                         ctx.succeeded(&key);
                     }

@@ -26,11 +26,12 @@ const LABEL_MANAGED: &str = "app.kubernetes.io/managed-by";
 
 pub async fn run(ctx: Arc<Context>) {
     loop {
+        let started = std::time::Instant::now();
         if let Err(e) = sync(&ctx).await {
             ctx.metrics.failed("snapshot", e.category());
             tracing::warn!("failed to mirror snapshots: {e}");
         }
-        ctx.metrics.reconciled("snapshot");
+        ctx.metrics.reconciled("snapshot", started.elapsed());
         tokio::select! {
             _ = ctx.snapshots_changed.notified() => {}
             _ = tokio::time::sleep(INTERVAL) => {}
