@@ -159,7 +159,11 @@ struct Shared<'a> {
     progress: Arc<Progress>,
     abort: AtomicBool,
     cancel: CancellationToken,
+    /// Everything said to the user, in order.
     messages: Mutex<Vec<String>>,
+    /// What the snapshot records: the errors' messages, the first
+    /// [`MAX_RECORDED_ERRORS`] of them.
+    recorded: Mutex<Vec<String>>,
     /// Entries left out or recorded incompletely; any makes the snapshot partial.
     errors: AtomicU64,
     changed: AtomicU64,
@@ -184,10 +188,19 @@ impl Shared<'_> {
         self.seen.lock().insert(*id)
     }
 
-    /// Records a message for the user without counting it as an error.
-    fn warn(&self, msg: String) {
+    fn say(&self, msg: String) {
         tracing::warn!("{msg}");
         self.messages.lock().push(msg);
+    }
+
+    /// A file changed while it was read: said, and counted in the summary,
+    /// but not an error (the snapshot holds what was read).
+    fn changed_while_read(&self, path: &Path) {
+        self.changed.fetch_add(1, Ordering::Relaxed);
+        self.say(format!(
+            "{} changed while it was read; the snapshot holds what was read",
+            path.display()
+        ));
     }
 
     /// Records an entry that is missing from the snapshot or incomplete in
@@ -195,7 +208,13 @@ impl Shared<'_> {
     fn report(&self, msg: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         self.progress.errors.fetch_add(1, Ordering::Relaxed);
-        self.warn(msg);
+        {
+            let mut recorded = self.recorded.lock();
+            if recorded.len() < MAX_RECORDED_ERRORS {
+                recorded.push(msg.clone());
+            }
+        }
+        self.say(msg);
     }
 
     /// A stage failed, or the backup was cancelled: every stage stops.
@@ -312,6 +331,7 @@ pub fn archive(
         abort: AtomicBool::new(false),
         cancel: opts.cancel.clone(),
         messages: Mutex::new(Vec::new()),
+        recorded: Mutex::new(Vec::new()),
         errors: AtomicU64::new(0),
         changed: AtomicU64::new(0),
         files_read: AtomicU64::new(0),
@@ -338,6 +358,7 @@ pub fn archive(
 
     let Shared {
         messages,
+        recorded,
         errors,
         changed,
         files_read,
@@ -362,12 +383,6 @@ pub fn archive(
         changed_while_read: changed.into_inner(),
         duration_secs: started.elapsed().as_secs_f64(),
     };
-    let recorded: Vec<String> = messages
-        .iter()
-        .filter(|m| !m.contains("changed while"))
-        .take(MAX_RECORDED_ERRORS)
-        .cloned()
-        .collect();
     let snap = Snapshot {
         time: chrono::Utc::now(),
         hostname,
@@ -379,7 +394,7 @@ pub fn archive(
         tree: root_id,
         partial: errors > 0,
         summary,
-        errors: recorded,
+        errors: recorded.into_inner(),
         program_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     Ok((snap, messages))

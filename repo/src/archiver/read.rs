@@ -208,11 +208,7 @@ pub(super) fn read_file(
         || after.mtime() != job.mtime.secs
         || after.mtime_nsec() != i64::from(job.mtime.nanos);
     if changed {
-        shared.changed.fetch_add(1, Ordering::Relaxed);
-        shared.warn(format!(
-            "{} changed while it was read; the snapshot holds what was read",
-            path.display()
-        ));
+        shared.changed_while_read(path);
     }
     shared.files_read.fetch_add(1, Ordering::Relaxed);
     shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
