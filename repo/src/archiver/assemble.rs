@@ -17,7 +17,7 @@ use crate::tree::{Node, NodeKind, Tree};
 /// directory's tree when the walker leaves it, and finally the root.
 pub(super) fn assemble(
     shared: &Shared<'_>,
-    items: Receiver<Item>,
+    items: Receiver<Vec<Item>>,
     packer: Sender<Vec<PackerMsg>>,
     asked: Option<Sender<Vec<NewChunk>>>,
     level: i32,
@@ -58,7 +58,7 @@ pub(super) fn assemble(
         }
         Ok(id)
     };
-    for item in items {
+    for item in items.iter().flatten() {
         match item {
             Item::EnterDir(node) => stack.push((Some(node), Vec::new())),
             Item::ExitDir => {

@@ -62,7 +62,7 @@ use dedup::{ASKING_BYTES, Budget, NEGOTIATE_BATCH, negotiate};
 use read::{Batch, FileJob, NewChunk, pass_on, read_file};
 pub use select::Excluder;
 use select::{Selection, build_selection, normalize, on_disk};
-use walk::{Item, Walker, scan_totals};
+use walk::{ITEM_BATCH, Item, Walker, scan_totals};
 
 /// How many errors a snapshot records by name (all are counted).
 const MAX_RECORDED_ERRORS: usize = 100;
@@ -418,7 +418,7 @@ fn run_pipeline(
     threads: usize,
     scan: bool,
 ) -> Result<PipelineResult> {
-    let (item_tx, item_rx) = bounded::<Item>(4096);
+    let (item_tx, item_rx) = bounded::<Vec<Item>>(4096 / ITEM_BATCH);
     let (job_tx, job_rx) = bounded::<FileJob>(64);
     let (chunk_tx, chunk_rx) = bounded::<Vec<NewChunk>>(threads * 2);
     let (pack_tx, pack_rx) = bounded::<Vec<PackerMsg>>(threads * 2);
@@ -444,6 +444,7 @@ fn run_pipeline(
                 let mut w = Walker {
                     shared,
                     items: item_tx,
+                    batch: Vec::with_capacity(ITEM_BATCH),
                     jobs: job_tx,
                     depth: 0,
                 };
