@@ -4,7 +4,6 @@
 //! BackerClient), then follows their status.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -331,6 +330,10 @@ fn refusal(e: kube::Error, what: &str) -> anyhow::Error {
     }
 }
 
+/// Watch failures in a row (each retried after a growing wait) before
+/// `--wait` gives up.
+const WATCH_FAILURES: u32 = 10;
+
 /// Creates `obj` in `ns` and, with `wait`, watches the run that `run_of`
 /// finds in it (and its phase) until it ends, with a progress bar on a
 /// terminal.
@@ -361,27 +364,33 @@ where
     if !wait {
         return Ok(None);
     }
-    let bar = if std::io::stderr().is_terminal() {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}, {eta}) {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::output::terminal_bar(&kind.to_lowercase());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
-    let mut updates = std::pin::pin!(kube::runtime::watcher::watch_object(api, &name));
+    // The watcher starts again by itself after a lost connection or an
+    // expired watch (an API server restarting during a long backup); only a
+    // refusal, or failures without end, end the wait.
+    let mut updates = std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(
+        kube::runtime::watcher::watch_object(api, &name)
+    ));
+    let mut failures = 0;
     loop {
         let obj = match tokio::time::timeout_at(deadline, updates.try_next()).await {
             Err(_) => bail!("gave up waiting after a day; the job goes on"),
-            Ok(Err(e)) => return Err(watch_failed(e, &format!("watch {kind} {name}"))),
+            Ok(Err(e)) => {
+                let refused = matches!(&e, kube::runtime::watcher::Error::InitialListFailed(kube::Error::Api(s))
+                    | kube::runtime::watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.is_forbidden() || s.code == 404);
+                failures += 1;
+                if refused || failures >= WATCH_FAILURES {
+                    return Err(watch_failed(e, &format!("watch {kind} {name}")));
+                }
+                continue;
+            }
             Ok(Ok(None)) => bail!("the watch of {kind} {name} ended"),
             Ok(Ok(Some(None))) => bail!("{kind} {name} was deleted while waiting for it"),
-            Ok(Ok(Some(Some(obj)))) => obj,
+            Ok(Ok(Some(Some(obj)))) => {
+                failures = 0;
+                obj
+            }
         };
         let (run, phase) = run_of(obj);
         if phase.as_deref() == Some("Invalid") {
@@ -463,10 +472,9 @@ async fn ls(client: &Client, ns: &str, snapshot: String, path: Option<String>, f
         .await
         .map_err(|e| refusal(e, "ask for the listing"))?;
     let name = created.name_any();
-    let answered_by = |l: Option<&SnapshotListing>| {
-        l.and_then(|l| l.status.as_ref())
-            .is_some_and(|s| s.phase.is_some())
-    };
+    // Answered, or gone (deleted by someone else).
+    let answered_by =
+        |l: Option<&SnapshotListing>| l.is_none_or(|l| l.status.as_ref().is_some_and(|s| s.phase.is_some()));
     let waited = tokio::time::timeout(
         Duration::from_secs(60),
         kube::runtime::wait::await_condition(api.clone(), &name, answered_by),

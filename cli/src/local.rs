@@ -821,12 +821,7 @@ pub async fn check(g: &Global, a: CheckArgs) -> Result<u8> {
         pb.set_position(p.packs_done.load(Ordering::Relaxed));
     });
     if opts.read_data && !pb.is_hidden() {
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "check [{elapsed_precise}] {wide_bar} {pos}/{len} packs ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
+        pb.set_style(crate::output::count_style("packs"));
     }
     let report = locked(
         g,

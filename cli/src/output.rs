@@ -67,26 +67,52 @@ pub fn duration(secs: f64) -> String {
 /// A byte progress bar on stderr, or a hidden one when stderr is not a
 /// terminal, or with --quiet or --json.
 pub fn bar(g: &Global, prefix: &str) -> ProgressBar {
-    if g.quiet || g.json || !std::io::stderr().is_terminal() {
+    if g.quiet || g.json {
+        return ProgressBar::hidden();
+    }
+    terminal_bar(prefix)
+}
+
+/// A byte progress bar on stderr when it is a terminal; the one style of
+/// every command's bar, the kubectl plugin's too.
+pub fn terminal_bar(prefix: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(10));
-    // The template is a constant checked by the tests below.
-    #[allow(clippy::expect_used)]
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-        )
-        .expect("valid template"),
-    );
+    pb.set_style(style(BYTES));
     pb.set_prefix(prefix.to_string());
     pb.enable_steady_tick(Duration::from_millis(200));
     pb
 }
 
+const BYTES: &str =
+    "{prefix} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}";
+
+fn count_template(unit: &str) -> String {
+    format!("{{prefix}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} ETA {{eta}} {{msg}}")
+}
+
+/// The same bar counting `unit`s instead of bytes (check's packs).
+pub fn count_style(unit: &str) -> ProgressStyle {
+    style(&count_template(unit))
+}
+
+fn style(template: &str) -> ProgressStyle {
+    // Both templates are checked by the test below.
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_bar_template_is_valid() {
+        for t in [BYTES.to_string(), count_template("packs")] {
+            assert!(ProgressStyle::with_template(&t).is_ok(), "{t}");
+        }
+    }
 
     #[test]
     fn sizes_and_durations() {

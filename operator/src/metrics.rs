@@ -61,7 +61,7 @@ impl Default for Metrics {
             durations: durations.clone(),
             registry: Registry::default(),
         };
-        registry.register("reconciles", "Reconciles started, by controller", reconciles);
+        registry.register("reconciles", "Reconciles done, by controller", reconciles);
         registry.register(
             "reconcile_errors",
             "Reconciles that failed, by controller and error category",

@@ -342,7 +342,8 @@ impl Jobs {
         Some(after)
     }
 
-    /// Ends a job; its live state is dropped.
+    /// Ends a job; its live state is dropped. The record, when this call
+    /// ended it (`None` for an unknown job or one that had ended already).
     pub fn finish(
         &self,
         id: &str,
@@ -351,7 +352,9 @@ impl Jobs {
         snapshot: Option<String>,
         now: i64,
     ) -> Option<JobRecord> {
-        self.update(id, |r| {
+        let mut ended = false;
+        let r = self.update(id, |r| {
+            ended = true;
             r.state = state;
             r.finished = now;
             // The record is rewritten whole on each change: keep it small.
@@ -364,7 +367,8 @@ impl Jobs {
             if let Some(s) = snapshot {
                 r.snapshot_id = s;
             }
-        })
+        })?;
+        ended.then_some(r)
     }
 
     pub fn start(&self, active: Active) -> Arc<Active> {
@@ -403,5 +407,25 @@ impl Jobs {
 
     pub fn running(&self) -> usize {
         self.inner.lock().active.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_ends_once_and_stays_as_it_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::load(dir.path().join("jobs.json"), 100).unwrap();
+        let r = jobs.create(Kind::Backup, "h1", "admin:ops", 100);
+        let ended = jobs.finish(&r.id, JobState::Failed, vec!["disconnected".into()], None, 130);
+        assert_eq!(ended.map(|r| (r.state, r.finished)), Some((JobState::Failed, 130)));
+        // A second end (another path noticing the same loss) changes nothing
+        // and says so, so the job is counted once.
+        assert!(jobs.finish(&r.id, JobState::Succeeded, vec![], None, 140).is_none());
+        let kept = jobs.get(&r.id).unwrap();
+        assert_eq!((kept.state, kept.finished), (JobState::Failed, 130));
+        assert!(jobs.finish("no-such-job", JobState::Failed, vec![], None, 140).is_none());
     }
 }

@@ -55,7 +55,7 @@ fn kind_label(k: Kind) -> &'static str {
 }
 
 fn duration_histogram() -> Histogram {
-    // 1 s to about 4.5 days: from a one-file restore to a first backup of
+    // 1 s to 3 days (2^18 s): from a one-file restore to a first backup of
     // a large volume over a slow link.
     Histogram::new(exponential_buckets(1.0, 2.0, 19))
 }

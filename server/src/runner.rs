@@ -359,10 +359,25 @@ async fn dispatch(shared: &Arc<Shared>, active: &Arc<Active>, work: pb::WorkItem
 }
 
 fn fail_now(shared: &Shared, id: &str, msg: String) -> CoreError {
-    shared
-        .jobs
-        .finish(id, JobState::Failed, vec![msg.clone()], None, now(shared));
+    finish(shared, id, JobState::Failed, vec![msg.clone()], None);
     CoreError::Unavailable(msg)
+}
+
+/// Records a job's end, once: a job ended already stays as it ended.
+fn finish(
+    shared: &Shared,
+    id: &str,
+    state: JobState,
+    messages: Vec<String>,
+    snapshot: Option<String>,
+) -> Option<JobRecord> {
+    let r = shared.jobs.finish(id, state, messages, snapshot, now(shared))?;
+    tracing::info!(job = %id, client = %r.client, state = r.state.as_str(), "job ended");
+    // A clock set back meanwhile says nothing about how long it took.
+    if r.finished >= r.created {
+        shared.metrics.job_ended(r.kind, (r.finished - r.created) as f64);
+    }
+    Some(r)
 }
 
 /// Ends a job: releases its lock, records the outcome, wakes watchers.
@@ -383,14 +398,7 @@ pub async fn end(
     {
         tracing::warn!(job = %id, "failed to release the repository lock (it will go stale): {e}");
     }
-    let r = shared.jobs.finish(id, state, messages, snapshot, now(shared));
-    if let Some(r) = &r {
-        tracing::info!(job = %id, client = %r.client, state = r.state.as_str(), "job ended");
-        shared
-            .metrics
-            .job_ended(r.kind, r.finished.saturating_sub(r.created) as f64);
-    }
-    r
+    finish(shared, id, state, messages, snapshot)
 }
 
 /// The agent of `client` went away: its running jobs fail with that reason.
@@ -452,12 +460,12 @@ pub async fn run_schedules(shared: Arc<Shared>, stop: tokio_util::sync::Cancella
                     Err(e) => {
                         // Recorded as a failed job, so `backer jobs` shows the miss.
                         let r = shared.jobs.create(Kind::Backup, name, &origin, now.timestamp());
-                        shared.jobs.finish(
+                        finish(
+                            &shared,
                             &r.id,
                             JobState::Failed,
                             vec![format!("scheduled backup could not start: {}", e.message())],
                             None,
-                            now.timestamp(),
                         );
                         tracing::warn!(client = %name, schedule = %sid, "scheduled backup could not start: {}", e.message());
                     }

@@ -115,7 +115,12 @@ async fn targets(job: &BackupJob, ctx: &Context) -> Result<Vec<Target>, Error> {
     let mut names = job.spec.clients.clone();
     if let Some(sel) = &job.spec.client_selector {
         let selector = kube::core::Selector::try_from(sel.clone())
-            .map_err(|e| Error::Invalid(format!("clientSelector is not valid: {}", e.0)))?;
+            .map_err(|e| {
+                Error::Invalid(format!(
+                    "clientSelector is not valid ({}): matchExpressions take In or NotIn with values, Exists or DoesNotExist",
+                    e.0
+                ))
+            })?;
         for bc in api
             .list(&kube::api::ListParams::default().labels_from(&selector))
             .await?

@@ -19,10 +19,10 @@ use crate::error::{Error, Result};
 use crate::fsmeta;
 use crate::tree::{Extent, Node, NodeKind, Tree};
 
-/// What the walker tells the assembler, in tree order.
 /// Entries per message from the walker to the assembler.
 pub(super) const ITEM_BATCH: usize = 256;
 
+/// What the walker tells the assembler, in tree order.
 pub(super) enum Item {
     EnterDir(Node),
     ExitDir,
