@@ -420,12 +420,21 @@ mod tests {
         let jobs = Jobs::load(dir.path().join("jobs.json"), 100).unwrap();
         let r = jobs.create(Kind::Backup, "h1", "admin:ops", 100);
         let ended = jobs.finish(&r.id, JobState::Failed, vec!["disconnected".into()], None, 130);
-        assert_eq!(ended.map(|r| (r.state, r.finished)), Some((JobState::Failed, 130)));
+        assert_eq!(
+            ended.map(|r| (r.state, r.finished)),
+            Some((JobState::Failed, 130))
+        );
         // A second end (another path noticing the same loss) changes nothing
         // and says so, so the job is counted once.
-        assert!(jobs.finish(&r.id, JobState::Succeeded, vec![], None, 140).is_none());
+        assert!(
+            jobs.finish(&r.id, JobState::Succeeded, vec![], None, 140)
+                .is_none()
+        );
         let kept = jobs.get(&r.id).unwrap();
         assert_eq!((kept.state, kept.finished), (JobState::Failed, 130));
-        assert!(jobs.finish("no-such-job", JobState::Failed, vec![], None, 140).is_none());
+        assert!(
+            jobs.finish("no-such-job", JobState::Failed, vec![], None, 140)
+                .is_none()
+        );
     }
 }
