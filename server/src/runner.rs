@@ -475,3 +475,312 @@ pub async fn run_schedules(shared: Arc<Shared>, stop: tokio_util::sync::Cancella
         last = now;
     }
 }
+
+/// The job rules called directly on a server's core (no sockets, no agent
+/// process): planning a backup, finding a snapshot, finishing a backup.
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use backer_repo::chunk::{Compressor, blob_id};
+    use backer_repo::id::{BlobId, SnapshotId};
+    use backer_repo::snapshot::{Snapshot, Summary};
+    use backer_repo::tree::{Extent, Node, NodeKind, Time, Tree};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::server::{Connection, Options};
+
+    struct Core {
+        _dir: tempfile::TempDir,
+        shared: Arc<Shared>,
+        /// What the server sends to h1's agent.
+        work: mpsc::Receiver<pb::WorkItem>,
+    }
+
+    /// A server's core on a new directory repository; clients h1 and h2
+    /// enrolled, h1's agent connected.
+    async fn core() -> Core {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("conf");
+        std::fs::create_dir_all(conf.join("clients")).unwrap();
+        std::fs::write(
+            conf.join("server.toml"),
+            format!(
+                "[server]\nMgmtPort = 0\nDataPort = 0\nRestApiPort = 0\nExternalName = \"localhost\"\n\n\
+                 [repository]\nLocalization = \"{}\"\n\n[clients]\nConfigFile = \"clients/\"\n",
+                dir.path().join("repo").display()
+            ),
+        )
+        .unwrap();
+        let shared = Shared::open(&Options {
+            config: conf.join("server.toml"),
+            state_dir: dir.path().join("state"),
+            pki_dir: None,
+            clock_start: None,
+            insecure_plaintext: false,
+        })
+        .await
+        .unwrap();
+        shared
+            .update_registry(|r| {
+                for (name, serial) in [("h1", b"s1"), ("h2", b"s2")] {
+                    r.add(name, false, 0).unwrap();
+                    r.set_certificate(name, serial, i64::MAX, None);
+                }
+            })
+            .unwrap();
+        let (tx, work) = mpsc::channel(4);
+        shared.connections.lock().insert(
+            "h1".into(),
+            Connection {
+                id: 1,
+                since: 0,
+                version: String::new(),
+                work: tx,
+            },
+        );
+        Core {
+            _dir: dir,
+            shared,
+            work,
+        }
+    }
+
+    /// Writes a snapshot of `host` taken `age` seconds ago, holding `files`.
+    async fn snapshot(
+        s: &Shared,
+        host: &str,
+        paths: &[&str],
+        tags: &[&str],
+        files: u64,
+        age: i64,
+    ) -> SnapshotId {
+        let snap = Snapshot {
+            time: chrono::Utc::now() - chrono::TimeDelta::seconds(age),
+            hostname: host.into(),
+            username: "root".into(),
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            excludes: vec![],
+            parent: None,
+            tree: BlobId([files as u8; 32]),
+            summary: Summary {
+                files,
+                bytes: files * 10,
+                ..Default::default()
+            },
+            partial: false,
+            errors: vec![],
+            program_version: "test".into(),
+        };
+        s.storage.repo().save_snapshot(&snap).await.unwrap()
+    }
+
+    fn request(client: &str, paths: &[&str]) -> pb::StartBackupRequest {
+        pb::StartBackupRequest {
+            client: client.into(),
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backup_plan_checks_the_request_and_takes_the_parent_of_its_own_series() {
+        let c = core().await;
+        let s = &c.shared;
+        let own = snapshot(s, "h1", &["/data"], &[], 7, 60).await;
+        snapshot(s, "h1", &["/data"], &["nightly"], 8, 30).await;
+        snapshot(s, "h2", &["/data"], &[], 9, 10).await;
+        snapshot(s, "h1", &["/data", "/etc"], &[], 10, 5).await;
+
+        let plan = plan_backup(s, request("h1", &["/data/"])).await.unwrap();
+        assert_eq!(plan.spec.paths, vec!["/data".to_string()]);
+        // Not another host's newer one, not another tag set's, not other paths'.
+        assert_eq!(plan.spec.parent.map(|(id, _)| id), Some(own));
+        assert_eq!(plan.spec.parent_totals, (7, 70));
+        let tagged = pb::StartBackupRequest {
+            tags: vec!["nightly".into()],
+            ..request("h1", &["/data"])
+        };
+        assert_eq!(plan_backup(s, tagged).await.unwrap().spec.parent_totals, (8, 80));
+
+        for (req, what) in [
+            (request("h1", &["data"]), "a relative path"),
+            (request("h1", &["/a/../b"]), "a path with .."),
+            (request("h1", &[]), "no path and none configured"),
+            (
+                pb::StartBackupRequest {
+                    excludes: vec!["a[".into()],
+                    ..request("h1", &["/data"])
+                },
+                "a bad exclude",
+            ),
+        ] {
+            let r = plan_backup(s, req).await;
+            assert!(matches!(r, Err(CoreError::Invalid(_))), "{what}: {r:?}");
+        }
+        let r = plan_backup(s, request("h2", &["/data"])).await;
+        assert!(
+            matches!(r, Err(CoreError::Unavailable(_))),
+            "h2 is not connected: {r:?}"
+        );
+        let r = plan_backup(s, request("nobody", &["/data"])).await;
+        assert!(matches!(r, Err(CoreError::NotFound(_))), "{r:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finding_a_snapshot_stays_within_the_client_asked_for() {
+        let c = core().await;
+        let s = &c.shared;
+        let old = snapshot(s, "h1", &["/data"], &[], 1, 60).await;
+        let new = snapshot(s, "h1", &["/data"], &[], 2, 30).await;
+        let other = snapshot(s, "h2", &["/data"], &[], 3, 10).await;
+        let repo = s.storage.repo();
+        assert_eq!(find_snapshot(&repo, "latest", "h1").await.unwrap().id, new);
+        assert_eq!(
+            find_snapshot(&repo, &old.to_hex()[..8], "h1").await.unwrap().id,
+            old
+        );
+        let r = find_snapshot(&repo, &other.to_hex(), "h1").await;
+        assert!(
+            matches!(r, Err(CoreError::NotFound(_))),
+            "h2's snapshot is not h1's: {r:?}"
+        );
+        assert_eq!(find_snapshot(&repo, &other.to_hex(), "").await.unwrap().id, other);
+        let r = find_snapshot(&repo, "latest", "").await;
+        assert!(
+            matches!(r, Err(CoreError::Invalid(_))),
+            "latest needs a client: {r:?}"
+        );
+    }
+
+    /// A file of `data` in directory `data` under the root: the chunk, the
+    /// directory's tree and the root tree, and the root's id.
+    fn upload_of(keys: &backer_repo::crypto::ChunkKeys, data: &[u8]) -> (Vec<pb::UploadChunk>, BlobId) {
+        let chunk = blob_id(keys, data);
+        let file = Node {
+            name: b"f".to_vec(),
+            kind: NodeKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: data.len() as u64,
+            mtime: Time::default(),
+            atime: Time::default(),
+            ctime: Time::default(),
+            inode: 1,
+            dev: 1,
+            nlink: 1,
+            rdev: 0,
+            link_target: None,
+            xattrs: vec![],
+            content: vec![Extent::Data {
+                id: chunk,
+                len: data.len() as u32,
+            }],
+            subtree: None,
+        };
+        let dir = Tree {
+            nodes: vec![file.clone()],
+        }
+        .to_bytes()
+        .unwrap();
+        let dir_node = Node {
+            name: b"data".to_vec(),
+            kind: NodeKind::Dir,
+            size: 0,
+            content: vec![],
+            subtree: Some(blob_id(keys, &dir)),
+            ..file
+        };
+        let root = Tree {
+            nodes: vec![dir_node],
+        }
+        .to_bytes()
+        .unwrap();
+        let mut z = Compressor::new(2).unwrap();
+        let mut up = |kind: u32, raw: &[u8]| pb::UploadChunk {
+            id: blob_id(keys, raw).0.to_vec().into(),
+            kind,
+            payload: z.compress(raw).into(),
+            raw_len: raw.len() as u32,
+        };
+        (vec![up(0, data), up(1, &dir), up(1, &root)], blob_id(keys, &root))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finishing_a_backup_checks_its_trees_and_names_the_snapshot_after_the_client() {
+        let mut c = core().await;
+        let s = Arc::clone(&c.shared);
+        let repo = s.storage.repo();
+        let (chunks, root) = upload_of(&repo.key().chunk, b"the file's content");
+        let agent_says = |root: BlobId| {
+            serde_json::to_string(&Snapshot {
+                time: chrono::Utc::now(),
+                hostname: "not-h1".into(),
+                username: "root".into(),
+                paths: vec!["/elsewhere".into()],
+                tags: vec![],
+                excludes: vec![],
+                parent: None,
+                tree: root,
+                summary: Summary::default(),
+                partial: false,
+                errors: vec![],
+                program_version: "test".into(),
+            })
+            .unwrap()
+        };
+        let upload = |active: Arc<Active>, chunks: Vec<pb::UploadChunk>| async move {
+            let (tx, rx) = mpsc::channel(1);
+            tx.send(pb::UploadBatch {
+                job_id: active.id.clone(),
+                chunks,
+            })
+            .await
+            .unwrap();
+            drop(tx);
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || crate::datapath::ingest(&active, rx, handle))
+                .await
+                .unwrap()
+                .unwrap()
+        };
+
+        // The trees, but not the file's chunk: no snapshot, the job fails.
+        let job = start_backup(&s, request("h1", &["/data"]), "admin:test")
+            .await
+            .unwrap();
+        let item = c.work.recv().await.unwrap();
+        assert_eq!(item.job_id, job.id);
+        assert!(matches!(item.work, Some(pb::work_item::Work::Backup(ref w)) if w.paths == ["/data"]));
+        let active = s.jobs.active_for(&job.id, "h1").unwrap();
+        upload(Arc::clone(&active), chunks[1..].to_vec()).await;
+        let r = crate::datapath::finish_backup(&s, &active, &agent_says(root)).await;
+        assert!(
+            matches!(&r, Err(CoreError::Refused(m)) if m.contains("never uploaded")),
+            "{r:?}"
+        );
+        assert_eq!(s.jobs.get(&job.id).unwrap().state, JobState::Failed);
+        assert!(s.storage.repo().snapshots().await.unwrap().is_empty());
+
+        // Everything: the snapshot is h1's, of the paths the job asked for.
+        let job = start_backup(&s, request("h1", &["/data"]), "admin:test")
+            .await
+            .unwrap();
+        c.work.recv().await.unwrap();
+        let active = s.jobs.active_for(&job.id, "h1").unwrap();
+        upload(Arc::clone(&active), chunks).await;
+        let id = crate::datapath::finish_backup(&s, &active, &agent_says(root))
+            .await
+            .unwrap();
+        let listed = s.storage.repo().snapshots().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id.to_hex(), id);
+        assert_eq!(listed[0].snapshot.hostname, "h1");
+        assert_eq!(listed[0].snapshot.paths, vec!["/data".to_string()]);
+        assert_eq!(listed[0].snapshot.tree, root);
+        assert_eq!(s.jobs.get(&job.id).unwrap().state, JobState::Succeeded);
+    }
+}

@@ -46,7 +46,7 @@ pub struct Shared {
     /// The certificate every handshake uses, reloaded when its files change.
     pub server_cert: Arc<crate::tls::ServerCert>,
     /// The data port actually bound (the configured one may be 0 in tests).
-    data_port: u16,
+    data_port: std::sync::atomic::AtomicU16,
     pub storage: Storage,
     pub jobs: Jobs,
     /// Added to the system clock for schedules (tests start it elsewhere).
@@ -75,6 +75,41 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// Everything a server holds but its sockets: configuration, state
+    /// directory, CA and certificate, repository and job record. `run`
+    /// serves it; the core's tests call the job rules on it directly.
+    pub async fn open(opts: &Options) -> Result<Arc<Shared>, StartError> {
+        let config = Config::load(&opts.config)?;
+        let state = StateDir::new(&opts.state_dir)?.with_pki(opts.pki_dir.clone());
+        let ca = state.ca()?;
+        let (cert, key, files) = server_certificate(&state, &ca, &config)?;
+        let registry = state.load_registry()?;
+        let server_cert = crate::tls::ServerCert::new(&cert, &key, Some(files))?;
+        let storage = Storage::open(&config.repository, &state).await?;
+        let jobs = Jobs::load(state.dir.join("jobs.json"), chrono::Utc::now().timestamp())?;
+        let clock_offset = opts
+            .clock_start
+            .map(|t| t - chrono::Utc::now())
+            .unwrap_or_default();
+        let admin_certs = AdminCertFile::new(state.clone());
+        Ok(Arc::new(Shared {
+            config: RwLock::new(config),
+            state,
+            ca,
+            registry: Mutex::new(registry),
+            connections: Mutex::new(HashMap::new()),
+            server_cert,
+            data_port: Default::default(),
+            storage,
+            jobs,
+            clock_offset,
+            insecure_plaintext: opts.insecure_plaintext,
+            logins: crate::login::Throttle::default(),
+            admin_certs,
+            metrics: Default::default(),
+        }))
+    }
+
     pub fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock()
     }
@@ -165,7 +200,8 @@ impl Shared {
         format!(
             "{}:{}",
             c.external_name,
-            c.external_port.unwrap_or(self.data_port)
+            c.external_port
+                .unwrap_or(self.data_port.load(std::sync::atomic::Ordering::Relaxed))
         )
     }
 }
@@ -220,21 +256,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(Bound),
 ) -> Result<(), StartError> {
-    let config = Config::load(&opts.config)?;
-    let state = StateDir::new(&opts.state_dir)?.with_pki(opts.pki_dir.clone());
-    let ca = state.ca()?;
-    let (cert, key, files) = server_certificate(&state, &ca, &config)?;
-    let registry = state.load_registry()?;
-    let server_cert = crate::tls::ServerCert::new(&cert, &key, Some(files))?;
-    let tls = crate::tls::server_config(&ca.cert_pem, Arc::clone(&server_cert))?;
+    let shared = Shared::open(&opts).await?;
+    let server_cert = Arc::clone(&shared.server_cert);
+    let tls = crate::tls::server_config(&shared.ca.cert_pem, Arc::clone(&server_cert))?;
     let rest_tls = crate::tls::rest_config(Arc::clone(&server_cert))?;
-    let storage = Storage::open(&config.repository, &state).await?;
-    let jobs = Jobs::load(state.dir.join("jobs.json"), chrono::Utc::now().timestamp())?;
-    let clock_offset = opts
-        .clock_start
-        .map(|t| t - chrono::Utc::now())
-        .unwrap_or_default();
-
+    let config = shared.config();
     let bind = |port: u16| {
         let addr = format!("{}:{}", config.listen_address, port);
         let addr2 = addr.clone();
@@ -261,24 +287,10 @@ pub async fn run(
             source,
         })?,
     };
+    shared
+        .data_port
+        .store(bound.data.port(), std::sync::atomic::Ordering::Relaxed);
     let config_path = opts.config.clone();
-    let admin_certs = AdminCertFile::new(state.clone());
-    let shared = Arc::new(Shared {
-        config: RwLock::new(config),
-        state,
-        ca,
-        registry: Mutex::new(registry),
-        connections: Mutex::new(HashMap::new()),
-        server_cert: Arc::clone(&server_cert),
-        data_port: bound.data.port(),
-        storage,
-        jobs,
-        clock_offset,
-        insecure_plaintext: opts.insecure_plaintext,
-        logins: crate::login::Throttle::default(),
-        admin_certs,
-        metrics: Default::default(),
-    });
     // The server's own tasks end on `stop` and are joined before `run`
     // returns: no schedule fires, and no reload happens, after a stop.
     let stop = CancellationToken::new();
