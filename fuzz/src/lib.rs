@@ -60,7 +60,8 @@ fn check_aads(key: &MasterKey) {
     let pack = backer_repo::pack::PackWriter::default()
         .finish(&key.data)
         .unwrap();
-    let header = &pack.bytes[..pack.bytes.len() - 4];
+    let bytes = pack.bytes().unwrap();
+    let header = &bytes[..bytes.len() - 4];
     key.data
         .open(PACK_HEADER_AAD, header, &|| "pack header".into())
         .expect("PACK_HEADER_AAD no longer matches repo/src/pack.rs");

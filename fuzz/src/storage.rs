@@ -246,10 +246,11 @@ pub fn blob(data: &[u8]) {
     let mut w = PackWriter::default();
     w.add(&key().data, kind, id, payload, raw_len);
     let p = w.finish(&key().data).unwrap();
-    let entries = read_header(&key().data, &p.bytes, "fuzz").unwrap();
+    let bytes = p.bytes().unwrap();
+    let entries = read_header(&key().data, bytes, "fuzz").unwrap();
     assert_eq!(entries, p.entries);
     let e = entries[0];
-    let sealed = &p.bytes[e.offset as usize..e.offset as usize + e.len as usize];
+    let sealed = &bytes[e.offset as usize..e.offset as usize + e.len as usize];
     assert_eq!(open_payload(&key().data, &e, sealed).unwrap(), payload);
     // Bound to its kind and id: a blob read as another is refused.
     let mut other = e;

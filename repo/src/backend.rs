@@ -9,6 +9,10 @@
 //! exactly those failures for tests.
 
 pub mod faults;
+mod staging;
+
+pub use staging::Spool;
+use staging::{DIRECT_PIECE, write_local};
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -203,15 +207,6 @@ impl Retry {
     }
 }
 
-/// Objects at least this big (packs) are written to a local directory
-/// around the page cache (`O_DIRECT`): a backup does not read them again,
-/// and a buffered write costs the kernel more CPU than compressing them.
-const DIRECT_WRITE_MIN: usize = 1 << 20;
-/// `O_DIRECT` wants buffers, offsets and lengths in whole blocks.
-const DIRECT_ALIGN: usize = 4096;
-/// Written in pieces of this size (a multiple of [`DIRECT_ALIGN`]).
-const DIRECT_PIECE: usize = 1 << 20;
-
 /// Key files hold the wrapped master key: readable by the owner only.
 /// Other objects are sealed, but none is writable by group or others.
 fn object_mode(name: &str) -> u32 {
@@ -246,81 +241,6 @@ fn ensure_dir(root: &std::path::Path, dir: &std::path::Path, durable: bool) -> R
     match dir.parent() {
         Some(parent) if durable => sync_dir(parent),
         _ => Ok(()),
-    }
-}
-
-/// Creates `dir/name` holding `data`: written to a temporary file, its data
-/// made durable (`fdatasync`), linked to its name (failing if the name
-/// exists, as object_store's create does), and the directory made durable,
-/// so an object that lists is whole on disk (docs/FORMAT.md). Big objects
-/// go around the page cache (`O_DIRECT`) where the file system allows it.
-fn write_local(dir: &std::path::Path, name: &str, data: &[u8], durable: bool) -> Result<()> {
-    use rustix::fs::{Mode, OFlags};
-    let path = dir.join(name);
-    let parent = path.parent().unwrap_or(dir).to_path_buf();
-    ensure_dir(dir, &parent, durable)?;
-    let mut nonce = [0u8; 8];
-    crate::crypto::random_fill(&mut nonce);
-    // `NAME#DIGITS` is object_store's own staging name, which its listings
-    // skip: one left by a crash is never taken for an object.
-    let tmp = path.with_file_name(format!(
-        "{}#{}",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
-        u64::from_le_bytes(nonce)
-    ));
-    let mode = Mode::from_raw_mode(object_mode(name));
-    let base = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC;
-    let open = |flags: OFlags| rustix::fs::open(&tmp, flags, mode);
-    let (fd, direct) = if data.len() >= DIRECT_WRITE_MIN {
-        match open(base | OFlags::DIRECT) {
-            Ok(fd) => (fd, true),
-            // This file system does not take O_DIRECT.
-            Err(rustix::io::Errno::INVAL) => (
-                open(base).map_err(|e| Error::io("create", &tmp, e.into()))?,
-                false,
-            ),
-            Err(e) => return Err(Error::io("create", &tmp, e.into())),
-        }
-    } else {
-        (
-            open(base).map_err(|e| Error::io("create", &tmp, e.into()))?,
-            false,
-        )
-    };
-    let mut file = std::fs::File::from(fd);
-    let written = (|| {
-        if direct {
-            // Through an aligned window of a plain buffer (no unsafe
-            // allocation), a piece at a time, so a pack is not held twice.
-            let mut buf = vec![0u8; DIRECT_PIECE + DIRECT_ALIGN];
-            let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
-            let window = &mut buf[off..off + DIRECT_PIECE];
-            for piece in data.chunks(DIRECT_PIECE) {
-                let blocks = piece.len().div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-                window[..piece.len()].copy_from_slice(piece);
-                window[piece.len()..blocks].fill(0);
-                std::io::Write::write_all(&mut file, &window[..blocks])?;
-            }
-            // The last block was padded: cut the file to the object's length.
-            file.set_len(data.len() as u64)?;
-        } else {
-            std::io::Write::write_all(&mut file, data)?;
-        }
-        // The mode asked for at open is narrowed by the umask; set it exactly.
-        rustix::fs::fchmod(&file, mode)?;
-        if durable {
-            file.sync_data()?;
-        }
-        Ok::<(), std::io::Error>(())
-    })();
-    drop(file);
-    let linked = written.and_then(|()| std::fs::hard_link(&tmp, &path));
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) if durable => sync_dir(&parent),
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::AlreadyExists(name.into())),
-        Err(e) => Err(Error::io("write", &path, e)),
     }
 }
 
@@ -818,6 +738,15 @@ impl Backend {
             }
         })
         .await
+    }
+
+    /// For a local directory written directly: a [`Spool`] that writes an
+    /// object under `folder` as it is produced and names it at the end (a
+    /// pack, whose name is its hash). Elsewhere `None`: the object is built
+    /// in memory and stored with [`Backend::put_new`].
+    pub fn spool(&self, folder: &str, handle: &tokio::runtime::Handle) -> Option<Spool> {
+        let dir = self.local_dir.clone().filter(|_| self.direct)?;
+        Some(Spool::new(dir, folder, self.durable, handle.clone()))
     }
 
     /// One attempt at creating `name`: written durably by this module in a

@@ -11,10 +11,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Spool;
 use crate::chunk;
 use crate::crypto::DataKey;
 use crate::error::{Error, Result};
-use crate::id::{BlobId, PackId, storage_hash};
+use crate::id::{BlobId, PackId};
 
 /// Packs are cut at about this size: large enough that an object store sees
 /// few requests, small enough that a pack in memory costs little.
@@ -64,26 +65,63 @@ pub fn open_payload(key: &DataKey, entry: &PackEntry, sealed: &[u8]) -> Result<V
     key.open(&blob_aad(entry.kind, &entry.id), sealed, &what)
 }
 
-/// Builds one pack in memory.
+/// Builds one pack: in memory, or, given a [`Spool`], on disk as it fills
+/// (then only the last [`SPOOL_PIECE`] bytes or so are in memory).
 #[derive(Default)]
 pub struct PackWriter {
     buf: Vec<u8>,
     entries: Vec<PackEntry>,
+    /// Bytes already handed to the spool.
+    spooled: usize,
+    hasher: blake3::Hasher,
+    spool: Option<Spool>,
 }
+
+/// With a spool, bytes are handed on in pieces of about this size.
+const SPOOL_PIECE: usize = 1 << 20;
 
 /// A finished pack, ready to store.
 #[derive(Debug)]
 pub struct FinishedPack {
     pub id: PackId,
-    pub bytes: bytes::Bytes,
+    pub size: u64,
     pub entries: Vec<PackEntry>,
+    pub body: PackBody,
+}
+
+/// Where a finished pack's bytes are.
+#[derive(Debug)]
+pub enum PackBody {
+    /// The whole pack, to store under [`pack_name`].
+    Memory(bytes::Bytes),
+    /// Being written by its spool, which names it [`pack_name`]: done when
+    /// the task ends.
+    Spooled(tokio::task::JoinHandle<Result<()>>),
+}
+
+impl FinishedPack {
+    /// The whole pack, when it was built in memory.
+    pub fn bytes(&self) -> Option<&bytes::Bytes> {
+        match &self.body {
+            PackBody::Memory(b) => Some(b),
+            PackBody::Spooled(_) => None,
+        }
+    }
 }
 
 impl PackWriter {
     pub fn new() -> Self {
         PackWriter {
             buf: Vec::with_capacity(PACK_TARGET + chunk::MAX_CHUNK),
-            entries: Vec::new(),
+            ..Default::default()
+        }
+    }
+
+    /// A pack written to disk by `spool` as it fills.
+    pub fn spooled(spool: Spool) -> Self {
+        PackWriter {
+            spool: Some(spool),
+            ..Default::default()
         }
     }
 
@@ -92,20 +130,28 @@ impl PackWriter {
     }
 
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.spooled + self.buf.len()
     }
 
     /// Seals `payload` (a flag byte and the possibly compressed chunk) into the pack.
     pub fn add(&mut self, key: &DataKey, kind: BlobType, id: BlobId, payload: &[u8], raw_len: u32) {
-        let offset = self.buf.len();
+        let offset = self.len();
         key.seal_into(&blob_aad(kind, &id), payload, &mut self.buf);
         self.entries.push(PackEntry {
             kind,
             id,
             offset: offset as u32,
-            len: (self.buf.len() - offset) as u32,
+            len: (self.len() - offset) as u32,
             raw_len,
         });
+        if let Some(spool) = self.spool.as_mut()
+            && self.buf.len() >= SPOOL_PIECE
+        {
+            self.hasher.update(&self.buf);
+            self.spooled += self.buf.len();
+            let next = spool.buffer();
+            spool.write(std::mem::replace(&mut self.buf, next));
+        }
     }
 
     pub fn finish(mut self, key: &DataKey) -> Result<FinishedPack> {
@@ -114,11 +160,22 @@ impl PackWriter {
         let sealed = key.seal(HEADER_AAD, &header);
         self.buf.extend_from_slice(&sealed);
         self.buf.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
-        let id = PackId(storage_hash(&self.buf));
+        // The same hash as `storage_hash` of the whole pack.
+        self.hasher.update(&self.buf);
+        let id = PackId(*self.hasher.finalize().as_bytes());
+        let size = self.len() as u64;
+        let body = match self.spool {
+            Some(mut spool) => {
+                spool.write(self.buf);
+                PackBody::Spooled(spool.finish(pack_name(&id)))
+            }
+            None => PackBody::Memory(bytes::Bytes::from(self.buf)),
+        };
         Ok(FinishedPack {
             id,
-            bytes: bytes::Bytes::from(self.buf),
+            size,
             entries: self.entries,
+            body,
         })
     }
 }
@@ -207,6 +264,7 @@ mod tests {
     use super::*;
     use crate::chunk::{Compressor, blob_id};
     use crate::crypto::MasterKey;
+    use crate::id::storage_hash;
 
     #[test]
     fn pack_round_trip_and_tamper() {
@@ -224,20 +282,92 @@ mod tests {
             );
         }
         let p = w.finish(&mk.data).unwrap();
-        assert_eq!(p.id, PackId(storage_hash(&p.bytes)));
-        let entries = read_header(&mk.data, &p.bytes, "x").unwrap();
+        let bytes = p.bytes().expect("a pack without a spool is in memory");
+        assert_eq!(p.id, PackId(storage_hash(bytes)));
+        assert_eq!(p.size, bytes.len() as u64);
+        let entries = read_header(&mk.data, bytes, "x").unwrap();
         assert_eq!(entries, p.entries);
         for (e, b) in entries.iter().zip(&blobs) {
-            let s = &p.bytes[e.offset as usize..(e.offset + e.len) as usize];
+            let s = &bytes[e.offset as usize..(e.offset + e.len) as usize];
             assert_eq!(&open_blob(&mk.data, e, s).unwrap(), b);
             let mut wrong = *e;
             wrong.kind = BlobType::Tree;
             assert!(open_blob(&mk.data, &wrong, s).is_err());
         }
-        let mut bad = p.bytes.to_vec();
+        let mut bad = bytes.to_vec();
         let n = bad.len();
         bad[n - 10] ^= 0x40;
         assert!(read_header(&mk.data, &bad, "x").is_err());
         assert!(read_header(&mk.data, &bad[..2], "x").is_err());
+    }
+
+    /// A pack spooled to disk piece by piece (several pieces, a last block
+    /// padded for O_DIRECT) is named by the hash of its bytes and reads back
+    /// as written; one dropped unfinished leaves nothing behind.
+    #[test]
+    fn a_spooled_pack_lands_whole_under_its_name_and_an_abandoned_one_leaves_nothing() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::backend::Backend::open(dir.path().to_str().unwrap()).unwrap();
+        let mk = MasterKey::generate().unwrap();
+        let mut c = Compressor::new(3).unwrap();
+        let mut noise = vec![0u8; 3 * SPOOL_PIECE + 12345];
+        crate::crypto::random_fill(&mut noise);
+        let blobs: Vec<&[u8]> = noise.chunks(700_001).chain([&b"tail"[..]]).collect();
+        let mut w = PackWriter::spooled(backend.spool("data", rt.handle()).unwrap());
+        for b in &blobs {
+            w.add(
+                &mk.data,
+                BlobType::Data,
+                blob_id(&mk.chunk, b),
+                &c.compress(b),
+                b.len() as u32,
+            );
+        }
+        let p = w.finish(&mk.data).unwrap();
+        let PackBody::Spooled(task) = p.body else {
+            panic!("a pack with a spool is spooled")
+        };
+        rt.block_on(task).unwrap().unwrap();
+        let bytes = std::fs::read(dir.path().join(pack_name(&p.id))).unwrap();
+        assert_eq!(p.id, PackId(storage_hash(&bytes)));
+        assert_eq!(p.size, bytes.len() as u64);
+        let entries = read_header(&mk.data, &bytes, "x").unwrap();
+        assert_eq!(entries, p.entries);
+        for (e, b) in entries.iter().zip(&blobs) {
+            let s = &bytes[e.offset as usize..(e.offset + e.len) as usize];
+            assert_eq!(&open_blob(&mk.data, e, s).unwrap(), b);
+        }
+
+        let mut abandoned = PackWriter::spooled(backend.spool("data", rt.handle()).unwrap());
+        for b in &blobs {
+            abandoned.add(
+                &mk.data,
+                BlobType::Data,
+                blob_id(&mk.chunk, b),
+                &c.compress(b),
+                b.len() as u32,
+            );
+        }
+        drop(abandoned);
+        // The spool's task removes its staging file once it sees the drop.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let staged: Vec<_> = std::fs::read_dir(dir.path().join("data"))
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().contains('#'))
+                .collect();
+            if staged.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "staging files left: {staged:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let packs = std::fs::read_dir(dir.path().join("data")).unwrap().count();
+        assert_eq!(packs, 1, "only the finished pack's folder is there");
     }
 }

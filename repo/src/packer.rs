@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::id::BlobId;
 use crate::index::{IndexFile, IndexedPack};
 use crate::lock::Lock;
-use crate::pack::{BlobType, PACK_TARGET, PackWriter, pack_name};
+use crate::pack::{BlobType, PACK_TARGET, PackBody, PackWriter, pack_name};
 use crate::repository::Repository;
 
 pub const MAX_UPLOADS: usize = 2;
@@ -56,9 +56,9 @@ impl<'r> Packer<'r> {
             lock,
             key: Arc::clone(repo.key()),
             backend: repo.backend().clone(),
+            data: new_writer(repo, &handle),
+            tree: new_writer(repo, &handle),
             handle,
-            data: PackWriter::new(),
-            tree: PackWriter::new(),
             permits: Arc::new(Semaphore::new(MAX_UPLOADS)),
             uploads: Vec::new(),
             packed: Vec::new(),
@@ -87,34 +87,42 @@ impl<'r> Packer<'r> {
     }
 
     fn flush(&mut self, kind: BlobType) -> Result<()> {
-        let writer = match kind {
-            BlobType::Data => std::mem::take(&mut self.data),
-            BlobType::Tree => std::mem::take(&mut self.tree),
+        let slot = match kind {
+            BlobType::Data => &mut self.data,
+            BlobType::Tree => &mut self.tree,
         };
-        if writer.is_empty() {
+        if slot.is_empty() {
             return Ok(());
         }
+        let writer = std::mem::replace(slot, new_writer(self.repo, &self.handle));
         let pack = writer.finish(self.data_key())?;
-        match kind {
-            BlobType::Data => self.data = PackWriter::new(),
-            BlobType::Tree => self.tree = PackWriter::new(),
-        }
-        self.stored_bytes += pack.bytes.len() as u64;
+        self.stored_bytes += pack.size;
         self.packed_blobs += pack.entries.len();
         self.packed.push(IndexedPack {
             id: pack.id,
-            size: pack.bytes.len() as u64,
+            size: pack.size,
             blobs: pack.entries,
         });
         // Fail fast if an earlier upload already failed.
         self.reap(false)?;
+        let name = pack_name(&pack.id);
+        match pack.body {
+            PackBody::Memory(bytes) => self.upload(kind, name, bytes)?,
+            PackBody::Spooled(written) => self.await_spooled(written)?,
+        }
+        if self.packed_blobs >= INDEX_FLUSH_BLOBS {
+            self.write_index()?;
+        }
+        Ok(())
+    }
+
+    /// Stores a pack built in memory, at most [`MAX_UPLOADS`] at a time.
+    fn upload(&mut self, kind: BlobType, name: String, bytes: bytes::Bytes) -> Result<()> {
         let permit = self
             .handle
             .block_on(Arc::clone(&self.permits).acquire_owned())
             .map_err(|_| Error::Interrupted("upload queue closed".into()))?;
         let backend = self.backend.clone();
-        let name = pack_name(&pack.id);
-        let bytes = pack.bytes;
         // The next backup reads this run's trees as its parent's.
         let cache = self.repo.cache().filter(|_| kind == BlobType::Tree).cloned();
         self.uploads.push(self.handle.spawn(async move {
@@ -131,8 +139,25 @@ impl<'r> Packer<'r> {
                 other => other,
             }
         }));
-        if self.packed_blobs >= INDEX_FLUSH_BLOBS {
-            self.write_index()?;
+        Ok(())
+    }
+
+    /// Follows a pack its spool is finishing (the last piece, fsync, its
+    /// name); waits for the oldest while more than [`MAX_UPLOADS`] are.
+    fn await_spooled(&mut self, written: JoinHandle<Result<()>>) -> Result<()> {
+        self.uploads.push(self.handle.spawn(async move {
+            match written.await {
+                // Same content, same name: a pack that exists is the pack we wrote.
+                Ok(Ok(()) | Err(Error::AlreadyExists(_))) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(Error::Interrupted(format!("pack write task failed: {e}"))),
+            }
+        }));
+        if self.uploads.len() > MAX_UPLOADS {
+            let oldest = self.uploads.remove(0);
+            self.handle
+                .block_on(oldest)
+                .map_err(|e| Error::Interrupted(format!("upload task failed: {e}")))??;
         }
         Ok(())
     }
@@ -183,6 +208,15 @@ impl<'r> Packer<'r> {
             stored_bytes: self.stored_bytes,
             index_files: self.index_files,
         })
+    }
+}
+
+/// A pack writer that goes to disk as it fills where the repository is a
+/// local directory (memory then holds no whole pack), in memory elsewhere.
+fn new_writer(repo: &Repository, handle: &Handle) -> PackWriter {
+    match repo.backend().spool("data", handle) {
+        Some(spool) => PackWriter::spooled(spool),
+        None => PackWriter::new(),
     }
 }
 
