@@ -157,6 +157,7 @@ pub(crate) struct AgentState {
 }
 
 fn main() -> ExitCode {
+    backer_repo::memory::limit_arenas();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     tracing_subscriber::fmt()

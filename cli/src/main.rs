@@ -233,6 +233,7 @@ async fn on_interrupt(note: &'static str) {
 }
 
 fn main() -> ExitCode {
+    backer_repo::memory::limit_arenas();
     // One crypto provider for every TLS connection in the process.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     if kubectl::invoked_as_plugin() {

@@ -25,6 +25,7 @@ pub mod id;
 pub mod index;
 pub mod listing;
 pub mod lock;
+pub mod memory;
 pub mod pack;
 pub mod packer;
 pub mod prune;

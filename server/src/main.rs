@@ -72,6 +72,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    backer_repo::memory::limit_arenas();
     // One crypto provider for every TLS connection in the process.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
