@@ -155,7 +155,10 @@ impl Batch {
         self.open.keep(index, Arc::new(file));
         let mut pos = 0u64;
         let mut chunks = 0;
-        for e in &node.content {
+        // Its extents live on as the batch's targets; the file needs its
+        // metadata only.
+        let mut node = node;
+        for e in &std::mem::take(&mut node.content) {
             if let Extent::Data { id, .. } = e {
                 let places = self.targets.entry(*id).or_default();
                 if places.is_empty() {
