@@ -1109,6 +1109,13 @@ fn print_prune(g: &Global, r: &PruneReport) -> Result<()> {
         r.packs_repacked,
         size(r.bytes_repacked)
     )?;
+    if r.staging_files > 0 {
+        outln!(
+            "prune {verb}: remove {} staging files ({}) left by interrupted writes",
+            r.staging_files,
+            size(r.staging_bytes)
+        )?;
+    }
     outln!(
         "space: {} before, {} freed, {} unused left in partly used packs; {} blobs used by {} snapshots",
         size(r.bytes_before),

@@ -449,8 +449,37 @@ fn an_interrupted_command_releases_its_lock_and_says_what_it_left() {
         "{said}"
     );
     assert_eq!(repo.json(&["snapshots"]).as_array().unwrap().len(), 0);
+    // Staging files as a killed writer leaves them (a pack is written to
+    // one as it fills): prune, alone in the repository, removes them all.
+    std::fs::create_dir_all(repo.path.join("data")).unwrap();
+    std::fs::write(repo.path.join("data/spool#123"), b"half a pack").unwrap();
+    std::fs::write(repo.path.join("keys/almost#9"), b"x").unwrap();
+    let staged = |dir: &Path| -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().map(|e| e.unwrap()) {
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                } else if e.file_name().to_string_lossy().contains('#') {
+                    out.push(e.path());
+                }
+            }
+        }
+        out
+    };
+    let left = staged(&repo.path);
+    assert!(left.len() >= 2, "{left:?}");
+    let dry = repo.ok(&["prune", "--dry-run"]);
+    assert!(
+        dry.contains(&format!("would: remove {} staging files", left.len())),
+        "{dry}"
+    );
+    assert_eq!(staged(&repo.path).len(), left.len(), "a dry run removes nothing");
     // Nothing waits on a lock left behind: an exclusive one is free at once.
-    repo.ok(&["prune"]);
+    let pruned = repo.ok(&["prune"]);
+    assert!(pruned.contains("staging files"), "{pruned}");
+    assert_eq!(staged(&repo.path), Vec::<PathBuf>::new());
     assert_eq!(repo.json(&["check", "--read-data"])["ok"], true);
 
     repo.ok(&["backup", "-q", src.to_str().unwrap()]);

@@ -12,7 +12,7 @@ pub mod faults;
 mod staging;
 
 pub use staging::Spool;
-use staging::{DIRECT_PIECE, write_local};
+use staging::{DIRECT_PIECE, stale_staging, write_local};
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -747,6 +747,19 @@ impl Backend {
     pub fn spool(&self, folder: &str, handle: &tokio::runtime::Handle) -> Option<Spool> {
         let dir = self.local_dir.clone().filter(|_| self.direct)?;
         Some(Spool::new(dir, folder, self.durable, handle.clone()))
+    }
+
+    /// Staging files in a local directory (`NAME#DIGITS`, which listings
+    /// skip) left by writers that died before naming them: how many and
+    /// their bytes, removed when `remove`. Only safe to remove while no
+    /// writer runs (under the exclusive lock). An object store has none.
+    pub async fn stale_staging(&self, remove: bool) -> Result<(usize, u64)> {
+        let Some(dir) = self.local_dir.clone() else {
+            return Ok((0, 0));
+        };
+        tokio::task::spawn_blocking(move || stale_staging(&dir, remove))
+            .await
+            .map_err(|e| Error::Interrupted(format!("listing task failed: {e}")))?
     }
 
     /// One attempt at creating `name`: written durably by this module in a

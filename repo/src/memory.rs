@@ -19,8 +19,9 @@ const ARENAS: i32 = 2;
 #[allow(unsafe_code)]
 pub fn limit_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `mallopt` sets a malloc tunable; it takes plain integers, and
-    // glibc serialises it against allocations in other threads.
+    // SAFETY: `mallopt` takes plain integers and sets a malloc tunable. It
+    // is not thread-safe (MT-Unsafe in glibc's manual): the binaries call
+    // this first in `main`, before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, ARENAS);
     }

@@ -66,7 +66,7 @@ pub fn open_payload(key: &DataKey, entry: &PackEntry, sealed: &[u8]) -> Result<V
 }
 
 /// Builds one pack: in memory, or, given a [`Spool`], on disk as it fills
-/// (then only the last [`SPOOL_PIECE`] bytes or so are in memory).
+/// (then only about the last megabyte is in memory).
 #[derive(Default)]
 pub struct PackWriter {
     buf: Vec<u8>,
@@ -80,7 +80,7 @@ pub struct PackWriter {
 /// With a spool, bytes are handed on in pieces of about this size.
 const SPOOL_PIECE: usize = 1 << 20;
 
-/// A finished pack, ready to store.
+/// A finished pack: in memory to store, or being finished by its spool.
 #[derive(Debug)]
 pub struct FinishedPack {
     pub id: PackId,

@@ -153,11 +153,9 @@ impl<'r> Packer<'r> {
                 Err(e) => Err(Error::Interrupted(format!("pack write task failed: {e}"))),
             }
         }));
-        if self.uploads.len() > MAX_UPLOADS {
+        while self.uploads.len() > MAX_UPLOADS {
             let oldest = self.uploads.remove(0);
-            self.handle
-                .block_on(oldest)
-                .map_err(|e| Error::Interrupted(format!("upload task failed: {e}")))??;
+            self.join(oldest)?;
         }
         Ok(())
     }
@@ -185,17 +183,34 @@ impl<'r> Packer<'r> {
     /// Collects finished uploads; with `wait`, all of them.
     fn reap(&mut self, wait: bool) -> Result<()> {
         let mut pending = Vec::new();
-        for h in self.uploads.drain(..) {
+        let mut failed = Ok(());
+        for h in std::mem::take(&mut self.uploads) {
             if wait || h.is_finished() {
-                self.handle
-                    .block_on(h)
-                    .map_err(|e| Error::Interrupted(format!("upload task failed: {e}")))??;
+                let r = self.join(h);
+                if failed.is_ok() {
+                    failed = r;
+                }
             } else {
                 pending.push(h);
             }
         }
         self.uploads = pending;
-        Ok(())
+        failed
+    }
+
+    /// Waits for one upload. A holder whose lock expired hears that rather
+    /// than the upload's error: a prune may have removed what it was
+    /// writing, which is why it failed.
+    fn join(&self, upload: JoinHandle<Result<()>>) -> Result<()> {
+        let r = self
+            .handle
+            .block_on(upload)
+            .map_err(|e| Error::Interrupted(format!("upload task failed: {e}")))
+            .and_then(|r| r);
+        match (r, self.lock) {
+            (Err(e), Some(lock)) => self.handle.block_on(lock.check_fresh()).and(Err(e)),
+            (r, _) => r,
+        }
     }
 
     /// Flushes both open packs, waits until every pack is stored and writes

@@ -67,6 +67,9 @@ pub struct PruneReport {
     pub bytes_repacked: u64,
     pub unused_bytes_kept: u64,
     pub index_files_replaced: usize,
+    /// Staging files left by writers that died (a local directory's).
+    pub staging_files: usize,
+    pub staging_bytes: u64,
 }
 
 struct PackStat {
@@ -168,6 +171,9 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
         .map(|(id, size)| (pack_name(&id), size))
         .collect();
     report.orphan_packs = orphans.len();
+    // Under the exclusive lock no writer runs: every staging file is one a
+    // killed backup left (a pack being written goes to one as it fills).
+    (report.staging_files, report.staging_bytes) = repo.backend().stale_staging(!opts.dry_run).await?;
 
     // 2. Decide: drop empty packs, repack the emptiest partly used ones until
     // what stays unused is within the allowance.

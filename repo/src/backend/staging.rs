@@ -300,3 +300,49 @@ fn spool(
         }
     }
 }
+
+/// Whether `name` is a staging name: `NAME#DIGITS`, ours and object_store's.
+fn is_staging_name(name: &str) -> bool {
+    name.rsplit_once('#')
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The staging files below `dir`, with their sizes: left by a writer that
+/// died before naming them (a killed backup, a power cut). Removed when
+/// `remove`. Symlinks are not followed.
+pub(super) fn stale_staging(dir: &Path, remove: bool) -> Result<(usize, u64)> {
+    let (mut count, mut bytes) = (0, 0);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        let entries = match std::fs::read_dir(&at) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io("list", &at, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list", &at, e))?;
+            let kind = entry
+                .file_type()
+                .map_err(|e| Error::io("inspect", entry.path(), e))?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() && is_staging_name(&entry.file_name().to_string_lossy()) {
+                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                if remove {
+                    match std::fs::remove_file(entry.path()) {
+                        Ok(()) => {}
+                        // Its writer finished or removed it meanwhile.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(Error::io("remove", entry.path(), e)),
+                    }
+                }
+                count += 1;
+                bytes += len;
+            }
+        }
+    }
+    if remove && count > 0 {
+        sync_dir(dir)?;
+    }
+    Ok((count, bytes))
+}
