@@ -184,7 +184,7 @@ enum Piece {
 }
 
 /// One object written into a local directory as it is produced, by a
-/// blocking task, so the producer neither waits for the disk nor holds the
+/// thread of its own, so the producer neither waits for the disk nor holds the
 /// object: at most [`SPOOL_QUEUE`] pieces are in flight. Dropped without
 /// [`Spool::finish`], it removes what it wrote.
 pub struct Spool {
@@ -235,7 +235,19 @@ impl Spool {
             let (pieces, rx) = sync_channel::<Piece>(SPOOL_QUEUE);
             let (back_tx, back) = sync_channel::<Vec<u8>>(SPOOL_QUEUE + 1);
             let (dir, folder, durable) = (dir.clone(), folder.clone(), *durable);
-            let task = handle.spawn_blocking(move || spool(&dir, &folder, durable, &rx, &back_tx));
+            // A thread of its own, not the runtime's blocking pool: the
+            // producer (a server's ingest, itself a blocking task) waits on
+            // this queue, and a pool full of producers would never run it.
+            let (done, result) = tokio::sync::oneshot::channel();
+            let started = std::thread::Builder::new().name("spool".into()).spawn(move || {
+                let _ = done.send(spool(&dir, &folder, durable, &rx, &back_tx));
+            });
+            let task = handle.spawn(async move {
+                started.map_err(|e| Error::Interrupted(format!("failed to start a spool thread: {e}")))?;
+                result
+                    .await
+                    .unwrap_or_else(|_| Err(Error::Interrupted("the spool thread ended early".into())))
+            });
             Open { pieces, back, task }
         })
     }
