@@ -103,6 +103,12 @@ pub struct BackupOptions {
     /// re-run that walk is as long as the backup itself. When not given,
     /// [`backup`] takes the parent snapshot's.
     pub expected: Option<(u64, u64)>,
+    /// The parent snapshot recorded no errors. Then an entry whose kind,
+    /// size, mtime, ctime and inode are the parent's keeps the parent's
+    /// extended attributes instead of reading them again (changing one
+    /// changes the ctime); after a partial parent they are read, so a read
+    /// that failed is tried again. [`backup`] sets it from the parent.
+    pub parent_whole: bool,
     /// Cancelling it stops the backup at the next file or chunk: it then
     /// ends with [`Error::Cancelled`] and writes no snapshot (what it
     /// stored already is reused by the next backup).
@@ -168,6 +174,8 @@ struct Shared<'a> {
     errors: AtomicU64,
     changed: AtomicU64,
     files_read: AtomicU64,
+    /// See [`BackupOptions::parent_whole`].
+    parent_whole: bool,
 }
 
 impl Shared<'_> {
@@ -249,6 +257,9 @@ pub async fn backup(
     if opts.expected.is_none() {
         opts.expected = parent.as_ref().map(|(_, s)| (s.summary.files, s.summary.bytes));
     }
+    opts.parent_whole = parent
+        .as_ref()
+        .is_some_and(|(_, s)| !s.partial && s.summary.errors == 0);
     // A parent whose root cannot be read (a damaged index or pack) only
     // costs speed: every file is read again, and the backup still runs.
     let parent = match parent {
@@ -335,6 +346,7 @@ pub fn archive(
         errors: AtomicU64::new(0),
         changed: AtomicU64::new(0),
         files_read: AtomicU64::new(0),
+        parent_whole: opts.parent_whole,
     };
     let (parent_id, parent_root) = match parent {
         Some((id, tree)) => (Some(id), Some(tree)),
