@@ -266,13 +266,10 @@ mod tests {
     use crate::crypto::MasterKey;
     use crate::id::storage_hash;
 
-    #[test]
-    fn pack_round_trip_and_tamper() {
-        let mk = MasterKey::generate().unwrap();
+    /// Adds every blob of `blobs` to `w`.
+    fn fill(w: &mut PackWriter, mk: &MasterKey, blobs: &[&[u8]]) {
         let mut c = Compressor::new(3).unwrap();
-        let mut w = PackWriter::new();
-        let blobs: Vec<Vec<u8>> = vec![b"one".repeat(1000), b"two".to_vec(), vec![]];
-        for b in &blobs {
+        for b in blobs {
             w.add(
                 &mk.data,
                 BlobType::Data,
@@ -281,19 +278,39 @@ mod tests {
                 b.len() as u32,
             );
         }
-        let p = w.finish(&mk.data).unwrap();
-        let bytes = p.bytes().expect("a pack without a spool is in memory");
-        assert_eq!(p.id, PackId(storage_hash(bytes)));
-        assert_eq!(p.size, bytes.len() as u64);
-        let entries = read_header(&mk.data, bytes, "x").unwrap();
-        assert_eq!(entries, p.entries);
-        for (e, b) in entries.iter().zip(&blobs) {
+    }
+
+    /// `bytes` are the pack `id` of `size` bytes: its header lists
+    /// `entries`, which hold `blobs`.
+    fn assert_reads_back(
+        mk: &MasterKey,
+        (id, size, entries): (PackId, u64, &[PackEntry]),
+        bytes: &[u8],
+        blobs: &[&[u8]],
+    ) {
+        assert_eq!(id, PackId(storage_hash(bytes)));
+        assert_eq!(size, bytes.len() as u64);
+        let read = read_header(&mk.data, bytes, "x").unwrap();
+        assert_eq!(read, entries);
+        for (e, b) in read.iter().zip(blobs) {
             let s = &bytes[e.offset as usize..(e.offset + e.len) as usize];
             assert_eq!(&open_blob(&mk.data, e, s).unwrap(), b);
             let mut wrong = *e;
             wrong.kind = BlobType::Tree;
             assert!(open_blob(&mk.data, &wrong, s).is_err());
         }
+    }
+
+    #[test]
+    fn pack_round_trip_and_tamper() {
+        let mk = MasterKey::generate().unwrap();
+        let mut w = PackWriter::new();
+        let one = b"one".repeat(1000);
+        let blobs: Vec<&[u8]> = vec![&one, b"two", b""];
+        fill(&mut w, &mk, &blobs);
+        let p = w.finish(&mk.data).unwrap();
+        let bytes = p.bytes().expect("a pack without a spool is in memory");
+        assert_reads_back(&mk, (p.id, p.size, &p.entries), bytes, &blobs);
         let mut bad = bytes.to_vec();
         let n = bad.len();
         bad[n - 10] ^= 0x40;
@@ -310,45 +327,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let backend = crate::backend::Backend::open(dir.path().to_str().unwrap()).unwrap();
         let mk = MasterKey::generate().unwrap();
-        let mut c = Compressor::new(3).unwrap();
         let mut noise = vec![0u8; 3 * SPOOL_PIECE + 12345];
         crate::crypto::random_fill(&mut noise);
         let blobs: Vec<&[u8]> = noise.chunks(700_001).chain([&b"tail"[..]]).collect();
         let mut w = PackWriter::spooled(backend.spool("data", rt.handle()).unwrap());
-        for b in &blobs {
-            w.add(
-                &mk.data,
-                BlobType::Data,
-                blob_id(&mk.chunk, b),
-                &c.compress(b),
-                b.len() as u32,
-            );
-        }
+        fill(&mut w, &mk, &blobs);
         let p = w.finish(&mk.data).unwrap();
         let PackBody::Spooled(task) = p.body else {
             panic!("a pack with a spool is spooled")
         };
         rt.block_on(task).unwrap().unwrap();
         let bytes = std::fs::read(dir.path().join(pack_name(&p.id))).unwrap();
-        assert_eq!(p.id, PackId(storage_hash(&bytes)));
-        assert_eq!(p.size, bytes.len() as u64);
-        let entries = read_header(&mk.data, &bytes, "x").unwrap();
-        assert_eq!(entries, p.entries);
-        for (e, b) in entries.iter().zip(&blobs) {
-            let s = &bytes[e.offset as usize..(e.offset + e.len) as usize];
-            assert_eq!(&open_blob(&mk.data, e, s).unwrap(), b);
-        }
+        assert_reads_back(&mk, (p.id, p.size, &p.entries), &bytes, &blobs);
 
         let mut abandoned = PackWriter::spooled(backend.spool("data", rt.handle()).unwrap());
-        for b in &blobs {
-            abandoned.add(
-                &mk.data,
-                BlobType::Data,
-                blob_id(&mk.chunk, b),
-                &c.compress(b),
-                b.len() as u32,
-            );
-        }
+        fill(&mut abandoned, &mk, &blobs);
         drop(abandoned);
         // The spool's task removes its staging file once it sees the drop.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

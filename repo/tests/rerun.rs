@@ -9,25 +9,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use backer_repo::Repository;
 use backer_repo::archiver::{BackupOptions, Progress, backup};
-use backer_repo::crypto::KdfParams;
 use backer_repo::id::SnapshotId;
 use backer_repo::lock::Lock;
 use backer_repo::snapshot::Snapshot;
-use backer_repo::{Backend, Repository};
 
-async fn fresh_repo() -> (Repository, Lock) {
-    let kdf = KdfParams {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    };
-    let repo = Repository::init(Backend::in_memory(), b"pw", kdf).await.unwrap();
-    let lock = Lock::acquire(&repo, false, "backup", Duration::ZERO)
-        .await
-        .unwrap();
-    (repo, lock)
-}
+mod common;
+use common::fresh_repo;
 
 async fn back_up(repo: &Repository, lock: &Lock, dir: &Path) -> (SnapshotId, Snapshot) {
     let opts = BackupOptions {

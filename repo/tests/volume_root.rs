@@ -6,27 +6,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use backer_repo::archiver::{BackupOptions, Progress, backup};
-use backer_repo::crypto::KdfParams;
-use backer_repo::lock::Lock;
 use backer_repo::restorer::{RestoreOptions, RestoreProgress, restore};
-use backer_repo::{Backend, Repository};
 
-/// An in-memory repository (cheap key derivation) and a lock for backups.
-async fn fresh_repo() -> (Repository, Lock) {
-    let kdf = KdfParams {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    };
-    let repo = Repository::init(Backend::in_memory(), b"pw", kdf).await.unwrap();
-    let lock = Lock::acquire(&repo, false, "backup", Duration::ZERO)
-        .await
-        .unwrap();
-    (repo, lock)
-}
+mod common;
+use common::fresh_repo;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn paths_are_recorded_relative_to_the_root() {
