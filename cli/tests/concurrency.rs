@@ -205,57 +205,71 @@ fn concurrent_backups_and_prunes_with_kills_on_s3() {
 #[test]
 fn a_paused_backup_whose_lock_expired_stops_instead_of_writing() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo_dir = tmp.path().join("repo");
-    let repo = Repo {
-        url: repo_dir.to_str().unwrap().into(),
-        // Locks go stale after 3 s (refresh 0.5 s, valid 2 s) instead of 30 min.
-        env: vec![("BACKER_LOCK_STALE_SECS".into(), "3".into())],
-    };
-    repo.ok(&["init", "-q"]);
     let src = tmp.path().join("src");
     std::fs::create_dir(&src).unwrap();
     for j in 0..40u64 {
         std::fs::write(src.join(format!("f{j}")), bytes(j, 4_000_000)).unwrap();
     }
-    let backup = repo
-        .cmd(&["backup", "-q", src.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Pause it as soon as it holds its lock.
-    let locks = repo_dir.join("locks");
-    while std::fs::read_dir(&locks).map(|d| d.count()).unwrap_or(0) == 0 {
-        std::thread::sleep(Duration::from_millis(5));
+    let kill = |signal: &str, pid: &str| {
+        assert!(
+            Command::new("kill")
+                .args([signal, pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    // The pause must land before the backup wrote its snapshot: on a busy
+    // machine a fast backup can be done first. Then it is tried again.
+    for attempt in 0..5 {
+        let repo_dir = tmp.path().join(format!("repo{attempt}"));
+        let repo = Repo {
+            url: repo_dir.to_str().unwrap().into(),
+            // Locks go stale after 3 s (refresh 0.5 s, valid 2 s) instead of 30 min.
+            env: vec![("BACKER_LOCK_STALE_SECS".into(), "3".into())],
+        };
+        repo.ok(&["init", "-q"]);
+        let backup = repo
+            .cmd(&["backup", "-q", src.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Pause it as soon as it holds its lock.
+        let locks = repo_dir.join("locks");
+        while std::fs::read_dir(&locks).map(|d| d.count()).unwrap_or(0) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let pid = backup.id().to_string();
+        kill("-STOP", &pid);
+        let saved = std::fs::read_dir(repo_dir.join("snapshots"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .any(|e| !e.file_name().to_string_lossy().contains('#'))
+            })
+            .unwrap_or(false);
+        if saved {
+            kill("-CONT", &pid);
+            assert!(backup.wait_with_output().unwrap().status.success());
+            continue;
+        }
+        std::thread::sleep(Duration::from_secs(4));
+        // Its lock is stale now: a prune runs (and removes the paused backup's packs).
+        repo.ok(&["prune", "-q"]);
+        kill("-CONT", &pid);
+        let out = backup.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("stopped before writing"), "{err}");
+        let snaps: Value = serde_json::from_str(&repo.ok(&["snapshots", "--json"])).unwrap();
+        assert_eq!(
+            snaps.as_array().unwrap().len(),
+            0,
+            "no snapshot from the paused backup"
+        );
+        let check: Value = serde_json::from_str(&repo.ok(&["check", "--read-data", "--json"])).unwrap();
+        assert_eq!(check["ok"], true, "{check}");
+        return;
     }
-    let pid = backup.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    std::thread::sleep(Duration::from_secs(4));
-    // Its lock is stale now: a prune runs (and removes the paused backup's packs).
-    repo.ok(&["prune", "-q"]);
-    assert!(
-        Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let out = backup.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("stopped before writing"), "{err}");
-    let snaps: Value = serde_json::from_str(&repo.ok(&["snapshots", "--json"])).unwrap();
-    assert_eq!(
-        snaps.as_array().unwrap().len(),
-        0,
-        "no snapshot from the paused backup"
-    );
-    let check: Value = serde_json::from_str(&repo.ok(&["check", "--read-data", "--json"])).unwrap();
-    assert_eq!(check["ok"], true, "{check}");
+    panic!("the backup wrote its snapshot before it could be paused, five times");
 }
