@@ -145,14 +145,7 @@ impl<'r> Packer<'r> {
     /// Follows a pack its spool is finishing (the last piece, fsync, its
     /// name); waits for the oldest while more than [`MAX_UPLOADS`] are.
     fn await_spooled(&mut self, written: JoinHandle<Result<()>>) -> Result<()> {
-        self.uploads.push(self.handle.spawn(async move {
-            match written.await {
-                // Same content, same name: a pack that exists is the pack we wrote.
-                Ok(Ok(()) | Err(Error::AlreadyExists(_))) => Ok(()),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(Error::Interrupted(format!("pack write task failed: {e}"))),
-            }
-        }));
+        self.uploads.push(written);
         while self.uploads.len() > MAX_UPLOADS {
             let oldest = self.uploads.remove(0);
             self.join(oldest)?;
@@ -202,11 +195,12 @@ impl<'r> Packer<'r> {
     /// than the upload's error: a prune may have removed what it was
     /// writing, which is why it failed.
     fn join(&self, upload: JoinHandle<Result<()>>) -> Result<()> {
-        let r = self
-            .handle
-            .block_on(upload)
-            .map_err(|e| Error::Interrupted(format!("upload task failed: {e}")))
-            .and_then(|r| r);
+        let r = match self.handle.block_on(upload) {
+            // Same content, same name: a pack that exists is the pack we wrote.
+            Ok(Err(Error::AlreadyExists(_))) => Ok(()),
+            Ok(r) => r,
+            Err(e) => Err(Error::Interrupted(format!("upload task failed: {e}"))),
+        };
         match (r, self.lock) {
             (Err(e), Some(lock)) => self.handle.block_on(lock.check_fresh()).and(Err(e)),
             (r, _) => r,

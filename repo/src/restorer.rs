@@ -135,7 +135,7 @@ impl Batch {
         dir: &Arc<OwnedFd>,
         temp: Option<Vec<u8>>,
         replace: bool,
-        node: Node,
+        mut node: Node,
         display: &str,
     ) {
         self.meta_bytes += node.name.len()
@@ -157,7 +157,6 @@ impl Batch {
         let mut chunks = 0;
         // Its extents live on as the batch's targets; the file needs its
         // metadata only.
-        let mut node = node;
         for e in &std::mem::take(&mut node.content) {
             if let Extent::Data { id, .. } = e {
                 let places = self.targets.entry(*id).or_default();
