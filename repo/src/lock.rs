@@ -10,9 +10,10 @@
 //! Holders refresh their lock every [`Timing::refresh`]. A lock is stale when
 //! the store has not seen it refreshed for [`Timing::stale`] (judged with the
 //! store's clock, not the hosts'), or at once when it belongs to a process on
-//! this host that no longer exists. A holder checks before every write that
-//! must not follow a prune ([`Lock::check_fresh`]): a process paused longer
-//! than [`Timing::valid`] (well under `stale`) stops instead of writing.
+//! this host that no longer exists. A holder checks before and after every
+//! write that must not follow a prune ([`Lock::check_fresh`]): a process paused
+//! longer than [`Timing::valid`] (well under `stale`) stops instead of writing,
+//! and what it wrote while paused is taken back (`Repository::save_snapshot`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -165,10 +165,7 @@ impl<'r> Packer<'r> {
             packs: std::mem::take(&mut self.packed),
         };
         self.packed_blobs = 0;
-        if let Some(lock) = self.lock {
-            self.handle.block_on(lock.check_fresh())?;
-        }
-        self.handle.block_on(self.repo.write_index(&file))?;
+        self.handle.block_on(self.repo.write_index(&file, self.lock))?;
         self.index_files += 1;
         Ok(())
     }

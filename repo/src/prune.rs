@@ -279,7 +279,6 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
     }
     let n_new = new_files.len();
     for (i, packs) in new_files.into_iter().enumerate() {
-        lock.check_fresh().await?;
         let file = IndexFile {
             // The last file written declares the old ones redundant.
             supersedes: if i + 1 == n_new {
@@ -289,7 +288,7 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
             },
             packs,
         };
-        repo.write_index(&file).await?;
+        repo.write_index(&file, Some(lock)).await?;
     }
     lock.check_fresh().await?;
     delete_all(

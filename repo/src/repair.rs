@@ -312,9 +312,9 @@ pub async fn repair_index(
     let batches = batch_packs(keep);
     let n = batches.len();
     for (i, packs) in batches.into_iter().enumerate() {
-        lock.check_fresh().await?;
         let supersedes = if i + 1 == n { old_ids.clone() } else { Vec::new() };
-        repo.write_index(&IndexFile { supersedes, packs }).await?;
+        repo.write_index(&IndexFile { supersedes, packs }, Some(lock))
+            .await?;
         report.index_files_written += 1;
     }
     lock.check_fresh().await?;
@@ -673,7 +673,7 @@ pub async fn repair_snapshots(
         if !snap.tags.iter().any(|t| t == "repaired") {
             snap.tags.push("repaired".into());
         }
-        let new = repo.save_snapshot(&snap).await?;
+        let new = repo.save_snapshot(&snap, lock).await?;
         repo.backend().delete(&format!("snapshots/{old}")).await?;
         report.rewritten.push(RewrittenSnapshot {
             old,

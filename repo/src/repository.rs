@@ -19,6 +19,7 @@ use crate::crypto::{KdfParams, KeyFile, MasterKey};
 use crate::error::{Chain, Error, Result};
 use crate::id::{BlobId, IndexId, KeyId, PackId, SnapshotId, storage_hash};
 use crate::index::{Index, IndexFile, Location};
+use crate::lock::Lock;
 use crate::pack;
 use crate::snapshot::{Snapshot, SnapshotEntry, SnapshotFilter};
 use crate::tree::Tree;
@@ -802,13 +803,46 @@ impl Repository {
 
     /// Stores an index file; call only after the packs it names are stored.
     /// The in-memory index is not changed (see [`Repository::reload_index`]).
-    pub async fn write_index(&self, file: &IndexFile) -> Result<IndexId> {
-        Ok(IndexId(self.save_object(Kind::Index, file).await?))
+    /// Under `lock` it is written as [`Repository::save_under_lock`] says;
+    /// without, the caller checks its lock before the snapshot that needs it.
+    pub async fn write_index(&self, file: &IndexFile, lock: Option<&Lock>) -> Result<IndexId> {
+        let id = match lock {
+            Some(lock) => self.save_under_lock(Kind::Index, file, lock).await?,
+            None => self.save_object(Kind::Index, file).await?,
+        };
+        Ok(IndexId(id))
     }
 
     /// Stores a snapshot; call only after the index naming its blobs is stored.
-    pub async fn save_snapshot(&self, snap: &Snapshot) -> Result<SnapshotId> {
-        Ok(SnapshotId(self.save_object(Kind::Snapshot, snap).await?))
+    pub async fn save_snapshot(&self, snap: &Snapshot, lock: &Lock) -> Result<SnapshotId> {
+        Ok(SnapshotId(
+            self.save_under_lock(Kind::Snapshot, snap, lock).await?,
+        ))
+    }
+
+    /// Writes an object that must not outlive a prune it raced: the lock is
+    /// checked before and again after. A process paused between the two past
+    /// its lock's validity may have been overtaken by a prune that removed
+    /// what the object names; then the object is taken back, and the caller
+    /// hears that its lock expired.
+    async fn save_under_lock<T: Serialize>(&self, kind: Kind, value: &T, lock: &Lock) -> Result<[u8; 32]> {
+        lock.check_fresh().await?;
+        let (name, bytes) = seal_object(&self.key, kind, value)?;
+        let id = storage_hash(&bytes);
+        self.backend.put_new(&name, bytes.clone()).await?;
+        if let Err(expired) = lock.check_fresh().await {
+            return Err(match self.backend.delete(&name).await {
+                Ok(()) => expired,
+                Err(e) => Error::LockExpired(format!(
+                    "{expired}; {name}, written meanwhile, could not be taken back ({e}): run \
+                     `backer check`, and `backer repair` if it names missing data"
+                )),
+            });
+        }
+        if let Some(c) = &self.cache {
+            c.put(&name, &bytes);
+        }
+        Ok(id)
     }
 
     pub async fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {

@@ -136,3 +136,46 @@ async fn unlock_removes_stale_and_removed_lock_stops_its_holder() {
     let err = live.check_fresh().await.unwrap_err();
     assert!(err.to_string().contains("removed by someone else"), "{err}");
 }
+
+/// A holder paused between its last check and the end of its snapshot's
+/// write (SIGSTOP, a suspended VM) may have been overtaken by a prune: the
+/// snapshot it wrote is taken back, and it hears its lock expired.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_written_while_the_lock_expired_is_taken_back() {
+    use backer_repo::backend::faults::{Fault, FaultPlan};
+    use backer_repo::id::BlobId;
+    use backer_repo::snapshot::{Snapshot, Summary};
+
+    let clean = Backend::in_memory();
+    Repository::init(clean.clone(), b"pw", cheap()).await.unwrap();
+    // Every call on a snapshot takes longer than the lock stays valid.
+    let mut plan = FaultPlan::new(1, 1.0);
+    plan.only = "snapshots/".into();
+    plan.kinds = vec![Fault::Slow];
+    plan.slow = Duration::from_millis(2500);
+    let (slow, _) = clean.with_faults(plan, Duration::from_secs(60));
+    let repo = Repository::open(slow, b"pw").await.unwrap();
+    let mut lock = Lock::acquire_with(&repo, false, "backup", Duration::ZERO, short())
+        .await
+        .unwrap();
+    // Paused: no refresh while the write is under way.
+    lock.stop_refreshing_for_tests();
+    let snap = Snapshot {
+        time: chrono::Utc::now(),
+        hostname: "h".into(),
+        username: "u".into(),
+        paths: vec!["/".into()],
+        tags: vec![],
+        excludes: vec![],
+        parent: None,
+        tree: BlobId([0; 32]),
+        summary: Summary::default(),
+        partial: false,
+        errors: vec![],
+        program_version: "test".into(),
+    };
+    let err = repo.save_snapshot(&snap, &lock).await.unwrap_err();
+    assert!(matches!(err, Error::LockExpired(_)), "{err}");
+    let clean = Repository::open(clean, b"pw").await.unwrap();
+    assert!(clean.load_snapshots().await.unwrap().snapshots.is_empty());
+}

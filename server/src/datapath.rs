@@ -266,13 +266,12 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
                 "the job ended before its snapshot could be written".into(),
             ));
         };
-        lock.check_fresh()
-            .await
-            .map_err(|e| CoreError::Aborted(format!("the repository lock was lost: {}", Chain(&e))))?;
-        let id = repo
-            .save_snapshot(&snap)
-            .await
-            .map_err(CoreError::repo("write the snapshot"))?;
+        let id = repo.save_snapshot(&snap, lock).await.map_err(|e| match e {
+            backer_repo::Error::LockExpired(_) => {
+                CoreError::Aborted(format!("the repository lock was lost: {}", Chain(&e)))
+            }
+            e => CoreError::repo("write the snapshot")(e),
+        })?;
         // Under the same lock: a forget checks it is still held.
         let forgotten = match &spec.retention {
             Some(policy) => {

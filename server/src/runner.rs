@@ -574,7 +574,11 @@ mod tests {
             errors: vec![],
             program_version: "test".into(),
         };
-        s.storage.repo().save_snapshot(&snap).await.unwrap()
+        let repo = s.storage.repo();
+        let lock = Lock::acquire(&repo, false, "test", Duration::ZERO).await.unwrap();
+        let id = repo.save_snapshot(&snap, &lock).await.unwrap();
+        lock.release().await.unwrap();
+        id
     }
 
     fn request(client: &str, paths: &[&str]) -> pb::StartBackupRequest {

@@ -283,9 +283,8 @@ pub async fn backup(
     };
     let (snap, messages) = tokio::task::block_in_place(|| archive(&store, &opts, parent, progress))?;
     // A process paused past its lock's validity may have been overtaken by a
-    // prune that removed chunks this snapshot reuses: stop instead.
-    lock.check_fresh().await?;
-    let id = repo.save_snapshot(&snap).await?;
+    // prune that removed chunks this snapshot reuses: it stops instead.
+    let id = repo.save_snapshot(&snap, lock).await?;
     Ok(BackupOutcome {
         id,
         snapshot: snap,
