@@ -109,9 +109,21 @@ impl FoundLock {
     }
 }
 
+/// Time since boot, counting time suspended ([`Instant`] stops then): a
+/// laptop that slept or a VM that was paused past a lock's validity must not
+/// wake up believing its lock fresh while others judged it stale.
+fn boot_clock() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
 struct Held {
     name: String,
-    last_refresh: Instant,
+    /// When the refresh that wrote the current lock started (by [`boot_clock`]).
+    last_refresh: Duration,
     refresh_error: Option<String>,
     /// Set once a refresh came too late: others may have judged the lock
     /// stale meanwhile, so refreshing it now would not undo that.
@@ -303,7 +315,7 @@ impl Lock {
             };
             let gate = WRITING.lock().await;
             let name = write_lock(repo.backend(), repo.key(), &info).await?;
-            let acquired_at = Instant::now();
+            let acquired_at = boot_clock();
             let held = Arc::new(Mutex::new(Held {
                 name: name.clone(),
                 last_refresh: acquired_at,
@@ -381,10 +393,10 @@ impl Lock {
                 tokio::time::sleep(every).await;
                 // A refresh counts from when it started: a pause in the middle
                 // of writing must not make the lock look fresh afterwards.
-                let started = Instant::now();
+                let started = boot_clock();
                 {
                     let mut h = held.lock();
-                    if started.duration_since(h.last_refresh) > valid {
+                    if started.saturating_sub(h.last_refresh) > valid {
                         // We were paused (or storage failed) past the validity:
                         // never refresh again, the holder must stop.
                         h.expired = true;
@@ -396,23 +408,35 @@ impl Lock {
                 fresh.nonce = random_u64();
                 let gate = WRITING.lock().await;
                 let result = write_lock(&backend, &key, &fresh).await;
-                let old = {
+                let (old, late) = {
                     let mut h = held.lock();
                     match result {
                         Ok(name) => {
-                            h.last_refresh = started;
-                            h.refresh_error = None;
-                            Some(std::mem::replace(&mut h.name, name))
+                            // Landed more than `valid` after the one before it
+                            // started (a pause while writing, slow storage):
+                            // others may have judged the lock stale meanwhile,
+                            // and this refresh cannot undo that.
+                            let late = boot_clock().saturating_sub(h.last_refresh) > valid;
+                            if late {
+                                h.expired = true;
+                            } else {
+                                h.last_refresh = started;
+                                h.refresh_error = None;
+                            }
+                            (Some(std::mem::replace(&mut h.name, name)), late)
                         }
                         Err(e) => {
                             h.refresh_error = Some(e.to_string());
-                            None
+                            (None, false)
                         }
                     }
                 };
                 drop(gate);
                 if let Some(old) = old {
                     let _ = backend.delete(&lock_path(&old)).await;
+                }
+                if late {
+                    return;
                 }
             }
         }));
@@ -430,7 +454,7 @@ impl Lock {
             let h = self.held.lock();
             (
                 h.name.clone(),
-                h.last_refresh.elapsed(),
+                boot_clock().saturating_sub(h.last_refresh),
                 h.refresh_error.clone(),
                 h.expired,
             )
@@ -443,7 +467,11 @@ impl Lock {
             )));
         }
         if self.backend.head(&lock_path(&name)).await?.is_none() {
-            return Err(Error::LockExpired("the lock was removed by someone else".into()));
+            // A refresh may have replaced it meanwhile: then the new one counts.
+            let now = self.held.lock().name.clone();
+            if now == name || self.backend.head(&lock_path(&now)).await?.is_none() {
+                return Err(Error::LockExpired("the lock was removed by someone else".into()));
+            }
         }
         Ok(())
     }

@@ -824,21 +824,28 @@ impl Repository {
     /// checked before and again after. A process paused between the two past
     /// its lock's validity may have been overtaken by a prune that removed
     /// what the object names; then the object is taken back, and the caller
-    /// hears that its lock expired.
+    /// hears that its lock expired. So is one whose write failed: it may
+    /// have landed all the same (a lost reply, a call given up on).
     async fn save_under_lock<T: Serialize>(&self, kind: Kind, value: &T, lock: &Lock) -> Result<[u8; 32]> {
         lock.check_fresh().await?;
         let (name, bytes) = seal_object(&self.key, kind, value)?;
         let id = storage_hash(&bytes);
-        self.backend.put_new(&name, bytes.clone()).await?;
-        if let Err(expired) = lock.check_fresh().await {
-            return Err(match self.backend.delete(&name).await {
-                Ok(()) => expired,
-                Err(e) => Error::LockExpired(format!(
-                    "{expired}; {name}, written meanwhile, could not be taken back ({e}): run \
-                     `backer check`, and `backer repair` if it names missing data"
-                )),
-            });
+        let put = self.backend.put_new(&name, bytes.clone()).await;
+        if let Err(lost) = lock.check_fresh().await {
+            let why = match lost {
+                Error::LockExpired(why) => why,
+                e => format!("the lock could not be checked after writing ({})", Chain(&e)),
+            };
+            return Err(Error::LockExpired(match self.backend.delete(&name).await {
+                Ok(()) => format!("{why}; {name}, written meanwhile, was removed again"),
+                Err(e) => format!(
+                    "{why}; {name}, written meanwhile, could not be removed ({}): run `backer check`, \
+                     and if it names missing data, `backer repair index` then `backer repair snapshots`",
+                    Chain(&e)
+                ),
+            }));
         }
+        put?;
         if let Some(c) = &self.cache {
             c.put(&name, &bytes);
         }

@@ -179,3 +179,35 @@ async fn a_snapshot_written_while_the_lock_expired_is_taken_back() {
     let clean = Repository::open(clean, b"pw").await.unwrap();
     assert!(clean.load_snapshots().await.unwrap().snapshots.is_empty());
 }
+
+/// A refresh that lands more than `valid` after the lock it replaces was
+/// written (a pause while writing it, slow storage) cannot undo that others
+/// may have judged the lock stale in between: the lock has expired.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_that_lands_late_does_not_make_the_lock_fresh() {
+    use backer_repo::backend::faults::{Fault, FaultPlan};
+
+    let clean = Backend::in_memory();
+    Repository::init(clean.clone(), b"pw", cheap()).await.unwrap();
+    // Every read and write of a lock takes 3 s.
+    let mut plan = FaultPlan::new(2, 1.0);
+    plan.only = "locks/".into();
+    plan.kinds = vec![Fault::Slow];
+    plan.slow = Duration::from_secs(3);
+    let (slow, _) = clean.with_faults(plan, Duration::from_secs(60));
+    let repo = Repository::open(slow, b"pw").await.unwrap();
+    let timing = Timing {
+        refresh: Duration::from_millis(100),
+        valid: Duration::from_secs(4),
+        stale: Duration::from_secs(6),
+    };
+    // Written at T; reading the locks back takes until T+3, the refresh
+    // starts at T+3.1 and lands at T+6.1, more than `valid` after T.
+    let lock = Lock::acquire_with(&repo, false, "backup", Duration::ZERO, timing)
+        .await
+        .unwrap();
+    // T+6.6: counted from the refresh's start (T+3.1) it would look fresh.
+    tokio::time::sleep(Duration::from_millis(3600)).await;
+    let err = lock.check_fresh().await.unwrap_err();
+    assert!(matches!(err, Error::LockExpired(_)), "{err}");
+}
