@@ -140,9 +140,13 @@ pub struct Lock {
     held: Arc<Mutex<Held>>,
     timing: Timing,
     refresher: Option<tokio::task::JoinHandle<()>>,
+    /// Held while this lock is written anew (see [`Registered::gate`]).
+    gate: Gate,
     /// Its entry in [`HELD`].
     registered: u64,
 }
+
+type Gate = Arc<tokio::sync::Mutex<()>>;
 
 /// Every lock this process holds, by a number of its own, so an
 /// interrupted command can remove them on its way out whatever it was
@@ -155,20 +159,24 @@ struct Registered {
     backend: Backend,
     held: Arc<Mutex<Held>>,
     refresher: Option<tokio::task::AbortHandle>,
+    /// Held while the lock is written until its name is recorded (or, for
+    /// [`Lock::release`], until its refresher is stopped), and by
+    /// [`release_held`]: an interrupt cannot fall between a lock's write and
+    /// its record, and leave a lock no one knows of. One per lock: a slow
+    /// store delays only its own locks' refreshes, not a server's others.
+    gate: Gate,
 }
 
-/// Held while a lock is written until its name is recorded (or, for
-/// [`Lock::release`], until its refresher is stopped), and by
-/// [`release_held`]: an interrupt cannot fall between a lock's write and
-/// its record, and leave a lock no one knows of.
-static WRITING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Set by [`release_held`]: no lock is written after it.
+static CLOSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-fn register(backend: &Backend, held: &Arc<Mutex<Held>>) -> u64 {
+fn register(backend: &Backend, held: &Arc<Mutex<Held>>, gate: &Gate) -> u64 {
     let n = NEXT_REGISTERED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let entry = Registered {
         backend: backend.clone(),
         held: Arc::clone(held),
         refresher: None,
+        gate: Arc::clone(gate),
     };
     HELD.lock().insert(n, entry);
     n
@@ -182,17 +190,17 @@ fn unregister(n: u64) {
 /// command interrupted by a signal, so the repository is not left locked
 /// until the lock goes stale. Returns how many were removed.
 pub async fn release_held() -> usize {
-    // Kept: the process ends after this, and must write no lock meanwhile.
-    let gate = WRITING.lock().await;
-    std::mem::forget(gate);
+    CLOSING.store(true, std::sync::atomic::Ordering::SeqCst);
     let all = std::mem::take(&mut *HELD.lock());
     let mut removed = 0;
     for r in all.into_values() {
+        // Kept: the process ends after this, and must write no lock meanwhile.
+        std::mem::forget(r.gate.lock_owned().await);
         if let Some(a) = &r.refresher {
             a.abort();
         }
         let name = r.held.lock().name.clone();
-        if r.backend.delete(&lock_path(&name)).await.is_ok() {
+        if !name.is_empty() && r.backend.delete(&lock_path(&name)).await.is_ok() {
             removed += 1;
         }
     }
@@ -313,19 +321,34 @@ impl Lock {
                 created: Utc::now(),
                 nonce: random_u64(),
             };
-            let gate = WRITING.lock().await;
-            let name = write_lock(repo.backend(), repo.key(), &info).await?;
-            let acquired_at = boot_clock();
+            // Known before it exists: an interrupt while it is written, or
+            // while others are looked at, must not leave it behind.
+            let gate: Gate = Arc::default();
+            let writing = Arc::clone(&gate).lock_owned().await;
             let held = Arc::new(Mutex::new(Held {
-                name: name.clone(),
-                last_refresh: acquired_at,
+                name: String::new(),
+                last_refresh: boot_clock(),
                 refresh_error: None,
                 expired: false,
             }));
-            // From the moment it exists: an interrupt while others are
-            // looked at must not leave it behind.
-            let registered = register(repo.backend(), &held);
-            drop(gate);
+            let registered = register(repo.backend(), &held, &gate);
+            if CLOSING.load(std::sync::atomic::Ordering::SeqCst) {
+                unregister(registered);
+                return Err(Error::Interrupted("the process is ending".into()));
+            }
+            let name = match write_lock(repo.backend(), repo.key(), &info).await {
+                Ok(name) => name,
+                Err(e) => {
+                    unregister(registered);
+                    return Err(e);
+                }
+            };
+            {
+                let mut h = held.lock();
+                h.name = name.clone();
+                h.last_refresh = boot_clock();
+            }
+            drop(writing);
             let mut all = match list_locks(repo, None, timing).await {
                 Ok(all) => all,
                 Err(e) => {
@@ -359,6 +382,7 @@ impl Lock {
                     held,
                     timing,
                     refresher: None,
+                    gate,
                     registered,
                 };
                 lock.start_refresher();
@@ -380,11 +404,12 @@ impl Lock {
     }
 
     fn start_refresher(&mut self) {
-        let (backend, key, info, held, every, valid) = (
+        let (backend, key, info, held, gate, every, valid) = (
             self.backend.clone(),
             Arc::clone(&self.key),
             self.info.clone(),
             Arc::clone(&self.held),
+            Arc::clone(&self.gate),
             self.timing.refresh,
             self.timing.valid,
         );
@@ -406,7 +431,7 @@ impl Lock {
                 let mut fresh = info.clone();
                 fresh.created = Utc::now();
                 fresh.nonce = random_u64();
-                let gate = WRITING.lock().await;
+                let writing = gate.lock().await;
                 let result = write_lock(&backend, &key, &fresh).await;
                 let (old, late) = {
                     let mut h = held.lock();
@@ -431,7 +456,7 @@ impl Lock {
                         }
                     }
                 };
-                drop(gate);
+                drop(writing);
                 if let Some(old) = old {
                     let _ = backend.delete(&lock_path(&old)).await;
                 }
@@ -480,7 +505,7 @@ impl Lock {
     pub async fn release(mut self) -> Result<()> {
         {
             // Never stopped in the middle of writing the lock anew.
-            let _gate = WRITING.lock().await;
+            let _writing = self.gate.lock().await;
             if let Some(r) = self.refresher.take() {
                 r.abort();
             }
