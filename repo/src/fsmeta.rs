@@ -160,10 +160,36 @@ fn ts(t: Time) -> Timespec {
     }
 }
 
-fn timestamps(node: &Node) -> Timestamps {
+fn timestamps(atime: Time, mtime: Time) -> Timestamps {
     Timestamps {
-        last_access: ts(node.atime),
-        last_modification: ts(node.mtime),
+        last_access: ts(atime),
+        last_modification: ts(mtime),
+    }
+}
+
+/// What a restore sets on an opened file or directory once it is written:
+/// the part of its [`Node`] kept while its content arrives (a restore holds
+/// one for every file of a batch).
+#[derive(Debug)]
+pub struct Meta {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub atime: Time,
+    pub mtime: Time,
+    pub xattrs: Box<[Xattr]>,
+}
+
+impl Meta {
+    pub fn of(node: &mut Node) -> Meta {
+        Meta {
+            uid: node.uid,
+            gid: node.gid,
+            mode: node.mode,
+            atime: node.atime,
+            mtime: node.mtime,
+            xattrs: std::mem::take(&mut node.xattrs).into_boxed_slice(),
+        }
     }
 }
 
@@ -174,20 +200,20 @@ pub fn can_chown() -> bool {
 
 /// Applies owner, mode, xattrs and times to an open file or directory.
 /// Owner first: chown clears setuid bits that the mode then sets again.
-pub fn apply_to_fd(fd: impl AsFd, node: &Node, xattr_errors: &mut Vec<String>) -> io::Result<()> {
+pub fn apply_to_fd(fd: impl AsFd, meta: &Meta, xattr_errors: &mut Vec<String>) -> io::Result<()> {
     let fd = fd.as_fd();
     if can_chown() {
-        rustix::fs::fchown(fd, Some(Uid::from_raw(node.uid)), Some(Gid::from_raw(node.gid)))?;
+        rustix::fs::fchown(fd, Some(Uid::from_raw(meta.uid)), Some(Gid::from_raw(meta.gid)))?;
     }
-    rustix::fs::fchmod(fd, Mode::from_raw_mode(node.mode))?;
-    for x in &node.xattrs {
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;
+    for x in &meta.xattrs {
         if let Err(e) =
             rustix::fs::fsetxattr(fd, x.name.as_slice(), &x.value, rustix::fs::XattrFlags::empty())
         {
             xattr_errors.push(format!("xattr {}: {e}", String::from_utf8_lossy(&x.name)));
         }
     }
-    rustix::fs::futimens(fd, &timestamps(node))?;
+    rustix::fs::futimens(fd, &timestamps(meta.atime, meta.mtime))?;
     Ok(())
 }
 
@@ -235,7 +261,12 @@ pub fn apply_at(dir: impl AsFd, node: &Node) -> io::Result<()> {
     if node.kind != NodeKind::Symlink {
         chmod_nofollow(dir, name, node.mode)?;
     }
-    rustix::fs::utimensat(dir, name, &timestamps(node), AtFlags::SYMLINK_NOFOLLOW)?;
+    rustix::fs::utimensat(
+        dir,
+        name,
+        &timestamps(node.atime, node.mtime),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?;
     Ok(())
 }
 

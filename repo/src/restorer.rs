@@ -20,7 +20,7 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::fsmeta;
+use crate::fsmeta::{self, Meta};
 use crate::id::BlobId;
 use crate::repository::Repository;
 use crate::snapshot::Snapshot;
@@ -65,21 +65,29 @@ pub struct RestoreOutcome {
 }
 
 /// A file the walker created, waiting for its content. It is opened
-/// again by name when its content comes (see [`OpenFiles`]).
+/// again by name when its content comes (see [`OpenFiles`]). A batch holds
+/// tens of thousands: only what finishing the file needs is kept, and the
+/// path shown in messages is its directory's (shared) and its name.
 struct PlannedFile {
     /// The directory it is in, to reopen it by name, and to remove it if
     /// it cannot be filled.
     dir: Arc<OwnedFd>,
+    /// That directory as shown in messages.
+    dir_shown: Arc<str>,
+    name: Box<[u8]>,
     /// The temporary name it is written under, when it is to replace an
     /// existing entry or be linked to (`--overwrite`); else its own.
-    temp: Option<Vec<u8>>,
+    temp: Option<Box<[u8]>>,
     /// What it was created as: a name replaced in the target meanwhile is
     /// refused, never written through.
     id: FileId,
     /// Renamed to its own name once whole (it replaces an existing file).
     replace: bool,
-    node: Node,
-    display: String,
+    size: u64,
+    /// The snapshot's (device, inode) of a file with other names, which
+    /// are removed too when it cannot be restored.
+    linked: Option<(u64, u64)>,
+    meta: Meta,
     /// Chunks still to be written; the file is finished at zero.
     remaining: AtomicU64,
     /// Why its content cannot be whole, once that is known.
@@ -89,7 +97,12 @@ struct PlannedFile {
 impl PlannedFile {
     /// The name it has in its directory while its content is written.
     fn written_as(&self) -> &[u8] {
-        self.temp.as_deref().unwrap_or(&self.node.name)
+        self.temp.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Its path, for messages.
+    fn display(&self) -> String {
+        entry_display(&self.dir_shown, &self.name)
     }
 }
 
@@ -132,15 +145,13 @@ impl Batch {
     fn add(
         &mut self,
         (file, id): (File, FileId),
-        dir: &Arc<OwnedFd>,
+        (dir, dir_shown): (&Arc<OwnedFd>, &Arc<str>),
         temp: Option<Vec<u8>>,
         replace: bool,
         mut node: Node,
-        display: &str,
     ) {
         self.meta_bytes += node.name.len()
             + temp.as_ref().map_or(0, Vec::len)
-            + display.len()
             + node.content.len() * std::mem::size_of::<Extent>()
             + node
                 .xattrs
@@ -175,11 +186,14 @@ impl Batch {
         }
         self.files.push(PlannedFile {
             dir: Arc::clone(dir),
-            temp,
+            dir_shown: Arc::clone(dir_shown),
+            temp: temp.map(Vec::into_boxed_slice),
             id,
             replace,
-            node,
-            display: display.to_string(),
+            size: node.size,
+            linked: (node.nlink > 1).then_some((node.dev, node.inode)),
+            meta: Meta::of(&mut node),
+            name: std::mem::take(&mut node.name).into_boxed_slice(),
             remaining: AtomicU64::new(chunks as u64),
             failed: Mutex::new(None),
         });
@@ -248,7 +262,7 @@ fn open_planned(
     let replaced = || {
         format!(
             "refused {}: the file this restore created was replaced in the target meanwhile",
-            f.display
+            f.display()
         )
     };
     let fd = rustix::fs::openat(
@@ -259,9 +273,9 @@ fn open_planned(
     )
     .map_err(|e| match e {
         Errno::LOOP | Errno::NXIO => replaced(),
-        e => format!("failed to open {} again: {e}", f.display),
+        e => format!("failed to open {} again: {e}", f.display()),
     })?;
-    let st = rustix::fs::fstat(&fd).map_err(|e| format!("failed to inspect {}: {e}", f.display))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| format!("failed to inspect {}: {e}", f.display()))?;
     if FileId::of(&st) != f.id || FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return Err(replaced());
     }
@@ -446,7 +460,7 @@ struct DirToFinish {
     name: Vec<u8>,
     /// `None` for a directory only on the way to an included path: created,
     /// but its metadata is not part of what was asked for.
-    node: Option<Node>,
+    meta: Option<Meta>,
 }
 
 struct Ctx<'a> {
@@ -504,6 +518,7 @@ const CREATE_JOB: usize = 64;
 /// Entries of one directory to create (files and symlinks).
 struct CreateJob {
     dir: Arc<OwnedFd>,
+    dir_shown: Arc<str>,
     files: Vec<(Node, String)>,
     overwrite: bool,
 }
@@ -516,11 +531,12 @@ enum Made {
     Symlink(Option<String>),
 }
 
-type CreatedFiles = Vec<(Node, String, std::result::Result<Made, String>)>;
+type CreatedFiles = Vec<(Node, std::result::Result<Made, String>)>;
 
 /// A job given to a creator, waited for in walk order.
 struct Pending {
     dir: Arc<OwnedFd>,
+    dir_shown: Arc<str>,
     created: crossbeam_channel::Receiver<CreatedFiles>,
 }
 
@@ -554,7 +570,7 @@ fn create_entries(
                     create_file(&job.dir, &node.name, job.overwrite, &shown).map(Made::File)
                 };
                 queued.fetch_sub(1, Ordering::Relaxed);
-                (node, shown, made)
+                (node, made)
             })
             .collect();
         // The walker is gone only if the restore is ending early.
@@ -625,6 +641,16 @@ fn display(comps: &[Vec<u8>]) -> String {
     if s.is_empty() { "/".into() } else { s }
 }
 
+/// [`display`] of an entry named `name` in the directory shown as `dir`.
+fn entry_display(dir: &str, name: &[u8]) -> String {
+    let name = crate::text::escape_bytes(name);
+    if dir == "/" {
+        format!("/{name}")
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
 fn components(path: &str) -> Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     for c in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
@@ -683,12 +709,19 @@ impl Ctx<'_> {
     /// A file or symlink the walk met, to be created by a creator with the
     /// others of its directory; a file joins a batch once created (see
     /// [`Ctx::settle`]).
-    fn create_later(&mut self, dir: &Arc<OwnedFd>, node: Node, shown: &str, out: &Outlet) -> Result<()> {
+    fn create_later(
+        &mut self,
+        (dir, dir_shown): (&Arc<OwnedFd>, &Arc<str>),
+        node: Node,
+        shown: &str,
+        out: &Outlet,
+    ) -> Result<()> {
         if self.group.as_ref().is_some_and(|g| !Arc::ptr_eq(&g.dir, dir)) {
             self.dispatch(out)?;
         }
         let group = self.group.get_or_insert_with(|| CreateJob {
             dir: Arc::clone(dir),
+            dir_shown: Arc::clone(dir_shown),
             files: Vec::new(),
             overwrite: self.opts.overwrite,
         });
@@ -708,6 +741,7 @@ impl Ctx<'_> {
         };
         let (done, created) = bounded(1);
         let dir = Arc::clone(&job.dir);
+        let dir_shown = Arc::clone(&job.dir_shown);
         let n = job.files.len();
         self.pending_files += n;
         let creator = match self.affinity.get_mut(&(Arc::as_ptr(&dir) as usize)) {
@@ -729,7 +763,11 @@ impl Ctx<'_> {
             .jobs
             .send((job, done))
             .map_err(|_| Error::Interrupted("a restore's file creator stopped".into()))?;
-        self.pending.push_back(Pending { dir, created });
+        self.pending.push_back(Pending {
+            dir,
+            dir_shown,
+            created,
+        });
         // Each pending file holds a descriptor, and each job its directory's.
         while self.pending_files + self.pending.len() > self.window {
             self.settle(out)?;
@@ -739,7 +777,12 @@ impl Ctx<'_> {
 
     /// Waits for the oldest job given to a creator, and plans its files.
     fn settle(&mut self, out: &Outlet) -> Result<()> {
-        let Some(Pending { dir, created }) = self.pending.pop_front() else {
+        let Some(Pending {
+            dir,
+            dir_shown,
+            created,
+        }) = self.pending.pop_front()
+        else {
             return Ok(());
         };
         let created = created
@@ -753,11 +796,11 @@ impl Ctx<'_> {
                 self.affinity.remove(&key);
             }
         }
-        for (node, shown, made) in created {
+        for (node, made) in created {
             match made {
                 Ok(Made::File(Created { file, temp, id })) => {
                     let replace = temp.is_some();
-                    self.plan((file, id), &dir, temp, replace, node, &shown, out)?;
+                    self.plan((file, id), (&dir, &dir_shown), temp, replace, node, out)?;
                 }
                 Ok(Made::Symlink(meta)) => {
                     self.outcome.others += 1;
@@ -797,16 +840,15 @@ impl Ctx<'_> {
     fn plan(
         &mut self,
         created: (File, FileId),
-        dir: &Arc<OwnedFd>,
+        dir: (&Arc<OwnedFd>, &Arc<str>),
         temp: Option<Vec<u8>>,
         replace: bool,
         node: Node,
-        shown: &str,
         out: &Outlet,
     ) -> Result<()> {
         self.outcome.files += 1;
         self.outcome.bytes += node.size;
-        self.batch.add(created, dir, temp, replace, node, shown);
+        self.batch.add(created, dir, temp, replace, node);
         if self.batch.full() {
             let next = Batch::new(self.batch.max_open);
             out.batches
@@ -836,6 +878,7 @@ impl Ctx<'_> {
             }
         };
         let twice = names_given_twice(&tree.nodes);
+        let here: Arc<str> = display(comps).into();
         for node in tree.nodes {
             // An entry whose name is given again is made after everything
             // before it and before everything after it, as the listing orders.
@@ -844,7 +887,7 @@ impl Ctx<'_> {
                 self.settle_dir(dir, out)?;
             }
             comps.push(node.name.clone());
-            let shown = display(comps);
+            let shown = entry_display(&here, &node.name);
             let (whole, descend) = if full { (true, true) } else { self.selected(comps) };
             if !descend {
                 comps.pop();
@@ -852,9 +895,8 @@ impl Ctx<'_> {
             }
             if !node.has_safe_name() {
                 self.error(format!(
-                    "refused an entry with an unsafe name {:?} in {}",
+                    "refused an entry with an unsafe name {:?} in {here}",
                     node.name_lossy(),
-                    display(&comps[..comps.len() - 1])
                 ));
                 comps.pop();
                 continue;
@@ -863,7 +905,7 @@ impl Ctx<'_> {
                 comps.pop();
                 continue;
             }
-            self.restore_node(dir, comps, node, whole, &shown, out)?;
+            self.restore_node((dir, &here), comps, node, whole, &shown, out)?;
             comps.pop();
             if in_order {
                 self.settle_dir(dir, out)?;
@@ -876,7 +918,7 @@ impl Ctx<'_> {
 
     fn restore_node(
         &mut self,
-        dir: &Arc<OwnedFd>,
+        (dir, here): (&Arc<OwnedFd>, &Arc<str>),
         comps: &mut Vec<Vec<u8>>,
         node: Node,
         whole: bool,
@@ -935,7 +977,7 @@ impl Ctx<'_> {
                 self.dirs.push(DirToFinish {
                     parent: self.current_dir,
                     name: name.to_vec(),
-                    node: None,
+                    meta: None,
                 });
                 if let Some(t) = node.subtree {
                     let above = self.current_dir.replace(index);
@@ -947,7 +989,8 @@ impl Ctx<'_> {
                 }
                 self.outcome.dirs += 1;
                 if whole {
-                    self.dirs[index].node = Some(node);
+                    let mut node = node;
+                    self.dirs[index].meta = Some(Meta::of(&mut node));
                 }
             }
             NodeKind::File => {
@@ -1009,7 +1052,7 @@ impl Ctx<'_> {
                     }
                 }
                 if node.nlink <= 1 {
-                    return self.create_later(dir, node, shown, out);
+                    return self.create_later((dir, here), node, shown, out);
                 }
                 // The first name of a hard-linked file is created here, so
                 // its other names can be linked to it as the walk meets them.
@@ -1039,9 +1082,9 @@ impl Ctx<'_> {
                 }
                 self.hardlinks.insert((node.dev, node.inode), at);
                 // Renamed at the end with its links, if it is whole (`deferred`).
-                self.plan((file, id), dir, temp, false, node, shown, out)?;
+                self.plan((file, id), (dir, here), temp, false, node, out)?;
             }
-            NodeKind::Symlink => return self.create_later(dir, node, shown, out),
+            NodeKind::Symlink => return self.create_later((dir, here), node, shown, out),
             NodeKind::Fifo | NodeKind::CharDevice | NodeKind::BlockDevice => {
                 let ft = match node.kind {
                     NodeKind::Fifo => FileType::Fifo,
@@ -1088,11 +1131,11 @@ fn finish_dirs(ctx: &Ctx<'_>, dirs: &[DirToFinish]) {
     };
     let finish = |open: &mut Vec<(usize, Option<OwnedFd>)>| {
         let Some((i, fd)) = open.pop() else { return };
-        let (Some(fd), Some(node)) = (fd, &dirs[i].node) else {
+        let (Some(fd), Some(meta)) = (fd, &dirs[i].meta) else {
             return;
         };
         let mut xattr_errors = Vec::new();
-        let applied = fsmeta::apply_to_fd(&fd, node, &mut xattr_errors);
+        let applied = fsmeta::apply_to_fd(&fd, meta, &mut xattr_errors);
         if applied.is_err() || !xattr_errors.is_empty() {
             open.push((i, None));
             let shown_path = shown(open);
@@ -1126,7 +1169,7 @@ fn finish_dirs(ctx: &Ctx<'_>, dirs: &[DirToFinish]) {
                     last.1 = Some(fd);
                 }
             }
-            Some(Err(e)) if d.node.is_some() => {
+            Some(Err(e)) if d.meta.is_some() => {
                 ctx.error(format!(
                     "failed to set metadata of directory {}: {e}",
                     shown(&open)
@@ -1172,9 +1215,9 @@ fn fill_batch(
             }) {
             Ok(None) => {}
             Ok(Some(msg)) => failed_meta.lock().push(Failed {
-                display: f.display.clone(),
+                display: f.display(),
                 link_key: None,
-                size: f.node.size,
+                size: f.size,
                 content_whole: true,
                 message: msg,
             }),
@@ -1194,7 +1237,7 @@ fn fill_batch(
             }
             let written = open_planned(&open, index, f).and_then(|file| {
                 file.write_all_at(data, offset)
-                    .map_err(|e| format!("failed to write {}: {e}", f.display))
+                    .map_err(|e| format!("failed to write {}: {e}", f.display()))
             });
             if let Err(why) = written {
                 fail(f, why);
@@ -1211,7 +1254,7 @@ fn fill_batch(
     for (id, why) in lost {
         for &(index, _) in targets.get(&id).map(Vec::as_slice).unwrap_or_default() {
             let f = &files[index as usize];
-            fail(f, format!("failed to restore {}: {why}", f.display));
+            fail(f, format!("failed to restore {}: {why}", f.display()));
         }
     }
     failed.extend(meta_failures.into_inner());
@@ -1221,9 +1264,12 @@ fn fill_batch(
         let why = match (why, f.remaining.load(Ordering::Relaxed)) {
             (Some(why), _) => why,
             (None, 0) => continue,
-            (None, n) => format!("failed to restore {}: {n} of its chunks never arrived", f.display),
+            (None, n) => format!(
+                "failed to restore {}: {n} of its chunks never arrived",
+                f.display()
+            ),
         };
-        let link_key = (f.node.nlink > 1).then_some(((f.node.dev, f.node.inode), (f.id.dev, f.id.ino)));
+        let link_key = f.linked.map(|snapshot| (snapshot, (f.id.dev, f.id.ino)));
         let removed = match (
             rustix::fs::unlinkat(&f.dir, f.written_as(), AtFlags::empty()),
             f.replace,
@@ -1234,9 +1280,9 @@ fn fill_batch(
         };
         progress.errors.fetch_add(1, Ordering::Relaxed);
         failed.push(Failed {
-            display: f.display,
+            display: f.display(),
             link_key,
-            size: f.node.size,
+            size: f.size,
             content_whole: false,
             message: format!("{why}; {removed}"),
         });
@@ -1252,17 +1298,16 @@ fn finish_file(
     file: &File,
     progress: &RestoreProgress,
 ) -> std::result::Result<Option<String>, String> {
-    let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {}: {e}", f.display);
+    let fail = |what: &str, e: &dyn std::fmt::Display| format!("failed to {what} {}: {e}", f.display());
     // Always: the size is the snapshot's whatever the file held before
     // (and holes at its end are made).
-    if let Err(e) = file.set_len(f.node.size) {
+    if let Err(e) = file.set_len(f.size) {
         return Err(fail("size", &e));
     }
     let mut xattr_errors = Vec::new();
-    let meta = fsmeta::apply_to_fd(file.as_fd(), &f.node, &mut xattr_errors);
+    let meta = fsmeta::apply_to_fd(file.as_fd(), &f.meta, &mut xattr_errors);
     if f.replace {
-        rustix::fs::renameat(&f.dir, f.written_as(), &f.dir, f.node.name.as_slice())
-            .map_err(|e| fail("replace", &e))?;
+        rustix::fs::renameat(&f.dir, f.written_as(), &f.dir, &*f.name).map_err(|e| fail("replace", &e))?;
     }
     progress.files_done.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = meta {
@@ -1270,7 +1315,7 @@ fn finish_file(
     }
     Ok(xattr_errors
         .first()
-        .map(|e| format!("restored {}, but failed to set {e}", f.display)))
+        .map(|e| format!("restored {}, but failed to set {e}", f.display())))
 }
 
 /// Finds, below `root`, the names of files whose snapshot link key is in
