@@ -262,7 +262,10 @@ def object_storage_section(results, skips):
           f"{'met' if extra <= 64 else 'NOT met'})")
     w("")
     w("- The S3 server is s3s-fs (crates.io; a real S3 implementation that checks every "
-      "signature and keeps objects as files) on 127.0.0.1, on the same cores as the tools, "
+      "signature and keeps objects as files), served by testkit's `s3s-fs-server` with "
+      "TCP_NODELAY (s3s-fs's own binary left each small response waiting 40 ms for a "
+      "delayed ACK), on 127.0.0.1, on the same cores as the tools (its CPU counts against "
+      "every tool's wall time), "
       "behind `s3-latency-proxy` (testkit), which counts requests and, for the -20ms rows, "
       "delays each by 20 ms: a nearby region's round trip. Requests: every HTTP request of "
       "the step. Objects in repo: after the step.")

@@ -4,7 +4,6 @@ and backer-agent are started by tools.BackerServer.start.)"""
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -62,17 +61,15 @@ class S3Site:
         # Never through an HTTP proxy of the environment: all on 127.0.0.1.
         self.http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-    @staticmethod
-    def server_bin():
-        found = shutil.which("s3s-fs")
-        return Path(found) if found else Path.home() / ".cache/backer/s3s/bin/s3s-fs"
+    def server_bin(self):
+        # s3s-fs's S3 implementation, served by the workspace's testkit
+        # (with TCP_NODELAY), beside the proxy.
+        return Path(self.proxy_bin).parent / "s3s-fs-server"
 
     def missing(self):
-        if not os.access(self.server_bin(), os.X_OK):
-            return ("s3s-fs not installed (scripts/test installs it: cargo install s3s-fs "
-                    "--features binary --root ~/.cache/backer/s3s)")
-        if not os.access(self.proxy_bin, os.X_OK):
-            return f"no executable {self.proxy_bin} (cargo build --release -p backer-testkit)"
+        for b in (self.server_bin(), self.proxy_bin):
+            if not os.access(b, os.X_OK):
+                return f"no executable {b} (cargo build --release -p backer-testkit)"
 
     @property
     def endpoint(self):

@@ -86,26 +86,6 @@ impl Drop for Moto {
     }
 }
 
-/// The `s3s-fs` binary: on PATH, or where `scripts/test` installs it.
-fn s3s_fs_binary() -> PathBuf {
-    if let Some(found) = std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join("s3s-fs"))
-        .find(|p| p.is_file())
-    {
-        return found;
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let cached = home.join(".cache/backer/s3s/bin/s3s-fs");
-    assert!(
-        cached.is_file(),
-        "s3s-fs is not installed; run scripts/test (it installs it with \
-         `cargo install s3s-fs --features binary --root ~/.cache/backer/s3s`)"
-    );
-    cached
-}
-
 fn wait_listening(what: &str, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -131,14 +111,14 @@ impl S3sFs {
     pub fn start() -> S3sFs {
         let root = tempfile::tempdir().unwrap();
         let port = free_port();
-        let child = Command::new(s3s_fs_binary())
+        let child = Command::new(bin("s3s-fs-server"))
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", "testing", "--secret-key", "testing"])
             .arg(root.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("failed to start s3s-fs ({e})"));
+            .unwrap_or_else(|e| panic!("failed to start s3s-fs-server ({e})"));
         wait_listening("s3s-fs", port);
         S3sFs { child, port, root }
     }

@@ -102,6 +102,15 @@ impl Proxy {
     }
 }
 
+/// Small writes go out at once on both hops: with Nagle's algorithm a
+/// response's last segment waits for the peer's delayed ACK (40 ms on
+/// Linux), a delay no S3 service adds.
+fn upstream_connector() -> HttpConnector {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    c
+}
+
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
@@ -144,7 +153,7 @@ async fn main() {
         counts: Mutex::new(BTreeMap::new()),
         reads: Mutex::new(BTreeMap::new()),
         log: args.iter().any(|a| a == "--log"),
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        client: Client::builder(TokioExecutor::new()).build(upstream_connector()),
     });
     match listener.local_addr() {
         Ok(a) => println!("listening on {a}"),
@@ -157,6 +166,7 @@ async fn main() {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        let _ = stream.set_nodelay(true);
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
             let service = service_fn(move |req| {
