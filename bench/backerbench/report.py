@@ -262,9 +262,11 @@ def object_storage_section(results, skips):
           f"{'met' if extra <= 64 else 'NOT met'})")
     w("")
     w("- The S3 server is s3s-fs (crates.io; a real S3 implementation that checks every "
-      "signature and keeps objects as files), served by testkit's `s3s-fs-server` with "
-      "TCP_NODELAY (s3s-fs's own binary left each small response waiting 40 ms for a "
-      "delayed ACK), on 127.0.0.1, on the same cores as the tools (its CPU counts against "
+      "signature and keeps objects as files), served by testkit's `s3s-fs-server`: "
+      "s3s-fs's own handling and signature checks, with TCP_NODELAY (its binary left each "
+      "small response waiting 40 ms for a delayed ACK) and object bytes sent from the file "
+      "in 1 MiB reads (it read 4 KiB at a time through a thread pool, a core-second per "
+      "450 MB); on 127.0.0.1, on the same cores as the tools (its CPU counts against "
       "every tool's wall time), "
       "behind `s3-latency-proxy` (testkit), which counts requests and, for the -20ms rows, "
       "delays each by 20 ms: a nearby region's round trip. Requests: every HTTP request of "

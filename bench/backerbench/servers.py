@@ -63,7 +63,7 @@ class S3Site:
 
     def server_bin(self):
         # s3s-fs's S3 implementation, served by the workspace's testkit
-        # (with TCP_NODELAY), beside the proxy.
+        # (see testkit/src/bin/s3s_fs_server.rs), beside the proxy.
         return Path(self.proxy_bin).parent / "s3s-fs-server"
 
     def missing(self):
