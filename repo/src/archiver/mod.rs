@@ -30,6 +30,7 @@
 //!   of the threads, the compressors and the packer among them.
 
 use std::collections::HashSet;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -180,7 +181,14 @@ struct Shared<'a> {
 
 impl Shared<'_> {
     /// Excludes match the path as the snapshot records it.
-    fn is_excluded(&self, real: &Path, name: &[u8]) -> bool {
+    /// Whether the entry `name` of the directory at `dir` (on disk) is
+    /// excluded; its path is built only when there is a pattern to match.
+    fn is_excluded(&self, dir: &Path, name: &[u8]) -> bool {
+        if self.excluder.is_empty() {
+            return false;
+        }
+        let real = dir.join(std::ffi::OsStr::from_bytes(name));
+        let real = real.as_path();
         match real.strip_prefix(&self.root) {
             Ok(rel) if self.root != Path::new("/") => {
                 self.excluder.is_excluded(&Path::new("/").join(rel), name)

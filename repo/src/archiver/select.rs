@@ -52,8 +52,15 @@ impl Excluder {
         })
     }
 
+    /// No pattern at all: the walker then skips building the path it would
+    /// match (a glob set allocates for every candidate, even when empty).
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.paths.is_empty()
+    }
+
     pub fn is_excluded(&self, path: &Path, name: &[u8]) -> bool {
-        self.names.is_match(Path::new(std::ffi::OsStr::from_bytes(name))) || self.paths.is_match(path)
+        (!self.names.is_empty() && self.names.is_match(Path::new(std::ffi::OsStr::from_bytes(name))))
+            || (!self.paths.is_empty() && self.paths.is_match(path))
     }
 }
 

@@ -73,8 +73,9 @@ impl Walker<'_, '_> {
             .map_err(|_| Error::Interrupted("the backup stopped".into()))
     }
 
-    fn load_parent_subtree(&self, parent: Option<&Tree>, name: &[u8]) -> Option<Tree> {
-        let id = parent?.find(name)?.subtree?;
+    /// The parent snapshot's listing of a directory, when it had one.
+    fn load_parent_subtree(&self, old: Option<&Node>) -> Option<Tree> {
+        let id = old?.subtree?;
         match self.shared.store.load_tree(&id) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -108,7 +109,7 @@ impl Walker<'_, '_> {
         parent: Option<&Tree>,
     ) -> Result<()> {
         match sel {
-            Selection::All => self.walk_dir(dir, dir_path, parent),
+            Selection::All => self.walk_dir(dir, dir_path, parent.cloned()),
             Selection::Some(children) => {
                 for (name, child_sel) in children {
                     let path = dir_path.join(std::ffi::OsStr::from_bytes(name));
@@ -125,8 +126,9 @@ impl Walker<'_, '_> {
                     // control), a symlink on the way to a chosen path
                     // could lead anywhere on the node: never follow one.
                     let follow = self.shared.root == Path::new("/");
+                    let old = parent.and_then(|p| p.find(name));
                     match child_sel {
-                        Selection::All => self.entry(dir, &path, name.clone(), st, parent)?,
+                        Selection::All => self.entry(dir, dir_path, name.clone(), st, old.cloned())?,
                         Selection::Some(_) if !is_dir && !follow => {
                             self.shared.report(format!(
                                 "refused {}: a symlink or a file on the way to a chosen path",
@@ -146,7 +148,7 @@ impl Walker<'_, '_> {
                                 }
                             };
                             let node = fsmeta::node_from_stat(name.clone(), &st);
-                            let subtree = self.load_parent_subtree(parent, name);
+                            let subtree = self.load_parent_subtree(old);
                             self.send(Item::EnterDir(node))?;
                             self.depth += 1;
                             let walked = self.walk_selection(&sub, &path, child_sel, subtree.as_ref());
@@ -161,7 +163,7 @@ impl Walker<'_, '_> {
         }
     }
 
-    fn walk_dir(&mut self, dir: &Arc<OwnedFd>, dir_path: &Path, parent: Option<&Tree>) -> Result<()> {
+    fn walk_dir(&mut self, dir: &Arc<OwnedFd>, dir_path: &Path, parent: Option<Tree>) -> Result<()> {
         let mut names: Vec<Vec<u8>> = Vec::new();
         // A duplicate, not `Dir::read_from`: that opens "." and so needs
         // search permission, which a listable directory may lack.
@@ -194,50 +196,64 @@ impl Walker<'_, '_> {
             }
         }
         names.sort();
+        // The parent's listing is in name order too: each entry's old self
+        // is found by moving forward, and taken, not copied.
+        let mut old_nodes = parent.map(|t| t.nodes).unwrap_or_default().into_iter().peekable();
         for name in names {
             if self.shared.aborted() {
                 return Err(Error::Interrupted("the backup stopped".into()));
             }
-            let path = dir_path.join(std::ffi::OsStr::from_bytes(&name));
-            if self.shared.is_excluded(&path, &name) {
+            while old_nodes.next_if(|o| o.name < name).is_some() {}
+            let old = old_nodes.next_if(|o| o.name == name);
+            if self.shared.is_excluded(dir_path, &name) {
                 continue;
             }
             match rustix::fs::statat(&**dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => self.entry(dir, &path, name, st, parent)?,
-                Err(e) => self
-                    .shared
-                    .report(format!("failed to read {}: {}", path.display(), os_error(e))),
+                Ok(st) => self.entry(dir, dir_path, name, st, old)?,
+                Err(e) => self.shared.report(format!(
+                    "failed to read {}: {}",
+                    child(dir_path, &name).display(),
+                    os_error(e)
+                )),
             }
         }
         Ok(())
     }
 
-    /// Records the entry `name` of `dir` (found with `st`), and walks it
-    /// when it is a directory.
+    /// Records the entry `name` of `dir` (found with `st`; `old` is what the
+    /// parent snapshot recorded under that name), and walks it when it is a
+    /// directory. Its path is made only where it is needed: not for an
+    /// unchanged file.
     fn entry(
         &mut self,
         dir: &Arc<OwnedFd>,
-        path: &Path,
+        dir_path: &Path,
         name: Vec<u8>,
         st: Stat,
-        parent: Option<&Tree>,
+        mut old: Option<Node>,
     ) -> Result<()> {
         let mut node = fsmeta::node_from_stat(name, &st);
-        let old = parent.and_then(|p| p.find(&node.name));
-        match old.filter(|o| self.shared.parent_whole && same_inode_state(o, &node)) {
+        match old
+            .as_mut()
+            .filter(|o| self.shared.parent_whole && same_inode_state(o, &node))
+        {
             // Reading them costs a path lookup per entry: a fifth of an
             // unchanged re-run of a million small files.
-            Some(o) => node.xattrs = o.xattrs.clone(),
-            None => match fsmeta::read_xattrs_at(dir.as_fd(), &node.name, path) {
-                Ok(x) => node.xattrs = x,
-                Err(e) => self.shared.report(format!(
-                    "failed to read extended attributes of {}: {e}",
-                    path.display()
-                )),
-            },
+            Some(o) => node.xattrs = std::mem::take(&mut o.xattrs),
+            None => {
+                let path = child(dir_path, &node.name);
+                match fsmeta::read_xattrs_at(dir.as_fd(), &node.name, &path) {
+                    Ok(x) => node.xattrs = x,
+                    Err(e) => self.shared.report(format!(
+                        "failed to read extended attributes of {}: {e}",
+                        path.display()
+                    )),
+                }
+            }
         }
         match node.kind {
             NodeKind::Dir => {
+                let path = &child(dir_path, &node.name);
                 if self.depth >= fsmeta::MAX_DEPTH {
                     self.shared.report(format!(
                         "refused {}: deeper than {} directory levels",
@@ -271,19 +287,19 @@ impl Walker<'_, '_> {
                     node = fsmeta::node_from_stat(std::mem::take(&mut node.name), &now);
                     node.xattrs = xattrs;
                 }
-                let subtree = self.load_parent_subtree(parent, &node.name);
+                let subtree = self.load_parent_subtree(old.as_ref());
                 self.send(Item::EnterDir(node))?;
                 self.depth += 1;
-                let walked = self.walk_dir(&Arc::new(sub), path, subtree.as_ref());
+                let walked = self.walk_dir(&Arc::new(sub), path, subtree);
                 self.depth -= 1;
                 walked?;
                 self.send(Item::ExitDir)
             }
             NodeKind::File => {
                 if let Some(old) = old
-                    && self.unchanged(old, &node)
+                    && self.unchanged(&old, &node)
                 {
-                    node.content = old.content.clone();
+                    node.content = old.content;
                     self.shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
                     self.shared
                         .progress
@@ -295,7 +311,7 @@ impl Walker<'_, '_> {
                 let job = FileJob {
                     dir: Arc::clone(dir),
                     name: node.name.clone(),
-                    path: path.to_path_buf(),
+                    path: child(dir_path, &node.name),
                     dev: node.dev,
                     ino: node.inode,
                     size: node.size,
@@ -313,8 +329,11 @@ impl Walker<'_, '_> {
                     self.send(Item::Leaf(node))
                 }
                 Err(e) => {
-                    self.shared
-                        .report(format!("failed to read link {}: {}", path.display(), os_error(e)));
+                    self.shared.report(format!(
+                        "failed to read link {}: {}",
+                        child(dir_path, &node.name).display(),
+                        os_error(e)
+                    ));
                     Ok(())
                 }
             },
@@ -330,6 +349,11 @@ impl Walker<'_, '_> {
                 Extent::Hole { .. } => true,
             })
     }
+}
+
+/// The path of the entry `name` of the directory at `dir_path`.
+fn child(dir_path: &Path, name: &[u8]) -> std::path::PathBuf {
+    dir_path.join(std::ffi::OsStr::from_bytes(name))
 }
 
 /// Whether `new` is `old` as the parent snapshot saw it: same kind, inode,
@@ -370,9 +394,8 @@ fn scan_path(shared: &Shared<'_>, path: &Path) {
         if md.is_dir() {
             if let Ok(rd) = std::fs::read_dir(&p) {
                 for e in rd.flatten() {
-                    let child = e.path();
-                    if !shared.is_excluded(&child, e.file_name().as_bytes()) {
-                        stack.push(child);
+                    if !shared.is_excluded(&p, e.file_name().as_bytes()) {
+                        stack.push(e.path());
                     }
                 }
             }
