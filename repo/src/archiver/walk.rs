@@ -128,7 +128,10 @@ impl Walker<'_, '_> {
                     let follow = self.shared.root == Path::new("/");
                     let old = parent.and_then(|p| p.find(name));
                     match child_sel {
-                        Selection::All => self.entry(dir, dir_path, name.clone(), st, old.cloned())?,
+                        Selection::All => {
+                            let old = old.map(|o| (o.clone(), self.chunks_stored(o)));
+                            self.entry(dir, dir_path, name.clone(), st, old)?
+                        }
                         Selection::Some(_) if !is_dir && !follow => {
                             self.shared.report(format!(
                                 "refused {}: a symlink or a file on the way to a chosen path",
@@ -197,14 +200,26 @@ impl Walker<'_, '_> {
         }
         names.sort();
         // The parent's listing is in name order too: each entry's old self
-        // is found by moving forward, and taken, not copied.
-        let mut old_nodes = parent.map(|t| t.nodes).unwrap_or_default().into_iter().peekable();
+        // is found by moving forward, and taken, not copied. Whether its
+        // chunks are still stored is asked for the whole listing first:
+        // independent index look-ups overlap their cache misses, where one
+        // per entry, between two system calls, waits for each.
+        let old_nodes: Vec<(Node, bool)> = parent
+            .map(|t| t.nodes)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| {
+                let stored = self.chunks_stored(&n);
+                (n, stored)
+            })
+            .collect();
+        let mut old_nodes = old_nodes.into_iter().peekable();
         for name in names {
             if self.shared.aborted() {
                 return Err(Error::Interrupted("the backup stopped".into()));
             }
-            while old_nodes.next_if(|o| o.name < name).is_some() {}
-            let old = old_nodes.next_if(|o| o.name == name);
+            while old_nodes.next_if(|(o, _)| o.name < name).is_some() {}
+            let old = old_nodes.next_if(|(o, _)| o.name == name);
             if self.shared.is_excluded(dir_path, &name) {
                 continue;
             }
@@ -221,17 +236,21 @@ impl Walker<'_, '_> {
     }
 
     /// Records the entry `name` of `dir` (found with `st`; `old` is what the
-    /// parent snapshot recorded under that name), and walks it when it is a
-    /// directory. Its path is made only where it is needed: not for an
-    /// unchanged file.
+    /// parent snapshot recorded under that name, and whether its chunks are
+    /// all still stored), and walks it when it is a directory. Its path is
+    /// made only where it is needed: not for an unchanged file.
     fn entry(
         &mut self,
         dir: &Arc<OwnedFd>,
         dir_path: &Path,
         name: Vec<u8>,
         st: Stat,
-        mut old: Option<Node>,
+        old: Option<(Node, bool)>,
     ) -> Result<()> {
+        let (mut old, stored) = match old {
+            Some((o, stored)) => (Some(o), stored),
+            None => (None, false),
+        };
         let mut node = fsmeta::node_from_stat(name, &st);
         match old
             .as_mut()
@@ -297,7 +316,8 @@ impl Walker<'_, '_> {
             }
             NodeKind::File => {
                 if let Some(old) = old
-                    && self.unchanged(&old, &node)
+                    && stored
+                    && same_inode_state(&old, &node)
                 {
                     node.content = old.content;
                     self.shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
@@ -341,9 +361,10 @@ impl Walker<'_, '_> {
         }
     }
 
-    fn unchanged(&self, old: &Node, new: &Node) -> bool {
+    /// Whether `old` is a file whose chunks may all be reused: with the same
+    /// inode state ([`same_inode_state`]) it is not read again.
+    fn chunks_stored(&self, old: &Node) -> bool {
         old.kind == NodeKind::File
-            && same_inode_state(old, new)
             && old.content.iter().all(|e| match e {
                 Extent::Data { id, .. } => self.shared.store.parent_chunk_stored(id),
                 Extent::Hole { .. } => true,
