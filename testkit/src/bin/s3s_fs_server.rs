@@ -13,8 +13,8 @@
 //!   cores as the client measured. Status, headers and the signature check
 //!   are s3s-fs's own; only the bytes of a successful GET come from here.
 
-use std::os::unix::fs::FileExt;
-use std::path::{Component, Path, PathBuf};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use http_body_util::StreamBody;
@@ -47,11 +47,12 @@ fn object_file(root: &Path, req: &Request<Incoming>) -> Option<PathBuf> {
         return None;
     }
     let decoded = percent_decode(req.uri().path().strip_prefix('/')?)?;
-    let rel = Path::new(&decoded);
-    if rel.components().count() < 2 || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+    // Plain segments only: s3s-fs would read `a//b` or `a/./b` elsewhere.
+    let segments: Vec<&str> = decoded.split('/').collect();
+    if segments.len() < 2 || segments.iter().any(|s| s.is_empty() || *s == "." || *s == "..") {
         return None;
     }
-    Some(root.join(rel))
+    Some(root.join(decoded))
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -60,8 +61,10 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = b
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(b[i]);
@@ -71,9 +74,10 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// The byte range a successful GET's response carries: from its
-/// `Content-Range` (206) or the whole `Content-Length` (200).
-fn body_range(resp: &hyper::Response<s3s::Body>) -> Option<(u64, u64)> {
+/// The byte range a successful GET's response carries, and the size of the
+/// object it is from: from its `Content-Range` (206) or the whole
+/// `Content-Length` (200).
+fn body_range(resp: &hyper::Response<s3s::Body>) -> Option<(u64, u64, u64)> {
     let len: u64 = resp
         .headers()
         .get(header::CONTENT_LENGTH)?
@@ -82,11 +86,12 @@ fn body_range(resp: &hyper::Response<s3s::Body>) -> Option<(u64, u64)> {
         .parse()
         .ok()?;
     match resp.status() {
-        StatusCode::OK => Some((0, len)),
+        StatusCode::OK => Some((0, len, len)),
         StatusCode::PARTIAL_CONTENT => {
             let range = resp.headers().get(header::CONTENT_RANGE)?.to_str().ok()?;
-            let start: u64 = range.strip_prefix("bytes ")?.split('-').next()?.parse().ok()?;
-            Some((start, len))
+            let (span, total) = range.strip_prefix("bytes ")?.split_once('/')?;
+            let start: u64 = span.split('-').next()?.parse().ok()?;
+            Some((start, len, total.parse().ok()?))
         }
         _ => None,
     }
@@ -121,11 +126,15 @@ async fn serve(
     root: Arc<PathBuf>,
     req: Request<Incoming>,
 ) -> Result<hyper::Response<s3s::Body>, s3s::HttpError> {
-    let file = object_file(&root, &req);
+    // Opened first: an object replaced while s3s-fs answers (a new file
+    // renamed over it) is then seen as another file, and left to s3s-fs.
+    let file = object_file(&root, &req).and_then(|p| Some((std::fs::File::open(&p).ok()?, p)));
     let mut resp = s3.call(req.map(s3s::Body::from)).await?;
-    if let (Some(path), Some((start, len))) = (file, body_range(&resp))
-        && let Ok(f) = std::fs::File::open(&path)
-        && f.metadata().is_ok_and(|m| m.len() >= start + len)
+    if let (Some((f, path)), Some((start, len, total))) = (file, body_range(&resp))
+        && let (Ok(opened), Ok(now)) = (f.metadata(), std::fs::metadata(&path))
+        && (opened.dev(), opened.ino()) == (now.dev(), now.ino())
+        && opened.len() == total
+        && start + len <= total
     {
         *resp.body_mut() = file_body(f, start, len);
     }
