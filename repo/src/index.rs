@@ -1,7 +1,7 @@
 //! The index: which pack holds each blob. Index files list packs and their
 //! blobs; they are written after the packs they name and before any snapshot
-//! that uses them. In memory the index is one hash map from blob id to a
-//! compact location.
+//! that uses them. In memory it is one sorted table from blob id to a
+//! compact location (see [`Index`]).
 
 use std::collections::HashMap;
 
@@ -44,9 +44,10 @@ pub struct Location {
 }
 
 /// The in-memory index: one vector sorted by id, found through a table of
-/// buckets on the id's first bits and a short binary search: 56 bytes a
-/// blob, where a hash map needs over 100 once its load factor is counted.
-/// There are about as many buckets as blobs (at least 65,536), so a look-up
+/// buckets on the id's first bits and a short binary search: 52 bytes a
+/// blob and 4 to 8 for its share of the table, where a hash map needs over
+/// 100 once its load factor is counted. There are one to two buckets a blob
+/// (at least 65,536, at most 2^26), so a look-up
 /// touches the table and then, mostly, one entry: an unchanged re-run looks
 /// up every chunk of every file, and a binary search over a crowded bucket
 /// was a tenth of it in cache misses on a million files. Built once from the

@@ -180,9 +180,9 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
-    /// Excludes match the path as the snapshot records it.
     /// Whether the entry `name` of the directory at `dir` (on disk) is
-    /// excluded; its path is built only when there is a pattern to match.
+    /// excluded. Patterns match the path as the snapshot records it, built
+    /// only when there is a pattern to match.
     fn is_excluded(&self, dir: &Path, name: &[u8]) -> bool {
         if self.excluder.is_empty() {
             return false;
