@@ -6,13 +6,15 @@
 use std::path::Path;
 
 use backer_repo::Repository;
-use backer_repo::crypto::KdfParams;
 use backer_repo::pack::BlobType;
 use backer_repo::packer::store_blobs;
 use backer_repo::restorer::{RestoreOptions, RestoreProgress, restore};
-use backer_repo::snapshot::{Snapshot, Summary};
+use backer_repo::snapshot::Snapshot;
 use backer_repo::tree::{Node, NodeKind, Time, Tree};
 use backer_repo::{Backend, id::BlobId};
+
+mod common;
+use common::{cheap, snapshot_of_tree};
 
 fn node(name: &[u8], kind: NodeKind) -> Node {
     Node {
@@ -39,14 +41,6 @@ fn node(name: &[u8], kind: NodeKind) -> Node {
     }
 }
 
-fn cheap() -> KdfParams {
-    KdfParams {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    }
-}
-
 fn encode(t: &Tree) -> Vec<u8> {
     postcard::to_stdvec(t).unwrap()
 }
@@ -55,20 +49,7 @@ async fn snapshot_of(repo: &mut Repository, root_nodes: Vec<Node>) -> Snapshot {
     let ids = store_blobs(repo, vec![(BlobType::Tree, encode(&Tree { nodes: root_nodes }))])
         .await
         .unwrap();
-    Snapshot {
-        time: chrono::Utc::now(),
-        hostname: "h".into(),
-        username: "u".into(),
-        paths: vec!["/".into()],
-        tags: vec![],
-        excludes: vec![],
-        parent: None,
-        tree: ids[0],
-        summary: Summary::default(),
-        partial: false,
-        errors: vec![],
-        program_version: "test".into(),
-    }
+    snapshot_of_tree(ids[0])
 }
 
 async fn subtree(repo: &mut Repository, nodes: Vec<Node>) -> BlobId {

@@ -5,17 +5,24 @@
 
 use std::time::Duration;
 
-use backer_repo::crypto::KdfParams;
+use backer_repo::backend::faults::{Fault, FaultPlan};
 use backer_repo::error::Error;
+use backer_repo::id::BlobId;
 use backer_repo::lock::{Lock, Timing, list_locks, unlock};
 use backer_repo::{Backend, Repository};
 
-fn cheap() -> KdfParams {
-    KdfParams {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    }
+mod common;
+use common::{cheap, snapshot_of_tree};
+
+/// `clean`'s repository opened again through a store where every call on
+/// an object whose name contains `only` takes `slow` longer.
+async fn slowed(clean: &Backend, only: &str, slow: Duration, seed: u64) -> Repository {
+    let mut plan = FaultPlan::new(seed, 1.0);
+    plan.only = only.into();
+    plan.kinds = vec![Fault::Slow];
+    plan.slow = slow;
+    let (slow, _) = clean.with_faults(plan, Duration::from_secs(60));
+    Repository::open(slow, b"pw").await.unwrap()
 }
 
 fn short() -> Timing {
@@ -142,38 +149,16 @@ async fn unlock_removes_stale_and_removed_lock_stops_its_holder() {
 /// snapshot it wrote is taken back, and it hears its lock expired.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_written_while_the_lock_expired_is_taken_back() {
-    use backer_repo::backend::faults::{Fault, FaultPlan};
-    use backer_repo::id::BlobId;
-    use backer_repo::snapshot::{Snapshot, Summary};
-
     let clean = Backend::in_memory();
     Repository::init(clean.clone(), b"pw", cheap()).await.unwrap();
     // Every call on a snapshot takes longer than the lock stays valid.
-    let mut plan = FaultPlan::new(1, 1.0);
-    plan.only = "snapshots/".into();
-    plan.kinds = vec![Fault::Slow];
-    plan.slow = Duration::from_millis(2500);
-    let (slow, _) = clean.with_faults(plan, Duration::from_secs(60));
-    let repo = Repository::open(slow, b"pw").await.unwrap();
+    let repo = slowed(&clean, "snapshots/", Duration::from_millis(2500), 1).await;
     let mut lock = Lock::acquire_with(&repo, false, "backup", Duration::ZERO, short())
         .await
         .unwrap();
     // Paused: no refresh while the write is under way.
     lock.stop_refreshing_for_tests();
-    let snap = Snapshot {
-        time: chrono::Utc::now(),
-        hostname: "h".into(),
-        username: "u".into(),
-        paths: vec!["/".into()],
-        tags: vec![],
-        excludes: vec![],
-        parent: None,
-        tree: BlobId([0; 32]),
-        summary: Summary::default(),
-        partial: false,
-        errors: vec![],
-        program_version: "test".into(),
-    };
+    let snap = snapshot_of_tree(BlobId([0; 32]));
     let err = repo.save_snapshot(&snap, &lock).await.unwrap_err();
     assert!(matches!(err, Error::LockExpired(_)), "{err}");
     let clean = Repository::open(clean, b"pw").await.unwrap();
@@ -185,17 +170,10 @@ async fn a_snapshot_written_while_the_lock_expired_is_taken_back() {
 /// may have judged the lock stale in between: the lock has expired.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refresh_that_lands_late_does_not_make_the_lock_fresh() {
-    use backer_repo::backend::faults::{Fault, FaultPlan};
-
     let clean = Backend::in_memory();
     Repository::init(clean.clone(), b"pw", cheap()).await.unwrap();
     // Every read and write of a lock takes 3 s.
-    let mut plan = FaultPlan::new(2, 1.0);
-    plan.only = "locks/".into();
-    plan.kinds = vec![Fault::Slow];
-    plan.slow = Duration::from_secs(3);
-    let (slow, _) = clean.with_faults(plan, Duration::from_secs(60));
-    let repo = Repository::open(slow, b"pw").await.unwrap();
+    let repo = slowed(&clean, "locks/", Duration::from_secs(3), 2).await;
     let timing = Timing {
         refresh: Duration::from_millis(100),
         valid: Duration::from_secs(4),
