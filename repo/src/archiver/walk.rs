@@ -300,11 +300,22 @@ impl Walker<'_, '_> {
                     }
                 };
                 // The directory's metadata from what was opened, so that it
-                // matches the content even if another took its name meanwhile.
+                // matches the content even if another took its name meanwhile
+                // (then its xattrs are read again, from what was opened).
                 if let Ok(now) = rustix::fs::fstat(&sub) {
-                    let xattrs = std::mem::take(&mut node.xattrs);
-                    node = fsmeta::node_from_stat(std::mem::take(&mut node.name), &now);
-                    node.xattrs = xattrs;
+                    let mut opened = fsmeta::node_from_stat(std::mem::take(&mut node.name), &now);
+                    opened.xattrs = if same_inode_state(&node, &opened) {
+                        std::mem::take(&mut node.xattrs)
+                    } else {
+                        fsmeta::read_xattrs_at(sub.as_fd(), b".", path).unwrap_or_else(|e| {
+                            self.shared.report(format!(
+                                "failed to read extended attributes of {}: {e}",
+                                path.display()
+                            ));
+                            Vec::new()
+                        })
+                    };
+                    node = opened;
                 }
                 let subtree = self.load_parent_subtree(old.as_ref());
                 self.send(Item::EnterDir(node))?;
