@@ -65,6 +65,14 @@ pub struct Index {
     shift: u32,
 }
 
+/// The first 64 bits of an id, read big-endian: ids sort by their bytes, so
+/// first by this.
+fn id_prefix(id: &BlobId) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&id.0[..8]);
+    u64::from_be_bytes(first)
+}
+
 /// Bucket bits: at least 16, about log2 of the blob count, at most 26.
 fn bucket_bits(blobs: usize) -> u32 {
     (usize::BITS - blobs.leading_zeros()).clamp(16, 26)
@@ -92,8 +100,17 @@ impl Index {
         }
     }
 
+    /// Sorts what was loaded and builds the bucket table.
     pub fn finish_loading(&mut self) {
-        self.rebuild();
+        // Ids compared by their first 64 bits first, as one integer: a
+        // `memcmp` call per comparison made this sort a third of the start
+        // of an unchanged re-run of a million files. Stable, so the first
+        // entry of a blob stored twice is the one kept.
+        self.sorted
+            .sort_by(|a, b| id_prefix(&a.0).cmp(&id_prefix(&b.0)).then_with(|| a.0.cmp(&b.0)));
+        self.sorted.dedup_by(|b, a| a.0 == b.0);
+        self.sorted.shrink_to_fit();
+        self.count_buckets();
     }
 
     fn pack_slot(&mut self, pack: &IndexedPack) -> u32 {
@@ -108,11 +125,9 @@ impl Index {
         }
     }
 
-    fn rebuild(&mut self) {
-        // Stable sort keeps the first entry of a blob stored twice.
-        self.sorted.sort_by_key(|e| e.0);
-        self.sorted.dedup_by(|b, a| a.0 == b.0);
-        self.sorted.shrink_to_fit();
+    /// Sizes the bucket table for the entries held and counts them into
+    /// it: `buckets[b]` becomes where bucket `b` starts in sorted order.
+    fn count_buckets(&mut self) {
         let bits = bucket_bits(self.sorted.len());
         self.shift = 64 - bits;
         let n = 1usize << bits;
@@ -126,12 +141,9 @@ impl Index {
         }
     }
 
-    /// The bucket of `id`: its first bits. Ids sort by their bytes, so by
-    /// their first 64 bits read big-endian first.
+    /// The bucket of `id`: its first bits.
     fn bucket(&self, id: &BlobId) -> usize {
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&id.0[..8]);
-        (u64::from_be_bytes(first) >> self.shift) as usize
+        (id_prefix(id) >> self.shift) as usize
     }
 
     fn find(&self, id: &BlobId) -> Option<&Slot> {
@@ -243,6 +255,8 @@ mod tests {
         assert_eq!(idx.get(&entry(299_999).id).unwrap().pack, PackId([3; 32]));
         assert_eq!(idx.get(&entry(123_456).id).unwrap().entry, entry(123_456));
         assert_eq!(idx.blobs().count(), 300_000);
+        let ids: Vec<BlobId> = idx.blobs().map(|l| l.entry.id).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order, each once");
         assert_eq!(idx.packs().count(), 3);
         // A table of 2^19 buckets for 300,000 blobs: each one found, and an
         // id sharing a blob's bucket and first bytes is not taken for it.
