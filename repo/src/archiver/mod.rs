@@ -63,7 +63,7 @@ use dedup::{ASKING_BYTES, Budget, NEGOTIATE_BATCH, negotiate};
 use read::{Batch, FileJob, NewChunk, pass_on, read_file};
 pub use select::Excluder;
 use select::{Selection, build_selection, normalize, on_disk};
-use walk::{ITEM_BATCH, Item, Walker, scan_totals};
+use walk::{ITEM_BATCH, Item, Walker, scan_totals, stat_helper};
 
 /// How many errors a snapshot records by name (all are counted).
 const MAX_RECORDED_ERRORS: usize = 100;
@@ -456,6 +456,18 @@ fn run_pipeline(
         } else {
             shared.progress.scan_done.store(true, Ordering::Relaxed);
         }
+        // Without the helper (one core, or no thread to be had) the walker
+        // states every entry itself.
+        let stat_helper = (threads > 1)
+            .then(|| {
+                let (work_tx, work_rx) = bounded(1);
+                std::thread::Builder::new()
+                    .name("stat".into())
+                    .spawn_scoped(s, move || stat_helper(work_rx))
+                    .ok()
+                    .map(|_| work_tx)
+            })
+            .flatten();
         let walker = std::thread::Builder::new()
             .name("walker".into())
             .stack_size(fsmeta::WALK_STACK) // deep trees recurse
@@ -466,6 +478,7 @@ fn run_pipeline(
                     batch: Vec::with_capacity(ITEM_BATCH),
                     jobs: job_tx,
                     depth: 0,
+                    stat_helper,
                 };
                 w.walk_root(selection, parent_root.as_ref())
             });
