@@ -109,8 +109,10 @@ async fn listing(repo: &Repository, snap: &Snapshot, path: &[&str]) -> Vec<(Stri
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rerun_of_large_listings_stated_on_two_threads_sees_every_change() {
     // Listings long enough to be stated in windows, each in two parts on
-    // two threads, with directories in both parts (walked while the other
-    // part's answer waits) and excluded names among them.
+    // two threads; windows ending at directories, listed ahead by the stat
+    // helper (one holding only files, one holding another directory); a
+    // chain deeper than anything is listed ahead for; excluded names at
+    // each level.
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let dir = tmp.path().join("data");
     let big = dir.join("big");
@@ -126,13 +128,23 @@ async fn a_rerun_of_large_listings_stated_on_two_threads_sees_every_change() {
             expected.insert(name, content.len() as u64);
         }
     }
-    for sub in ["f0100d", "f1000d"] {
-        std::fs::create_dir(big.join(sub)).unwrap();
+    for sub in ["f0100d", "f1000d", "f2000d/inner"] {
+        std::fs::create_dir_all(big.join(sub)).unwrap();
         for j in 0..50 {
             std::fs::write(big.join(sub).join(format!("s{j:02}")), b"sub").unwrap();
         }
+        std::fs::write(big.join(sub).join("x.skip"), b"excluded").unwrap();
+    }
+    for sub in ["f0100d", "f1000d", "f2000d"] {
         expected.insert(sub.to_string(), 0);
     }
+    let mut deep = big.join("f2500d");
+    for _ in 0..70 {
+        deep.push("l");
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(deep.join("leaf"), b"v1").unwrap();
+    expected.insert("f2500d".into(), 0);
     let opts = || BackupOptions {
         root: dir.clone(),
         paths: vec![PathBuf::from("/")],
@@ -140,11 +152,12 @@ async fn a_rerun_of_large_listings_stated_on_two_threads_sees_every_change() {
         threads: 2,
         ..Default::default()
     };
+    let files = 2969 + 150 + 1;
     let (repo, lock) = fresh_repo().await;
     let first = backup(&repo, &lock, opts(), Arc::new(Progress::default()))
         .await
         .unwrap();
-    assert_eq!(first.snapshot.summary.files, 2969 + 100);
+    assert_eq!(first.snapshot.summary.files, files);
     let repo = repo.refreshed().await.unwrap();
     let listed: std::collections::BTreeMap<_, _> = listing(&repo, &first.snapshot, &["big"])
         .await
@@ -154,16 +167,18 @@ async fn a_rerun_of_large_listings_stated_on_two_threads_sees_every_change() {
 
     std::thread::sleep(Duration::from_millis(50));
     for (name, content) in [
-        ("f0005", "v2, first part of the first window"),
-        ("f0800", "v2, second part of the first window"),
-        ("f2500", "v2, the third window"),
+        ("f0005", "v2, in the window that ends at the first directory"),
+        ("f0800", "v2, in the window that ends at the second"),
+        ("f2999", "v2, in the last window"),
         ("f1500a", "new"),
     ] {
         std::fs::write(big.join(name), content).unwrap();
         expected.insert(name.into(), content.len() as u64);
     }
-    let changed_below = "v2, in a directory of the second part";
+    let changed_below = "v2, in a directory listed ahead";
     std::fs::write(big.join("f1000d/s10"), changed_below).unwrap();
+    std::fs::write(big.join("f2000d/inner/s20"), "v2, two levels down").unwrap();
+    std::fs::write(deep.join("leaf"), b"v2, below the depth of listing ahead").unwrap();
     std::fs::remove_file(big.join("f1500")).unwrap();
     expected.remove("f1500");
 
@@ -174,16 +189,26 @@ async fn a_rerun_of_large_listings_stated_on_two_threads_sees_every_change() {
     assert_eq!(second.snapshot.parent, Some(first.id));
     assert_eq!(second.snapshot.summary.errors, 0);
     assert_eq!(
-        second.snapshot.summary.files_read, 5,
-        "the four changed files and the new one are read, nothing else"
+        second.snapshot.summary.files_read, 7,
+        "the six changed files and the new one are read, nothing else"
     );
-    assert_eq!(second.snapshot.summary.files, 2969 + 100);
+    assert_eq!(second.snapshot.summary.files, files);
     let listed: std::collections::BTreeMap<_, _> = listing(&repo, &second.snapshot, &["big"])
         .await
         .into_iter()
         .collect();
     assert_eq!(listed, expected);
     let sub = listing(&repo, &second.snapshot, &["big", "f1000d"]).await;
+    assert_eq!(sub.len(), 50, "without the excluded name");
     assert_eq!(sub[10], ("s10".into(), changed_below.len() as u64));
     assert_eq!(sub[11], ("s11".into(), 3));
+    let inner = listing(&repo, &second.snapshot, &["big", "f2000d", "inner"]).await;
+    assert_eq!(inner.len(), 50);
+    assert_eq!(inner[20].1, "v2, two levels down".len() as u64);
+    let mut path = vec!["big", "f2500d"];
+    path.extend(std::iter::repeat_n("l", 70));
+    assert_eq!(
+        listing(&repo, &second.snapshot, &path).await,
+        vec![("leaf".to_string(), 36)]
+    );
 }

@@ -457,13 +457,13 @@ fn run_pipeline(
             shared.progress.scan_done.store(true, Ordering::Relaxed);
         }
         // Without the helper (one core, or no thread to be had) the walker
-        // states every entry itself.
+        // lists every directory and states every entry itself.
         let stat_helper = (threads > 1)
             .then(|| {
                 let (work_tx, work_rx) = bounded(1);
                 std::thread::Builder::new()
                     .name("stat".into())
-                    .spawn_scoped(s, move || stat_helper(work_rx))
+                    .spawn_scoped(s, move || stat_helper(shared, work_rx))
                     .ok()
                     .map(|_| work_tx)
             })

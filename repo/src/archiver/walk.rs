@@ -22,33 +22,117 @@ use crate::tree::{Extent, Node, NodeKind, Tree};
 /// Entries per message from the walker to the assembler.
 pub(super) const ITEM_BATCH: usize = 256;
 
-/// Listings at least this long are stated in two parts, one on the stat
+/// Windows at least this long are stated in two parts, one on the stat
 /// helper: below it the hand-off costs about what it saves.
 const SPLIT_MIN: usize = 32;
 
 /// Names stated ahead of their handling at most: a huge directory costs a
-/// bounded amount of memory, and so does each level of a deep walk, which
-/// may hold the helper's part of its window while it walks a subdirectory.
+/// bounded amount of memory. A window also ends at a directory, so that
+/// no stat waits through a subdirectory's walk (a file gone meanwhile
+/// would be an error, not an absence).
 const STAT_WINDOW: usize = 1024;
+
+/// From this many levels down, nothing is listed ahead: a deep tree holds
+/// at most this many listings made ahead of the walker.
+const AHEAD_DEPTH: usize = 64;
 
 /// A listing's names, each with what `statat` said of it.
 type Stated = Vec<(Vec<u8>, rustix::io::Result<Stat>)>;
 
-/// Names of `dir` for the stat helper to state, and where to send them back.
-pub(super) struct StatWork {
-    dir: Arc<OwnedFd>,
-    names: Vec<Vec<u8>>,
-    reply: Sender<Stated>,
+/// Names, each with whether the listing said it is a directory (or did not
+/// say what it is).
+type Names = std::vec::IntoIter<(Vec<u8>, bool)>;
+
+/// What the walker asks of the stat helper; each answer comes on its own
+/// channel, so a directory walked while one is awaited cannot take it.
+pub(super) enum Work {
+    /// State these names of `dir`.
+    Stat {
+        dir: Arc<OwnedFd>,
+        names: Vec<Vec<u8>>,
+        reply: Sender<Stated>,
+    },
+    /// Open the directory `name` of `dir` (at `path`), list it and state
+    /// its first window: done while the walker handles what comes before.
+    List {
+        dir: Arc<OwnedFd>,
+        name: Vec<u8>,
+        path: std::path::PathBuf,
+        reply: Sender<Opened>,
+    },
 }
 
-/// The stat helper's thread: states what it is sent, in order, until the
-/// walker ends. An unchanged re-run is mostly the kernel's path look-ups of
-/// `fstatat`, which two threads do at once in one directory (measured: a
-/// million small files, see docs/BENCH-NOTES.md).
-pub(super) fn stat_helper(work: Receiver<StatWork>) {
+/// A directory of the listing being walked, by name, that the stat helper
+/// was asked to list ahead.
+type Ahead = (Vec<u8>, Receiver<Opened>);
+
+/// A directory opened and listed ahead of the walker.
+pub(super) struct Opened {
+    /// The open's error is the walker's to report.
+    fd: rustix::io::Result<OwnedFd>,
+    /// The opened directory's own state.
+    stat: Option<Stat>,
+    listing: Listing,
+}
+
+/// A directory's names in order, excluded ones left out.
+struct Listing {
+    /// The first window, stated (when listed ahead).
+    stated: Stated,
+    /// The names after it.
+    rest: Names,
+    /// What cut the listing short, or kept it from being made.
+    failed: Option<rustix::io::Errno>,
+}
+
+impl Listing {
+    fn empty(failed: Option<rustix::io::Errno>) -> Self {
+        Listing {
+            stated: Vec::new(),
+            rest: Vec::new().into_iter(),
+            failed,
+        }
+    }
+
+    /// No directory in it and no more than a window: walked at once.
+    fn is_leaf(&self) -> bool {
+        self.rest.len() == 0 && !self.stated.iter().any(|(_, st)| is_dir(st))
+    }
+}
+
+fn is_dir(st: &rustix::io::Result<Stat>) -> bool {
+    st.as_ref()
+        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+}
+
+/// The stat helper's thread: does what it is sent, in order, until the
+/// walker ends. An unchanged re-run is mostly the kernel's path look-ups
+/// of `fstatat`, `openat` and `getdents`: on this thread they overlap the
+/// walker's (measured: a million small files, see docs/BENCH-NOTES.md).
+pub(super) fn stat_helper(shared: &Shared<'_>, work: Receiver<Work>) {
+    // A walker that stopped meanwhile no longer waits for an answer.
     for w in work {
-        // A walker that stopped meanwhile no longer waits for the answer.
-        let _ = w.reply.send(stat_names(&w.dir, w.names));
+        if shared.aborted() {
+            break;
+        }
+        match w {
+            Work::Stat { dir, names, reply } => {
+                let _ = reply.send(stat_names(&dir, names));
+            }
+            Work::List {
+                dir,
+                name,
+                path,
+                reply,
+            } => {
+                let fd = open_dir_at(&dir, &name, false);
+                let (stat, listing) = match &fd {
+                    Ok(fd) => (rustix::fs::fstat(fd).ok(), list(shared, fd, &path, true)),
+                    Err(_) => (None, Listing::empty(None)),
+                };
+                let _ = reply.send(Opened { fd, stat, listing });
+            }
+        }
     }
 }
 
@@ -60,6 +144,57 @@ fn stat_names(dir: &OwnedFd, names: Vec<Vec<u8>>) -> Stated {
             (n, st)
         })
         .collect()
+}
+
+/// The next window of `names`: up to [`STAT_WINDOW`] of them, ending at the
+/// first that may be a directory.
+fn next_window(names: &mut Names) -> Vec<(Vec<u8>, bool)> {
+    let mut window = Vec::new();
+    for (name, dir) in names.by_ref() {
+        window.push((name, dir));
+        if dir || window.len() >= STAT_WINDOW {
+            break;
+        }
+    }
+    window
+}
+
+/// Lists `dir` (at `dir_path`): its names sorted, excluded ones left out,
+/// the first window stated when `state_first`.
+fn list(shared: &Shared<'_>, dir: &OwnedFd, dir_path: &Path, state_first: bool) -> Listing {
+    let mut names = Vec::new();
+    let mut failed = None;
+    // A duplicate, not `Dir::read_from`: that opens "." and so needs
+    // search permission, which a listable directory may lack.
+    match rustix::io::fcntl_dupfd_cloexec(dir, 0).and_then(rustix::fs::Dir::new) {
+        Ok(entries) => {
+            for e in entries {
+                match e {
+                    Ok(e) => {
+                        let name = e.file_name().to_bytes();
+                        if name != b"." && name != b".." {
+                            let dir = matches!(e.file_type(), FileType::Directory | FileType::Unknown);
+                            names.push((name.to_vec(), dir));
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        Err(e) => return Listing::empty(Some(e)),
+    }
+    names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    names.retain(|(name, _)| !shared.is_excluded(dir_path, name));
+    let mut rest = names.into_iter();
+    let stated = if state_first {
+        stat_names(dir, next_window(&mut rest).into_iter().map(|(n, _)| n).collect())
+    } else {
+        Vec::new()
+    };
+    Listing { stated, rest, failed }
 }
 
 /// What the walker tells the assembler, in tree order.
@@ -81,7 +216,7 @@ pub(super) struct Walker<'s, 'r> {
     /// Directory levels below the root: bounded, for the stack.
     pub(super) depth: usize,
     /// The stat helper's queue; none on one core.
-    pub(super) stat_helper: Option<Sender<StatWork>>,
+    pub(super) stat_helper: Option<Sender<Work>>,
 }
 
 /// Opens the directory `name` in `dir`. `follow` allows a symlink on the
@@ -109,7 +244,7 @@ impl Walker<'_, '_> {
             return (stat_names(dir, names), None);
         };
         let (reply, answer) = bounded(1);
-        let work = StatWork {
+        let work = Work::Stat {
             dir: Arc::clone(dir),
             names: names.split_off(names.len() * 2 / 5),
             reply,
@@ -117,10 +252,27 @@ impl Walker<'_, '_> {
         match helper.send(work) {
             Ok(()) => (stat_names(dir, names), Some(answer)),
             Err(e) => {
-                names.extend(e.into_inner().names);
+                if let Work::Stat { names: second, .. } = e.into_inner() {
+                    names.extend(second);
+                }
                 (stat_names(dir, names), None)
             }
         }
+    }
+
+    /// Asks the stat helper to open and list the directory `name` of `dir`
+    /// ahead of the walker; none when there is no helper or the walk is
+    /// deep (each level may hold what was listed ahead of it).
+    fn ask_ahead(&self, dir: &Arc<OwnedFd>, dir_path: &Path, name: &[u8]) -> Option<Ahead> {
+        let helper = self.stat_helper.as_ref().filter(|_| self.depth < AHEAD_DEPTH)?;
+        let (reply, answer) = bounded(1);
+        let work = Work::List {
+            dir: Arc::clone(dir),
+            name: name.to_vec(),
+            path: child(dir_path, name),
+            reply,
+        };
+        helper.send(work).ok().map(|()| (name.to_vec(), answer))
     }
 
     fn send(&mut self, item: Item) -> Result<()> {
@@ -177,7 +329,7 @@ impl Walker<'_, '_> {
         parent: Option<&Tree>,
     ) -> Result<()> {
         match sel {
-            Selection::All => self.walk_dir(dir, dir_path, parent.cloned()),
+            Selection::All => self.walk_dir(dir, dir_path, parent.cloned(), None),
             Selection::Some(children) => {
                 for (name, child_sel) in children {
                     let path = dir_path.join(std::ffi::OsStr::from_bytes(name));
@@ -198,7 +350,7 @@ impl Walker<'_, '_> {
                     match child_sel {
                         Selection::All => {
                             let old = old.map(|o| (o.clone(), self.chunks_stored(o)));
-                            self.entry(dir, dir_path, name.clone(), st, old)?
+                            self.entry(dir, dir_path, name.clone(), st, old, None)?
                         }
                         Selection::Some(_) if !is_dir && !follow => {
                             self.shared.report(format!(
@@ -234,39 +386,24 @@ impl Walker<'_, '_> {
         }
     }
 
-    fn walk_dir(&mut self, dir: &Arc<OwnedFd>, dir_path: &Path, parent: Option<Tree>) -> Result<()> {
-        let mut names: Vec<Vec<u8>> = Vec::new();
-        // A duplicate, not `Dir::read_from`: that opens "." and so needs
-        // search permission, which a listable directory may lack.
-        let listing = rustix::io::fcntl_dupfd_cloexec(&**dir, 0).and_then(rustix::fs::Dir::new);
-        match listing {
-            Ok(entries) => {
-                for e in entries {
-                    match e {
-                        Ok(e) => {
-                            let name = e.file_name().to_bytes();
-                            if name != b"." && name != b".." {
-                                names.push(name.to_vec());
-                            }
-                        }
-                        Err(e) => {
-                            self.shared.report(format!(
-                                "failed to list {}: {}",
-                                dir_path.display(),
-                                os_error(e)
-                            ));
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                self.shared
-                    .report(format!("failed to list {}: {}", dir_path.display(), os_error(e)));
-                return Ok(());
-            }
+    /// Walks the directory `dir` (at `dir_path`), listed ahead when
+    /// `listed` is some.
+    fn walk_dir(
+        &mut self,
+        dir: &Arc<OwnedFd>,
+        dir_path: &Path,
+        parent: Option<Tree>,
+        listed: Option<Listing>,
+    ) -> Result<()> {
+        let Listing {
+            stated,
+            mut rest,
+            failed,
+        } = listed.unwrap_or_else(|| list(self.shared, dir, dir_path, false));
+        if let Some(e) = failed {
+            self.shared
+                .report(format!("failed to list {}: {}", dir_path.display(), os_error(e)));
         }
-        names.sort();
         // The parent's listing is in name order too: each entry's old self
         // is found by moving forward, and taken, not copied. Whether its
         // chunks are still stored is asked for the whole listing first:
@@ -282,34 +419,51 @@ impl Walker<'_, '_> {
             })
             .collect();
         let mut old_nodes = old_nodes.into_iter().peekable();
-        names.retain(|name| !self.shared.is_excluded(dir_path, name));
-        let mut names = names.into_iter();
+        let mut ahead = None;
+        if let Some((name, st)) = stated.last()
+            && is_dir(st)
+        {
+            ahead = self.ask_ahead(dir, dir_path, name);
+        }
+        self.entries(dir, dir_path, stated, &mut old_nodes, &mut ahead, &rest)?;
         loop {
-            let window: Vec<Vec<u8>> = names.by_ref().take(STAT_WINDOW).collect();
-            if window.is_empty() {
+            let window = next_window(&mut rest);
+            let Some((last, maybe_dir)) = window.last() else {
                 return Ok(());
+            };
+            // The window's directory, listed while the window is handled
+            // (unless already asked for; one asked for and not reached, its
+            // stat having failed, is dropped).
+            if *maybe_dir && ahead.as_ref().is_none_or(|(n, _)| n != last) {
+                ahead = self.ask_ahead(dir, dir_path, last);
             }
+            let names = window.into_iter().map(|(n, _)| n).collect();
             // The helper states the second part while the first is handled:
             // three fifths, as the walker also handles every entry.
-            let (first, rest) = self.stat_listing(dir, window);
-            self.entries(dir, dir_path, first, &mut old_nodes)?;
-            if let Some(rest) = rest {
-                let rest = rest
+            let (first, second) = self.stat_listing(dir, names);
+            self.entries(dir, dir_path, first, &mut old_nodes, &mut ahead, &rest)?;
+            if let Some(second) = second {
+                let second = second
                     .recv()
                     .map_err(|_| Error::Interrupted("the stat helper stopped".into()))?;
-                self.entries(dir, dir_path, rest, &mut old_nodes)?;
+                self.entries(dir, dir_path, second, &mut old_nodes, &mut ahead, &rest)?;
             }
         }
     }
 
     /// Handles stated entries of `dir`, in name order, each with its old
-    /// self from `old_nodes` (the parent's listing, in name order too).
+    /// self from `old_nodes` (the parent's listing, in name order too) and,
+    /// for a directory the stat helper listed ahead, with that listing.
+    /// Before a directory that holds no other is walked, the next one in
+    /// `rest` is asked for ahead.
     fn entries(
         &mut self,
         dir: &Arc<OwnedFd>,
         dir_path: &Path,
         stated: Stated,
         old_nodes: &mut std::iter::Peekable<std::vec::IntoIter<(Node, bool)>>,
+        ahead: &mut Option<Ahead>,
+        rest: &Names,
     ) -> Result<()> {
         for (name, st) in stated {
             if self.shared.aborted() {
@@ -317,14 +471,28 @@ impl Walker<'_, '_> {
             }
             while old_nodes.next_if(|(o, _)| o.name < name).is_some() {}
             let old = old_nodes.next_if(|(o, _)| o.name == name);
-            match st {
-                Ok(st) => self.entry(dir, dir_path, name, st, old)?,
-                Err(e) => self.shared.report(format!(
-                    "failed to read {}: {}",
-                    child(dir_path, &name).display(),
-                    os_error(e)
-                )),
+            let st = match st {
+                Ok(st) => st,
+                Err(e) => {
+                    self.shared.report(format!(
+                        "failed to read {}: {}",
+                        child(dir_path, &name).display(),
+                        os_error(e)
+                    ));
+                    continue;
+                }
+            };
+            let opened = ahead
+                .take_if(|(n, _)| *n == name)
+                .and_then(|(_, answer)| answer.recv().ok());
+            // A directory walked at once: the next one is listed meanwhile.
+            // Before a longer walk, not: what it listed would wait.
+            if opened.as_ref().is_some_and(|o| o.listing.is_leaf())
+                && let Some((next, _)) = rest.as_slice().iter().find(|(_, d)| *d)
+            {
+                *ahead = self.ask_ahead(dir, dir_path, next);
             }
+            self.entry(dir, dir_path, name, st, old, opened)?;
         }
         Ok(())
     }
@@ -340,6 +508,7 @@ impl Walker<'_, '_> {
         name: Vec<u8>,
         st: Stat,
         old: Option<(Node, bool)>,
+        opened: Option<Opened>,
     ) -> Result<()> {
         let (mut old, stored) = match old {
             Some((o, stored)) => (Some(o), stored),
@@ -375,7 +544,16 @@ impl Walker<'_, '_> {
                     ));
                     return Ok(());
                 }
-                let sub = match open_dir_at(dir, &node.name, false) {
+                // Opened and listed by the stat helper, when asked ahead.
+                let (sub, now, listed) = match opened {
+                    Some(o) => (o.fd, o.stat, Some(o.listing)),
+                    None => {
+                        let fd = open_dir_at(dir, &node.name, false);
+                        let now = fd.as_ref().ok().and_then(|fd| rustix::fs::fstat(fd).ok());
+                        (fd, now, None)
+                    }
+                };
+                let sub = match sub {
                     Ok(fd) => fd,
                     Err(e @ (rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR)) => {
                         self.shared.report(format!(
@@ -396,7 +574,7 @@ impl Walker<'_, '_> {
                 // The directory's metadata from what was opened, so that it
                 // matches the content even if another took its name meanwhile
                 // (then its xattrs are read again, from what was opened).
-                if let Ok(now) = rustix::fs::fstat(&sub) {
+                if let Some(now) = now {
                     let mut opened = fsmeta::node_from_stat(std::mem::take(&mut node.name), &now);
                     opened.xattrs = if same_inode_state(&node, &opened) {
                         std::mem::take(&mut node.xattrs)
@@ -414,7 +592,7 @@ impl Walker<'_, '_> {
                 let subtree = self.load_parent_subtree(old.as_ref());
                 self.send(Item::EnterDir(node))?;
                 self.depth += 1;
-                let walked = self.walk_dir(&Arc::new(sub), path, subtree);
+                let walked = self.walk_dir(&Arc::new(sub), path, subtree, listed);
                 self.depth -= 1;
                 walked?;
                 self.send(Item::ExitDir)
