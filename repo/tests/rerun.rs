@@ -108,11 +108,12 @@ async fn listing(repo: &Repository, snap: &Snapshot, path: &[&str]) -> Vec<(Stri
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rerun_of_large_listings_stated_on_two_threads_sees_every_change() {
-    // Listings long enough to be stated in windows, each in two parts on
-    // two threads; windows ending at directories, listed ahead by the stat
-    // helper (one holding only files, one holding another directory); a
-    // chain deeper than anything is listed ahead for; excluded names at
-    // each level.
+    // A listing long enough to be stated in windows (one cut at 1,024
+    // names), each in two parts on two threads, changed files in both
+    // parts; windows ending at directories, listed ahead by the stat helper
+    // (ones holding only files, one holding another directory); a chain
+    // deeper than anything is listed ahead for; excluded names in listings
+    // made by either thread.
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let dir = tmp.path().join("data");
     let big = dir.join("big");
@@ -128,14 +129,14 @@ async fn a_rerun_of_large_listings_stated_on_two_threads_sees_every_change() {
             expected.insert(name, content.len() as u64);
         }
     }
-    for sub in ["f0100d", "f1000d", "f2000d/inner"] {
+    for sub in ["f0100d", "f1400d", "f2000d/inner"] {
         std::fs::create_dir_all(big.join(sub)).unwrap();
         for j in 0..50 {
             std::fs::write(big.join(sub).join(format!("s{j:02}")), b"sub").unwrap();
         }
         std::fs::write(big.join(sub).join("x.skip"), b"excluded").unwrap();
     }
-    for sub in ["f0100d", "f1000d", "f2000d"] {
+    for sub in ["f0100d", "f1400d", "f2000d"] {
         expected.insert(sub.to_string(), 0);
     }
     let mut deep = big.join("f2500d");
@@ -168,7 +169,9 @@ async fn a_rerun_of_large_listings_stated_on_two_threads_sees_every_change() {
     std::thread::sleep(Duration::from_millis(50));
     for (name, content) in [
         ("f0005", "v2, in the window that ends at the first directory"),
-        ("f0800", "v2, in the window that ends at the second"),
+        ("f0300", "v2, in the walker's part of a window of 1,024"),
+        ("f0800", "v2, in the helper's part of that window"),
+        ("f1200", "v2, in the window after it"),
         ("f2999", "v2, in the last window"),
         ("f1500a", "new"),
     ] {
@@ -176,7 +179,7 @@ async fn a_rerun_of_large_listings_stated_on_two_threads_sees_every_change() {
         expected.insert(name.into(), content.len() as u64);
     }
     let changed_below = "v2, in a directory listed ahead";
-    std::fs::write(big.join("f1000d/s10"), changed_below).unwrap();
+    std::fs::write(big.join("f1400d/s10"), changed_below).unwrap();
     std::fs::write(big.join("f2000d/inner/s20"), "v2, two levels down").unwrap();
     std::fs::write(deep.join("leaf"), b"v2, below the depth of listing ahead").unwrap();
     std::fs::remove_file(big.join("f1500")).unwrap();
@@ -189,8 +192,8 @@ async fn a_rerun_of_large_listings_stated_on_two_threads_sees_every_change() {
     assert_eq!(second.snapshot.parent, Some(first.id));
     assert_eq!(second.snapshot.summary.errors, 0);
     assert_eq!(
-        second.snapshot.summary.files_read, 7,
-        "the six changed files and the new one are read, nothing else"
+        second.snapshot.summary.files_read, 9,
+        "the eight changed files and the new one are read, nothing else"
     );
     assert_eq!(second.snapshot.summary.files, files);
     let listed: std::collections::BTreeMap<_, _> = listing(&repo, &second.snapshot, &["big"])
@@ -198,7 +201,7 @@ async fn a_rerun_of_large_listings_stated_on_two_threads_sees_every_change() {
         .into_iter()
         .collect();
     assert_eq!(listed, expected);
-    let sub = listing(&repo, &second.snapshot, &["big", "f1000d"]).await;
+    let sub = listing(&repo, &second.snapshot, &["big", "f1400d"]).await;
     assert_eq!(sub.len(), 50, "without the excluded name");
     assert_eq!(sub[10], ("s10".into(), changed_below.len() as u64));
     assert_eq!(sub[11], ("s11".into(), 3));

@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use crossbeam_channel::{TryRecvError, bounded};
+use crossbeam_channel::{TryRecvError, bounded, unbounded};
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -460,7 +460,10 @@ fn run_pipeline(
         // lists every directory and states every entry itself.
         let stat_helper = (threads > 1)
             .then(|| {
-                let (work_tx, work_rx) = bounded(1);
+                // Unbounded, so that requests the helper never took go with
+                // it (were it to stop) and free whoever waits on them; the
+                // walker has at most two outstanding a level.
+                let (work_tx, work_rx) = unbounded();
                 std::thread::Builder::new()
                     .name("stat".into())
                     .spawn_scoped(s, move || stat_helper(shared, work_rx))

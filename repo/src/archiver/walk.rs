@@ -32,16 +32,25 @@ const SPLIT_MIN: usize = 32;
 /// would be an error, not an absence).
 const STAT_WINDOW: usize = 1024;
 
-/// From this many levels down, nothing is listed ahead: a deep tree holds
-/// at most this many listings made ahead of the walker.
+/// From this many levels down, nothing is listed ahead. A listing made
+/// ahead waits through a deeper walk only in a race (a name listed as a file
+/// is a directory when stated); then at most this many levels hold one.
 const AHEAD_DEPTH: usize = 64;
 
 /// A listing's names, each with what `statat` said of it.
 type Stated = Vec<(Vec<u8>, rustix::io::Result<Stat>)>;
 
-/// Names, each with whether the listing said it is a directory (or did not
-/// say what it is).
-type Names = std::vec::IntoIter<(Vec<u8>, bool)>;
+/// What a listing said a name is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hint {
+    Dir,
+    NotDir,
+    /// The file system does not say (`DT_UNKNOWN`): it may be a directory.
+    Unknown,
+}
+
+/// Names, each with what the listing said it is.
+type Names = std::vec::IntoIter<(Vec<u8>, Hint)>;
 
 /// What the walker asks of the stat helper; each answer comes on its own
 /// channel, so a directory walked while one is awaited cannot take it.
@@ -112,8 +121,10 @@ fn is_dir(st: &rustix::io::Result<Stat>) -> bool {
 pub(super) fn stat_helper(shared: &Shared<'_>, work: Receiver<Work>) {
     // A walker that stopped meanwhile no longer waits for an answer.
     for w in work {
+        // Dropped unanswered (the walker's wait then ends), not left queued:
+        // the walker may still wait for a later request.
         if shared.aborted() {
-            break;
+            continue;
         }
         match w {
             Work::Stat { dir, names, reply } => {
@@ -148,11 +159,11 @@ fn stat_names(dir: &OwnedFd, names: Vec<Vec<u8>>) -> Stated {
 
 /// The next window of `names`: up to [`STAT_WINDOW`] of them, ending at the
 /// first that may be a directory.
-fn next_window(names: &mut Names) -> Vec<(Vec<u8>, bool)> {
+fn next_window(names: &mut Names) -> Vec<(Vec<u8>, Hint)> {
     let mut window = Vec::new();
-    for (name, dir) in names.by_ref() {
-        window.push((name, dir));
-        if dir || window.len() >= STAT_WINDOW {
+    for (name, hint) in names.by_ref() {
+        window.push((name, hint));
+        if hint != Hint::NotDir || window.len() >= STAT_WINDOW {
             break;
         }
     }
@@ -173,8 +184,12 @@ fn list(shared: &Shared<'_>, dir: &OwnedFd, dir_path: &Path, state_first: bool) 
                     Ok(e) => {
                         let name = e.file_name().to_bytes();
                         if name != b"." && name != b".." {
-                            let dir = matches!(e.file_type(), FileType::Directory | FileType::Unknown);
-                            names.push((name.to_vec(), dir));
+                            let hint = match e.file_type() {
+                                FileType::Directory => Hint::Dir,
+                                FileType::Unknown => Hint::Unknown,
+                                _ => Hint::NotDir,
+                            };
+                            names.push((name.to_vec(), hint));
                         }
                     }
                     Err(e) => {
@@ -262,7 +277,7 @@ impl Walker<'_, '_> {
 
     /// Asks the stat helper to open and list the directory `name` of `dir`
     /// ahead of the walker; none when there is no helper or the walk is
-    /// deep (each level may hold what was listed ahead of it).
+    /// deep (see [`AHEAD_DEPTH`]).
     fn ask_ahead(&self, dir: &Arc<OwnedFd>, dir_path: &Path, name: &[u8]) -> Option<Ahead> {
         let helper = self.stat_helper.as_ref().filter(|_| self.depth < AHEAD_DEPTH)?;
         let (reply, answer) = bounded(1);
@@ -428,13 +443,15 @@ impl Walker<'_, '_> {
         self.entries(dir, dir_path, stated, &mut old_nodes, &mut ahead, &rest)?;
         loop {
             let window = next_window(&mut rest);
-            let Some((last, maybe_dir)) = window.last() else {
+            let Some((last, hint)) = window.last() else {
                 return Ok(());
             };
             // The window's directory, listed while the window is handled
             // (unless already asked for; one asked for and not reached, its
             // stat having failed, is dropped).
-            if *maybe_dir && ahead.as_ref().is_none_or(|(n, _)| n != last) {
+            // A name of unknown type is not asked for: on a file system
+            // that never says, that would be a hand-off per file.
+            if *hint == Hint::Dir && ahead.as_ref().is_none_or(|(n, _)| n != last) {
                 ahead = self.ask_ahead(dir, dir_path, last);
             }
             let names = window.into_iter().map(|(n, _)| n).collect();
@@ -485,10 +502,15 @@ impl Walker<'_, '_> {
             let opened = ahead
                 .take_if(|(n, _)| *n == name)
                 .and_then(|(_, answer)| answer.recv().ok());
-            // A directory walked at once: the next one is listed meanwhile.
-            // Before a longer walk, not: what it listed would wait.
+            // A directory walked at once: the next one, if within a
+            // window's reach, is listed meanwhile. Before a longer walk, or
+            // farther, not: what it listed would wait that long.
             if opened.as_ref().is_some_and(|o| o.listing.is_leaf())
-                && let Some((next, _)) = rest.as_slice().iter().find(|(_, d)| *d)
+                && let Some((next, _)) = rest
+                    .as_slice()
+                    .iter()
+                    .take(STAT_WINDOW)
+                    .find(|(_, hint)| *hint == Hint::Dir)
             {
                 *ahead = self.ask_ahead(dir, dir_path, next);
             }
