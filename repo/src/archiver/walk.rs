@@ -109,6 +109,19 @@ impl Listing {
     }
 }
 
+/// A directory as the walker goes through it.
+struct InDir<'d> {
+    dir: &'d Arc<OwnedFd>,
+    path: &'d Path,
+    /// The parent snapshot's listing, in name order, each entry with
+    /// whether its chunks are all still stored.
+    old_nodes: std::iter::Peekable<std::vec::IntoIter<(Node, bool)>>,
+    /// The directory the stat helper is listing ahead, if any.
+    ahead: Option<Ahead>,
+    /// The names not yet stated.
+    rest: Names,
+}
+
 fn is_dir(st: &rustix::io::Result<Stat>) -> bool {
     st.as_ref()
         .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
@@ -410,11 +423,8 @@ impl Walker<'_, '_> {
         parent: Option<Tree>,
         listed: Option<Listing>,
     ) -> Result<()> {
-        let Listing {
-            stated,
-            mut rest,
-            failed,
-        } = listed.unwrap_or_else(|| list(self.shared, dir, dir_path, false));
+        let Listing { stated, rest, failed } =
+            listed.unwrap_or_else(|| list(self.shared, dir, dir_path, false));
         if let Some(e) = failed {
             self.shared
                 .report(format!("failed to list {}: {}", dir_path.display(), os_error(e)));
@@ -433,88 +443,93 @@ impl Walker<'_, '_> {
                 (n, stored)
             })
             .collect();
-        let mut old_nodes = old_nodes.into_iter().peekable();
-        let mut ahead = None;
+        let mut d = InDir {
+            dir,
+            path: dir_path,
+            old_nodes: old_nodes.into_iter().peekable(),
+            ahead: None,
+            rest,
+        };
+        // The first window, stated with the listing ahead.
         if let Some((name, st)) = stated.last()
             && is_dir(st)
         {
-            ahead = self.ask_ahead(dir, dir_path, name);
+            self.ask_for_window_dir(&mut d, name);
         }
-        self.entries(dir, dir_path, stated, &mut old_nodes, &mut ahead, &rest)?;
+        self.entries(&mut d, stated)?;
         loop {
-            let window = next_window(&mut rest);
+            let window = next_window(&mut d.rest);
             let Some((last, hint)) = window.last() else {
                 return Ok(());
             };
-            // The window's directory, listed while the window is handled
-            // (unless already asked for; one asked for and not reached, its
-            // stat having failed, is dropped).
             // A name of unknown type is not asked for: on a file system
             // that never says, that would be a hand-off per file.
-            if *hint == Hint::Dir && ahead.as_ref().is_none_or(|(n, _)| n != last) {
-                ahead = self.ask_ahead(dir, dir_path, last);
+            if *hint == Hint::Dir {
+                self.ask_for_window_dir(&mut d, last);
             }
             let names = window.into_iter().map(|(n, _)| n).collect();
             // The helper states the second part while the first is handled:
             // three fifths, as the walker also handles every entry.
             let (first, second) = self.stat_listing(dir, names);
-            self.entries(dir, dir_path, first, &mut old_nodes, &mut ahead, &rest)?;
+            self.entries(&mut d, first)?;
             if let Some(second) = second {
                 let second = second
                     .recv()
                     .map_err(|_| Error::Interrupted("the stat helper stopped".into()))?;
-                self.entries(dir, dir_path, second, &mut old_nodes, &mut ahead, &rest)?;
+                self.entries(&mut d, second)?;
             }
         }
     }
 
-    /// Handles stated entries of `dir`, in name order, each with its old
-    /// self from `old_nodes` (the parent's listing, in name order too) and,
-    /// for a directory the stat helper listed ahead, with that listing.
-    /// Before a directory that holds no other is walked, the next one in
-    /// `rest` is asked for ahead.
-    fn entries(
-        &mut self,
-        dir: &Arc<OwnedFd>,
-        dir_path: &Path,
-        stated: Stated,
-        old_nodes: &mut std::iter::Peekable<std::vec::IntoIter<(Node, bool)>>,
-        ahead: &mut Option<Ahead>,
-        rest: &Names,
-    ) -> Result<()> {
+    /// Has the directory `name` ending a window listed while the window is
+    /// handled, unless already asked for (one asked for and not reached,
+    /// its stat having failed, is dropped).
+    fn ask_for_window_dir(&self, d: &mut InDir<'_>, name: &[u8]) {
+        if d.ahead.as_ref().is_none_or(|(n, _)| n != name) {
+            d.ahead = self.ask_ahead(d.dir, d.path, name);
+        }
+    }
+
+    /// Handles stated entries of `d`, in name order, each with its old
+    /// self and, for a directory the stat helper listed ahead, with that
+    /// listing. Before a directory that holds no other is walked, the next
+    /// one in `d.rest` is asked for ahead.
+    fn entries(&mut self, d: &mut InDir<'_>, stated: Stated) -> Result<()> {
         for (name, st) in stated {
             if self.shared.aborted() {
                 return Err(Error::Interrupted("the backup stopped".into()));
             }
-            while old_nodes.next_if(|(o, _)| o.name < name).is_some() {}
-            let old = old_nodes.next_if(|(o, _)| o.name == name);
+            while d.old_nodes.next_if(|(o, _)| o.name < name).is_some() {}
+            let old = d.old_nodes.next_if(|(o, _)| o.name == name);
             let st = match st {
                 Ok(st) => st,
                 Err(e) => {
                     self.shared.report(format!(
                         "failed to read {}: {}",
-                        child(dir_path, &name).display(),
+                        child(d.path, &name).display(),
                         os_error(e)
                     ));
                     continue;
                 }
             };
-            let opened = ahead
+            let opened = d
+                .ahead
                 .take_if(|(n, _)| *n == name)
                 .and_then(|(_, answer)| answer.recv().ok());
             // A directory walked at once: the next one, if within a
             // window's reach, is listed meanwhile. Before a longer walk, or
             // farther, not: what it listed would wait that long.
             if opened.as_ref().is_some_and(|o| o.listing.is_leaf())
-                && let Some((next, _)) = rest
+                && let Some((next, _)) = d
+                    .rest
                     .as_slice()
                     .iter()
                     .take(STAT_WINDOW)
                     .find(|(_, hint)| *hint == Hint::Dir)
             {
-                *ahead = self.ask_ahead(dir, dir_path, next);
+                d.ahead = self.ask_ahead(d.dir, d.path, next);
             }
-            self.entry(dir, dir_path, name, st, old, opened)?;
+            self.entry(d.dir, d.path, name, st, old, opened)?;
         }
         Ok(())
     }
