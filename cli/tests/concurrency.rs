@@ -235,9 +235,17 @@ fn a_paused_backup_whose_lock_expired_stops_instead_of_writing() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // Pause it as soon as it holds its lock.
+        // Pause it as soon as it holds its lock: named, not still being
+        // written (`NAME#DIGITS`). A pause in the middle of that write
+        // would leave a lock that is fresh once written, after the prune.
         let locks = repo_dir.join("locks");
-        while std::fs::read_dir(&locks).map(|d| d.count()).unwrap_or(0) == 0 {
+        let named = || {
+            std::fs::read_dir(&locks).is_ok_and(|d| {
+                d.filter_map(|e| e.ok())
+                    .any(|e| !e.file_name().to_string_lossy().contains('#'))
+            })
+        };
+        while !named() {
             std::thread::sleep(Duration::from_millis(5));
         }
         let pid = backup.id().to_string();
