@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backer_proto::v1 as pb;
+use backer_repo::error::Chain;
 use backer_repo::lock::Lock;
 use parking_lot::Mutex;
 
@@ -163,10 +164,19 @@ pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> C
 
 /// Records the job, locks the repository and sends the work to the agent.
 pub async fn launch_backup(shared: &Arc<Shared>, plan: BackupPlan, origin: &str) -> CoreResult<JobRecord> {
-    let BackupPlan { client, spec } = plan;
+    let BackupPlan { client, mut spec } = plan;
     let repo = shared.storage.repo();
     let record = shared.jobs.create(Kind::Backup, &client, origin, now(shared));
     let (lock, repo) = lock_and_refresh(shared, &repo, &format!("backup of {client}"), &record.id).await?;
+    // The parent was chosen before the lock: one forgotten and pruned
+    // meanwhile would have the agent reuse chunks that are gone.
+    if let Some((id, _)) = spec.parent
+        && let Err(e) = repo.load_snapshot(&id).await
+    {
+        tracing::warn!(job = %record.id, "the parent snapshot {} is gone ({}); every file is read again", id.short(), Chain(&e));
+        spec.parent = None;
+        spec.parent_totals = (0, 0);
+    }
     let parent = spec.parent;
     let work = pb::BackupWork {
         paths: spec.paths.clone(),
@@ -786,5 +796,28 @@ mod tests {
         assert_eq!(listed[0].snapshot.paths, vec!["/data".to_string()]);
         assert_eq!(listed[0].snapshot.tree, root);
         assert_eq!(s.jobs.get(&job.id).unwrap().state, JobState::Succeeded);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_parent_forgotten_before_the_backup_locked_the_repository_is_not_used() {
+        let mut c = core().await;
+        let s = &c.shared;
+        let parent = snapshot(s, "h1", &["/data"], &[], 7, 60).await;
+        let plan = plan_backup(s, request("h1", &["/data"])).await.unwrap();
+        assert_eq!(plan.spec.parent.map(|(id, _)| id), Some(parent));
+        // Forgotten (and maybe pruned) while the job waited for its lock.
+        let repo = s.storage.repo();
+        let lock = Lock::acquire(&repo, false, "test", Duration::ZERO).await.unwrap();
+        repo.forget(&[parent], &lock).await.unwrap();
+        lock.release().await.unwrap();
+
+        launch_backup(s, plan, "admin:test").await.unwrap();
+        let item = c.work.recv().await.unwrap();
+        let Some(pb::work_item::Work::Backup(w)) = item.work else {
+            panic!("not a backup: {item:?}");
+        };
+        assert_eq!(w.parent_snapshot_id, "");
+        assert!(w.parent_tree_id.is_empty());
+        assert_eq!((w.parent_files, w.parent_bytes), (0, 0));
     }
 }
