@@ -15,6 +15,7 @@
 //! longer than [`Timing::valid`] (well under `stale`) stops instead of writing,
 //! and what it wrote while paused is taken back (`Repository::save_snapshot`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -128,6 +129,8 @@ struct Held {
     /// Set once a refresh came too late: others may have judged the lock
     /// stale meanwhile, so refreshing it now would not undo that.
     expired: bool,
+    /// Set once a refresh found the lock it replaces removed by someone else.
+    removed: bool,
 }
 
 /// A lock this process holds. Release it with [`Lock::release`]; a process that
@@ -160,9 +163,11 @@ struct Registered {
     held: Arc<Mutex<Held>>,
     refresher: Option<tokio::task::AbortHandle>,
     /// Held while the lock is written until its name is recorded (or, for
-    /// [`Lock::release`], until its refresher is stopped), and by
+    /// [`Lock::release`], until its refresher is stopped), through each
+    /// write made under the lock ([`LockCheck::hold_for_write`]), and by
     /// [`release_held`]: an interrupt cannot fall between a lock's write and
-    /// its record, and leave a lock no one knows of. One per lock: a slow
+    /// its record, and leave a lock no one knows of, nor remove a lock while
+    /// a write it covers may still land. One per lock: a slow
     /// store delays only its own locks' refreshes, not a server's others.
     gate: Gate,
 }
@@ -245,6 +250,9 @@ fn process_gone(info: &LockInfo) -> bool {
     }
 }
 
+/// How many times [`list_locks`] lists again when locks go while being read.
+const LIST_ROUNDS: usize = 10;
+
 /// Every lock in the repository, with staleness judged against `now` (the
 /// store's time of a lock written just before; this host's clock if `None`).
 pub async fn list_locks(
@@ -252,31 +260,51 @@ pub async fn list_locks(
     now: Option<DateTime<Utc>>,
     timing: Timing,
 ) -> Result<Vec<FoundLock>> {
-    let listed = repo.list(Dir::Locks).await?;
-    let mut out = Vec::new();
-    for l in listed {
-        let info = match repo.backend().get(&lock_path(&l.name)).await {
-            Ok(bytes) => match open_object::<LockInfo>(repo.key(), Kind::Lock, &l.name, &bytes) {
-                Ok(info) => Some(info),
-                Err(e) if e.is_damage() => {
-                    tracing::debug!("lock locks/{} cannot be read: {e}", l.name);
-                    None
+    // A refresh writes its lock anew, then removes the old one: a lock
+    // listed and gone when read may live on under a name that listing
+    // lacks, and skipping it would let a prune start beside a backup. So
+    // the locks are listed again until none went while being read.
+    let mut read: HashMap<String, FoundLock> = HashMap::new();
+    for _ in 0..LIST_ROUNDS {
+        let mut out = Vec::new();
+        let mut went = false;
+        for l in repo.list(Dir::Locks).await? {
+            if let Some(found) = read.remove(&l.name) {
+                out.push(found);
+                continue;
+            }
+            let info = match repo.backend().get(&lock_path(&l.name)).await {
+                Ok(bytes) => match open_object::<LockInfo>(repo.key(), Kind::Lock, &l.name, &bytes) {
+                    Ok(info) => Some(info),
+                    Err(e) if e.is_damage() => {
+                        tracing::debug!("lock locks/{} cannot be read: {e}", l.name);
+                        None
+                    }
+                    Err(e) => return Err(e),
+                },
+                Err(Error::NotFound(_)) => {
+                    went = true;
+                    continue;
                 }
+                Err(e) if e.is_unreadable() => None,
                 Err(e) => return Err(e),
-            },
-            Err(Error::NotFound(_)) => continue, // released meanwhile
-            Err(e) if e.is_unreadable() => None,
-            Err(e) => return Err(e),
-        };
-        out.push(FoundLock {
-            name: l.name,
-            info,
-            modified: l.modified,
-            stale: None,
-        });
+            };
+            out.push(FoundLock {
+                name: l.name,
+                info,
+                modified: l.modified,
+                stale: None,
+            });
+        }
+        if !went {
+            judge(&mut out, now.unwrap_or_else(Utc::now), timing);
+            return Ok(out);
+        }
+        read = out.into_iter().map(|f| (f.name.clone(), f)).collect();
     }
-    judge(&mut out, now.unwrap_or_else(Utc::now), timing);
-    Ok(out)
+    Err(Error::Locked(format!(
+        "the repository's locks changed each of the {LIST_ROUNDS} times they were read; try again"
+    )))
 }
 
 fn judge(locks: &mut [FoundLock], now: DateTime<Utc>, timing: Timing) {
@@ -293,6 +321,61 @@ fn judge(locks: &mut [FoundLock], now: DateTime<Utc>, timing: Timing) {
         } else {
             None
         };
+    }
+}
+
+const REMOVED: &str = "the lock was removed by someone else";
+
+/// Checks a [`Lock`] from where the lock itself is not at hand.
+#[derive(Clone)]
+pub struct LockCheck {
+    backend: Backend,
+    held: Arc<Mutex<Held>>,
+    valid: Duration,
+    gate: Gate,
+}
+
+impl LockCheck {
+    /// Held through a write that must not outlive the lock: an interrupted
+    /// process removes its locks ([`release_held`]) only once such a write
+    /// has ended, never while it may still land.
+    pub(crate) async fn hold_for_write(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.gate.lock().await
+    }
+
+    /// Fails when this lock may no longer be relied on: not refreshed within
+    /// [`Timing::valid`] (the process was paused, or storage failed), or
+    /// removed (by someone else, or released). Call right before writes
+    /// that a prune must not race: index files and snapshots.
+    pub async fn check_fresh(&self) -> Result<()> {
+        let (name, elapsed, err, expired, removed) = {
+            let h = self.held.lock();
+            (
+                h.name.clone(),
+                boot_clock().saturating_sub(h.last_refresh),
+                h.refresh_error.clone(),
+                h.expired,
+                h.removed,
+            )
+        };
+        if removed {
+            return Err(Error::LockExpired(REMOVED.into()));
+        }
+        if expired || elapsed > self.valid {
+            return Err(Error::LockExpired(format!(
+                "the lock was last refreshed {} s ago{}; another process may have pruned meanwhile",
+                elapsed.as_secs(),
+                err.map(|e| format!(" (refresh failed: {e})")).unwrap_or_default()
+            )));
+        }
+        if self.backend.head(&lock_path(&name)).await?.is_none() {
+            // A refresh may have replaced it meanwhile: then the new one counts.
+            let now = self.held.lock().name.clone();
+            if now == name || self.backend.head(&lock_path(&now)).await?.is_none() {
+                return Err(Error::LockExpired(REMOVED.into()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -330,6 +413,7 @@ impl Lock {
                 last_refresh: boot_clock(),
                 refresh_error: None,
                 expired: false,
+                removed: false,
             }));
             let registered = register(repo.backend(), &held, &gate);
             if CLOSING.load(std::sync::atomic::Ordering::SeqCst) {
@@ -432,35 +516,39 @@ impl Lock {
                 fresh.created = Utc::now();
                 fresh.nonce = random_u64();
                 let writing = gate.lock().await;
-                let result = write_lock(&backend, &key, &fresh).await;
-                let (old, late) = {
-                    let mut h = held.lock();
-                    match result {
-                        Ok(name) => {
-                            // Landed more than `valid` after the one before it
-                            // started (a pause while writing, slow storage):
-                            // others may have judged the lock stale meanwhile,
-                            // and this refresh cannot undo that.
-                            let late = boot_clock().saturating_sub(h.last_refresh) > valid;
-                            if late {
-                                h.expired = true;
-                            } else {
-                                h.last_refresh = started;
-                                h.refresh_error = None;
-                            }
-                            (Some(std::mem::replace(&mut h.name, name)), late)
-                        }
-                        Err(e) => {
-                            h.refresh_error = Some(e.to_string());
-                            (None, false)
-                        }
+                let name = match write_lock(&backend, &key, &fresh).await {
+                    Ok(name) => name,
+                    Err(e) => {
+                        held.lock().refresh_error = Some(e.to_string());
+                        continue;
                     }
                 };
+                // Removed meanwhile (`backer unlock --remove-all`, or judged
+                // stale by another): a prune may have started since, and
+                // writing the lock anew would hide that from the holder.
+                let old = held.lock().name.clone();
+                let removed = matches!(backend.head(&lock_path(&old)).await, Ok(None));
+                let lost = {
+                    let mut h = held.lock();
+                    // Landed more than `valid` after the one before it
+                    // started (a pause while writing, slow storage): others
+                    // may have judged the lock stale meanwhile, and this
+                    // refresh cannot undo that.
+                    let late = boot_clock().saturating_sub(h.last_refresh) > valid;
+                    if removed || late {
+                        h.expired = late;
+                        h.removed = removed;
+                    } else {
+                        h.last_refresh = started;
+                        h.refresh_error = None;
+                        h.name = name.clone();
+                    }
+                    removed || late
+                };
                 drop(writing);
-                if let Some(old) = old {
-                    let _ = backend.delete(&lock_path(&old)).await;
-                }
-                if late {
+                // The lock given up stays for the holder's release to remove.
+                let _ = backend.delete(&lock_path(if lost { &name } else { &old })).await;
+                if lost {
                     return;
                 }
             }
@@ -470,35 +558,21 @@ impl Lock {
         }
     }
 
-    /// Fails when this lock may no longer be relied on: not refreshed within
-    /// [`Timing::valid`] (the process was paused, or storage failed), or
-    /// removed by someone else. Call right before writes that a prune must not
-    /// race: index files and snapshots.
+    /// Fails when this lock may no longer be relied on: see
+    /// [`LockCheck::check_fresh`].
     pub async fn check_fresh(&self) -> Result<()> {
-        let (name, elapsed, err, expired) = {
-            let h = self.held.lock();
-            (
-                h.name.clone(),
-                boot_clock().saturating_sub(h.last_refresh),
-                h.refresh_error.clone(),
-                h.expired,
-            )
-        };
-        if expired || elapsed > self.timing.valid {
-            return Err(Error::LockExpired(format!(
-                "the lock was last refreshed {} s ago{}; another process may have pruned meanwhile",
-                elapsed.as_secs(),
-                err.map(|e| format!(" (refresh failed: {e})")).unwrap_or_default()
-            )));
+        self.check().check_fresh().await
+    }
+
+    /// What checks this lock, for work that does not hold it (a server's
+    /// upload streams, while their job does).
+    pub fn check(&self) -> LockCheck {
+        LockCheck {
+            backend: self.backend.clone(),
+            held: Arc::clone(&self.held),
+            valid: self.timing.valid,
+            gate: Arc::clone(&self.gate),
         }
-        if self.backend.head(&lock_path(&name)).await?.is_none() {
-            // A refresh may have replaced it meanwhile: then the new one counts.
-            let now = self.held.lock().name.clone();
-            if now == name || self.backend.head(&lock_path(&now)).await?.is_none() {
-                return Err(Error::LockExpired("the lock was removed by someone else".into()));
-            }
-        }
-        Ok(())
     }
 
     /// Stops refreshing and removes the lock.

@@ -15,7 +15,7 @@ use crate::crypto::DataKey;
 use crate::error::{Error, Result};
 use crate::id::BlobId;
 use crate::index::{IndexFile, IndexedPack};
-use crate::lock::Lock;
+use crate::lock::LockCheck;
 use crate::pack::{BlobType, PACK_TARGET, PackBody, PackWriter, pack_name};
 use crate::repository::Repository;
 
@@ -27,7 +27,7 @@ pub const INDEX_FLUSH_BLOBS: usize = 50_000;
 pub struct Packer<'r> {
     repo: &'r Repository,
     /// Checked before each index file: a holder whose lock expired stops.
-    lock: Option<&'r Lock>,
+    lock: Option<LockCheck>,
     key: Arc<crate::crypto::MasterKey>,
     backend: Backend,
     handle: Handle,
@@ -50,7 +50,7 @@ impl std::fmt::Debug for Packer<'_> {
 }
 
 impl<'r> Packer<'r> {
-    pub fn new(repo: &'r Repository, lock: Option<&'r Lock>, handle: Handle) -> Self {
+    pub fn new(repo: &'r Repository, lock: Option<LockCheck>, handle: Handle) -> Self {
         Packer {
             repo,
             lock,
@@ -165,7 +165,8 @@ impl<'r> Packer<'r> {
             packs: std::mem::take(&mut self.packed),
         };
         self.packed_blobs = 0;
-        self.handle.block_on(self.repo.write_index(&file, self.lock))?;
+        self.handle
+            .block_on(self.repo.write_index(&file, self.lock.as_ref()))?;
         self.index_files += 1;
         Ok(())
     }
@@ -198,7 +199,7 @@ impl<'r> Packer<'r> {
             Ok(r) => r,
             Err(e) => Err(Error::Interrupted(format!("upload task failed: {e}"))),
         };
-        match (r, self.lock) {
+        match (r, &self.lock) {
             (Err(e), Some(lock)) => self.handle.block_on(lock.check_fresh()).and(Err(e)),
             (r, _) => r,
         }

@@ -222,7 +222,7 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
         let repo_ref: &Repository = repo;
         let to_repack: Vec<&PackStat> = repack.iter().filter_map(|id| stats.get(id)).collect();
         tokio::task::block_in_place(|| -> Result<usize> {
-            let mut packer = Packer::new(repo_ref, Some(lock), handle.clone());
+            let mut packer = Packer::new(repo_ref, Some(lock.check()), handle.clone());
             for st in to_repack {
                 // Read only the used blobs, adjacent ones together: a mostly
                 // empty pack costs what it still holds, not its size.
@@ -288,7 +288,7 @@ pub async fn prune(repo: &mut Repository, lock: &Lock, opts: &PruneOptions) -> R
             },
             packs,
         };
-        repo.write_index(&file, Some(lock)).await?;
+        repo.write_index(&file, Some(&lock.check())).await?;
     }
     lock.check_fresh().await?;
     delete_all(

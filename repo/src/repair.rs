@@ -261,7 +261,7 @@ pub async fn repair_index(
         let handle = Handle::current();
         let repo_ref: &Repository = repo;
         let (files, copied, lost) = tokio::task::block_in_place(|| -> Result<(usize, u64, u64)> {
-            let mut packer = Packer::new(repo_ref, Some(lock), handle.clone());
+            let mut packer = Packer::new(repo_ref, Some(lock.check()), handle.clone());
             let (mut copied, mut lost) = (0, 0);
             for (id, entries) in &salvage {
                 let name = pack_name(id);
@@ -313,7 +313,7 @@ pub async fn repair_index(
     let n = batches.len();
     for (i, packs) in batches.into_iter().enumerate() {
         let supersedes = if i + 1 == n { old_ids.clone() } else { Vec::new() };
-        repo.write_index(&IndexFile { supersedes, packs }, Some(lock))
+        repo.write_index(&IndexFile { supersedes, packs }, Some(&lock.check()))
             .await?;
         report.index_files_written += 1;
     }
@@ -634,7 +634,7 @@ pub async fn repair_snapshots(
         let repo_ref: &Repository = repo;
         tokio::task::block_in_place(|| -> Result<()> {
             let mut compressor = chunk::Compressor::new(repo_ref.config().zstd_level)?;
-            let mut packer = Packer::new(repo_ref, Some(lock), handle.clone());
+            let mut packer = Packer::new(repo_ref, Some(lock.check()), handle.clone());
             let mut written = HashSet::new();
             let empty_tree = used_empty.then(|| (empty_id, empty.clone()));
             for (id, bytes) in new_trees.iter().chain(empty_tree.as_ref()) {
@@ -653,8 +653,8 @@ pub async fn repair_snapshots(
         })?;
     }
     for (old, mut snap, root, dropped, already) in plans {
-        lock.check_fresh().await?;
         if already {
+            lock.check_fresh().await?;
             repo.backend().delete(&format!("snapshots/{old}")).await?;
             report.rewritten.push(RewrittenSnapshot {
                 old,

@@ -19,7 +19,7 @@ use crate::crypto::{KdfParams, KeyFile, MasterKey};
 use crate::error::{Chain, Error, Result};
 use crate::id::{BlobId, IndexId, KeyId, PackId, SnapshotId, storage_hash};
 use crate::index::{Index, IndexFile, Location};
-use crate::lock::Lock;
+use crate::lock::{Lock, LockCheck};
 use crate::pack;
 use crate::snapshot::{Snapshot, SnapshotEntry, SnapshotFilter};
 use crate::tree::Tree;
@@ -773,13 +773,17 @@ impl Repository {
 
     async fn save_object<T: Serialize>(&self, kind: Kind, value: &T) -> Result<[u8; 32]> {
         let (name, bytes) = seal_object(&self.key, kind, value)?;
-        let id = storage_hash(&bytes);
         self.backend.put_new(&name, bytes.clone()).await?;
-        // The next command reads it back: keep it from the start.
+        Ok(self.saved(&name, &bytes))
+    }
+
+    /// The id of the object `name` just stored as `bytes`, which the next
+    /// command reads back: cached from the start.
+    fn saved(&self, name: &str, bytes: &Bytes) -> [u8; 32] {
         if let Some(c) = &self.cache {
-            c.put(&name, &bytes);
+            c.put(name, bytes);
         }
-        Ok(id)
+        storage_hash(bytes)
     }
 
     async fn load_object<T: DeserializeOwned>(&self, kind: Kind, name: &str) -> Result<T> {
@@ -805,7 +809,7 @@ impl Repository {
     /// The in-memory index is not changed (see [`Repository::reload_index`]).
     /// Under `lock` it is written as [`Repository::save_under_lock`] says;
     /// without, the caller checks its lock before the snapshot that needs it.
-    pub async fn write_index(&self, file: &IndexFile, lock: Option<&Lock>) -> Result<IndexId> {
+    pub async fn write_index(&self, file: &IndexFile, lock: Option<&LockCheck>) -> Result<IndexId> {
         let id = match lock {
             Some(lock) => self.save_under_lock(Kind::Index, file, lock).await?,
             None => self.save_object(Kind::Index, file).await?,
@@ -816,7 +820,7 @@ impl Repository {
     /// Stores a snapshot; call only after the index naming its blobs is stored.
     pub async fn save_snapshot(&self, snap: &Snapshot, lock: &Lock) -> Result<SnapshotId> {
         Ok(SnapshotId(
-            self.save_under_lock(Kind::Snapshot, snap, lock).await?,
+            self.save_under_lock(Kind::Snapshot, snap, &lock.check()).await?,
         ))
     }
 
@@ -826,10 +830,15 @@ impl Repository {
     /// what the object names; then the object is taken back, and the caller
     /// hears that its lock expired. So is one whose write failed: it may
     /// have landed all the same (a lost reply, a call given up on).
-    async fn save_under_lock<T: Serialize>(&self, kind: Kind, value: &T, lock: &Lock) -> Result<[u8; 32]> {
+    async fn save_under_lock<T: Serialize>(
+        &self,
+        kind: Kind,
+        value: &T,
+        lock: &LockCheck,
+    ) -> Result<[u8; 32]> {
+        let _writing = lock.hold_for_write().await;
         lock.check_fresh().await?;
         let (name, bytes) = seal_object(&self.key, kind, value)?;
-        let id = storage_hash(&bytes);
         let put = self.backend.put_new(&name, bytes.clone()).await;
         if let Err(lost) = lock.check_fresh().await {
             let why = match lost {
@@ -846,10 +855,7 @@ impl Repository {
             }));
         }
         put?;
-        if let Some(c) = &self.cache {
-            c.put(&name, &bytes);
-        }
-        Ok(id)
+        Ok(self.saved(&name, &bytes))
     }
 
     pub async fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
@@ -858,7 +864,7 @@ impl Repository {
 
     /// Removes these snapshots (their data stays until a prune). Checks the
     /// lock first: a holder paused past its lock's life must not delete.
-    pub async fn forget(&self, ids: &[SnapshotId], lock: &crate::lock::Lock) -> Result<()> {
+    pub async fn forget(&self, ids: &[SnapshotId], lock: &Lock) -> Result<()> {
         lock.check_fresh().await?;
         for id in ids {
             self.backend

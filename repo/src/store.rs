@@ -109,7 +109,11 @@ impl BackupStore for LocalStore<'_> {
     }
 
     fn writer(&self) -> Result<Box<dyn BlobWriter + '_>> {
-        Ok(Box::new(Packer::new(self.repo, self.lock, self.handle.clone())))
+        Ok(Box::new(Packer::new(
+            self.repo,
+            self.lock.map(Lock::check),
+            self.handle.clone(),
+        )))
     }
 }
 

@@ -142,6 +142,45 @@ async fn unlock_removes_stale_and_removed_lock_stops_its_holder() {
     assert_eq!(removed.len(), 2);
     let err = live.check_fresh().await.unwrap_err();
     assert!(err.to_string().contains("removed by someone else"), "{err}");
+    // Its refresher does not write it back: a prune that started meanwhile
+    // would run beside a holder that thinks it is covered again.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(list_locks(&repo, None, short()).await.unwrap().is_empty());
+    let err = live.check_fresh().await.unwrap_err();
+    assert!(matches!(err, Error::LockExpired(_)), "{err}");
+}
+
+/// A refresh writes the lock under a new name and removes the old: one who
+/// lists the locks while that happens must still see it, or a prune would
+/// start beside a running backup.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_renamed_by_its_refresh_while_being_read_is_still_seen() {
+    let clean = Backend::in_memory();
+    Repository::init(clean.clone(), b"pw", cheap()).await.unwrap();
+    let repo = Repository::open(clean.clone(), b"pw").await.unwrap();
+    let timing = Timing {
+        refresh: Duration::from_millis(500),
+        valid: Duration::from_secs(20),
+        stale: Duration::from_secs(30),
+    };
+    let backup = Lock::acquire_with(&repo, false, "backup", Duration::ZERO, timing)
+        .await
+        .unwrap();
+    // Reading a lock here takes about as long as a refresh period: the one
+    // listed has often been replaced by the time it is read.
+    let slow = slowed(&clean, "locks/", Duration::from_millis(400), 3).await;
+    for _ in 0..4 {
+        match list_locks(&slow, None, timing).await {
+            Ok(locks) => assert_eq!(locks.len(), 1, "{locks:?}"),
+            Err(e) => assert!(matches!(e, Error::Locked(_)), "{e}"),
+        }
+        let err = Lock::acquire_with(&slow, true, "prune", Duration::ZERO, timing)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Locked(_)), "{err}");
+    }
+    backup.check_fresh().await.unwrap();
+    backup.release().await.unwrap();
 }
 
 /// A holder paused between its last check and the end of its snapshot's

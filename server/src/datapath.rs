@@ -12,6 +12,7 @@ use backer_proto::v1 as pb;
 use backer_repo::crypto::ChunkKeys;
 use backer_repo::error::Chain;
 use backer_repo::id::BlobId;
+use backer_repo::lock::Lock;
 use backer_repo::pack::BlobType;
 use backer_repo::packer::Packer;
 use backer_repo::snapshot::Snapshot;
@@ -59,8 +60,14 @@ pub fn missing(active: &Active, ids: &[Vec<u8>]) -> CoreResult<Vec<u32>> {
 /// Checks and packs the chunks of one upload stream; runs on its own thread.
 /// Returns the number of blobs stored.
 pub fn ingest(active: &Active, mut rx: mpsc::Receiver<pb::UploadBatch>, handle: Handle) -> CoreResult<u64> {
-    // The job's repository lock is checked before the snapshot is written.
-    let mut packer = Packer::new(&active.repo, None, handle);
+    // The job's repository lock, checked before each index file: one
+    // written after a prune that overtook an expired lock would name packs
+    // the prune removed.
+    let lock = handle.block_on(active.lock.lock()).as_ref().map(Lock::check);
+    if lock.is_none() {
+        return Err(CoreError::Aborted("the job ended".into()));
+    }
+    let mut packer = Packer::new(&active.repo, lock, handle);
     let mut stored = 0u64;
     while let Some(batch) = rx.blocking_recv() {
         for m in batch.chunks {
@@ -311,7 +318,7 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
 /// went.
 async fn apply_retention(
     repo: &backer_repo::Repository,
-    lock: &backer_repo::lock::Lock,
+    lock: &Lock,
     client: &str,
     paths: &[String],
     tags: &[String],

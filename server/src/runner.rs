@@ -820,4 +820,51 @@ mod tests {
         assert!(w.parent_tree_id.is_empty());
         assert_eq!((w.parent_files, w.parent_bytes), (0, 0));
     }
+
+    /// An index file written after a prune overtook the job's lock would
+    /// name packs the prune removed, and later backups would reuse chunks
+    /// that are gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uploads_store_no_index_once_the_jobs_lock_is_gone() {
+        let mut c = core().await;
+        let s = Arc::clone(&c.shared);
+        let repo = s.storage.repo();
+        let (chunks, _) = upload_of(&repo.key().chunk, b"uploaded after the lock went");
+        let job = start_backup(&s, request("h1", &["/data"]), "admin:test")
+            .await
+            .unwrap();
+        c.work.recv().await.unwrap();
+        let active = s.jobs.active_for(&job.id, "h1").unwrap();
+        // As `backer unlock --all`, or a prune that found it stale, does.
+        assert_eq!(backer_repo::lock::unlock(&repo, true).await.unwrap().len(), 1);
+
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(pb::UploadBatch {
+            job_id: job.id.clone(),
+            chunks,
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        let handle = tokio::runtime::Handle::current();
+        let r = tokio::task::spawn_blocking(move || crate::datapath::ingest(&active, rx, handle))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                &r,
+                Err(CoreError::Repo {
+                    source: backer_repo::Error::LockExpired(_),
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        assert!(
+            repo.list(backer_repo::repository::Dir::Index)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
 }
