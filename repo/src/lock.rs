@@ -131,6 +131,9 @@ struct Held {
     expired: bool,
     /// Set once a refresh found the lock it replaces removed by someone else.
     removed: bool,
+    /// Set by [`Lock::release`]: work still checking the lock (a server's
+    /// upload of a job that ended) hears that, not of someone else.
+    released: bool,
 }
 
 /// A lock this process holds. Release it with [`Lock::release`]; a process that
@@ -303,7 +306,7 @@ pub async fn list_locks(
         read = out.into_iter().map(|f| (f.name.clone(), f)).collect();
     }
     Err(Error::Locked(format!(
-        "the repository's locks changed each of the {LIST_ROUNDS} times they were read; try again"
+        "other commands' locks changed each of the {LIST_ROUNDS} times they were read"
     )))
 }
 
@@ -345,10 +348,10 @@ impl LockCheck {
 
     /// Fails when this lock may no longer be relied on: not refreshed within
     /// [`Timing::valid`] (the process was paused, or storage failed), or
-    /// removed (by someone else, or released). Call right before writes
+    /// removed by someone else, or released. Call right before writes
     /// that a prune must not race: index files and snapshots.
     pub async fn check_fresh(&self) -> Result<()> {
-        let (name, elapsed, err, expired, removed) = {
+        let (name, elapsed, err, expired, removed, released) = {
             let h = self.held.lock();
             (
                 h.name.clone(),
@@ -356,8 +359,14 @@ impl LockCheck {
                 h.refresh_error.clone(),
                 h.expired,
                 h.removed,
+                h.released,
             )
         };
+        if released {
+            return Err(Error::LockExpired(
+                "the lock was released: the job or command that held it ended".into(),
+            ));
+        }
         if removed {
             return Err(Error::LockExpired(REMOVED.into()));
         }
@@ -414,6 +423,7 @@ impl Lock {
                 refresh_error: None,
                 expired: false,
                 removed: false,
+                released: false,
             }));
             let registered = register(repo.backend(), &held, &gate);
             if CLOSING.load(std::sync::atomic::Ordering::SeqCst) {
@@ -435,6 +445,18 @@ impl Lock {
             drop(writing);
             let mut all = match list_locks(repo, None, timing).await {
                 Ok(all) => all,
+                // Others' locks kept changing while read: whether one
+                // conflicts is unknown, so it is waited out as one that does.
+                Err(Error::Locked(why)) => {
+                    unregister(registered);
+                    repo.backend().delete(&lock_path(&name)).await?;
+                    if started.elapsed() >= wait {
+                        return Err(Error::Locked(format!("{why}; try again, or pass --retry-lock")));
+                    }
+                    tokio::time::sleep(Duration::from_secs(1).min(wait.saturating_sub(started.elapsed())))
+                        .await;
+                    continue;
+                }
                 Err(e) => {
                     // Not knowing who else holds the repository, we hold
                     // nothing: take our lock back rather than leave it.
@@ -527,7 +549,16 @@ impl Lock {
                 // stale by another): a prune may have started since, and
                 // writing the lock anew would hide that from the holder.
                 let old = held.lock().name.clone();
-                let removed = matches!(backend.head(&lock_path(&old)).await, Ok(None));
+                let removed = match backend.head(&lock_path(&old)).await {
+                    Ok(found) => found.is_none(),
+                    // Not known: kept as it was, and tried again next time
+                    // (taking the new name would hide a removal).
+                    Err(e) => {
+                        held.lock().refresh_error = Some(e.to_string());
+                        let _ = backend.delete(&lock_path(&name)).await;
+                        continue;
+                    }
+                };
                 let lost = {
                     let mut h = held.lock();
                     // Landed more than `valid` after the one before it
@@ -545,12 +576,14 @@ impl Lock {
                     }
                     removed || late
                 };
-                drop(writing);
-                // The lock given up stays for the holder's release to remove.
-                let _ = backend.delete(&lock_path(if lost { &name } else { &old })).await;
                 if lost {
+                    // Before the gate opens: a release then removes the
+                    // held (old) name only. That one stays for it.
+                    let _ = backend.delete(&lock_path(&name)).await;
                     return;
                 }
+                drop(writing);
+                let _ = backend.delete(&lock_path(&old)).await;
             }
         }));
         if let Some(r) = HELD.lock().get_mut(&self.registered) {
@@ -585,7 +618,11 @@ impl Lock {
             }
         }
         unregister(self.registered);
-        let name = self.held.lock().name.clone();
+        let name = {
+            let mut h = self.held.lock();
+            h.released = true;
+            h.name.clone()
+        };
         self.backend.delete(&lock_path(&name)).await
     }
 

@@ -150,6 +150,25 @@ async fn unlock_removes_stale_and_removed_lock_stops_its_holder() {
     assert!(matches!(err, Error::LockExpired(_)), "{err}");
 }
 
+/// Work that checks a lock it does not hold (a server's upload for a job)
+/// hears that the job ended once the lock is released, not that someone
+/// else removed it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_released_lock_says_so_to_who_still_checks_it() {
+    let repo = Repository::init(Backend::in_memory(), b"pw", cheap())
+        .await
+        .unwrap();
+    let lock = Lock::acquire_with(&repo, false, "backup", Duration::ZERO, short())
+        .await
+        .unwrap();
+    let check = lock.check();
+    check.check_fresh().await.unwrap();
+    lock.release().await.unwrap();
+    let err = check.check_fresh().await.unwrap_err();
+    assert!(matches!(err, Error::LockExpired(_)), "{err}");
+    assert!(err.to_string().contains("released"), "{err}");
+}
+
 /// A refresh writes the lock under a new name and removes the old: one who
 /// lists the locks while that happens must still see it, or a prune would
 /// start beside a running backup.
@@ -169,9 +188,13 @@ async fn a_lock_renamed_by_its_refresh_while_being_read_is_still_seen() {
     // Reading a lock here takes about as long as a refresh period: the one
     // listed has often been replaced by the time it is read.
     let slow = slowed(&clean, "locks/", Duration::from_millis(400), 3).await;
+    let mut seen = 0;
     for _ in 0..4 {
         match list_locks(&slow, None, timing).await {
-            Ok(locks) => assert_eq!(locks.len(), 1, "{locks:?}"),
+            Ok(locks) => {
+                assert_eq!(locks.len(), 1, "{locks:?}");
+                seen += 1;
+            }
             Err(e) => assert!(matches!(e, Error::Locked(_)), "{e}"),
         }
         let err = Lock::acquire_with(&slow, true, "prune", Duration::ZERO, timing)
@@ -179,6 +202,7 @@ async fn a_lock_renamed_by_its_refresh_while_being_read_is_still_seen() {
             .unwrap_err();
         assert!(matches!(err, Error::Locked(_)), "{err}");
     }
+    assert!(seen > 0, "the listing never settled");
     backup.check_fresh().await.unwrap();
     backup.release().await.unwrap();
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use backer_proto::v1 as pb;
 use backer_repo::error::Chain;
 use backer_repo::lock::Lock;
+use backer_repo::repository::Dir;
 use parking_lot::Mutex;
 
 use crate::error::{CoreError, CoreResult};
@@ -170,12 +171,21 @@ pub async fn launch_backup(shared: &Arc<Shared>, plan: BackupPlan, origin: &str)
     let (lock, repo) = lock_and_refresh(shared, &repo, &format!("backup of {client}"), &record.id).await?;
     // The parent was chosen before the lock: one forgotten and pruned
     // meanwhile would have the agent reuse chunks that are gone.
-    if let Some((id, _)) = spec.parent
-        && let Err(e) = repo.load_snapshot(&id).await
-    {
-        tracing::warn!(job = %record.id, "the parent snapshot {} is gone ({}); every file is read again", id.short(), Chain(&e));
-        spec.parent = None;
-        spec.parent_totals = (0, 0);
+    // Asked of the store, not the cache, which keeps forgotten snapshots.
+    if let Some((id, _)) = spec.parent {
+        let gone = match repo
+            .backend()
+            .head(&format!("{}/{id}", Dir::Snapshots.name()))
+            .await
+        {
+            Ok(found) => found.is_none().then(|| "it was forgotten".to_string()),
+            Err(e) => Some(format!("failed to look it up: {}", Chain(&e))),
+        };
+        if let Some(why) = gone {
+            tracing::warn!(job = %record.id, "not using the parent snapshot {} ({why}): every file is read again", id.short());
+            spec.parent = None;
+            spec.parent_totals = (0, 0);
+        }
     }
     let parent = spec.parent;
     let work = pb::BackupWork {
