@@ -265,29 +265,29 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     snap.time = chrono::Utc::now();
     // The lock is held (and checked) until the snapshot is written: a job
     // ended meanwhile (its agent gone) has released it, and then no
-    // snapshot may appear.
-    let (id, forgotten) = {
-        let held = active.lock.lock().await;
-        let Some(lock) = held.as_ref() else {
-            return Err(CoreError::Aborted(
-                "the job ended before its snapshot could be written".into(),
-            ));
-        };
-        let id = repo.save_snapshot(&snap, lock).await.map_err(|e| match e {
-            backer_repo::Error::LockExpired(_) => {
-                CoreError::Aborted(format!("the repository lock was lost: {}", Chain(&e)))
-            }
-            e => CoreError::repo("write the snapshot")(e),
-        })?;
-        // Under the same lock: a forget checks it is still held.
-        let forgotten = match &spec.retention {
-            Some(policy) => {
-                Some(apply_retention(&repo, lock, &active.client, &spec.paths, &spec.tags, policy).await)
-            }
-            None => None,
-        };
-        (id, forgotten)
+    // snapshot may appear. The job ends under the same guard: a disconnect
+    // ending it too waits for the guard, and finds it ended with its
+    // snapshot rather than say none was written.
+    let mut held = active.lock.lock().await;
+    let Some(lock) = held.as_ref() else {
+        return Err(CoreError::Aborted(
+            "the job ended before its snapshot could be written".into(),
+        ));
     };
+    let id = repo.save_snapshot(&snap, lock).await.map_err(|e| match e {
+        backer_repo::Error::LockExpired(_) => {
+            CoreError::Aborted(format!("the repository lock was lost: {}", Chain(&e)))
+        }
+        e => CoreError::repo("write the snapshot")(e),
+    })?;
+    // Under the same lock: a forget checks it is still held.
+    let forgotten = match &spec.retention {
+        Some(policy) => {
+            Some(apply_retention(&repo, lock, &active.client, &spec.paths, &spec.tags, policy).await)
+        }
+        None => None,
+    };
+    crate::runner::release_job_lock(&active.id, held.take()).await;
     let state = if snap.partial {
         JobState::Partial
     } else {
@@ -308,7 +308,8 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
             Err(e) => messages.push(format!("failed to apply the retention policy: {e}")),
         }
     }
-    crate::runner::end(shared, &active.id, state, messages, Some(id.to_hex())).await;
+    crate::runner::finish(shared, &active.id, state, messages, Some(id.to_hex()));
+    drop(held);
     Ok(id.to_hex())
 }
 

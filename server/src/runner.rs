@@ -384,7 +384,7 @@ fn fail_now(shared: &Shared, id: &str, msg: String) -> CoreError {
 }
 
 /// Records a job's end, once: a job ended already stays as it ended.
-fn finish(
+pub(crate) fn finish(
     shared: &Shared,
     id: &str,
     state: JobState,
@@ -412,13 +412,20 @@ pub async fn end(
         .jobs
         .get(id)
         .and_then(|r| shared.jobs.active_for(id, &r.client).ok());
-    if let Some(a) = active
-        && let Some(lock) = a.lock.lock().await.take()
+    if let Some(a) = active {
+        let lock = a.lock.lock().await.take();
+        release_job_lock(id, lock).await;
+    }
+    finish(shared, id, state, messages, snapshot)
+}
+
+/// Releases job `id`'s repository lock, if it still holds one.
+pub(crate) async fn release_job_lock(id: &str, lock: Option<Lock>) {
+    if let Some(lock) = lock
         && let Err(e) = lock.release().await
     {
         tracing::warn!(job = %id, "failed to release the repository lock (it will go stale): {e}");
     }
-    finish(shared, id, state, messages, snapshot)
 }
 
 /// The agent of `client` went away: its running jobs fail with that reason.
