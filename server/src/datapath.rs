@@ -82,7 +82,7 @@ pub fn ingest(active: &Active, mut rx: mpsc::Receiver<pb::UploadBatch>, handle: 
 
 /// Checks an uploaded chunk without storing it: a known kind, a 32-byte id,
 /// a payload that decompresses to `raw_len` bytes hashing to that id, and
-/// for a tree, bytes that decode as one. Pure, so the fuzz targets reach it.
+/// for a tree, exactly a tree's encoding. Pure, so the fuzz targets reach it.
 pub fn check_upload(keys: &ChunkKeys, m: &pb::UploadChunk) -> CoreResult<(BlobId, BlobType)> {
     let id = blob_id(&m.id)?;
     let kind = match m.kind {
@@ -91,8 +91,16 @@ pub fn check_upload(keys: &ChunkKeys, m: &pb::UploadChunk) -> CoreResult<(BlobId
         k => return Err(CoreError::Invalid(format!("unknown blob kind {k}"))),
     };
     let raw = verify_payload(keys, kind, &id, &m.payload, m.raw_len).map_err(CoreError::invalid)?;
+    // Exactly as the tree encodes, nothing after: a data chunk whose first
+    // byte decodes as an empty tree, stored as one under its id, would have
+    // every backup of that data told it is stored and then refused.
     if kind == BlobType::Tree {
-        Tree::from_bytes(&raw, &format!("uploaded tree {id}")).map_err(CoreError::invalid)?;
+        let tree = Tree::from_bytes(&raw, &format!("uploaded tree {id}")).map_err(CoreError::invalid)?;
+        if tree.to_bytes().map_err(CoreError::invalid)? != raw {
+            return Err(CoreError::Invalid(format!(
+                "uploaded tree {id} is not a tree's exact encoding"
+            )));
+        }
     }
     Ok((id, kind))
 }
@@ -217,37 +225,58 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     if !stored_as(&snap.tree, BlobType::Tree) {
         problems.push(format!("its root tree {} was never uploaded", snap.tree));
     }
+    // Checked: every tree this job uploaded, and every tree the snapshot
+    // names that came neither from it nor from the parent (whose trees a
+    // checked snapshot already names), whole: a tree left by an abandoned
+    // job, naming chunks never stored, would otherwise enter a snapshot and
+    // make every prune fail.
+    let trusted = active.readable_trees.lock().clone();
     let new_trees = std::mem::take(&mut *active.new_trees.lock());
-    let checked = new_trees.len();
-    // Read back in parallel: thousands of small trees, each a ranged read.
-    let mut reads = futures::stream::iter(new_trees)
-        .map(|t| {
-            let repo = &repo;
-            async move { (t, repo.load_tree(&t).await) }
-        })
-        .buffer_unordered(8);
-    while let Some((t, tree)) = reads.next().await {
-        let tree = tree.map_err(CoreError::repo(format!("read back tree {t}")))?;
-        for n in &tree.nodes {
-            let missing = n.subtree.filter(|s| !stored_as(s, BlobType::Tree)).or_else(|| {
-                n.content.iter().find_map(|e| match e {
-                    Extent::Data { id, .. } if !stored_as(id, BlobType::Data) => Some(*id),
-                    _ => None,
-                })
-            });
-            if let Some(m) = missing {
-                problems.push(format!(
-                    "{} names chunk {m}, which was never uploaded",
-                    n.name_lossy()
-                ));
+    let mut seen = new_trees.clone();
+    let mut wave: Vec<BlobId> = new_trees.into_iter().collect();
+    if problems.is_empty() && !trusted.contains(&snap.tree) && seen.insert(snap.tree) {
+        wave.push(snap.tree);
+    }
+    let mut checked = 0;
+    while !wave.is_empty() && problems.len() <= 10 {
+        checked += wave.len();
+        let mut next = Vec::new();
+        // Read back in parallel: thousands of small trees, each a ranged read.
+        let mut reads = futures::stream::iter(std::mem::take(&mut wave))
+            .map(|t| {
+                let repo = &repo;
+                async move { (t, repo.load_tree(&t).await) }
+            })
+            .buffer_unordered(8);
+        while let Some((t, tree)) = reads.next().await {
+            let tree = tree.map_err(CoreError::repo(format!("read back tree {t}")))?;
+            for n in &tree.nodes {
+                let missing = n.subtree.filter(|s| !stored_as(s, BlobType::Tree)).or_else(|| {
+                    n.content.iter().find_map(|e| match e {
+                        Extent::Data { id, .. } if !stored_as(id, BlobType::Data) => Some(*id),
+                        _ => None,
+                    })
+                });
+                if let Some(m) = missing {
+                    problems.push(format!(
+                        "{} names chunk {m}, which was never uploaded",
+                        n.name_lossy()
+                    ));
+                    break;
+                }
+                if let Some(sub) = n.subtree
+                    && !trusted.contains(&sub)
+                    && seen.insert(sub)
+                {
+                    next.push(sub);
+                }
+            }
+            if problems.len() > 10 {
                 break;
             }
         }
-        if problems.len() > 10 {
-            break;
-        }
+        wave = next;
     }
-    drop(reads);
     if !problems.is_empty() {
         let msg = format!(
             "the backup is incomplete, no snapshot written: {}",

@@ -796,6 +796,20 @@ mod tests {
         assert_eq!(s.jobs.get(&job.id).unwrap().state, JobState::Failed);
         assert!(s.storage.repo().snapshots().await.unwrap().is_empty());
 
+        // Nothing uploaded, the root left by the job above named: it is
+        // checked whole, not taken for stored and sound.
+        let job = start_backup(&s, request("h1", &["/data"]), "admin:test")
+            .await
+            .unwrap();
+        c.work.recv().await.unwrap();
+        let active = s.jobs.active_for(&job.id, "h1").unwrap();
+        let r = crate::datapath::finish_backup(&s, &active, &agent_says(root)).await;
+        assert!(
+            matches!(&r, Err(CoreError::Refused(m)) if m.contains("never uploaded")),
+            "{r:?}"
+        );
+        assert!(s.storage.repo().snapshots().await.unwrap().is_empty());
+
         // Everything: the snapshot is h1's, of the paths the job asked for.
         let job = start_backup(&s, request("h1", &["/data"]), "admin:test")
             .await
@@ -836,6 +850,31 @@ mod tests {
         assert_eq!(w.parent_snapshot_id, "");
         assert!(w.parent_tree_id.is_empty());
         assert_eq!((w.parent_files, w.parent_bytes), (0, 0));
+    }
+
+    /// A tree upload must be exactly a tree's encoding: a data chunk that
+    /// happens to decode as a tree (its first byte an empty list, anything
+    /// after) stored as one would be taken as stored by every backup of that
+    /// data, and every such backup refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tree_upload_with_bytes_after_the_tree_is_refused() {
+        let c = core().await;
+        let repo = c.shared.storage.repo();
+        let keys = &repo.key().chunk;
+        let mut raw = Tree { nodes: vec![] }.to_bytes().unwrap();
+        let up = |raw: &[u8]| pb::UploadChunk {
+            id: blob_id(keys, raw).0.to_vec().into(),
+            kind: 1,
+            payload: Compressor::new(2).unwrap().compress(raw).into(),
+            raw_len: raw.len() as u32,
+        };
+        crate::datapath::check_upload(keys, &up(&raw)).unwrap();
+        raw.extend_from_slice(b"public file bytes");
+        let r = crate::datapath::check_upload(keys, &up(&raw));
+        assert!(
+            matches!(&r, Err(CoreError::Invalid(m)) if m.contains("exact encoding")),
+            "{r:?}"
+        );
     }
 
     /// An index file written after a prune overtook the job's lock would
