@@ -5,6 +5,38 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::{BlobId, SnapshotId};
 
+/// How many errors a snapshot records by name (all are counted), and how
+/// long each may be: every listing of the repository reads them.
+pub const MAX_RECORDED_ERRORS: usize = 100;
+pub const MAX_ERROR_BYTES: usize = 2048;
+
+/// `m` cut to at most `max` bytes, on a character boundary, marked as cut.
+pub fn bounded_message(mut m: String, max: usize) -> String {
+    if m.len() > max {
+        let mut end = max;
+        while !m.is_char_boundary(end) {
+            end -= 1;
+        }
+        m.truncate(end);
+        m.push('…');
+    }
+    m
+}
+
+impl Snapshot {
+    /// Bounds what an agent sent in `errors` (see [`MAX_RECORDED_ERRORS`]).
+    pub fn bound_errors(&mut self) {
+        let extra = self.errors.len().saturating_sub(MAX_RECORDED_ERRORS);
+        self.errors.truncate(MAX_RECORDED_ERRORS);
+        for e in &mut self.errors {
+            *e = bounded_message(std::mem::take(e), MAX_ERROR_BYTES);
+        }
+        if extra > 0 {
+            self.errors.push(format!("… and {extra} more"));
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Snapshot {
     pub time: DateTime<Utc>,
@@ -173,6 +205,29 @@ pub fn find(all: Vec<SnapshotEntry>, spec: &str, filter: &SnapshotFilter) -> cra
 mod tests {
     use super::*;
     use crate::Error;
+
+    #[test]
+    fn errors_sent_for_a_snapshot_are_bounded() {
+        let mut s = Snapshot {
+            time: Utc::now(),
+            hostname: "h".into(),
+            username: "u".into(),
+            paths: vec![],
+            tags: vec![],
+            excludes: vec![],
+            parent: None,
+            tree: BlobId([0; 32]),
+            summary: Summary::default(),
+            partial: true,
+            errors: vec!["ü".repeat(5000); 150],
+            program_version: "t".into(),
+        };
+        s.bound_errors();
+        assert_eq!(s.errors.len(), MAX_RECORDED_ERRORS + 1);
+        assert!(s.errors[0].len() <= MAX_ERROR_BYTES + '…'.len_utf8());
+        assert!(s.errors[0].starts_with("üü") && s.errors[0].ends_with('…'));
+        assert_eq!(s.errors[MAX_RECORDED_ERRORS], "… and 50 more");
+    }
 
     fn entry(n: u8, host: &str, minute: u32, tags: &[&str]) -> SnapshotEntry {
         SnapshotEntry {

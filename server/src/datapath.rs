@@ -286,6 +286,8 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
         return Err(CoreError::Refused(msg));
     }
     tracing::info!(job = %active.id, trees = checked, ms = started.elapsed().as_millis() as u64, "backup checked");
+    // Kept in the repository, read by every listing: bounded.
+    snap.bound_errors();
     snap.hostname = active.client.clone();
     snap.paths = spec.paths.clone();
     snap.excludes = spec.excludes.clone();

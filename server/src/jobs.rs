@@ -11,6 +11,7 @@ use backer_proto::v1 as pb;
 use backer_repo::Repository;
 use backer_repo::id::{BlobId, SnapshotId};
 use backer_repo::lock::Lock;
+use backer_repo::snapshot::{MAX_ERROR_BYTES, bounded_message};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -360,7 +361,12 @@ impl Jobs {
             // The record is rewritten whole on each change: keep it small.
             let room = MAX_MESSAGES.saturating_sub(r.messages.len());
             let extra = messages.len().saturating_sub(room);
-            r.messages.extend(messages.into_iter().take(room));
+            r.messages.extend(
+                messages
+                    .into_iter()
+                    .take(room)
+                    .map(|m| bounded_message(m, MAX_ERROR_BYTES)),
+            );
             if extra > 0 {
                 r.messages.push(format!("… and {extra} more"));
             }
@@ -436,5 +442,19 @@ mod tests {
             jobs.finish("no-such-job", JobState::Failed, vec![], None, 140)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn an_agents_messages_are_kept_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::load(dir.path().join("jobs.json"), 100).unwrap();
+        let r = jobs.create(Kind::Backup, "h1", "agent:h1", 100);
+        let huge = "é".repeat(1 << 20);
+        let many = vec![huge; 500];
+        let ended = jobs.finish(&r.id, JobState::Failed, many, None, 130).unwrap();
+        assert_eq!(ended.messages.len(), MAX_MESSAGES + 1);
+        assert!(ended.messages[0].len() <= MAX_ERROR_BYTES + '…'.len_utf8());
+        assert!(ended.messages[0].ends_with('…'));
+        assert_eq!(ended.messages[MAX_MESSAGES], "… and 400 more");
     }
 }

@@ -363,15 +363,32 @@ pub async fn find_snapshot(
     })
 }
 
+/// How long a job waits for room in its agent's queue of work (shorter in
+/// this crate's tests, which wait it out).
+const DISPATCH_WAIT: Duration = if cfg!(test) {
+    Duration::from_millis(500)
+} else {
+    Duration::from_secs(30)
+};
+
 /// Sends the job to the client's agent; a job that cannot be sent fails.
+/// Bounded: an agent that stops reading its work must not hold up whoever
+/// sends it work (the schedule loop serves every client in turn).
 async fn dispatch(shared: &Arc<Shared>, active: &Arc<Active>, work: pb::WorkItem) -> CoreResult<()> {
     let sender = shared.work_sender(&active.client);
-    let sent = match sender {
-        Some(tx) => tx.send(work).await.is_ok(),
-        None => false,
+    let why = match sender {
+        Some(tx) => match tokio::time::timeout(DISPATCH_WAIT, tx.send(work)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(_)) => Some("disconnected before the job could start".to_string()),
+            Err(_) => Some(format!(
+                "took no work for {} s (its agent is not reading its queue)",
+                DISPATCH_WAIT.as_secs()
+            )),
+        },
+        None => Some("disconnected before the job could start".to_string()),
     };
-    if !sent {
-        let msg = format!("client {} disconnected before the job could start", active.client);
+    if let Some(why) = why {
+        let msg = format!("client {} {why}", active.client);
         end(shared, &active.id, JobState::Failed, vec![msg.clone()], None).await;
         return Err(CoreError::Unavailable(msg));
     }
@@ -850,6 +867,27 @@ mod tests {
         assert_eq!(w.parent_snapshot_id, "");
         assert!(w.parent_tree_id.is_empty());
         assert_eq!((w.parent_files, w.parent_bytes), (0, 0));
+    }
+
+    /// An agent that stops reading its queue of work fails its new jobs
+    /// after a while instead of holding up whoever sends them (the
+    /// schedule loop serves every client in turn).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_not_reading_its_work_fails_the_job_instead_of_holding_up_the_sender() {
+        let c = core().await;
+        let s = &c.shared;
+        // h1's queue holds four; nothing reads it.
+        for _ in 0..4 {
+            start_backup(s, request("h1", &["/data"]), "admin:test")
+                .await
+                .unwrap();
+        }
+        let r = start_backup(s, request("h1", &["/data"]), "admin:test").await;
+        assert!(
+            matches!(&r, Err(CoreError::Unavailable(m)) if m.contains("took no work")),
+            "{r:?}"
+        );
+        drop(c);
     }
 
     /// A tree upload must be exactly a tree's encoding: a data chunk that

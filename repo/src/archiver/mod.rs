@@ -65,9 +65,6 @@ pub use select::Excluder;
 use select::{Selection, build_selection, normalize, on_disk};
 use walk::{ITEM_BATCH, Item, Walker, scan_totals, stat_helper};
 
-/// How many errors a snapshot records by name (all are counted).
-const MAX_RECORDED_ERRORS: usize = 100;
-
 /// New chunks are passed on in batches of about this many bytes: on two
 /// cores, a hand-off between threads for each small file cost more time
 /// than compressing it (a first backup of /usr took 6 % longer).
@@ -169,7 +166,7 @@ struct Shared<'a> {
     /// Everything said to the user, in order.
     messages: Mutex<Vec<String>>,
     /// What the snapshot records: the errors' messages, the first
-    /// [`MAX_RECORDED_ERRORS`] of them.
+    /// [`snapshot::MAX_RECORDED_ERRORS`] of them.
     recorded: Mutex<Vec<String>>,
     /// Entries left out or recorded incompletely; any makes the snapshot partial.
     errors: AtomicU64,
@@ -226,7 +223,7 @@ impl Shared<'_> {
         self.progress.errors.fetch_add(1, Ordering::Relaxed);
         {
             let mut recorded = self.recorded.lock();
-            if recorded.len() < MAX_RECORDED_ERRORS {
+            if recorded.len() < snapshot::MAX_RECORDED_ERRORS {
                 recorded.push(msg.clone());
             }
         }
