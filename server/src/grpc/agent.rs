@@ -278,9 +278,8 @@ impl Agent for Service {
         let name = auth::client(&self.shared, &req)?;
         // A host may only ask for its own backups and restores onto itself.
         let job = match req.into_inner().job {
-            Some(request_job_request::Job::Backup(mut b)) => {
-                b.client = name.clone();
-                runner::start_backup(&self.shared, b, "agent").await?
+            Some(request_job_request::Job::Backup(b)) => {
+                runner::start_backup(&self.shared, own_backup(&name, b), "agent").await?
             }
             Some(request_job_request::Job::Restore(mut r)) => {
                 if !r.to_client.is_empty() && r.to_client != name {
@@ -295,5 +294,37 @@ impl Agent for Service {
             None => return Err(Status::invalid_argument("no job in the request")),
         };
         Ok(Response::new(super::watch_stream(&self.shared, &job.id)?))
+    }
+}
+
+/// The backup an agent may ask for: of its own host, and with no retention
+/// policy of its own. Only the configured one applies: a node taken over
+/// must not be able to forget its history (a backup of nothing with
+/// `keep_last = 1` would forget every earlier snapshot of the series).
+fn own_backup(client: &str, mut b: StartBackupRequest) -> StartBackupRequest {
+    b.client = client.to_string();
+    b.retention = None;
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_asks_only_for_its_own_backups_and_never_for_retention() {
+        let asked = StartBackupRequest {
+            client: "other".into(),
+            paths: vec!["/data".into()],
+            retention: Some(Retention {
+                keep_last: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let b = own_backup("h1", asked);
+        assert_eq!(b.client, "h1");
+        assert_eq!(b.paths, vec!["/data".to_string()]);
+        assert!(b.retention.is_none());
     }
 }
