@@ -274,7 +274,9 @@ pub fn upload_chunk(data: &[u8]) {
             raw_len: rest.len() as u32,
         };
         let r = check_upload(keys, &m);
-        let valid = kind == 0 || Tree::from_bytes(rest, "tree").is_ok();
+        // A tree must be exactly a tree's encoding: nothing after it.
+        let valid =
+            kind == 0 || Tree::from_bytes(rest, "tree").is_ok_and(|t| t.to_bytes().is_ok_and(|b| b == rest));
         assert_eq!(r.is_ok(), valid, "{r:?}");
         upload(&m);
         return;
