@@ -67,6 +67,56 @@ pub struct LockInfo {
     pub created: DateTime<Utc>,
     /// Random, so two locks never share a name.
     pub nonce: u64,
+    /// The holder's PID namespace and boot ([`pid_space`]): its PID says
+    /// whether it is gone only to a process of the same. Empty in locks of
+    /// older versions.
+    pub pid_space: String,
+}
+
+/// [`LockInfo`] as older versions wrote it, without `pid_space`: still
+/// read, so their running commands' locks keep counting.
+#[derive(Deserialize)]
+struct LockInfoV1 {
+    exclusive: bool,
+    hostname: String,
+    pid: u32,
+    username: String,
+    purpose: String,
+    created: DateTime<Utc>,
+    nonce: u64,
+}
+
+/// Opens the lock object `name`, in either form.
+pub fn open_lock(key: &MasterKey, name: &str, bytes: &[u8]) -> Result<LockInfo> {
+    match open_object::<LockInfo>(key, Kind::Lock, name, bytes) {
+        Err(Error::Decode { .. }) => {
+            let v1 = open_object::<LockInfoV1>(key, Kind::Lock, name, bytes)?;
+            Ok(LockInfo {
+                exclusive: v1.exclusive,
+                hostname: v1.hostname,
+                pid: v1.pid,
+                username: v1.username,
+                purpose: v1.purpose,
+                created: v1.created,
+                nonce: v1.nonce,
+                pid_space: String::new(),
+            })
+        }
+        r => r,
+    }
+}
+
+/// This process's PID namespace and boot, e.g. `pid:[4026531836]
+/// 0d5f…`; empty when either is unknown. Two hosts may share a name (VMs
+/// left as `localhost`), and so do a host and its containers (host
+/// network): a PID alone would then judge a live holder elsewhere gone.
+pub fn pid_space() -> String {
+    let ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.display().to_string());
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id");
+    match (ns, boot) {
+        (Ok(ns), Ok(boot)) if !boot.trim().is_empty() => format!("{ns} {}", boot.trim()),
+        _ => String::new(),
+    }
 }
 
 /// A lock found in the repository.
@@ -238,7 +288,9 @@ async fn write_lock(backend: &Backend, key: &MasterKey, info: &LockInfo) -> Resu
 }
 
 fn process_gone(info: &LockInfo) -> bool {
-    if info.hostname != snapshot::hostname() {
+    // Unknown on either side (an older version's lock): not judged by PID,
+    // it goes stale with time.
+    if info.hostname != snapshot::hostname() || info.pid_space.is_empty() || info.pid_space != pid_space() {
         return false;
     }
     match i32::try_from(info.pid)
@@ -277,7 +329,7 @@ pub async fn list_locks(
                 continue;
             }
             let info = match repo.backend().get(&lock_path(&l.name)).await {
-                Ok(bytes) => match open_object::<LockInfo>(repo.key(), Kind::Lock, &l.name, &bytes) {
+                Ok(bytes) => match open_lock(repo.key(), &l.name, &bytes) {
                     Ok(info) => Some(info),
                     Err(e) if e.is_damage() => {
                         tracing::debug!("lock locks/{} cannot be read: {e}", l.name);
@@ -412,6 +464,7 @@ impl Lock {
                 purpose: purpose.to_string(),
                 created: Utc::now(),
                 nonce: random_u64(),
+                pid_space: pid_space(),
             };
             // Known before it exists: an interrupt while it is written, or
             // while others are looked at, must not leave it behind.

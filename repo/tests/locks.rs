@@ -8,7 +8,8 @@ use std::time::Duration;
 use backer_repo::backend::faults::{Fault, FaultPlan};
 use backer_repo::error::Error;
 use backer_repo::id::BlobId;
-use backer_repo::lock::{Lock, Timing, list_locks, unlock};
+use backer_repo::lock::{Lock, LockInfo, Timing, list_locks, pid_space, unlock};
+use backer_repo::repository::{Kind, seal_object};
 use backer_repo::{Backend, Repository};
 
 mod common;
@@ -148,6 +149,109 @@ async fn unlock_removes_stale_and_removed_lock_stops_its_holder() {
     assert!(list_locks(&repo, None, short()).await.unwrap().is_empty());
     let err = live.check_fresh().await.unwrap_err();
     assert!(matches!(err, Error::LockExpired(_)), "{err}");
+}
+
+/// Writes a lock object for `info` as another process would.
+async fn plant<T: serde::Serialize>(repo: &Repository, info: &T) {
+    let (name, bytes) = seal_object(repo.key(), Kind::Lock, info).unwrap();
+    repo.backend().put_new(&name, bytes).await.unwrap();
+}
+
+fn info(pid: u32, pid_space: String) -> LockInfo {
+    LockInfo {
+        exclusive: false,
+        hostname: backer_repo::snapshot::hostname(),
+        pid,
+        username: "u".into(),
+        purpose: "backup".into(),
+        created: chrono::Utc::now(),
+        nonce: rand_nonce(),
+        pid_space,
+    }
+}
+
+fn rand_nonce() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// A holder's PID says it is gone only when it ran in this PID namespace
+/// and boot: a container sharing the host's name, or another machine of
+/// the same name, has PIDs of its own, and its live backup must still
+/// keep a prune away.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pid_judges_a_holder_gone_only_in_the_same_pid_namespace_and_boot() {
+    let repo = Repository::init(Backend::in_memory(), b"pw", cheap())
+        .await
+        .unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    assert!(!pid_space().is_empty());
+
+    plant(&repo, &info(dead, pid_space())).await;
+    let locks = list_locks(&repo, None, short()).await.unwrap();
+    assert!(
+        locks[0].stale.as_deref().unwrap_or("").contains("is gone"),
+        "{locks:?}"
+    );
+    unlock(&repo, true).await.unwrap();
+
+    for elsewhere in ["pid:[1] another-boot".to_string(), String::new()] {
+        plant(&repo, &info(dead, elsewhere.clone())).await;
+        let locks = list_locks(&repo, None, short()).await.unwrap();
+        assert_eq!(locks[0].stale, None, "{elsewhere:?}: {locks:?}");
+        assert!(
+            Lock::acquire_with(&repo, true, "prune", Duration::ZERO, short())
+                .await
+                .is_err()
+        );
+        unlock(&repo, true).await.unwrap();
+    }
+}
+
+/// A lock an older version wrote (without the PID namespace) is read, and
+/// counts: were it taken for unreadable, hence stale, a new prune would
+/// run beside an old version's backup.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_versions_lock_still_counts() {
+    #[derive(serde::Serialize)]
+    struct V1 {
+        exclusive: bool,
+        hostname: String,
+        pid: u32,
+        username: String,
+        purpose: String,
+        created: chrono::DateTime<chrono::Utc>,
+        nonce: u64,
+    }
+    let repo = Repository::init(Backend::in_memory(), b"pw", cheap())
+        .await
+        .unwrap();
+    plant(
+        &repo,
+        &V1 {
+            exclusive: false,
+            hostname: "another-host".into(),
+            pid: 7,
+            username: "u".into(),
+            purpose: "backup".into(),
+            created: chrono::Utc::now(),
+            nonce: 1,
+        },
+    )
+    .await;
+    let locks = list_locks(&repo, None, short()).await.unwrap();
+    assert_eq!(locks.len(), 1);
+    let found = locks[0].info.as_ref().expect("read");
+    assert_eq!((found.pid, found.pid_space.as_str()), (7, ""));
+    assert_eq!(locks[0].stale, None);
+    let err = Lock::acquire_with(&repo, true, "prune", Duration::ZERO, short())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("another-host"), "{err}");
 }
 
 /// Work that checks a lock it does not hold (a server's upload for a job)
