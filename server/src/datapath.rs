@@ -28,6 +28,34 @@ use crate::server::Shared;
 /// Ids per Missing question, and per ReadChunks request.
 pub const MAX_IDS: usize = 4096;
 
+/// ReadChunks streams a restore job may have open at once: the agent keeps
+/// 4. Each holds a blocking thread until read, and those are shared by
+/// every client's uploads and restores.
+pub const MAX_READS: usize = 8;
+
+/// A ReadChunks stream's place among its job's [`MAX_READS`], given back
+/// when the stream's reading ends.
+struct ReadSlot(Arc<Active>);
+
+impl ReadSlot {
+    fn take(active: &Arc<Active>) -> CoreResult<ReadSlot> {
+        if active.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_READS {
+            active.reads.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(CoreError::Refused(format!(
+                "job {} already has {MAX_READS} chunk reads open; wait for one to end",
+                active.id
+            )));
+        }
+        Ok(ReadSlot(Arc::clone(active)))
+    }
+}
+
+impl Drop for ReadSlot {
+    fn drop(&mut self) {
+        self.0.reads.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 pub fn blob_id(b: &[u8]) -> CoreResult<BlobId> {
     BlobId::from_slice(b).ok_or_else(|| CoreError::Invalid("a chunk id is not 32 bytes".into()))
 }
@@ -160,8 +188,10 @@ pub fn read_chunks(
         )));
     }
     let ids = ids.iter().map(|b| blob_id(b)).collect::<Result<Vec<_>, _>>()?;
+    let slot = ReadSlot::take(&active)?;
     let (tx, rx) = mpsc::channel(8);
     tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let repo = &active.repo;
         // An agent gone reads nothing more.
         let gone = CancellationToken::new();

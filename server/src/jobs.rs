@@ -149,6 +149,8 @@ pub struct Active {
     pub new_trees: Mutex<HashSet<BlobId>>,
     /// An upload stream is open (one at a time per job).
     pub uploading: Mutex<bool>,
+    /// ReadChunks streams open (see [`crate::datapath::MAX_READS`]).
+    pub reads: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Active {

@@ -309,6 +309,7 @@ async fn activate(
         readable_trees: Mutex::new(readable),
         new_trees: Mutex::new(Default::default()),
         uploading: Mutex::new(false),
+        reads: Default::default(),
     }))
 }
 
@@ -888,6 +889,58 @@ mod tests {
             "{r:?}"
         );
         drop(c);
+    }
+
+    /// A restore job's ReadChunks streams are bounded: each holds a
+    /// blocking thread, shared by every client, until it is read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restore_job_holds_at_most_a_few_chunk_reads_open() {
+        let mut c = core().await;
+        let s = Arc::clone(&c.shared);
+        snapshot(&s, "h1", &["/data"], &[], 1, 60).await;
+        let job = start_restore(
+            &s,
+            pb::StartRestoreRequest {
+                snapshot: "latest".into(),
+                client: "h1".into(),
+                target: "/restore".into(),
+                ..Default::default()
+            },
+            "admin:test",
+        )
+        .await
+        .unwrap();
+        c.work.recv().await.unwrap();
+        let active = s.jobs.active_for(&job.id, "h1").unwrap();
+        // More ids than the stream holds: unread, each read stays open.
+        let ids: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 32]).collect();
+        let read = || {
+            crate::datapath::read_chunks(
+                Arc::clone(&active),
+                ids.clone(),
+                tokio::runtime::Handle::current(),
+            )
+        };
+        let mut open: Vec<_> = (0..crate::datapath::MAX_READS).map(|_| read().unwrap()).collect();
+        let r = read();
+        assert!(
+            matches!(&r, Err(CoreError::Refused(m)) if m.contains("chunk reads open")),
+            "{:?}",
+            r.map(|_| ())
+        );
+        // One read given up frees its place.
+        drop(open.pop());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match read() {
+                Ok(rx) => {
+                    open.push(rx);
+                    break;
+                }
+                Err(e) => assert!(std::time::Instant::now() < deadline, "{e:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// A tree upload must be exactly a tree's encoding: a data chunk that
