@@ -110,13 +110,18 @@ pub fn open_lock(key: &MasterKey, name: &str, bytes: &[u8]) -> Result<LockInfo> 
 /// 0d5f…`; empty when either is unknown. Two hosts may share a name (VMs
 /// left as `localhost`), and so do a host and its containers (host
 /// network): a PID alone would then judge a live holder elsewhere gone.
-pub fn pid_space() -> String {
-    let ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.display().to_string());
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id");
-    match (ns, boot) {
-        (Ok(ns), Ok(boot)) if !boot.trim().is_empty() => format!("{ns} {}", boot.trim()),
-        _ => String::new(),
-    }
+pub fn pid_space() -> &'static str {
+    // Read once: it cannot change while the process runs, and every lock
+    // judged asks for it.
+    static SPACE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SPACE.get_or_init(|| {
+        let ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.display().to_string());
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id");
+        match (ns, boot) {
+            (Ok(ns), Ok(boot)) if !boot.trim().is_empty() => format!("{ns} {}", boot.trim()),
+            _ => String::new(),
+        }
+    })
 }
 
 /// A lock found in the repository.
@@ -464,7 +469,7 @@ impl Lock {
                 purpose: purpose.to_string(),
                 created: Utc::now(),
                 nonce: random_u64(),
-                pid_space: pid_space(),
+                pid_space: pid_space().to_string(),
             };
             // Known before it exists: an interrupt while it is written, or
             // while others are looked at, must not leave it behind.
@@ -496,20 +501,48 @@ impl Lock {
                 h.last_refresh = boot_clock();
             }
             drop(writing);
-            let mut all = match list_locks(repo, None, timing).await {
-                Ok(all) => all,
+            // Why this attempt backs off, if it does.
+            let refused = match list_locks(repo, None, timing).await {
+                Ok(mut all) => {
+                    // Judge others by the store's clock: the time it gave our own lock.
+                    if let Some(now) = all.iter().find(|l| l.name == name).map(|l| l.modified) {
+                        judge(&mut all, now, timing);
+                    }
+                    let conflicts: Vec<&FoundLock> = all
+                        .iter()
+                        .filter(|l| l.name != name && l.stale.is_none() && (exclusive || l.exclusive()))
+                        .collect();
+                    for l in all.iter().filter(|l| l.name != name && l.stale.is_some()) {
+                        tracing::warn!(
+                            "ignoring a stale lock ({}): {}; `backer unlock` removes it",
+                            l.stale.as_deref().unwrap_or(""),
+                            l.describe()
+                        );
+                    }
+                    if conflicts.is_empty() {
+                        let mut lock = Lock {
+                            backend: repo.backend().clone(),
+                            key: Arc::clone(repo.key()),
+                            info,
+                            held,
+                            timing,
+                            refresher: None,
+                            gate,
+                            registered,
+                        };
+                        lock.start_refresher();
+                        return Ok(lock);
+                    }
+                    let described: Vec<String> = conflicts.iter().map(|l| l.describe()).collect();
+                    format!(
+                        "{}; wait for it to finish (or pass --retry-lock), and if its holder is gone \
+                         run `backer unlock`",
+                        described.join("; ")
+                    )
+                }
                 // Others' locks kept changing while read: whether one
                 // conflicts is unknown, so it is waited out as one that does.
-                Err(Error::Locked(why)) => {
-                    unregister(registered);
-                    repo.backend().delete(&lock_path(&name)).await?;
-                    if started.elapsed() >= wait {
-                        return Err(Error::Locked(format!("{why}; try again, or pass --retry-lock")));
-                    }
-                    tokio::time::sleep(Duration::from_secs(1).min(wait.saturating_sub(started.elapsed())))
-                        .await;
-                    continue;
-                }
+                Err(Error::Locked(why)) => format!("{why}; try again, or pass --retry-lock"),
                 Err(e) => {
                     // Not knowing who else holds the repository, we hold
                     // nothing: take our lock back rather than leave it.
@@ -518,44 +551,10 @@ impl Lock {
                     return Err(e);
                 }
             };
-            // Judge others by the store's clock: the time it gave our own lock.
-            if let Some(now) = all.iter().find(|l| l.name == name).map(|l| l.modified) {
-                judge(&mut all, now, timing);
-            }
-            let conflicts: Vec<&FoundLock> = all
-                .iter()
-                .filter(|l| l.name != name && l.stale.is_none() && (exclusive || l.exclusive()))
-                .collect();
-            for l in all.iter().filter(|l| l.name != name && l.stale.is_some()) {
-                tracing::warn!(
-                    "ignoring a stale lock ({}): {}; `backer unlock` removes it",
-                    l.stale.as_deref().unwrap_or(""),
-                    l.describe()
-                );
-            }
-            if conflicts.is_empty() {
-                let mut lock = Lock {
-                    backend: repo.backend().clone(),
-                    key: Arc::clone(repo.key()),
-                    info,
-                    held,
-                    timing,
-                    refresher: None,
-                    gate,
-                    registered,
-                };
-                lock.start_refresher();
-                return Ok(lock);
-            }
-            let described: Vec<String> = conflicts.iter().map(|l| l.describe()).collect();
             unregister(registered);
             repo.backend().delete(&lock_path(&name)).await?;
             if started.elapsed() >= wait {
-                return Err(Error::Locked(format!(
-                    "{}; wait for it to finish (or pass --retry-lock), and if its holder is gone \
-                     run `backer unlock`",
-                    described.join("; ")
-                )));
+                return Err(Error::Locked(refused));
             }
             let pause = Duration::from_secs(2).min(wait.saturating_sub(started.elapsed()));
             tokio::time::sleep(pause.max(Duration::from_millis(100))).await;

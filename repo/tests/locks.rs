@@ -191,7 +191,7 @@ async fn a_pid_judges_a_holder_gone_only_in_the_same_pid_namespace_and_boot() {
     child.wait().unwrap();
     assert!(!pid_space().is_empty());
 
-    plant(&repo, &info(dead, pid_space())).await;
+    plant(&repo, &info(dead, pid_space().to_string())).await;
     let locks = list_locks(&repo, None, short()).await.unwrap();
     assert!(
         locks[0].stale.as_deref().unwrap_or("").contains("is gone"),
