@@ -261,9 +261,8 @@ pub async fn finish_backup(shared: &Shared, active: &Active, snapshot_json: &str
     // job, naming chunks never stored, would otherwise enter a snapshot and
     // make every prune fail.
     let trusted = active.readable_trees.lock().clone();
-    let new_trees = std::mem::take(&mut *active.new_trees.lock());
-    let mut seen = new_trees.clone();
-    let mut wave: Vec<BlobId> = new_trees.into_iter().collect();
+    let mut seen = std::mem::take(&mut *active.new_trees.lock());
+    let mut wave: Vec<BlobId> = seen.iter().copied().collect();
     if problems.is_empty() && !trusted.contains(&snap.tree) && seen.insert(snap.tree) {
         wave.push(snap.tree);
     }
