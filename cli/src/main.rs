@@ -197,19 +197,39 @@ fn interrupted_note(command: &Command, remote: bool) -> &'static str {
     }
 }
 
-/// On SIGINT or SIGTERM: removes the repository locks this process holds,
-/// says what was left, and exits (130 or 143), so an interrupted command
-/// never leaves the repository locked until its lock goes stale.
-async fn on_interrupt(note: &'static str) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-    else {
-        return;
-    };
-    let code = tokio::select! {
-        _ = int.recv() => 130,
-        _ = term.recv() => 143,
-    };
+/// SIGINT and SIGTERM, caught from before the command starts, so that no
+/// signal meets the default action (which would end the process with its
+/// lock left in the repository).
+struct Interrupts(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl Interrupts {
+    /// Must be called inside the runtime.
+    fn catch() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self(
+            signal(SignalKind::interrupt())
+                .ok()
+                .zip(signal(SignalKind::terminate()).ok()),
+        )
+    }
+
+    /// The exit code for the first signal (130 or 143); never, where the
+    /// signals could not be caught.
+    async fn next(&mut self) -> u8 {
+        match &mut self.0 {
+            Some((int, term)) => tokio::select! {
+                _ = int.recv() => 130,
+                _ = term.recv() => 143,
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// After a signal: removes the repository locks this process holds and says
+/// what was left, so an interrupted command never leaves the repository
+/// locked until its lock goes stale.
+async fn say_interrupted(note: &'static str) {
     let released = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         backer_repo::lock::release_held(),
@@ -229,7 +249,23 @@ async fn on_interrupt(note: &'static str) {
         let _ = rustix::termios::tcsetattr(std::io::stdin(), rustix::termios::OptionalActions::Now, &t);
     }
     eprintln!("\ninterrupted: {note}{lock}");
-    std::process::exit(code);
+}
+
+/// Ends an interrupted process at once, running no exit handlers.
+///
+/// Its other threads may still be reading, hashing or encrypting (or
+/// waiting at the password prompt): `exit(3)` would run the C libraries'
+/// exit-time destructors (aws-lc's among them) under them, and once in CI a
+/// process died of a signal there after saying it was interrupted. What must
+/// outlive the process is done by now: the locks removed, the note said.
+#[allow(unsafe_code)]
+fn exit_at_once(code: u8) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` takes a plain integer and never returns; skipping
+    // exit handlers and destructors is what it is called for here.
+    unsafe { libc::_exit(i32::from(code)) }
 }
 
 fn main() -> ExitCode {
@@ -279,8 +315,14 @@ fn main() -> ExitCode {
         _ => Ok(false),
     };
     let through = remote.as_ref().is_ok_and(|r| *r);
-    runtime.spawn(on_interrupt(interrupted_note(&cli.command, through)));
-    let result = runtime.block_on(async move {
+    let mut interrupts = {
+        let _in_runtime = runtime.enter();
+        Interrupts::catch()
+    };
+    let note = interrupted_note(&cli.command, through);
+    // The command runs as a task, so that this thread stays free to act on a
+    // signal even while the command blocks (at the password prompt, say).
+    let mut command = runtime.spawn(async move {
         let remote = remote?;
         match cli.command {
             Command::Init => local::init(&g).await,
@@ -305,6 +347,27 @@ fn main() -> ExitCode {
             Command::Jobs(a) => remote::jobs(&g, &server, a).await,
         }
     });
+    let result = match runtime.block_on(async {
+        tokio::select! {
+            biased;
+            code = interrupts.next() => Err(code),
+            done = &mut command => Ok(done),
+        }
+    }) {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => match e.try_into_panic() {
+            // The panic was reported as it happened; end as a panic would.
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => Err(anyhow::anyhow!("the command was cancelled: {e}")),
+        },
+        Err(code) => {
+            // The command is left running, not aborted: dropping its lock
+            // would forget the lock without removing it. Releasing the lock
+            // stops its writers instead (they check the lock before writing).
+            runtime.block_on(say_interrupted(note));
+            exit_at_once(code);
+        }
+    };
     match result {
         Ok(code) => ExitCode::from(code),
         // The reader of our output went away: nothing is wrong.

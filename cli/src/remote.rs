@@ -650,7 +650,8 @@ pub async fn ls(g: &Global, s: &ServerArgs, a: crate::local::LsArgs) -> Result<u
         .map_err(status_err)?
         .into_inner();
     use std::io::Write;
-    let mut out = std::io::stdout().lock();
+    // Not a `StdoutLock`: that would hold stdout across the stream's awaits.
+    let mut out = std::io::BufWriter::new(std::io::stdout());
     while let Some(e) = entries.message().await.map_err(status_err)? {
         if g.json {
             serde_json::to_writer(
@@ -672,5 +673,6 @@ pub async fn ls(g: &Global, s: &ServerArgs, a: crate::local::LsArgs) -> Result<u
             writeln!(out, "{}", e.path)?;
         }
     }
+    out.flush()?;
     Ok(0)
 }

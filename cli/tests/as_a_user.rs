@@ -441,7 +441,7 @@ fn an_interrupted_command_releases_its_lock_and_says_what_it_left() {
         &["backup", src.to_str().unwrap()],
         rustix::process::Signal::INT,
     );
-    assert_eq!(o.status.code(), Some(130), "{}", all(&o));
+    assert_eq!(o.status.code(), Some(130), "{:?}: {}", o.status, all(&o));
     let said = String::from_utf8_lossy(&o.stderr);
     assert!(
         said.contains("interrupted: no snapshot was saved")
@@ -489,11 +489,86 @@ fn an_interrupted_command_releases_its_lock_and_says_what_it_left() {
         &["restore", "latest", "--target", target.to_str().unwrap()],
         rustix::process::Signal::TERM,
     );
-    assert_eq!(o.status.code(), Some(143), "{}", all(&o));
+    assert_eq!(o.status.code(), Some(143), "{:?}: {}", o.status, all(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("interrupted: the restore is incomplete"),
         "{}",
         all(&o)
+    );
+}
+
+/// Ctrl-C at the password prompt ends the command there and gives the
+/// terminal its echo back, though the prompt blocks the command's thread.
+#[test]
+fn an_interrupt_at_the_password_prompt_ends_the_command() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::new(tmp.path());
+    // `script` runs backer on a terminal of its own, where it asks for the
+    // password; `-e` gives back backer's exit code.
+    let shell = format!(
+        "'{}' snapshots; code=$?; stty -a | tr ' ;' '\\n\\n' | grep -x -- '-\\?echo' | sed 's/^/echo flag: /'; exit $code",
+        env!("CARGO_BIN_EXE_backer")
+    );
+    let mut script = Command::new("script")
+        .args(["-qefc", &shell, "/dev/null"])
+        .env("BACKER_REPO", &repo.path)
+        .env_remove("BACKER_PASSWORD")
+        .env_remove("BACKER_PASSWORD_FILE")
+        .env_remove("BACKER_SERVER")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = script.stdout.take().unwrap();
+    let mut said = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&said).contains("repository password:") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "no prompt: {}", String::from_utf8_lossy(&said));
+        said.extend_from_slice(&buf[..n]);
+    }
+    // backer runs under `script`'s shell.
+    let children = |pid: u32| -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect()
+    };
+    let mut stack = vec![script.id()];
+    let backer = loop {
+        let pid = stack.pop().expect("backer runs under script");
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "backer" {
+            break pid as i32;
+        }
+        stack.extend(children(pid));
+    };
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(backer).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = script.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backer went on after Ctrl-C at the prompt"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    stdout.read_to_end(&mut said).unwrap();
+    let said = String::from_utf8_lossy(&said);
+    assert_eq!(status.code(), Some(130), "{said}");
+    assert!(said.contains("interrupted: nothing more was written"), "{said}");
+    assert!(
+        said.contains("echo flag: echo"),
+        "the terminal echoes again: {said}"
     );
 }
 
