@@ -274,6 +274,33 @@ fn read_password_file(path: &PathBuf) -> Result<Vec<u8>> {
     Ok(line.to_vec())
 }
 
+/// Asks on the terminal for a line it does not echo. Echo goes off before
+/// the prompt is shown, so whoever sees the prompt (and presses Ctrl-C at
+/// it, which turns echo back on) never races the switch.
+fn prompt_hidden(prompt: &str) -> std::io::Result<String> {
+    use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
+    use std::io::Write;
+    let stdin = std::io::stdin();
+    let saved = tcgetattr(&stdin)?;
+    let mut hidden = saved.clone();
+    hidden.local_modes.remove(LocalModes::ECHO);
+    // The Enter that ends the line is still shown.
+    hidden.local_modes.insert(LocalModes::ECHONL);
+    tcsetattr(&stdin, OptionalActions::Now, &hidden)?;
+    let mut line = String::new();
+    // Shown on the terminal even when stderr goes to a file.
+    let shown = match std::fs::OpenOptions::new().write(true).open("/dev/tty") {
+        Ok(mut tty) => write!(tty, "{prompt}").and_then(|()| tty.flush()),
+        Err(_) => write!(std::io::stderr(), "{prompt}").and_then(|()| std::io::stderr().flush()),
+    };
+    let read = shown.and_then(|()| stdin.read_line(&mut line));
+    let restored = tcsetattr(&stdin, OptionalActions::Now, &saved);
+    read?;
+    restored?;
+    let line = line.strip_suffix('\n').unwrap_or(&line);
+    Ok(line.strip_suffix('\r').unwrap_or(line).to_string())
+}
+
 fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
     if let Some(p) = &g.password_file {
         return read_password_file(p);
@@ -285,9 +312,9 @@ fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
         return Ok(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str()).to_vec());
     }
     if std::io::stdin().is_terminal() {
-        let p = rpassword::prompt_password("repository password: ").context("failed to read the password")?;
+        let p = prompt_hidden("repository password: ").context("failed to read the password")?;
         if confirm {
-            let again = rpassword::prompt_password("again: ").context("failed to read the password")?;
+            let again = prompt_hidden("again: ").context("failed to read the password")?;
             if again != p {
                 bail!("the passwords differ");
             }
