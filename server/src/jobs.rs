@@ -24,6 +24,15 @@ const KEEP_FINISHED: usize = 1000;
 /// Messages kept per job (the rest are counted).
 const MAX_MESSAGES: usize = 100;
 
+/// Jobs a host may have asked for itself that have not ended, per client:
+/// each holds a shared repository lock, so a node taken over could
+/// otherwise keep prune out with as many as it liked. Two: a backup and a
+/// restore at once.
+pub const MAX_AGENT_JOBS: usize = 2;
+
+/// Who asked for a job when its host did (`backer-agent backup|restore`).
+pub const AGENT_ORIGIN: &str = "agent";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
@@ -245,9 +254,26 @@ impl Jobs {
         }
     }
 
-    /// Records a new job, queued.
-    pub fn create(&self, kind: Kind, client: &str, origin: &str, now: i64) -> JobRecord {
+    /// Records a new job, queued; one its host asked for only while fewer
+    /// than [`MAX_AGENT_JOBS`] of the host's own have not ended (counted
+    /// and recorded at once, so requests that race cannot pass together).
+    pub fn create(&self, kind: Kind, client: &str, origin: &str, now: i64) -> CoreResult<JobRecord> {
         let mut inner = self.inner.lock();
+        if origin == AGENT_ORIGIN {
+            let own: Vec<&str> = inner
+                .records
+                .values()
+                .filter(|r| r.client == client && r.origin == AGENT_ORIGIN && !r.state.is_final())
+                .map(|r| r.id.as_str())
+                .collect();
+            if own.len() >= MAX_AGENT_JOBS {
+                return Err(CoreError::Unavailable(format!(
+                    "client {client} already runs {} jobs it asked for ({}): wait for one to end",
+                    own.len(),
+                    own.join(", ")
+                )));
+            }
+        }
         inner.next = inner.next.wrapping_add(1);
         // Sorts by creation time; the counter tells apart jobs of one second.
         let id = format!(
@@ -288,7 +314,7 @@ impl Jobs {
             }
         }
         self.save_or_log(&inner);
-        record
+        Ok(record)
     }
 
     pub fn get(&self, id: &str) -> Option<JobRecord> {
@@ -426,7 +452,7 @@ mod tests {
     fn a_job_ends_once_and_stays_as_it_ended() {
         let dir = tempfile::tempdir().unwrap();
         let jobs = Jobs::load(dir.path().join("jobs.json"), 100).unwrap();
-        let r = jobs.create(Kind::Backup, "h1", "admin:ops", 100);
+        let r = jobs.create(Kind::Backup, "h1", "admin:ops", 100).unwrap();
         let ended = jobs.finish(&r.id, JobState::Failed, vec!["disconnected".into()], None, 130);
         assert_eq!(
             ended.map(|r| (r.state, r.finished)),
@@ -447,10 +473,40 @@ mod tests {
     }
 
     #[test]
+    fn a_host_has_at_most_a_few_jobs_of_its_own_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::load(dir.path().join("jobs.json"), 100).unwrap();
+        let own: Vec<JobRecord> = (0..MAX_AGENT_JOBS)
+            .map(|_| jobs.create(Kind::Backup, "h1", AGENT_ORIGIN, 100).unwrap())
+            .collect();
+        let refused = jobs.create(Kind::Restore, "h1", AGENT_ORIGIN, 100).unwrap_err();
+        let said = refused.message();
+        assert!(matches!(refused, CoreError::Unavailable(_)), "{said}");
+        assert!(
+            said.contains("client h1 already runs 2 jobs it asked for"),
+            "{said}"
+        );
+        assert!(own.iter().all(|r| said.contains(&r.id)), "names the jobs: {said}");
+        assert_eq!(
+            jobs.list(Some("h1")).len(),
+            MAX_AGENT_JOBS,
+            "a refused job leaves no record"
+        );
+        // Other hosts, the admin and schedules are not counted against it.
+        jobs.create(Kind::Backup, "h2", AGENT_ORIGIN, 100).unwrap();
+        jobs.create(Kind::Backup, "h1", "admin:ops", 100).unwrap();
+        jobs.create(Kind::Backup, "h1", "schedule:nightly", 100).unwrap();
+        // Once one has ended, the host may ask again.
+        jobs.finish(&own[0].id, JobState::Succeeded, vec![], None, 110)
+            .unwrap();
+        jobs.create(Kind::Restore, "h1", AGENT_ORIGIN, 120).unwrap();
+    }
+
+    #[test]
     fn an_agents_messages_are_kept_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let jobs = Jobs::load(dir.path().join("jobs.json"), 100).unwrap();
-        let r = jobs.create(Kind::Backup, "h1", "agent:h1", 100);
+        let r = jobs.create(Kind::Backup, "h1", "agent:h1", 100).unwrap();
         let huge = "é".repeat(1 << 20);
         let many = vec![huge; 500];
         let ended = jobs.finish(&r.id, JobState::Failed, many, None, 130).unwrap();

@@ -167,7 +167,7 @@ pub async fn plan_backup(shared: &Arc<Shared>, req: pb::StartBackupRequest) -> C
 pub async fn launch_backup(shared: &Arc<Shared>, plan: BackupPlan, origin: &str) -> CoreResult<JobRecord> {
     let BackupPlan { client, mut spec } = plan;
     let repo = shared.storage.repo();
-    let record = shared.jobs.create(Kind::Backup, &client, origin, now(shared));
+    let record = shared.jobs.create(Kind::Backup, &client, origin, now(shared))?;
     let (lock, repo) = lock_and_refresh(shared, &repo, &format!("backup of {client}"), &record.id).await?;
     // The parent was chosen before the lock: one forgotten and pruned
     // meanwhile would have the agent reuse chunks that are gone.
@@ -242,7 +242,7 @@ pub async fn start_restore(
         clean_paths(std::slice::from_ref(inc), "include")?;
     }
     check_client(shared, &to)?;
-    let record = shared.jobs.create(Kind::Restore, &to, origin, now(shared));
+    let record = shared.jobs.create(Kind::Restore, &to, origin, now(shared))?;
     // A restore keeps prune away too: the chunks it reads must stay.
     let (lock, repo) = lock_and_refresh(shared, &repo, &format!("restore onto {to}"), &record.id).await?;
     let root = entry.snapshot.tree;
@@ -504,14 +504,16 @@ pub async fn run_schedules(shared: Arc<Shared>, stop: tokio_util::sync::Cancella
                     },
                     Err(e) => {
                         // Recorded as a failed job, so `backer jobs` shows the miss.
-                        let r = shared.jobs.create(Kind::Backup, name, &origin, now.timestamp());
-                        finish(
-                            &shared,
-                            &r.id,
-                            JobState::Failed,
-                            vec![format!("scheduled backup could not start: {}", e.message())],
-                            None,
-                        );
+                        // (A schedule's job is never refused its record.)
+                        if let Ok(r) = shared.jobs.create(Kind::Backup, name, &origin, now.timestamp()) {
+                            finish(
+                                &shared,
+                                &r.id,
+                                JobState::Failed,
+                                vec![format!("scheduled backup could not start: {}", e.message())],
+                                None,
+                            );
+                        }
                         tracing::warn!(client = %name, schedule = %sid, "scheduled backup could not start: {}", e.message());
                     }
                 }

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{auth, now};
 use crate::datapath;
-use crate::jobs::JobState;
+use crate::jobs::{AGENT_ORIGIN, JobState};
 use crate::runner;
 use crate::server::{Connection, Shared};
 
@@ -279,7 +279,7 @@ impl Agent for Service {
         // A host may only ask for its own backups and restores onto itself.
         let job = match req.into_inner().job {
             Some(request_job_request::Job::Backup(b)) => {
-                runner::start_backup(&self.shared, own_backup(&name, b), "agent").await?
+                runner::start_backup(&self.shared, own_backup(&name, b), AGENT_ORIGIN).await?
             }
             Some(request_job_request::Job::Restore(mut r)) => {
                 if !r.to_client.is_empty() && r.to_client != name {
@@ -289,7 +289,7 @@ impl Agent for Service {
                 }
                 r.client = name.clone();
                 r.to_client = name.clone();
-                runner::start_restore(&self.shared, r, "agent").await?
+                runner::start_restore(&self.shared, r, AGENT_ORIGIN).await?
             }
             None => return Err(Status::invalid_argument("no job in the request")),
         };
