@@ -1026,7 +1026,7 @@ fn operator_end_to_end() {
     );
 
     // --- A server restart mid-job: the job ends failed, with the reason.
-    std::fs::write(big.join("b.bin"), backer_testkit::pseudo_random(6 << 20, 12)).unwrap();
+    std::fs::write(big.join("b.bin"), backer_testkit::pseudo_random(16 << 20, 12)).unwrap();
     cp.apply_ok(&slow_job("slow-2"));
     eventually("slow-2 running", 30, || {
         cp.jsonpath("backupjob", "slow-2", Some(NS), "{.status.phase}") == "Running"
@@ -1041,7 +1041,7 @@ fn operator_end_to_end() {
     eventually("node-c connected again", 90, || {
         cp.jsonpath("backerclient", "node-c", None, "{.status.connected}") == "true"
     });
-    std::fs::write(big.join("d.bin"), backer_testkit::pseudo_random(6 << 20, 24)).unwrap();
+    std::fs::write(big.join("d.bin"), backer_testkit::pseudo_random(16 << 20, 24)).unwrap();
     cp.apply_ok(&slow_job("slow-3"));
     eventually("slow-3 running", 30, || {
         cp.jsonpath("backupjob", "slow-3", Some(NS), "{.status.phase}") == "Running"

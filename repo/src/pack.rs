@@ -341,6 +341,10 @@ mod tests {
         assert_reads_back(&mk, (p.id, p.size, &p.entries), &bytes, &blobs);
 
         let mut abandoned = PackWriter::spooled(backend.spool("data", rt.handle()).unwrap());
+        // Four pieces: the queue holds two, so the third waits for the spool
+        // thread, which has made its staging file by then; the check below
+        // cannot pass before that file exists.
+        fill(&mut abandoned, &mk, &blobs);
         fill(&mut abandoned, &mk, &blobs);
         drop(abandoned);
         // The spool's task removes its staging file once it sees the drop.

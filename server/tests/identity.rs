@@ -241,11 +241,8 @@ fn renewal_during_a_long_backup_and_revocation_in_the_middle_of_one() {
         "no snapshot from the revoked client's last backup"
     );
     agent_proc = slow_agent(&state, &tmp.join("agent2.log"));
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(
-        agent_proc.0.try_wait().unwrap().is_some(),
-        "a revoked agent cannot come back"
-    );
+    let status = backer_testkit::wait_exit(&mut agent_proc.0, "a revoked agent came back");
+    assert!(!status.success(), "a revoked agent cannot come back");
     backer_testkit::figures(
         "identity",
         "a renewal mid-backup let it finish; a revocation mid-backup failed it without a snapshot",

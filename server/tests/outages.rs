@@ -156,16 +156,11 @@ fn a_restart_reads_as_a_lost_connection_and_agents_come_back_at_once() {
             let job = &jobs.as_array().unwrap()[0];
             assert_eq!(job["state"], "failed", "{job}");
         }
-        // The agent had a working connection each time: it starts its
-        // reconnect wait afresh rather than doubling it restart after restart
-        // (1, 2, 4 s before), so the third restart costs no more than the first.
     }
-    let third = reconnect[2];
-    assert!(
-        third < Duration::from_millis(2500),
-        "the agent took {third:?} to come back after the third restart (all: {reconnect:?})"
-    );
-    // Each restart ended a connection the server had accepted, so each time
+    // The agent had a working connection each time: it starts its reconnect
+    // wait afresh rather than doubling it restart after restart. Shown by
+    // its log, not by timing it (a loaded machine makes any bound a guess):
+    // each restart ended a connection the server had accepted, so each time
     // the agent waits the shortest time again (without the reset: 0.5, 1, 2 s).
     let logged = std::fs::read_to_string(&log).unwrap();
     let fresh = logged.matches("retrying in 0.5 s").count();
