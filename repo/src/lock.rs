@@ -546,13 +546,16 @@ impl Lock {
                 Err(e) => {
                     // Not knowing who else holds the repository, we hold
                     // nothing: take our lock back rather than leave it.
-                    unregister(registered);
                     let _ = repo.backend().delete(&lock_path(&name)).await;
+                    unregister(registered);
                     return Err(e);
                 }
             };
+            // Deleted before it is forgotten: an interrupt meanwhile still
+            // finds it to remove.
+            let deleted = repo.backend().delete(&lock_path(&name)).await;
             unregister(registered);
-            repo.backend().delete(&lock_path(&name)).await?;
+            deleted?;
             if started.elapsed() >= wait {
                 return Err(Error::Locked(refused));
             }
@@ -634,8 +637,10 @@ impl Lock {
                     let _ = backend.delete(&lock_path(&name)).await;
                     return;
                 }
-                drop(writing);
+                // The old name goes before the gate opens: a release after
+                // that knows only the new one.
                 let _ = backend.delete(&lock_path(&old)).await;
+                drop(writing);
             }
         }));
         if let Some(r) = HELD.lock().get_mut(&self.registered) {
@@ -669,13 +674,15 @@ impl Lock {
                 r.abort();
             }
         }
-        unregister(self.registered);
         let name = {
             let mut h = self.held.lock();
             h.released = true;
             h.name.clone()
         };
-        self.backend.delete(&lock_path(&name)).await
+        // Forgotten only once deleted: an interrupt meanwhile still finds it.
+        let deleted = self.backend.delete(&lock_path(&name)).await;
+        unregister(self.registered);
+        deleted
     }
 
     /// Simulates a process that stopped: refreshing ends, the lock stays.
