@@ -87,8 +87,24 @@ pub async fn start_backup(
     req: pb::StartBackupRequest,
     origin: &str,
 ) -> CoreResult<JobRecord> {
-    let plan = plan_backup(shared, req).await?;
-    launch_backup(shared, plan, origin).await
+    let (shared, origin) = (Arc::clone(shared), origin.to_string());
+    detached(async move {
+        let plan = plan_backup(&shared, req).await?;
+        launch_backup(&shared, plan, &origin).await
+    })
+    .await
+}
+
+/// Runs a job's launch as a task of its own: a caller that goes away (a
+/// Ctrl-C, a dropped connection) while the launch waits for the repository
+/// lock must not cut it short, which would leave the job's record queued
+/// for good (counted against its host's own jobs) and a lock behind.
+async fn detached(
+    launch: impl std::future::Future<Output = CoreResult<JobRecord>> + Send + 'static,
+) -> CoreResult<JobRecord> {
+    tokio::spawn(launch)
+        .await
+        .map_err(|e| CoreError::Unavailable(format!("the job's launch failed: {e}")))?
 }
 
 /// Checks a backup request and finds its parent; records nothing.
@@ -220,6 +236,15 @@ pub async fn launch_backup(shared: &Arc<Shared>, plan: BackupPlan, origin: &str)
 
 /// Starts a restore of a snapshot onto its own client or another.
 pub async fn start_restore(
+    shared: &Arc<Shared>,
+    req: pb::StartRestoreRequest,
+    origin: &str,
+) -> CoreResult<JobRecord> {
+    let (shared, origin) = (Arc::clone(shared), origin.to_string());
+    detached(async move { launch_restore(&shared, req, &origin).await }).await
+}
+
+async fn launch_restore(
     shared: &Arc<Shared>,
     req: pb::StartRestoreRequest,
     origin: &str,
@@ -891,6 +916,38 @@ mod tests {
             "{r:?}"
         );
         drop(c);
+    }
+
+    /// A host's request dropped while its launch waits for the repository
+    /// lock (its Ctrl-C, a lost connection) does not leave the job queued
+    /// for good: the launch goes on, and the host's next request counts it
+    /// only while it runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_launch_outlives_the_request_that_asked_for_it() {
+        let mut c = core().await;
+        let s = Arc::clone(&c.shared);
+        let prune = Lock::acquire(&s.storage.repo(), true, "prune", Duration::ZERO)
+            .await
+            .unwrap();
+        let asked = tokio::time::timeout(
+            Duration::from_millis(300),
+            start_backup(&s, request("h1", &["/data"]), crate::jobs::AGENT_ORIGIN),
+        )
+        .await;
+        assert!(asked.is_err(), "the launch waits for the prune's lock");
+        prune.release().await.unwrap();
+        let work = tokio::time::timeout(Duration::from_secs(30), c.work.recv())
+            .await
+            .expect("the launch went on without its caller")
+            .unwrap();
+        let job = s.jobs.get(&work.job_id).unwrap();
+        assert_eq!(job.state, JobState::Running);
+        finish(&s, &job.id, JobState::Failed, vec!["test".into()], None);
+        for _ in 0..crate::jobs::MAX_AGENT_JOBS {
+            start_backup(&s, request("h1", &["/data"]), crate::jobs::AGENT_ORIGIN)
+                .await
+                .unwrap();
+        }
     }
 
     /// A restore job's ReadChunks streams are bounded: each holds a
