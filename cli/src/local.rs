@@ -24,6 +24,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use crate::output::{bar, duration, size};
+use crate::terminal::prompt_hidden;
 use crate::{EXIT_INCOMPLETE, Global};
 
 #[derive(Args, Debug)]
@@ -274,33 +275,6 @@ fn read_password_file(path: &PathBuf) -> Result<Vec<u8>> {
     Ok(line.to_vec())
 }
 
-/// Asks on the terminal for a line it does not echo. Echo goes off before
-/// the prompt is shown, so whoever sees the prompt (and presses Ctrl-C at
-/// it, which turns echo back on) never races the switch.
-fn prompt_hidden(prompt: &str) -> std::io::Result<String> {
-    use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
-    use std::io::Write;
-    let stdin = std::io::stdin();
-    let saved = tcgetattr(&stdin)?;
-    let mut hidden = saved.clone();
-    hidden.local_modes.remove(LocalModes::ECHO);
-    // The Enter that ends the line is still shown.
-    hidden.local_modes.insert(LocalModes::ECHONL);
-    tcsetattr(&stdin, OptionalActions::Now, &hidden)?;
-    let mut line = String::new();
-    // Shown on the terminal even when stderr goes to a file.
-    let shown = match std::fs::OpenOptions::new().write(true).open("/dev/tty") {
-        Ok(mut tty) => write!(tty, "{prompt}").and_then(|()| tty.flush()),
-        Err(_) => write!(std::io::stderr(), "{prompt}").and_then(|()| std::io::stderr().flush()),
-    };
-    let read = shown.and_then(|()| stdin.read_line(&mut line));
-    let restored = tcsetattr(&stdin, OptionalActions::Now, &saved);
-    read?;
-    restored?;
-    let line = line.strip_suffix('\n').unwrap_or(&line);
-    Ok(line.strip_suffix('\r').unwrap_or(line).to_string())
-}
-
 fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
     if let Some(p) = &g.password_file {
         return read_password_file(p);
@@ -312,13 +286,18 @@ fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
         return Ok(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str()).to_vec());
     }
     if std::io::stdin().is_terminal() {
-        let p = prompt_hidden("repository password: ").context("failed to read the password")?;
-        if confirm {
-            let again = prompt_hidden("again: ").context("failed to read the password")?;
-            if again != p {
-                bail!("the passwords differ");
+        // Off the runtime's worker, which may be its only one: the signal
+        // that ends a prompt is delivered by the runtime.
+        let p = tokio::task::block_in_place(|| -> Result<String> {
+            let p = prompt_hidden("repository password: ").context("failed to read the password")?;
+            if confirm {
+                let again = prompt_hidden("again: ").context("failed to read the password")?;
+                if again != p {
+                    bail!("the passwords differ");
+                }
             }
-        }
+            Ok(p)
+        })?;
         if p.is_empty() {
             bail!("the password is empty");
         }

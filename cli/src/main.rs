@@ -6,6 +6,7 @@ mod output;
 mod kubectl;
 mod local;
 mod remote;
+mod terminal;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -244,10 +245,7 @@ async fn say_interrupted(note: &'static str) {
         }
     };
     // Interrupted at the password prompt, echo is off: turn it back on.
-    if let Ok(mut t) = rustix::termios::tcgetattr(std::io::stdin()) {
-        t.local_modes |= rustix::termios::LocalModes::ECHO;
-        let _ = rustix::termios::tcsetattr(std::io::stdin(), rustix::termios::OptionalActions::Now, &t);
-    }
+    terminal::close();
     eprintln!("\ninterrupted: {note}{lock}");
 }
 
@@ -260,9 +258,9 @@ async fn say_interrupted(note: &'static str) {
 /// outlive the process is done by now: the locks removed, the note said.
 #[allow(unsafe_code)]
 fn exit_at_once(code: u8) -> ! {
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-    let _ = std::io::stderr().flush();
+    // stdout is not flushed: a command blocked writing into a full pipe
+    // holds its lock, and waiting for it would keep the process alive. At
+    // most a part of a line is lost; stderr is not buffered.
     // SAFETY: `_exit` takes a plain integer and never returns; skipping
     // exit handlers and destructors is what it is called for here.
     unsafe { libc::_exit(i32::from(code)) }

@@ -497,79 +497,95 @@ fn an_interrupted_command_releases_its_lock_and_says_what_it_left() {
     );
 }
 
-/// Ctrl-C at the password prompt ends the command there and gives the
-/// terminal its echo back, though the prompt blocks the command's thread.
+/// Ctrl-C at the password prompt ends the command there, and Ctrl-D says
+/// the input ended; either way the terminal echoes again. Run on one CPU,
+/// where the runtime has one worker and the prompt must not hold it.
 #[test]
-fn an_interrupt_at_the_password_prompt_ends_the_command() {
-    use std::io::Read;
+fn the_password_prompt_ends_on_ctrl_c_and_ctrl_d() {
+    use std::io::{Read, Write};
     let tmp = tempfile::tempdir().unwrap();
     let repo = Repo::new(tmp.path());
     // `script` runs backer on a terminal of its own, where it asks for the
     // password; `-e` gives back backer's exit code.
     let shell = format!(
-        "'{}' snapshots; code=$?; stty -a | tr ' ;' '\\n\\n' | grep -x -- '-\\?echo' | sed 's/^/echo flag: /'; exit $code",
+        "taskset -c 0 '{}' snapshots; code=$?; stty -a | tr ' ;' '\\n\\n' | grep -x -- '-\\?echo' | sed 's/^/echo flag: /'; exit $code",
         env!("CARGO_BIN_EXE_backer")
     );
-    let mut script = Command::new("script")
-        .args(["-qefc", &shell, "/dev/null"])
-        .env("BACKER_REPO", &repo.path)
-        .env_remove("BACKER_PASSWORD")
-        .env_remove("BACKER_PASSWORD_FILE")
-        .env_remove("BACKER_SERVER")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = script.stdout.take().unwrap();
-    let mut said = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&said).contains("repository password:") {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "no prompt: {}", String::from_utf8_lossy(&said));
-        said.extend_from_slice(&buf[..n]);
-    }
-    // backer runs under `script`'s shell.
-    let children = |pid: u32| -> Vec<u32> {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(|p| p.parse().unwrap())
-            .collect()
-    };
-    let mut stack = vec![script.id()];
-    let backer = loop {
-        let pid = stack.pop().expect("backer runs under script");
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "backer" {
-            break pid as i32;
+    for ctrl_c in [true, false] {
+        let mut script = Command::new("script")
+            .args(["-qefc", &shell, "/dev/null"])
+            .env("BACKER_REPO", &repo.path)
+            .env_remove("BACKER_PASSWORD")
+            .env_remove("BACKER_PASSWORD_FILE")
+            .env_remove("BACKER_SERVER")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = script.stdout.take().unwrap();
+        let mut said = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&said).contains("repository password:") {
+            let n = stdout.read(&mut buf).unwrap();
+            assert!(n > 0, "no prompt: {}", String::from_utf8_lossy(&said));
+            said.extend_from_slice(&buf[..n]);
         }
-        stack.extend(children(pid));
-    };
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(backer).unwrap(),
-        rustix::process::Signal::INT,
-    )
-    .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = script.try_wait().unwrap() {
-            break s;
+        if ctrl_c {
+            // backer runs under `script`'s shell.
+            let children = |pid: u32| -> Vec<u32> {
+                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(|p| p.parse().unwrap())
+                    .collect()
+            };
+            let mut stack = vec![script.id()];
+            let backer = loop {
+                let pid = stack.pop().expect("backer runs under script");
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.trim() == "backer" {
+                    break pid as i32;
+                }
+                stack.extend(children(pid));
+            };
+            rustix::process::kill_process(
+                rustix::process::Pid::from_raw(backer).unwrap(),
+                rustix::process::Signal::INT,
+            )
+            .unwrap();
+        } else {
+            // Ctrl-D, typed on script's terminal.
+            script.stdin.as_mut().unwrap().write_all(b"\x04").unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = script.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "backer went on at the prompt (ctrl-c: {ctrl_c})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        stdout.read_to_end(&mut said).unwrap();
+        let said = String::from_utf8_lossy(&said);
+        if ctrl_c {
+            assert_eq!(status.code(), Some(130), "{said}");
+            assert!(said.contains("interrupted: nothing more was written"), "{said}");
+        } else {
+            assert_eq!(status.code(), Some(1), "{said}");
+            assert!(
+                said.contains("failed to read the password: the input ended"),
+                "{said}"
+            );
         }
         assert!(
-            std::time::Instant::now() < deadline,
-            "backer went on after Ctrl-C at the prompt"
+            said.contains("echo flag: echo"),
+            "the terminal echoes again: {said}"
         );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    stdout.read_to_end(&mut said).unwrap();
-    let said = String::from_utf8_lossy(&said);
-    assert_eq!(status.code(), Some(130), "{said}");
-    assert!(said.contains("interrupted: nothing more was written"), "{said}");
-    assert!(
-        said.contains("echo flag: echo"),
-        "the terminal echoes again: {said}"
-    );
+    }
 }
 
 #[test]
