@@ -87,18 +87,17 @@ pub async fn start_backup(
     req: pb::StartBackupRequest,
     origin: &str,
 ) -> CoreResult<JobRecord> {
+    let plan = plan_backup(shared, req).await?;
     let (shared, origin) = (Arc::clone(shared), origin.to_string());
-    detached(async move {
-        let plan = plan_backup(&shared, req).await?;
-        launch_backup(&shared, plan, &origin).await
-    })
-    .await
+    detached(async move { launch_backup(&shared, plan, &origin).await }).await
 }
 
-/// Runs a job's launch as a task of its own: a caller that goes away (a
-/// Ctrl-C, a dropped connection) while the launch waits for the repository
-/// lock must not cut it short, which would leave the job's record queued
-/// for good (counted against its host's own jobs) and a lock behind.
+/// Runs a job's launch, from its record on, as a task of its own: a caller
+/// that goes away (a Ctrl-C, a dropped connection) while the launch waits
+/// for the repository lock must not cut it short, which would leave the
+/// job's record queued for good (counted against its host's own jobs) and
+/// a lock behind. What comes before the record (checks, finding snapshots)
+/// stays in the request, so a cancelled one costs nothing more.
 async fn detached(
     launch: impl std::future::Future<Output = CoreResult<JobRecord>> + Send + 'static,
 ) -> CoreResult<JobRecord> {
@@ -240,15 +239,6 @@ pub async fn start_restore(
     req: pb::StartRestoreRequest,
     origin: &str,
 ) -> CoreResult<JobRecord> {
-    let (shared, origin) = (Arc::clone(shared), origin.to_string());
-    detached(async move { launch_restore(&shared, req, &origin).await }).await
-}
-
-async fn launch_restore(
-    shared: &Arc<Shared>,
-    req: pb::StartRestoreRequest,
-    origin: &str,
-) -> CoreResult<JobRecord> {
     let repo = shared.storage.repo();
     let entry = find_snapshot(&repo, &req.snapshot, &req.client).await?;
     let to = if req.to_client.is_empty() {
@@ -267,9 +257,22 @@ async fn launch_restore(
         clean_paths(std::slice::from_ref(inc), "include")?;
     }
     check_client(shared, &to)?;
+    let (shared, origin) = (Arc::clone(shared), origin.to_string());
+    detached(async move { launch_restore(&shared, &repo, entry, to, target, req, &origin).await }).await
+}
+
+async fn launch_restore(
+    shared: &Arc<Shared>,
+    repo: &backer_repo::Repository,
+    entry: backer_repo::snapshot::SnapshotEntry,
+    to: String,
+    target: String,
+    req: pb::StartRestoreRequest,
+    origin: &str,
+) -> CoreResult<JobRecord> {
     let record = shared.jobs.create(Kind::Restore, &to, origin, now(shared))?;
     // A restore keeps prune away too: the chunks it reads must stay.
-    let (lock, repo) = lock_and_refresh(shared, &repo, &format!("restore onto {to}"), &record.id).await?;
+    let (lock, repo) = lock_and_refresh(shared, repo, &format!("restore onto {to}"), &record.id).await?;
     let root = entry.snapshot.tree;
     let spec = Spec::Restore {
         snapshot: entry.id,
