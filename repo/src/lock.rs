@@ -189,6 +189,20 @@ struct Held {
     /// Set by [`Lock::release`]: work still checking the lock (a server's
     /// upload of a job that ended) hears that, not of someone else.
     released: bool,
+    /// Earlier names of this lock whose delete failed after a refresh:
+    /// deleted again at each refresh and on release, or they would hold
+    /// others off until they went stale.
+    leftover: Vec<String>,
+}
+
+/// Deletes `held`'s leftover names; those that fail stay listed.
+async fn delete_leftovers(backend: &Backend, held: &Mutex<Held>) {
+    let names = held.lock().leftover.clone();
+    for name in names {
+        if backend.delete(&lock_path(&name)).await.is_ok() {
+            held.lock().leftover.retain(|n| *n != name);
+        }
+    }
 }
 
 /// A lock this process holds. Release it with [`Lock::release`]; a process that
@@ -266,6 +280,7 @@ pub async fn release_held() -> usize {
         if !name.is_empty() && r.backend.delete(&lock_path(&name)).await.is_ok() {
             removed += 1;
         }
+        delete_leftovers(&r.backend, &r.held).await;
     }
     removed
 }
@@ -482,6 +497,7 @@ impl Lock {
                 expired: false,
                 removed: false,
                 released: false,
+                leftover: Vec::new(),
             }));
             let registered = register(repo.backend(), &held, &gate);
             if CLOSING.load(std::sync::atomic::Ordering::SeqCst) {
@@ -580,6 +596,7 @@ impl Lock {
                 // A refresh counts from when it started: a pause in the middle
                 // of writing must not make the lock look fresh afterwards.
                 let started = boot_clock();
+                delete_leftovers(&backend, &held).await;
                 {
                     let mut h = held.lock();
                     if started.saturating_sub(h.last_refresh) > valid {
@@ -638,8 +655,10 @@ impl Lock {
                     return;
                 }
                 // The old name goes before the gate opens: a release after
-                // that knows only the new one.
-                let _ = backend.delete(&lock_path(&old)).await;
+                // that knows only the new one (and the leftovers).
+                if backend.delete(&lock_path(&old)).await.is_err() {
+                    held.lock().leftover.push(old);
+                }
                 drop(writing);
             }
         }));
@@ -681,6 +700,7 @@ impl Lock {
         };
         // Forgotten only once deleted: an interrupt meanwhile still finds it.
         let deleted = self.backend.delete(&lock_path(&name)).await;
+        delete_leftovers(&self.backend, &self.held).await;
         unregister(self.registered);
         deleted
     }
