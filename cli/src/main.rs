@@ -246,7 +246,13 @@ async fn say_interrupted(note: &'static str) {
     };
     // Interrupted at the password prompt, echo is off: turn it back on.
     terminal::close();
-    eprintln!("\ninterrupted: {note}{lock}");
+    // One raw write, not eprintln!: a command blocked writing its log into
+    // a full pipe holds stderr's lock, and waiting for it would keep the
+    // process alive.
+    let _ = rustix::io::write(
+        std::io::stderr(),
+        format!("\ninterrupted: {note}{lock}\n").as_bytes(),
+    );
 }
 
 /// Ends an interrupted process at once, running no exit handlers.
@@ -258,9 +264,8 @@ async fn say_interrupted(note: &'static str) {
 /// outlive the process is done by now: the locks removed, the note said.
 #[allow(unsafe_code)]
 fn exit_at_once(code: u8) -> ! {
-    // stdout is not flushed: a command blocked writing into a full pipe
-    // holds its lock, and waiting for it would keep the process alive. At
-    // most a part of a line is lost; stderr is not buffered.
+    // stdout is not flushed, for the same reason the note is written raw:
+    // at most a part of a line is lost.
     // SAFETY: `_exit` takes a plain integer and never returns; skipping
     // exit handlers and destructors is what it is called for here.
     unsafe { libc::_exit(i32::from(code)) }
